@@ -1,0 +1,83 @@
+//! `llm-worker-rbee`, one loaded model served over HTTP.
+//!
+//! This crate holds the daemon as a library (so tests can run it in-process
+//! on port 0) and a thin `main`. Today it serves the shared routes
+//! (`/health`, `/health/live`, `/metrics`, `POST /v1/admin/shutdown`) behind
+//! the shared stack (auth, deadlines, request ids, JSON errors). It is the
+//! only crate that will depend on candle.
+
+use std::net::SocketAddr;
+
+use axum::extract::FromRef;
+use axum::Router;
+use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupError};
+
+/// `llm-worker-rbee`'s flags; each also reads the environment variable it names.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "llm-worker-rbee", version, about = "One loaded model served over HTTP, tokens streamed as they are produced")]
+pub struct Config {
+    /// Address to listen on; port 0 lets the OS choose.
+    #[arg(long, env = "RBEE_WORKER_ADDR", default_value = "127.0.0.1:8001")]
+    pub addr: SocketAddr,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+impl DaemonConfig for Config {
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+/// State shared by `llm-worker-rbee`'s handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    core: CoreState,
+}
+
+impl FromRef<AppState> for CoreState {
+    fn from_ref(state: &AppState) -> Self {
+        state.core.clone()
+    }
+}
+
+/// `llm-worker-rbee`'s own routes (the shared ones are added by [`Bootstrap::bind`]).
+///
+/// Inference routes join here; the backend label of `rbee_build_info` is the
+/// backend this build was compiled for.
+pub fn router() -> Router<AppState> {
+    Router::new()
+}
+
+/// A bound `llm-worker-rbee`, ready to [`run`](Self::run).
+#[derive(Debug)]
+pub struct App {
+    daemon: Daemon,
+}
+
+impl App {
+    /// Check the token and bind policy, then bind `config.addr`.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let boot = Bootstrap::new(
+            "llm-worker-rbee",
+            config.addr,
+            &config.common,
+            "rbee_worker_http",
+            "cpu",
+        )?;
+        let daemon = boot.bind(router(), |core| AppState { core }).await?;
+        Ok(Self { daemon })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.daemon.local_addr()
+    }
+
+    /// Serve until SIGTERM/SIGINT or `POST /v1/admin/shutdown`, then drain.
+    pub async fn run(self) -> Result<(), StartupError> {
+        self.daemon.run().await
+    }
+}

@@ -1,0 +1,84 @@
+//! `rbee-hive`, the pool manager of one GPU host.
+//!
+//! This crate holds the daemon as a library (so tests can run it in-process
+//! on port 0) and a thin `main`. Today it serves the shared routes
+//! (`/health`, `/health/live`, `/metrics`, `POST /v1/admin/shutdown`) behind
+//! the shared stack (auth, deadlines, request ids, JSON errors); its HTTP
+//! metrics carry the contract's names `rbee_hive_requests_total` and
+//! `rbee_hive_request_duration_seconds`.
+
+use std::net::SocketAddr;
+
+use axum::extract::FromRef;
+use axum::Router;
+use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupError};
+
+/// `rbee-hive`'s flags; each also reads the environment variable it names.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "rbee-hive", version, about = "The rbee pool manager for one host: provisions models, spawns and supervises workers")]
+pub struct Config {
+    /// Address to listen on; port 0 lets the OS choose.
+    #[arg(long, env = "RBEE_HIVE_ADDR", default_value = "127.0.0.1:9200")]
+    pub addr: SocketAddr,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+impl DaemonConfig for Config {
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+/// State shared by `rbee-hive`'s handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    core: CoreState,
+}
+
+impl FromRef<AppState> for CoreState {
+    fn from_ref(state: &AppState) -> Self {
+        state.core.clone()
+    }
+}
+
+/// `rbee-hive`'s own routes (the shared ones are added by [`Bootstrap::bind`]).
+///
+/// Model and worker routes join here; the backend label of `rbee_build_info`
+/// names the backends this build can spawn.
+pub fn router() -> Router<AppState> {
+    Router::new()
+}
+
+/// A bound `rbee-hive`, ready to [`run`](Self::run).
+#[derive(Debug)]
+pub struct App {
+    daemon: Daemon,
+}
+
+impl App {
+    /// Check the token and bind policy, then bind `config.addr`.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let boot = Bootstrap::new(
+            "rbee-hive",
+            config.addr,
+            &config.common,
+            "rbee_hive",
+            "cpu",
+        )?;
+        let daemon = boot.bind(router(), |core| AppState { core }).await?;
+        Ok(Self { daemon })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.daemon.local_addr()
+    }
+
+    /// Serve until SIGTERM/SIGINT or `POST /v1/admin/shutdown`, then drain.
+    pub async fn run(self) -> Result<(), StartupError> {
+        self.daemon.run().await
+    }
+}

@@ -1,0 +1,170 @@
+//! The layer that reads a request's deadline before any handler runs.
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use futures_util::future::{Either, Ready};
+use http::Request;
+use tower::{Layer, Service};
+
+use crate::deadline::{Deadline, DeadlineExceeded, X_DEADLINE, X_TIMEOUT_MS};
+
+/// Parses `X-Deadline` / `X-Timeout-Ms` on every request.
+///
+/// - invalid value: 400 `INVALID_DEADLINE`, handler not called;
+/// - already expired: 504 `DEADLINE_EXCEEDED`, handler not called;
+/// - otherwise the [`Deadline`] (or the configured default, if any) goes into
+///   the request's extensions, and the request's headers are normalised to a
+///   single absolute `X-Deadline`, ready to forward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer {
+    default: Option<Duration>,
+}
+
+impl DeadlineLayer {
+    /// Requests without deadline headers get none.
+    pub fn new() -> Self {
+        Self { default: None }
+    }
+
+    /// Requests without deadline headers get `default` from their arrival
+    /// (the queen's `--default-deadline-ms`).
+    pub fn with_default(default: Duration) -> Self {
+        Self {
+            default: Some(default),
+        }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService {
+            inner,
+            default: self.default,
+        }
+    }
+}
+
+/// The service made by [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+    default: Option<Duration>,
+}
+
+impl<S, B> Service<Request<B>> for DeadlineService<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let deadline = match Deadline::from_headers(request.headers()) {
+            Ok(found) => found.or_else(|| self.default.map(Deadline::after)),
+            Err(err) => {
+                tracing::debug!(error = %err, "invalid deadline header");
+                return Either::Left(futures_util::future::ready(Ok(err.into_response())));
+            }
+        };
+        if let Some(deadline) = deadline {
+            if deadline.is_expired() {
+                tracing::info!(
+                    deadline_ms = deadline.epoch_ms(),
+                    "request refused: deadline already passed on arrival"
+                );
+                return Either::Left(futures_util::future::ready(Ok(
+                    DeadlineExceeded.into_response()
+                )));
+            }
+            let headers = request.headers_mut();
+            headers.remove(X_TIMEOUT_MS);
+            headers.insert(X_DEADLINE, deadline.header_value());
+            request.extensions_mut().insert(deadline);
+        }
+        Either::Right(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn echo_deadline() -> impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible> {
+        tower::service_fn(|req: Request<Body>| async move {
+            let d = req.extensions().get::<Deadline>().copied();
+            let header = req.headers().get(X_DEADLINE).cloned();
+            let timeout = req.headers().get(X_TIMEOUT_MS).is_some();
+            let body = format!(
+                "{}|{}|{}",
+                d.map_or(0, |d| d.epoch_ms()),
+                header.map_or_else(String::new, |h| h.to_str().unwrap().to_owned()),
+                timeout
+            );
+            Ok::<_, std::convert::Infallible>(body.into_response())
+        })
+    }
+
+    async fn run(layer: DeadlineLayer, header: Option<(&str, String)>) -> (StatusCode, String) {
+        let mut req = Request::get("/v1/inference");
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        let response = layer
+            .layer(echo_deadline())
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn expired_deadline_returns_504_without_calling_the_handler() {
+        let (status, body) = run(DeadlineLayer::new(), Some(("x-deadline", "1700000000000".into()))).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["code"], "DEADLINE_EXCEEDED");
+        assert_eq!(json["error"]["retriable"], true);
+    }
+
+    #[tokio::test]
+    async fn invalid_deadline_returns_400_listing_the_header() {
+        let (status, body) = run(DeadlineLayer::new(), Some(("x-timeout-ms", "ten".into()))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["code"], "INVALID_DEADLINE");
+        assert_eq!(json["error"]["details"]["fields"][0]["field"], "X-Timeout-Ms");
+    }
+
+    #[tokio::test]
+    async fn relative_timeout_is_normalised_to_x_deadline() {
+        let (status, body) = run(DeadlineLayer::new(), Some(("x-timeout-ms", "30000".into()))).await;
+        assert_eq!(status, StatusCode::OK);
+        let parts: Vec<&str> = body.split('|').collect();
+        assert_eq!(parts[0], parts[1], "extension and forwarded header agree");
+        assert_ne!(parts[0], "0");
+        assert_eq!(parts[2], "false", "X-Timeout-Ms is not forwarded");
+    }
+
+    #[tokio::test]
+    async fn default_applies_only_without_headers() {
+        let (_, body) = run(DeadlineLayer::with_default(Duration::from_secs(60)), None).await;
+        assert_ne!(body.split('|').next(), Some("0"));
+        let (_, body) = run(DeadlineLayer::new(), None).await;
+        assert_eq!(body, "0||false");
+    }
+}

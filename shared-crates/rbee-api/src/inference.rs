@@ -1,0 +1,322 @@
+//! `POST /v1/inference`: the request, its validation, and the SSE events.
+//!
+//! The same body is accepted by the queen and by the worker. [`InferenceRequest`]
+//! is what arrives; [`InferenceRequest::validate`] turns it into a
+//! [`ValidInferenceRequest`] or reports every bad field at once.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+
+/// Most generated tokens one request may ask for.
+pub const MAX_TOKENS_LIMIT: u32 = 4096;
+/// Most stop sequences one request may carry.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
+/// Longest client-chosen job id, in bytes.
+pub const MAX_JOB_ID_BYTES: usize = 128;
+
+/// The body of `POST /v1/inference`, with the contract's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceRequest {
+    /// Client-chosen id; minted when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Model ref; required at the queen when it serves several models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The prompt text.
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// 0 disables top-k.
+    #[serde(default)]
+    pub top_k: u32,
+    /// Minimum probability relative to the most likely token; 0 disables.
+    #[serde(default)]
+    pub min_p: f32,
+    /// 1 disables.
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    /// Fixed seed for reproducible sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop sequences, never emitted.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// SSE stream (true) or one JSON answer (false).
+    #[serde(default = "yes")]
+    pub stream: bool,
+}
+
+fn default_max_tokens() -> u32 {
+    128
+}
+fn default_temperature() -> f32 {
+    0.7
+}
+fn one() -> f32 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+/// An inference request whose every field is within the contract's limits.
+///
+/// Only [`InferenceRequest::validate`] makes one, so code holding a
+/// `ValidInferenceRequest` need not check again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidInferenceRequest(InferenceRequest);
+
+impl ValidInferenceRequest {
+    /// The validated fields.
+    pub fn get(&self) -> &InferenceRequest {
+        &self.0
+    }
+
+    /// Give back the validated fields.
+    pub fn into_inner(self) -> InferenceRequest {
+        self.0
+    }
+}
+
+impl InferenceRequest {
+    /// Check every field against the contract's limits, reporting all
+    /// violations at once. The model's context limit is checked by the worker,
+    /// which knows the tokenizer.
+    pub fn validate(self) -> Result<ValidInferenceRequest, Vec<FieldError>> {
+        let mut bad = Vec::new();
+        if self.prompt.trim().is_empty() {
+            bad.push(FieldError::new(
+                "prompt",
+                "required",
+                "prompt must not be empty",
+            ));
+        }
+        if !(1..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
+            bad.push(FieldError::new(
+                "max_tokens",
+                "range",
+                format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
+            ));
+        }
+        check_unit_range(&mut bad, "temperature", self.temperature, 2.0);
+        check_unit_range(&mut bad, "top_p", self.top_p, 1.0);
+        check_unit_range(&mut bad, "min_p", self.min_p, 1.0);
+        if !(self.repetition_penalty.is_finite()
+            && self.repetition_penalty > 0.0
+            && self.repetition_penalty <= 10.0)
+        {
+            bad.push(FieldError::new(
+                "repetition_penalty",
+                "range",
+                "repetition_penalty must be greater than 0 and at most 10",
+            ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            bad.push(FieldError::new(
+                "stop",
+                "max_items",
+                format!("at most {MAX_STOP_SEQUENCES} stop sequences are allowed"),
+            ));
+        }
+        for (i, s) in self.stop.iter().enumerate() {
+            if s.is_empty() || s.len() > MAX_STOP_SEQUENCE_BYTES {
+                bad.push(FieldError::new(
+                    format!("stop[{i}]"),
+                    "length",
+                    format!("stop sequences must be 1 to {MAX_STOP_SEQUENCE_BYTES} bytes"),
+                ));
+            }
+        }
+        if let Some(id) = &self.job_id {
+            if !is_valid_id(id, MAX_JOB_ID_BYTES) {
+                bad.push(FieldError::new(
+                    "job_id",
+                    "format",
+                    format!(
+                        "job_id must be 1 to {MAX_JOB_ID_BYTES} characters of A-Z a-z 0-9 . _ : -"
+                    ),
+                ));
+            }
+        }
+        if bad.is_empty() {
+            Ok(ValidInferenceRequest(self))
+        } else {
+            Err(bad)
+        }
+    }
+}
+
+fn check_unit_range(bad: &mut Vec<FieldError>, field: &str, value: f32, max: f32) {
+    if !(value.is_finite() && (0.0..=max).contains(&value)) {
+        bad.push(FieldError::new(
+            field,
+            "range",
+            format!("{field} must be between 0 and {max}"),
+        ));
+    }
+}
+
+/// Whether `id` is a safe identifier: 1..=`max_len` bytes of
+/// `[A-Za-z0-9._:-]`. Used for job ids, request ids and worker ids, which end
+/// up in logs, file names and URLs.
+pub fn is_valid_id(id: &str, max_len: usize) -> bool {
+    !id.is_empty()
+        && id.len() <= max_len
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced its end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// A stop sequence matched (and was not emitted).
+    StopSequence,
+}
+
+/// One SSE `data:` event of an inference stream; `data: [DONE]` follows the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    /// First event: the job is running.
+    Started {
+        /// The job id.
+        job_id: String,
+        /// The request id of the HTTP request that started it.
+        request_id: String,
+        /// The model ref serving it.
+        model: String,
+        /// RFC 3339 UTC start time.
+        started_at: String,
+    },
+    /// One generated token's text, sent as it is produced.
+    Token {
+        /// Decoded text (may be empty while a UTF-8 sequence is incomplete).
+        t: String,
+        /// 0-based index of the generated token.
+        i: u32,
+    },
+    /// Last event of a successful generation.
+    End {
+        /// Prompt tokens.
+        tokens_in: u32,
+        /// Generated tokens.
+        tokens_out: u32,
+        /// Time spent decoding, in milliseconds.
+        decode_time_ms: u64,
+        /// Why generation ended.
+        stop_reason: StopReason,
+    },
+    /// Last event of a failed generation.
+    Error {
+        /// Stable code, as in the error envelope.
+        code: crate::ErrorCode,
+        /// Human sentence.
+        message: String,
+    },
+}
+
+/// `stream=false` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferenceResponse {
+    /// The job id.
+    pub job_id: String,
+    /// All generated text.
+    pub text: String,
+    /// Prompt tokens.
+    pub tokens_in: u32,
+    /// Generated tokens.
+    pub tokens_out: u32,
+    /// Why generation ended.
+    pub stop_reason: StopReason,
+    /// Time spent decoding, in milliseconds.
+    pub decode_time_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> InferenceRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let r = request(r#"{"prompt":"hi"}"#);
+        assert_eq!(r.max_tokens, 128);
+        assert!((r.temperature - 0.7).abs() < f32::EPSILON);
+        assert!((r.top_p - 1.0).abs() < f32::EPSILON);
+        assert_eq!(r.top_k, 0);
+        assert_eq!(r.min_p, 0.0);
+        assert!((r.repetition_penalty - 1.0).abs() < f32::EPSILON);
+        assert!(r.stream);
+        assert!(r.stop.is_empty());
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn validation_reports_every_bad_field_at_once() {
+        let r = request(
+            r#"{"prompt":"  ","max_tokens":0,"temperature":3,"top_p":-0.1,
+                "stop":["a","b","c","d",""],"job_id":"../etc"}"#,
+        );
+        let errors = r.validate().unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["prompt", "max_tokens", "temperature", "top_p", "stop", "stop[4]", "job_id"]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<InferenceRequest>(r#"{"prompt":"x","max_token":5}"#).is_err());
+    }
+
+    #[test]
+    fn stream_events_are_tagged_by_type() {
+        let token = serde_json::to_value(StreamEvent::Token { t: "Par".into(), i: 0 }).unwrap();
+        assert_eq!(token, serde_json::json!({"type":"token","t":"Par","i":0}));
+        let end = serde_json::to_value(StreamEvent::End {
+            tokens_in: 3,
+            tokens_out: 1,
+            decode_time_ms: 5,
+            stop_reason: StopReason::MaxTokens,
+        })
+        .unwrap();
+        assert_eq!(end["stop_reason"], "max_tokens");
+        let err = serde_json::to_value(StreamEvent::Error {
+            code: crate::ErrorCode::DeadlineExceeded,
+            message: "late".into(),
+        })
+        .unwrap();
+        assert_eq!(err["code"], "DEADLINE_EXCEEDED");
+    }
+
+    #[test]
+    fn ids_allow_only_safe_characters() {
+        assert!(is_valid_id("job-1.a_b:c", 128));
+        assert!(!is_valid_id("", 128));
+        assert!(!is_valid_id("a b", 128));
+        assert!(!is_valid_id("a/b", 128));
+        assert!(!is_valid_id(&"x".repeat(129), 128));
+    }
+}

@@ -1,0 +1,13 @@
+//! Wire types shared by `queen-rbee`, `rbee-hive` and `llm-worker-rbee`.
+//!
+//! This crate is the one place where serde meets the wire: every body that
+//! crosses a process boundary is defined here once, so a field cannot drift
+//! between the daemon that sends it and the daemon that receives it. The
+//! shapes follow the project's HTTP contract.
+
+pub mod error;
+pub mod health;
+pub mod inference;
+pub mod worker;
+
+pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};

@@ -1,0 +1,149 @@
+//! Worker lifecycle bodies exchanged between `llm-worker-rbee` and `rbee-hive`.
+
+use serde::{Deserialize, Serialize};
+
+/// Compute backend a worker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Host CPU, always available.
+    Cpu,
+    /// NVIDIA GPU through CUDA.
+    Cuda,
+    /// Apple GPU through Metal.
+    Metal,
+}
+
+impl Backend {
+    /// The wire and metric-label string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Metal => "metal",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "metal" => Ok(Self::Metal),
+            other => Err(format!(
+                "unknown backend `{other}`: expected cpu, cuda or metal"
+            )),
+        }
+    }
+}
+
+/// A worker's state as the worker reports it and the hive's registry keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Process started, model not yet loaded.
+    Loading,
+    /// Model loaded, no request running.
+    Idle,
+    /// At least one request running.
+    Busy,
+    /// Finishing in-flight work before exit; accepts no new work.
+    Draining,
+    /// Given up on by the hive's restart policy.
+    Failed,
+}
+
+impl WorkerState {
+    /// The wire and metric-label string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Draining => "draining",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// `POST {hive}/v1/workers/ready`: sent once the model is loaded and the
+/// worker's server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyCallback {
+    /// The id the hive gave the worker.
+    pub worker_id: String,
+    /// Base URL the worker is reachable at.
+    pub url: String,
+    /// The model reference it serves, e.g. `file:/models/x.gguf`.
+    pub model_ref: String,
+    /// Backend it runs on.
+    pub backend: Backend,
+    /// Device ordinal (0 for cpu).
+    pub device: u32,
+    /// Concurrent sequences it can run.
+    pub slots_total: u32,
+    /// GPU memory the model occupies (0 on cpu).
+    pub vram_bytes: u64,
+}
+
+/// `POST {hive}/v1/workers/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The id the hive gave the worker.
+    pub worker_id: String,
+    /// RFC 3339 UTC time the heartbeat was sent.
+    pub timestamp: String,
+    /// Current state.
+    pub state: WorkerState,
+}
+
+/// `GET /v1/ready` on the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReadiness {
+    /// True when the worker accepts inference now.
+    pub ready: bool,
+    /// Current state.
+    pub state: WorkerState,
+    /// Whether the model is in memory.
+    pub model_loaded: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_callback_round_trips_with_contract_field_names() {
+        let body = r#"{"worker_id":"w1","url":"http://127.0.0.1:4100","model_ref":"file:/m.gguf",
+            "backend":"cpu","device":0,"slots_total":1,"vram_bytes":0}"#;
+        let cb: ReadyCallback = serde_json::from_str(body).unwrap();
+        assert_eq!(cb.backend, Backend::Cpu);
+        let back = serde_json::to_value(&cb).unwrap();
+        assert_eq!(back["slots_total"], 1);
+        assert_eq!(back["backend"], "cpu");
+    }
+
+    #[test]
+    fn heartbeat_rejects_unknown_state() {
+        let body = r#"{"worker_id":"w1","timestamp":"2026-01-01T00:00:00Z","state":"sleepy"}"#;
+        assert!(serde_json::from_str::<Heartbeat>(body).is_err());
+    }
+
+    #[test]
+    fn backend_parses_only_known_names() {
+        assert_eq!("cuda".parse::<Backend>(), Ok(Backend::Cuda));
+        assert!("CUDA".parse::<Backend>().is_err());
+        assert!("rocm".parse::<Backend>().is_err());
+    }
+}

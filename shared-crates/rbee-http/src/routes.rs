@@ -1,0 +1,96 @@
+//! Routes every daemon answers the same way: `/health`, `/health/live`,
+//! `/metrics`, `POST /v1/admin/shutdown`.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRef, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{header, StatusCode};
+use prometheus_client::registry::Registry;
+use rbee_api::health::{HealthResponse, LiveResponse};
+use rbee_api::{ApiError, ErrorCode};
+use tokio_util::sync::CancellationToken;
+
+/// What the shared routes need from a daemon's state.
+#[derive(Debug, Clone)]
+pub struct CoreState {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    version: &'static str,
+}
+
+impl CoreState {
+    /// `registry` is frozen here: register every metric before.
+    pub fn new(registry: Registry, shutdown: CancellationToken, version: &'static str) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            shutdown,
+            version,
+        }
+    }
+
+    /// Cancelled when the daemon starts draining (signal or admin route).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// True once draining has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// The metrics in Prometheus/OpenMetrics text.
+    pub fn encode_metrics(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The shared routes, for a daemon state `S` that contains a [`CoreState`].
+pub fn core_routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CoreState: FromRef<S>,
+{
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/metrics", get(metrics))
+        .route("/v1/admin/shutdown", post(admin_shutdown))
+}
+
+async fn health(State(core): State<CoreState>) -> Json<HealthResponse> {
+    Json(HealthResponse::ok(core.version))
+}
+
+/// Answers whenever the process can; touches no lock and no other task.
+async fn live() -> Json<LiveResponse> {
+    Json(LiveResponse::default())
+}
+
+async fn metrics(State(core): State<CoreState>) -> Response {
+    match core.encode_metrics() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(ErrorCode::Internal, "failed to encode metrics").into_response(),
+    }
+}
+
+async fn admin_shutdown(State(core): State<CoreState>) -> Response {
+    tracing::info!("shutdown requested over HTTP; draining");
+    core.shutdown.cancel();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "status": "draining" })),
+    )
+        .into_response()
+}

@@ -1,0 +1,266 @@
+//! Startup and shutdown: flags every daemon shares, the bind policy, the
+//! listening socket, signals, and a bounded drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use auth_min::{check_bind_policy, load_token, ApiToken, Authenticator, BindMode, TokenSources};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::LogFormat;
+
+/// Flags shared by the three daemons (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// File holding the API token (mode 0600 or stricter, after symlinks).
+    /// Without it the token comes from `$CREDENTIALS_DIRECTORY/api-token`,
+    /// then `LLORCH_API_TOKEN`.
+    #[arg(long, env = "LLORCH_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Log line format; the filter comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "LLORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Seconds to finish in-flight requests after SIGTERM/SIGINT or
+    /// `POST /v1/admin/shutdown` before closing them.
+    #[arg(long, env = "LLORCH_SHUTDOWN_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_timeout_s: u64,
+}
+
+/// Why a daemon could not start. Displays as one line; the process exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// No usable token.
+    #[error(transparent)]
+    Token(#[from] auth_min::TokenError),
+    /// Bind policy refused the address.
+    #[error(transparent)]
+    BindPolicy(#[from] auth_min::BindPolicyError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A daemon-specific setting is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The server failed while serving.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The result of the token and bind-policy checks.
+#[derive(Debug, Clone)]
+pub struct AuthSetup {
+    /// For the [`crate::HttpStack`].
+    pub authenticator: Authenticator,
+    /// For outgoing calls ([`auth_min::WithBearer`]).
+    pub token: Option<ApiToken>,
+}
+
+/// Load the token and apply the bind policy for `addr`. Warns once when
+/// serving open on loopback.
+pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<AuthSetup, StartupError> {
+    let token = load_token(&TokenSources::from_process_env(common.api_token_file.clone()))?;
+    match check_bind_policy(addr, token.as_ref())? {
+        BindMode::OpenLoopback => tracing::warn!(
+            %addr,
+            "no API token configured: serving without authentication on loopback (development only)"
+        ),
+        BindMode::Authenticated => {
+            if let Some(t) = &token {
+                tracing::info!(token_fp = %t.fingerprint(), "API token loaded");
+            }
+        }
+    }
+    Ok(AuthSetup {
+        authenticator: Authenticator::from_config(token.as_ref()),
+        token,
+    })
+}
+
+/// A bound, not yet serving daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    name: &'static str,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+    drain: Duration,
+}
+
+impl Daemon {
+    /// Bind `addr` (port 0 lets the OS choose; see [`local_addr`](Self::local_addr)).
+    pub async fn bind(
+        name: &'static str,
+        addr: SocketAddr,
+        router: Router,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        Ok(Self {
+            name,
+            listener,
+            local_addr,
+            router,
+            shutdown,
+            drain,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until SIGTERM/SIGINT or the shutdown token; then stop accepting,
+    /// let in-flight requests finish for at most the drain bound, and return.
+    pub async fn run(self) -> Result<(), StartupError> {
+        tokio::spawn(cancel_on_signal(self.shutdown.clone()));
+        tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
+        let server = axum::serve(
+            self.listener,
+            self.router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
+        let shutdown = self.shutdown.clone();
+        let drain = self.drain;
+        tokio::select! {
+            result = server => {
+                tracing::info!("{} stopped", self.name);
+                result.map_err(StartupError::Serve)
+            }
+            () = async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain).await;
+            } => {
+                tracing::warn!(drain_s = drain.as_secs(), "drain bound reached; closing remaining connections");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+        () = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// A daemon's configuration, as far as the shared startup needs it.
+pub trait DaemonConfig: clap::Parser {
+    /// The shared flags.
+    fn common(&self) -> &CommonArgs;
+}
+
+/// The usual `main`: parse flags, start logging, build a multi-threaded
+/// runtime, run `serve`. A startup error is printed as one line and exits 1;
+/// a graceful stop exits 0.
+pub fn main_entry<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
+where
+    C: DaemonConfig,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StartupError>>,
+{
+    let config = C::parse();
+    crate::telemetry::init_tracing(config.common().log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything a daemon needs before it adds its own routes: the checked
+/// token, a metrics registry with the shared metrics in it, the shutdown
+/// token and the layer stack.
+#[derive(Debug)]
+pub struct Bootstrap {
+    name: &'static str,
+    addr: SocketAddr,
+    drain: Duration,
+    /// The token for outgoing calls.
+    pub token: Option<ApiToken>,
+    /// Register the daemon's own metrics here before [`bind`](Self::bind).
+    pub registry: prometheus_client::registry::Registry,
+    /// Cancelled when draining starts.
+    pub shutdown: CancellationToken,
+    /// The layers; adjust before [`bind`](Self::bind).
+    pub stack: crate::HttpStack,
+}
+
+impl Bootstrap {
+    /// Check the token and bind policy for `addr`, register `rbee_build_info`
+    /// (with `backend`) and the stack's metrics under `metric_prefix`.
+    pub fn new(
+        name: &'static str,
+        addr: SocketAddr,
+        common: &CommonArgs,
+        metric_prefix: &str,
+        backend: &str,
+    ) -> Result<Self, StartupError> {
+        let auth = resolve_auth(addr, common)?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        crate::metrics::register_build_info(&mut registry, env!("CARGO_PKG_VERSION"), backend);
+        let stack = crate::HttpStack::new(&mut registry, metric_prefix, auth.authenticator);
+        Ok(Self {
+            name,
+            addr,
+            drain: Duration::from_secs(common.shutdown_timeout_s),
+            token: auth.token,
+            registry,
+            shutdown: CancellationToken::new(),
+            stack,
+        })
+    }
+
+    /// Merge the shared routes into `routes`, give them the state
+    /// `make_state` builds around the [`CoreState`](crate::CoreState), wrap
+    /// everything in the stack and bind the socket.
+    pub async fn bind<S>(
+        self,
+        routes: Router<S>,
+        make_state: impl FnOnce(crate::CoreState) -> S,
+    ) -> Result<Daemon, StartupError>
+    where
+        S: Clone + Send + Sync + 'static,
+        crate::CoreState: axum::extract::FromRef<S>,
+    {
+        let core = crate::CoreState::new(self.registry, self.shutdown.clone(), env!("CARGO_PKG_VERSION"));
+        let router = routes
+            .merge(crate::core_routes())
+            .with_state(make_state(core));
+        Daemon::bind(self.name, self.addr, self.stack.apply(router), self.shutdown, self.drain).await
+    }
+}

@@ -1,0 +1,316 @@
+//! Circuit breaker per (model, device).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::policy::ConfigError;
+
+/// Circuit breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Failures within `window` that open the breaker (default 5).
+    pub failure_threshold: u32,
+    /// Sliding window for counting failures (default 300 s).
+    pub window: Duration,
+    /// Time the breaker stays open before letting one probe spawn through (default 60 s).
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            window: Duration::from_secs(300),
+            cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+impl BreakerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.failure_threshold == 0 {
+            return Err(ConfigError::ZeroThreshold);
+        }
+        if self.window.is_zero() {
+            return Err(ConfigError::ZeroDuration("breaker window"));
+        }
+        if self.cooldown.is_zero() {
+            return Err(ConfigError::ZeroDuration("breaker cooldown"));
+        }
+        Ok(())
+    }
+}
+
+/// What the breaker is doing, for the `rbee_hive_circuit_breaker_open` gauge and `/v1/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerStatus {
+    /// Spawns pass.
+    Closed,
+    /// Spawns are refused until the cooldown ends.
+    Open,
+    /// One probe spawn is allowed (or out); its result decides.
+    HalfOpen,
+}
+
+/// A change of state worth a metric and an audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerTransition {
+    /// Closed or half-open to open.
+    Opened,
+    /// Half-open to closed: the probe succeeded.
+    Closed,
+}
+
+/// Permission to spawn, from [`CircuitBreaker::try_acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    /// The breaker is closed.
+    Normal,
+    /// The one spawn a half-open breaker lets through; report its outcome
+    /// with [`CircuitBreaker::record_success`] or [`CircuitBreaker::record_failure`].
+    Probe,
+}
+
+/// A spawn refused by an open breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("circuit breaker open; retry after {retry_after:?}")]
+pub struct SpawnRefused {
+    /// When asking again may succeed (for `Retry-After`).
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probe_out: bool },
+}
+
+/// Counts failures of one (model, device) pair and refuses spawns while they
+/// come too fast.
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker {
+    config: BreakerConfig,
+    failures: VecDeque<Instant>,
+    state: State,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker; rejects invalid settings.
+    pub fn try_new(config: BreakerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            failures: VecDeque::new(),
+            state: State::Closed,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
+    /// The current status; an open breaker whose cooldown has ended reads as half-open.
+    pub fn status(&self, now: Instant) -> BreakerStatus {
+        match self.state {
+            State::Closed => BreakerStatus::Closed,
+            State::Open { until } if now < until => BreakerStatus::Open,
+            State::Open { .. } | State::HalfOpen { .. } => BreakerStatus::HalfOpen,
+        }
+    }
+
+    /// Failures counted in the current window.
+    pub fn recent_failures(&self, now: Instant) -> usize {
+        self.failures
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < self.config.window)
+            .count()
+    }
+
+    /// Whether a spawn now would be refused, and for how long; does not take the probe.
+    pub fn would_refuse(&self, now: Instant) -> Option<Duration> {
+        match self.state {
+            State::Closed => None,
+            State::Open { until } if now < until => Some(until - now),
+            State::Open { .. } => None,
+            State::HalfOpen { probe_out } => probe_out.then_some(self.config.cooldown),
+        }
+    }
+
+    /// Ask to spawn now. In half-open state exactly one caller gets a
+    /// [`Permit::Probe`]; everyone else is refused until it reports back.
+    pub fn try_acquire(&mut self, now: Instant) -> Result<Permit, SpawnRefused> {
+        match self.state {
+            State::Closed => Ok(Permit::Normal),
+            State::Open { until } if now < until => Err(SpawnRefused {
+                retry_after: until - now,
+            }),
+            State::Open { .. } | State::HalfOpen { probe_out: false } => {
+                self.state = State::HalfOpen { probe_out: true };
+                Ok(Permit::Probe)
+            }
+            State::HalfOpen { probe_out: true } => Err(SpawnRefused {
+                retry_after: self.config.cooldown,
+            }),
+        }
+    }
+
+    /// A worker of this pair failed (crashed, failed health checks, failed to load).
+    pub fn record_failure(&mut self, now: Instant) -> Option<BreakerTransition> {
+        match self.state {
+            State::Closed => {
+                self.failures.push_back(now);
+                let window = self.config.window;
+                while let Some(oldest) = self.failures.front() {
+                    if now.saturating_duration_since(*oldest) >= window {
+                        self.failures.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                if self.failures.len() >= self.config.failure_threshold as usize {
+                    self.open(now)
+                } else {
+                    None
+                }
+            }
+            // The probe (or a worker started before the breaker opened) failed.
+            State::HalfOpen { .. } => self.open(now),
+            State::Open { .. } => None,
+        }
+    }
+
+    /// A worker of this pair became ready. Closes a half-open breaker.
+    pub fn record_success(&mut self, _now: Instant) -> Option<BreakerTransition> {
+        match self.state {
+            State::HalfOpen { .. } => {
+                self.state = State::Closed;
+                self.failures.clear();
+                Some(BreakerTransition::Closed)
+            }
+            State::Closed | State::Open { .. } => None,
+        }
+    }
+
+    fn open(&mut self, now: Instant) -> Option<BreakerTransition> {
+        self.state = State::Open {
+            until: now + self.config.cooldown,
+        };
+        self.failures.clear();
+        Some(BreakerTransition::Opened)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn breaker() -> CircuitBreaker {
+        CircuitBreaker::try_new(BreakerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn opens_at_the_fifth_failure_within_the_window() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            assert_eq!(b.record_failure(t0 + Duration::from_secs(i * 10)), None);
+            assert_eq!(b.status(t0), BreakerStatus::Closed);
+        }
+        assert_eq!(
+            b.record_failure(t0 + Duration::from_secs(40)),
+            Some(BreakerTransition::Opened)
+        );
+        let t = t0 + Duration::from_secs(41);
+        assert_eq!(b.status(t), BreakerStatus::Open);
+        let refused = b.try_acquire(t).unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_secs(59));
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_count() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            // One failure every 76 s: never 5 within 300 s.
+            assert_eq!(b.record_failure(t0 + Duration::from_secs(i * 76)), None);
+        }
+        assert_eq!(b.status(t0 + Duration::from_secs(800)), BreakerStatus::Closed);
+    }
+
+    #[test]
+    fn half_open_lets_exactly_one_probe_through_and_its_success_closes() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            b.record_failure(t0);
+        }
+        let after = t0 + Duration::from_secs(60);
+        assert_eq!(b.status(after), BreakerStatus::HalfOpen);
+        assert_eq!(b.would_refuse(after), None);
+        assert_eq!(b.try_acquire(after), Ok(Permit::Probe));
+        assert!(b.try_acquire(after).is_err());
+        assert!(b.would_refuse(after).is_some());
+        assert_eq!(b.record_success(after), Some(BreakerTransition::Closed));
+        assert_eq!(b.try_acquire(after), Ok(Permit::Normal));
+    }
+
+    #[test]
+    fn failed_probe_reopens_for_another_cooldown() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            b.record_failure(t0);
+        }
+        let t1 = t0 + Duration::from_secs(61);
+        assert_eq!(b.try_acquire(t1), Ok(Permit::Probe));
+        assert_eq!(b.record_failure(t1), Some(BreakerTransition::Opened));
+        assert_eq!(b.status(t1 + Duration::from_secs(59)), BreakerStatus::Open);
+        assert_eq!(b.status(t1 + Duration::from_secs(60)), BreakerStatus::HalfOpen);
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected() {
+        let zero = BreakerConfig {
+            failure_threshold: 0,
+            ..Default::default()
+        };
+        assert_eq!(CircuitBreaker::try_new(zero).unwrap_err(), ConfigError::ZeroThreshold);
+        let no_window = BreakerConfig {
+            window: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(CircuitBreaker::try_new(no_window).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn opens_exactly_when_threshold_failures_fall_in_the_window(
+            threshold in 1u32..10,
+            gaps in proptest::collection::vec(0u64..200, 1..30),
+        ) {
+            let config = BreakerConfig { failure_threshold: threshold, window: Duration::from_secs(300), cooldown: Duration::from_secs(60) };
+            let mut b = CircuitBreaker::try_new(config).unwrap();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut times: Vec<Instant> = Vec::new();
+            for gap in gaps {
+                now += Duration::from_secs(gap);
+                times.push(now);
+                let in_window = times.iter().filter(|t| now.duration_since(**t) < config.window).count();
+                let transition = b.record_failure(now);
+                if in_window >= threshold as usize {
+                    prop_assert_eq!(transition, Some(BreakerTransition::Opened));
+                    // Model what the breaker does: it forgets counted failures once open.
+                    prop_assert_eq!(b.status(now), BreakerStatus::Open);
+                    break;
+                } else {
+                    prop_assert_eq!(transition, None);
+                    prop_assert_eq!(b.status(now), BreakerStatus::Closed);
+                }
+            }
+        }
+    }
+}
