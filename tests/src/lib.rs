@@ -1,1 +1,255 @@
-//! Harness placeholder
+//! Harness for black-box tests: start the real rbee binaries on loopback,
+//! on ports the OS chooses, read their logs, signal them, and kill them when
+//! a test ends, even a failing one.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The three daemons.
+pub const DAEMONS: [&str; 3] = ["queen-rbee", "rbee-hive", "llm-worker-rbee"];
+
+/// A token long enough for the bind policy, used by tests that need one.
+pub const TEST_TOKEN: &str = "rbee-test-token-7f3a9c1e5b";
+
+/// How long a daemon may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Path to a freshly built binary of the workspace.
+///
+/// The first call in a test process runs `cargo build --workspace --bins`
+/// (a no-op when up to date), so tests never run stale binaries.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(&root)
+            .status()
+            .expect("cargo must be runnable from tests");
+        assert!(status.success(), "building the daemons failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug")
+    });
+    dir.join(name)
+}
+
+/// How a daemon is to be started.
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    name: String,
+    addr: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl DaemonSpec {
+    /// `name` on `127.0.0.1:0` with JSON logs, no token, `RUST_LOG=info`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            addr: "127.0.0.1:0".to_owned(),
+            args: vec!["--log-format".into(), "json".into()],
+            env: vec![("RUST_LOG".into(), "info".into())],
+        }
+    }
+
+    /// Listen on `addr` instead of `127.0.0.1:0`.
+    pub fn addr(mut self, addr: &str) -> Self {
+        addr.clone_into(&mut self.addr);
+        self
+    }
+
+    /// Add arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Set an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Configure [`TEST_TOKEN`] through `LLORCH_API_TOKEN`.
+    pub fn with_token(self) -> Self {
+        self.env("LLORCH_API_TOKEN", TEST_TOKEN)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(binary(&self.name));
+        cmd.arg("--addr")
+            .arg(&self.addr)
+            .args(&self.args)
+            .env_remove("LLORCH_API_TOKEN")
+            .env_remove("LLORCH_API_TOKEN_FILE")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("RBEE_QUEEN_ADDR")
+            .env_remove("RBEE_HIVE_ADDR")
+            .env_remove("RBEE_WORKER_ADDR")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Run to completion (for startup failures and `--help`), killing it
+    /// after `timeout`.
+    pub fn run_to_exit(&self, timeout: Duration) -> Output {
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let started = Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("collect output")
+    }
+
+    /// Start it and wait for its listening line.
+    pub fn spawn(&self) -> RunningDaemon {
+        let mut child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = listening_addr(&line) {
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let mut daemon = RunningDaemon {
+            name: self.name.clone(),
+            child,
+            logs,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => daemon.addr = addr,
+            Err(_) => panic!(
+                "{} did not start within {START_TIMEOUT:?}; logs:\n{}",
+                self.name,
+                daemon.logs().join("\n")
+            ),
+        }
+        daemon
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let json: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = json.get("fields")?;
+    if !fields.get("message")?.as_str()?.ends_with(" listening") {
+        return None;
+    }
+    fields.get("addr")?.as_str()?.parse().ok()
+}
+
+/// A started daemon; killed on drop.
+#[derive(Debug)]
+pub struct RunningDaemon {
+    name: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl RunningDaemon {
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Its stderr lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, signal: Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits i32");
+        kill(Pid::from_raw(pid), signal).expect("signal daemon");
+    }
+
+    /// Wait for exit up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the reader thread drain the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Poll the logs until one line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.logs().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The daemon's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for RunningDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
