@@ -13,7 +13,7 @@ fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
-        .unwrap()
+        .expect("build HTTP client")
 }
 
 fn bearer() -> String {
@@ -23,14 +23,19 @@ fn bearer() -> String {
 fn json(response: reqwest::blocking::Response) -> (StatusCode, reqwest::header::HeaderMap, Value) {
     let status = response.status();
     let headers = response.headers().clone();
-    let text = response.text().unwrap();
+    let text = response.text().expect("read response body");
     let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     (status, headers, body)
 }
 
 fn assert_envelope(body: &Value, code: &str) {
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(body["error"]["retriable"].is_boolean(), "{body}");
 }
 
@@ -45,13 +50,22 @@ fn stderr_lines(output: &std::process::Output) -> Vec<String> {
 #[test]
 fn every_daemon_answers_help_and_version() {
     for name in DAEMONS {
-        let help = DaemonSpec::new(name).args(["--help"]).run_to_exit(Duration::from_secs(10));
+        let help = DaemonSpec::new(name)
+            .args(["--help"])
+            .run_to_exit(Duration::from_secs(10));
         assert!(help.status.success(), "{name} --help failed");
         let text = String::from_utf8_lossy(&help.stdout);
-        for flag in ["--addr", "--api-token-file", "--log-format", "--shutdown-timeout-s"] {
+        for flag in [
+            "--addr",
+            "--api-token-file",
+            "--log-format",
+            "--shutdown-timeout-s",
+        ] {
             assert!(text.contains(flag), "{name} --help lacks {flag}:\n{text}");
         }
-        let version = DaemonSpec::new(name).args(["--version"]).run_to_exit(Duration::from_secs(10));
+        let version = DaemonSpec::new(name)
+            .args(["--version"])
+            .run_to_exit(Duration::from_secs(10));
         assert!(version.status.success());
         assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
     }
@@ -75,7 +89,10 @@ fn public_probes_and_metrics_answer_without_a_token() {
         assert_eq!(metrics.status(), StatusCode::OK);
         let text = metrics.text().unwrap();
         assert!(text.contains("rbee_build_info{"), "{name}: {text}");
-        assert!(text.contains("rbee_auth_failures_total{reason=\"missing\"} 0"), "{name}: {text}");
+        assert!(
+            text.contains("rbee_auth_failures_total{reason=\"missing\"} 0"),
+            "{name}: {text}"
+        );
     }
 }
 
@@ -85,11 +102,28 @@ fn hive_http_metrics_use_the_contract_names_and_route_templates() {
     let hive = DaemonSpec::new("rbee-hive").spawn();
     http.get(hive.url("/health")).send().unwrap();
     http.get(hive.url("/no/such/path/12345")).send().unwrap();
-    let text = http.get(hive.url("/metrics")).send().unwrap().text().unwrap();
-    assert!(text.contains("rbee_hive_requests_total{route=\"/health\",status=\"200\"} 1"), "{text}");
-    assert!(text.contains("rbee_hive_requests_total{route=\"unmatched\",status=\"404\"} 1"), "{text}");
-    assert!(text.contains("rbee_hive_request_duration_seconds_bucket"), "{text}");
-    assert!(!text.contains("12345"), "raw paths must never become labels");
+    let text = http
+        .get(hive.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        text.contains("rbee_hive_requests_total{route=\"/health\",status=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rbee_hive_requests_total{route=\"unmatched\",status=\"404\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rbee_hive_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("12345"),
+        "raw paths must never become labels"
+    );
 }
 
 #[test]
@@ -129,7 +163,8 @@ fn protected_routes_require_the_token_and_count_failures() {
     let http = client();
     for name in DAEMONS {
         let mut daemon = DaemonSpec::new(name).with_token().spawn();
-        let (status, headers, body) = json(http.post(daemon.url("/v1/admin/shutdown")).send().unwrap());
+        let (status, headers, body) =
+            json(http.post(daemon.url("/v1/admin/shutdown")).send().unwrap());
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(headers["www-authenticate"], "Bearer");
         assert_envelope(&body, "MISSING_API_KEY");
@@ -148,9 +183,20 @@ fn protected_routes_require_the_token_and_count_failures() {
         let (status, _, _) = json(http.get(daemon.url("/v1/nope")).send().unwrap());
         assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-        let text = http.get(daemon.url("/metrics")).send().unwrap().text().unwrap();
-        assert!(text.contains("rbee_auth_failures_total{reason=\"missing\"} 2"), "{name}: {text}");
-        assert!(text.contains("rbee_auth_failures_total{reason=\"invalid\"} 1"), "{name}: {text}");
+        let text = http
+            .get(daemon.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert!(
+            text.contains("rbee_auth_failures_total{reason=\"missing\"} 2"),
+            "{name}: {text}"
+        );
+        assert!(
+            text.contains("rbee_auth_failures_total{reason=\"invalid\"} 1"),
+            "{name}: {text}"
+        );
 
         let response = http
             .post(daemon.url("/v1/admin/shutdown"))
@@ -158,8 +204,14 @@ fn protected_routes_require_the_token_and_count_failures() {
             .send()
             .unwrap();
         assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let status = daemon.wait_exit(Duration::from_secs(10)).expect("daemon exits after admin shutdown");
-        assert_eq!(status.code(), Some(0), "{name} must exit 0 after a graceful drain");
+        let status = daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("daemon exits after admin shutdown");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{name} must exit 0 after a graceful drain"
+        );
     }
 }
 
@@ -168,8 +220,16 @@ fn no_log_line_contains_the_raw_token() {
     let http = client();
     let wrong = "wrong-but-secret-token-123456";
     for name in DAEMONS {
-        let mut daemon = DaemonSpec::new(name).with_token().env("RUST_LOG", "trace").spawn();
-        for auth in [None, Some(format!("Bearer {wrong}")), Some("Basic abc".to_owned()), Some(bearer())] {
+        let mut daemon = DaemonSpec::new(name)
+            .with_token()
+            .env("RUST_LOG", "trace")
+            .spawn();
+        for auth in [
+            None,
+            Some(format!("Bearer {wrong}")),
+            Some("Basic abc".to_owned()),
+            Some(bearer()),
+        ] {
             let mut request = http.get(daemon.url("/v1/nothing-here"));
             if let Some(a) = auth {
                 request = request.header("authorization", a);
@@ -182,9 +242,15 @@ fn no_log_line_contains_the_raw_token() {
             .unwrap();
         daemon.wait_exit(Duration::from_secs(10)).expect("exit");
         let logs = daemon.logs().join("\n");
-        assert!(logs.contains("authentication failed"), "{name} logged no auth failure:\n{logs}");
+        assert!(
+            logs.contains("authentication failed"),
+            "{name} logged no auth failure:\n{logs}"
+        );
         let fp = auth_fingerprint(TEST_TOKEN);
-        assert!(logs.contains(&format!("token:{fp}")), "{name} logs lack the token fingerprint");
+        assert!(
+            logs.contains(&format!("token:{fp}")),
+            "{name} logs lack the token fingerprint"
+        );
         assert!(!logs.contains(TEST_TOKEN), "{name} logged the raw token");
         assert!(!logs.contains(wrong), "{name} logged a presented token");
     }
@@ -198,10 +264,14 @@ fn auth_fingerprint(token: &str) -> String {
         .spawn()
         .and_then(|mut child| {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(token.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(token.as_bytes())?;
             child.wait_with_output()
         })
-        .unwrap();
+        .expect("run sha256sum");
     String::from_utf8_lossy(&out.stdout)[..6].to_owned()
 }
 
@@ -230,10 +300,16 @@ fn deadlines_are_enforced_before_any_handler() {
         );
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_envelope(&body, "INVALID_DEADLINE");
-        assert_eq!(body["error"]["details"]["fields"][0]["field"], "X-Timeout-Ms");
+        assert_eq!(
+            body["error"]["details"]["fields"][0]["field"],
+            "X-Timeout-Ms"
+        );
 
         // Neither request reached the handler: the daemon is still serving.
-        assert!(daemon.wait_exit(Duration::from_millis(300)).is_none(), "{name} shut down");
+        assert!(
+            daemon.wait_exit(Duration::from_millis(300)).is_none(),
+            "{name} shut down"
+        );
         let ok = http
             .post(daemon.url("/v1/admin/shutdown"))
             .header("authorization", bearer())
@@ -260,9 +336,19 @@ fn request_ids_are_accepted_or_minted_echoed_and_logged() {
             .header("x-request-id", "bad id with spaces")
             .send()
             .unwrap();
-        let minted_id = minted.headers()["x-request-id"].to_str().unwrap().to_owned();
-        assert_eq!(minted_id.len(), 36, "a UUID replaces an unacceptable id: {minted_id}");
-        assert!(daemon.wait_for_log("client-req-42", Duration::from_secs(5)), "{name} did not log the request id");
+        let minted_id = minted.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            minted_id.len(),
+            36,
+            "a UUID replaces an unacceptable id: {minted_id}"
+        );
+        assert!(
+            daemon.wait_for_log("client-req-42", Duration::from_secs(5)),
+            "{name} did not log the request id"
+        );
         let line = daemon
             .logs()
             .into_iter()
@@ -282,7 +368,10 @@ fn non_loopback_bind_without_a_token_refuses_to_start_with_one_line() {
         assert_eq!(out.status.code(), Some(1), "{name}");
         let lines = stderr_lines(&out);
         assert_eq!(lines.len(), 1, "{name}: {lines:?}");
-        assert!(lines[0].contains("refusing to listen on 0.0.0.0:0"), "{lines:?}");
+        assert!(
+            lines[0].contains("refusing to listen on 0.0.0.0:0"),
+            "{lines:?}"
+        );
     }
 }
 
@@ -291,7 +380,11 @@ fn short_or_badly_protected_tokens_refuse_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let readable = dir.path().join("token");
     std::fs::write(&readable, TEST_TOKEN).unwrap();
-    std::fs::set_permissions(&readable, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        &readable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     for name in DAEMONS {
         let out = DaemonSpec::new(name)
             .env("LLORCH_API_TOKEN", "short")
@@ -307,7 +400,10 @@ fn short_or_badly_protected_tokens_refuse_to_start() {
         assert_eq!(out.status.code(), Some(1), "{name}");
         let lines = stderr_lines(&out);
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].contains("must not be accessible to group or others"), "{lines:?}");
+        assert!(
+            lines[0].contains("must not be accessible to group or others"),
+            "{lines:?}"
+        );
     }
 }
 
@@ -329,8 +425,17 @@ fn tokens_load_from_a_private_file_and_from_the_credentials_directory() {
         .spawn();
     for daemon in [&from_file, &from_creds] {
         let denied = http.get(daemon.url("/v1/x")).send().unwrap();
-        assert_eq!(denied.status(), StatusCode::UNAUTHORIZED, "{}", daemon.name());
-        let allowed = http.get(daemon.url("/v1/x")).header("authorization", bearer()).send().unwrap();
+        assert_eq!(
+            denied.status(),
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            daemon.name()
+        );
+        let allowed = http
+            .get(daemon.url("/v1/x"))
+            .header("authorization", bearer())
+            .send()
+            .unwrap();
         assert_eq!(allowed.status(), StatusCode::NOT_FOUND, "{}", daemon.name());
     }
 }
@@ -361,9 +466,17 @@ fn sigterm_and_sigint_drain_and_exit_zero() {
     ] {
         let mut daemon: RunningDaemon = DaemonSpec::new(name).spawn();
         daemon.signal(signal);
-        let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits after the signal");
+        let status = daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("exits after the signal");
         assert_eq!(status.code(), Some(0), "{name} after {signal:?}");
-        assert!(daemon.logs().iter().any(|l| l.contains("received; draining")), "{name}");
+        assert!(
+            daemon
+                .logs()
+                .iter()
+                .any(|l| l.contains("received; draining")),
+            "{name}"
+        );
     }
 }
 

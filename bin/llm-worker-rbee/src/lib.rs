@@ -14,7 +14,11 @@ use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupE
 
 /// `llm-worker-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "llm-worker-rbee", version, about = "One loaded model served over HTTP, tokens streamed as they are produced")]
+#[command(
+    name = "llm-worker-rbee",
+    version,
+    about = "One loaded model served over HTTP, tokens streamed as they are produced"
+)]
 pub struct Config {
     /// Address to listen on; port 0 lets the OS choose.
     #[arg(long, env = "RBEE_WORKER_ADDR", default_value = "127.0.0.1:8001")]

@@ -13,7 +13,11 @@ use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupE
 
 /// `queen-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "queen-rbee", version, about = "The rbee orchestrator: admission, queueing and routing across hives, behind the OpenAI-compatible API")]
+#[command(
+    name = "queen-rbee",
+    version,
+    about = "The rbee orchestrator: admission, queueing and routing across hives, behind the OpenAI-compatible API"
+)]
 pub struct Config {
     /// Address to listen on; port 0 lets the OS choose.
     #[arg(long, env = "RBEE_QUEEN_ADDR", default_value = "127.0.0.1:8080")]

@@ -15,7 +15,11 @@ use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupE
 
 /// `rbee-hive`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "rbee-hive", version, about = "The rbee pool manager for one host: provisions models, spawns and supervises workers")]
+#[command(
+    name = "rbee-hive",
+    version,
+    about = "The rbee pool manager for one host: provisions models, spawns and supervises workers"
+)]
 pub struct Config {
     /// Address to listen on; port 0 lets the OS choose.
     #[arg(long, env = "RBEE_HIVE_ADDR", default_value = "127.0.0.1:9200")]
@@ -61,13 +65,7 @@ pub struct App {
 impl App {
     /// Check the token and bind policy, then bind `config.addr`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let boot = Bootstrap::new(
-            "rbee-hive",
-            config.addr,
-            &config.common,
-            "rbee_hive",
-            "cpu",
-        )?;
+        let boot = Bootstrap::new("rbee-hive", config.addr, &config.common, "rbee_hive", "cpu")?;
         let daemon = boot.bind(router(), |core| AppState { core }).await?;
         Ok(Self { daemon })
     }

@@ -218,9 +218,14 @@ mod tests {
         let missing = auth.verify(None).unwrap_err();
         assert_eq!(missing.code(), ErrorCode::MissingApiKey);
         assert_eq!(missing.metric_reason(), "missing");
-        let wrong = auth.verify(Some(&bearer("wrong-token-0123456789"))).unwrap_err();
+        let wrong = auth
+            .verify(Some(&bearer("wrong-token-0123456789")))
+            .unwrap_err();
         assert_eq!(wrong.code(), ErrorCode::InvalidApiKey);
-        assert_eq!(wrong.fingerprint(), Some(&Fingerprint::of("wrong-token-0123456789")));
+        assert_eq!(
+            wrong.fingerprint(),
+            Some(&Fingerprint::of("wrong-token-0123456789"))
+        );
         // A prefix of the right token is still wrong.
         assert!(auth.verify(Some(&bearer(&OLD[..10]))).is_err());
     }
@@ -234,9 +239,15 @@ mod tests {
 
         // Clones share the set.
         assert!(clone.verify_at(Some(&bearer(NEW)), t0).is_ok());
-        assert!(clone.verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(59)).is_ok());
-        assert!(clone.verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(60)).is_err());
-        assert!(clone.verify_at(Some(&bearer(NEW)), t0 + Duration::from_secs(3600)).is_ok());
+        assert!(clone
+            .verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(59))
+            .is_ok());
+        assert!(clone
+            .verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(60))
+            .is_err());
+        assert!(clone
+            .verify_at(Some(&bearer(NEW)), t0 + Duration::from_secs(3600))
+            .is_ok());
     }
 
     #[test]
@@ -244,9 +255,17 @@ mod tests {
         let auth = Authenticator::new(&token(OLD));
         let t0 = Instant::now();
         auth.rotate_at(&token(NEW), Duration::from_secs(60), t0);
-        auth.rotate_at(&token(NEW), Duration::from_secs(60), t0 + Duration::from_secs(1));
+        auth.rotate_at(
+            &token(NEW),
+            Duration::from_secs(60),
+            t0 + Duration::from_secs(1),
+        );
         // The grace window of OLD is unchanged by the no-op rotation.
-        assert!(auth.verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(30)).is_ok());
-        assert!(auth.verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(61)).is_err());
+        assert!(auth
+            .verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(30))
+            .is_ok());
+        assert!(auth
+            .verify_at(Some(&bearer(OLD)), t0 + Duration::from_secs(61))
+            .is_err());
     }
 }

@@ -56,7 +56,12 @@ mod tests {
 
     #[test]
     fn any_other_address_without_token_is_refused() {
-        for addr in ["0.0.0.0:8080", "[::]:8080", "192.168.1.4:80", "10.0.0.1:9200"] {
+        for addr in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "192.168.1.4:80",
+            "10.0.0.1:9200",
+        ] {
             let addr: SocketAddr = addr.parse().unwrap();
             let err = check_bind_policy(addr, None).unwrap_err();
             assert!(err.to_string().contains("refusing to listen"));

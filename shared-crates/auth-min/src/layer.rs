@@ -177,20 +177,34 @@ mod tests {
 
     const TOKEN: &str = "layer-test-token-0123456789";
 
-    fn service(auth: Authenticator, metrics: AuthMetrics) -> impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible> + Clone {
+    fn service(
+        auth: Authenticator,
+        metrics: AuthMetrics,
+    ) -> impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible> + Clone
+    {
         AuthLayer::new(auth, metrics).layer(tower::service_fn(|req: Request<Body>| async move {
             let who = req.extensions().get::<Authenticated>().cloned();
-            let body = format!("{:?}", who.and_then(|a| a.fingerprint).map(|f| f.to_string()));
+            let body = format!(
+                "{:?}",
+                who.and_then(|a| a.fingerprint).map(|f| f.to_string())
+            );
             Ok::<_, std::convert::Infallible>(body.into_response())
         }))
     }
 
-    async fn call(svc: impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible>, path: &str, auth: Option<&str>) -> (StatusCode, http::HeaderMap, String) {
+    async fn call(
+        svc: impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible>,
+        path: &str,
+        auth: Option<&str>,
+    ) -> (StatusCode, http::HeaderMap, String) {
         let mut builder = Request::get(path);
         if let Some(a) = auth {
             builder = builder.header(header::AUTHORIZATION, a);
         }
-        let response = svc.oneshot(builder.body(Body::empty()).unwrap()).await.unwrap();
+        let response = svc
+            .oneshot(builder.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -199,7 +213,10 @@ mod tests {
 
     fn protected() -> (Authenticator, AuthMetrics) {
         let token = ApiToken::new(TOKEN.into()).unwrap();
-        (Authenticator::new(&token), AuthMetrics::register(&mut Registry::default()))
+        (
+            Authenticator::new(&token),
+            AuthMetrics::register(&mut Registry::default()),
+        )
     }
 
     #[tokio::test]
@@ -214,7 +231,8 @@ mod tests {
     #[tokio::test]
     async fn missing_token_is_401_missing_api_key_with_challenge() {
         let (auth, metrics) = protected();
-        let (status, headers, body) = call(service(auth, metrics.clone()), "/v1/inference", None).await;
+        let (status, headers, body) =
+            call(service(auth, metrics.clone()), "/v1/inference", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -227,7 +245,12 @@ mod tests {
     #[tokio::test]
     async fn wrong_token_is_401_invalid_api_key() {
         let (auth, metrics) = protected();
-        let (status, headers, body) = call(service(auth, metrics.clone()), "/v1/inference", Some("Bearer nope-nope-nope-nope")).await;
+        let (status, headers, body) = call(
+            service(auth, metrics.clone()),
+            "/v1/inference",
+            Some("Bearer nope-nope-nope-nope"),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
         assert!(body.contains("INVALID_API_KEY"));
@@ -237,7 +260,12 @@ mod tests {
     #[tokio::test]
     async fn right_token_passes_with_its_fingerprint() {
         let (auth, metrics) = protected();
-        let (status, _, body) = call(service(auth, metrics), "/v1/anything", Some(&format!("Bearer {TOKEN}"))).await;
+        let (status, _, body) = call(
+            service(auth, metrics),
+            "/v1/anything",
+            Some(&format!("Bearer {TOKEN}")),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains(&format!("token:{}", crate::token_fp6(TOKEN))));
     }
@@ -245,7 +273,12 @@ mod tests {
     #[tokio::test]
     async fn open_mode_passes_everything() {
         let metrics = AuthMetrics::register(&mut Registry::default());
-        let (status, _, _) = call(service(Authenticator::open(), metrics), "/v1/inference", None).await;
+        let (status, _, _) = call(
+            service(Authenticator::open(), metrics),
+            "/v1/inference",
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
     }
 }

@@ -153,7 +153,11 @@ fn read_token_file(path: &Path, check_mode: bool) -> Result<ApiToken, TokenError
     // the permissions that matter are those of the file at the end.
     let resolved = std::fs::canonicalize(path).map_err(io)?;
     if check_mode {
-        let mode = std::fs::metadata(&resolved).map_err(io)?.permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(&resolved)
+            .map_err(io)?
+            .permissions()
+            .mode()
+            & 0o7777;
         if mode & 0o066 != 0 {
             return Err(TokenError::InsecurePermissions {
                 path: resolved,
@@ -268,11 +272,20 @@ mod tests {
             credentials_dir: Some(creds),
             env_token: Some("env-token-0000000000".into()),
         };
-        assert_eq!(load_token(&sources).unwrap().unwrap().expose(), "file-token-000000000");
+        assert_eq!(
+            load_token(&sources).unwrap().unwrap().expose(),
+            "file-token-000000000"
+        );
         sources.file = None;
-        assert_eq!(load_token(&sources).unwrap().unwrap().expose(), "cred-token-000000000");
+        assert_eq!(
+            load_token(&sources).unwrap().unwrap().expose(),
+            "cred-token-000000000"
+        );
         sources.credentials_dir = Some(dir.path().join("absent"));
-        assert_eq!(load_token(&sources).unwrap().unwrap().expose(), "env-token-0000000000");
+        assert_eq!(
+            load_token(&sources).unwrap().unwrap().expose(),
+            "env-token-0000000000"
+        );
         sources.env_token = None;
         assert!(load_token(&sources).unwrap().is_none());
     }

@@ -152,7 +152,8 @@ impl Deadline {
     }
 
     fn at_epoch_ms(epoch_ms: u64, now_epoch_ms: u64, now: Instant) -> Self {
-        let ahead = Duration::from_millis(epoch_ms.saturating_sub(now_epoch_ms).min(MAX_TIMEOUT_MS));
+        let ahead =
+            Duration::from_millis(epoch_ms.saturating_sub(now_epoch_ms).min(MAX_TIMEOUT_MS));
         Self {
             epoch_ms,
             at: now + ahead,
@@ -264,9 +265,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Deadline {
             return Ok(Some(*deadline));
         }
         match Deadline::from_headers(&parts.headers) {
-            Ok(Some(deadline)) if deadline.is_expired() => {
-                Err(DeadlineExceeded.to_api_error())
-            }
+            Ok(Some(deadline)) if deadline.is_expired() => Err(DeadlineExceeded.to_api_error()),
             Ok(found) => Ok(found),
             Err(e) => Err(e.to_api_error()),
         }
@@ -326,10 +325,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn past_deadline_is_expired_at_once() {
         let h = headers(&[(&X_DEADLINE, &(NOW_MS - 1).to_string())]);
-        let d = Deadline::from_headers_at(&h, NOW_MS, Instant::now()).unwrap().unwrap();
+        let d = Deadline::from_headers_at(&h, NOW_MS, Instant::now())
+            .unwrap()
+            .unwrap();
         assert!(d.is_expired());
         let zero = headers(&[(&X_TIMEOUT_MS, "0")]);
-        let d = Deadline::from_headers_at(&zero, NOW_MS, Instant::now()).unwrap().unwrap();
+        let d = Deadline::from_headers_at(&zero, NOW_MS, Instant::now())
+            .unwrap()
+            .unwrap();
         assert!(d.is_expired());
     }
 

@@ -102,7 +102,8 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    fn echo_deadline() -> impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible> {
+    fn echo_deadline(
+    ) -> impl Service<Request<Body>, Response = Response, Error = std::convert::Infallible> {
         tower::service_fn(|req: Request<Body>| async move {
             let d = req.extensions().get::<Deadline>().copied();
             let header = req.headers().get(X_DEADLINE).cloned();
@@ -134,7 +135,11 @@ mod tests {
 
     #[tokio::test]
     async fn expired_deadline_returns_504_without_calling_the_handler() {
-        let (status, body) = run(DeadlineLayer::new(), Some(("x-deadline", "1700000000000".into()))).await;
+        let (status, body) = run(
+            DeadlineLayer::new(),
+            Some(("x-deadline", "1700000000000".into())),
+        )
+        .await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["error"]["code"], "DEADLINE_EXCEEDED");
@@ -147,12 +152,16 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["error"]["code"], "INVALID_DEADLINE");
-        assert_eq!(json["error"]["details"]["fields"][0]["field"], "X-Timeout-Ms");
+        assert_eq!(
+            json["error"]["details"]["fields"][0]["field"],
+            "X-Timeout-Ms"
+        );
     }
 
     #[tokio::test]
     async fn relative_timeout_is_normalised_to_x_deadline() {
-        let (status, body) = run(DeadlineLayer::new(), Some(("x-timeout-ms", "30000".into()))).await;
+        let (status, body) =
+            run(DeadlineLayer::new(), Some(("x-timeout-ms", "30000".into()))).await;
         assert_eq!(status, StatusCode::OK);
         let parts: Vec<&str> = body.split('|').collect();
         assert_eq!(parts[0], parts[1], "extension and forwarded header agree");

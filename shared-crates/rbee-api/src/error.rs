@@ -304,7 +304,11 @@ mod tests {
     fn envelope_serializes_in_the_contract_shape() {
         let err = ApiError::invalid_fields(
             ErrorCode::InvalidRequest,
-            vec![FieldError::new("max_tokens", "range", "max_tokens must be 1..=4096")],
+            vec![FieldError::new(
+                "max_tokens",
+                "range",
+                "max_tokens must be 1..=4096",
+            )],
         );
         let json = serde_json::to_value(err.body()).unwrap();
         assert_eq!(json["error"]["code"], "INVALID_REQUEST");

@@ -282,18 +282,32 @@ mod tests {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["prompt", "max_tokens", "temperature", "top_p", "stop", "stop[4]", "job_id"]
+            [
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "stop",
+                "stop[4]",
+                "job_id"
+            ]
         );
     }
 
     #[test]
     fn unknown_fields_are_rejected() {
-        assert!(serde_json::from_str::<InferenceRequest>(r#"{"prompt":"x","max_token":5}"#).is_err());
+        assert!(
+            serde_json::from_str::<InferenceRequest>(r#"{"prompt":"x","max_token":5}"#).is_err()
+        );
     }
 
     #[test]
     fn stream_events_are_tagged_by_type() {
-        let token = serde_json::to_value(StreamEvent::Token { t: "Par".into(), i: 0 }).unwrap();
+        let token = serde_json::to_value(StreamEvent::Token {
+            t: "Par".into(),
+            i: 0,
+        })
+        .unwrap();
         assert_eq!(token, serde_json::json!({"type":"token","t":"Par","i":0}));
         let end = serde_json::to_value(StreamEvent::End {
             tokens_in: 3,

@@ -45,8 +45,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
             .cloned()
             .unwrap_or_else(RequestId::mint);
         let deadline =
-            <Deadline as axum::extract::OptionalFromRequestParts<S>>::from_request_parts(parts, state)
-                .await?;
+            <Deadline as axum::extract::OptionalFromRequestParts<S>>::from_request_parts(
+                parts, state,
+            )
+            .await?;
         Ok(Self {
             request_id,
             traceparent: parts.headers.get(&TRACEPARENT).cloned(),

@@ -46,12 +46,14 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             ErrorCode::UnsupportedMediaType,
             "the request body must be JSON with `Content-Type: application/json`",
         ),
-        JsonRejection::JsonDataError(e) => {
-            ApiError::new(ErrorCode::InvalidJson, format!("invalid request body: {}", e.body_text()))
-        }
-        JsonRejection::JsonSyntaxError(e) => {
-            ApiError::new(ErrorCode::InvalidJson, format!("malformed JSON: {}", e.body_text()))
-        }
+        JsonRejection::JsonDataError(e) => ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("invalid request body: {}", e.body_text()),
+        ),
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("malformed JSON: {}", e.body_text()),
+        ),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             payload_too_large()
         }
@@ -104,7 +106,12 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
             let text: String = body
                 .collect()
                 .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).chars().take(300).collect())
+                .map(|b| {
+                    String::from_utf8_lossy(&b.to_bytes())
+                        .chars()
+                        .take(300)
+                        .collect()
+                })
                 .unwrap_or_default();
             let message = if text.is_empty() {
                 s.canonical_reason().unwrap_or("bad request").to_owned()
@@ -114,7 +121,10 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
             ApiError::new(ErrorCode::InvalidRequest, message)
         }
         _ => {
-            tracing::error!(status = status.as_u16(), "internal error answered in plain text");
+            tracing::error!(
+                status = status.as_u16(),
+                "internal error answered in plain text"
+            );
             ApiError::new(ErrorCode::Internal, "internal error; see the daemon's log")
         }
     };

@@ -15,8 +15,7 @@ use prometheus_client::registry::Registry;
 
 /// Latency buckets in seconds, from a millisecond probe to a long generation.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -78,7 +77,11 @@ impl HttpMetrics {
 }
 
 /// Middleware counting and timing each request.
-pub async fn middleware(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
+pub async fn middleware(
+    State(metrics): State<HttpMetrics>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -93,7 +96,10 @@ pub async fn middleware(State(metrics): State<HttpMetrics>, request: Request, ne
             status: response.status().as_u16(),
         })
         .inc();
-    metrics.duration.get_or_create(&Route { route }).observe(elapsed);
+    metrics
+        .duration
+        .get_or_create(&Route { route })
+        .observe(elapsed);
     response
 }
 

@@ -46,11 +46,14 @@ impl std::fmt::Display for RequestId {
 /// that carries it, echo it on the response, and log one access line.
 pub async fn middleware(mut request: Request, next: Next) -> Response {
     let supplied = request.headers().get(&X_REQUEST_ID);
-    let id = supplied.and_then(RequestId::accept).unwrap_or_else(RequestId::mint);
+    let id = supplied
+        .and_then(RequestId::accept)
+        .unwrap_or_else(RequestId::mint);
     if supplied.is_some_and(|v| v.as_bytes() != id.as_str().as_bytes()) {
         tracing::debug!(request_id = %id, "client X-Request-Id was not acceptable; minted a new one");
     }
-    let header = HeaderValue::from_str(id.as_str()).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    let header =
+        HeaderValue::from_str(id.as_str()).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     request.headers_mut().insert(X_REQUEST_ID, header.clone());
     request.extensions_mut().insert(id.clone());
 

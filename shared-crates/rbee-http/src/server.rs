@@ -68,7 +68,9 @@ pub struct AuthSetup {
 /// Load the token and apply the bind policy for `addr`. Warns once when
 /// serving open on loopback.
 pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<AuthSetup, StartupError> {
-    let token = load_token(&TokenSources::from_process_env(common.api_token_file.clone()))?;
+    let token = load_token(&TokenSources::from_process_env(
+        common.api_token_file.clone(),
+    ))?;
     match check_bind_policy(addr, token.as_ref())? {
         BindMode::OpenLoopback => tracing::warn!(
             %addr,
@@ -134,7 +136,8 @@ impl Daemon {
         tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
         let server = axum::serve(
             self.listener,
-            self.router.into_make_service_with_connect_info::<SocketAddr>(),
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
         let shutdown = self.shutdown.clone();
@@ -157,8 +160,13 @@ impl Daemon {
 
 async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon");
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon"
+        );
         return;
     };
     tokio::select! {
@@ -186,7 +194,10 @@ where
 {
     let config = C::parse();
     crate::telemetry::init_tracing(config.common().log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: error: cannot start the async runtime: {e}");
@@ -257,10 +268,21 @@ impl Bootstrap {
         S: Clone + Send + Sync + 'static,
         crate::CoreState: axum::extract::FromRef<S>,
     {
-        let core = crate::CoreState::new(self.registry, self.shutdown.clone(), env!("CARGO_PKG_VERSION"));
+        let core = crate::CoreState::new(
+            self.registry,
+            self.shutdown.clone(),
+            env!("CARGO_PKG_VERSION"),
+        );
         let router = routes
             .merge(crate::core_routes())
             .with_state(make_state(core));
-        Daemon::bind(self.name, self.addr, self.stack.apply(router), self.shutdown, self.drain).await
+        Daemon::bind(
+            self.name,
+            self.addr,
+            self.stack.apply(router),
+            self.shutdown,
+            self.drain,
+        )
+        .await
     }
 }

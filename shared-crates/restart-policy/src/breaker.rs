@@ -237,7 +237,10 @@ mod tests {
             // One failure every 76 s: never 5 within 300 s.
             assert_eq!(b.record_failure(t0 + Duration::from_secs(i * 76)), None);
         }
-        assert_eq!(b.status(t0 + Duration::from_secs(800)), BreakerStatus::Closed);
+        assert_eq!(
+            b.status(t0 + Duration::from_secs(800)),
+            BreakerStatus::Closed
+        );
     }
 
     #[test]
@@ -268,7 +271,10 @@ mod tests {
         assert_eq!(b.try_acquire(t1), Ok(Permit::Probe));
         assert_eq!(b.record_failure(t1), Some(BreakerTransition::Opened));
         assert_eq!(b.status(t1 + Duration::from_secs(59)), BreakerStatus::Open);
-        assert_eq!(b.status(t1 + Duration::from_secs(60)), BreakerStatus::HalfOpen);
+        assert_eq!(
+            b.status(t1 + Duration::from_secs(60)),
+            BreakerStatus::HalfOpen
+        );
     }
 
     #[test]
@@ -277,7 +283,10 @@ mod tests {
             failure_threshold: 0,
             ..Default::default()
         };
-        assert_eq!(CircuitBreaker::try_new(zero).unwrap_err(), ConfigError::ZeroThreshold);
+        assert_eq!(
+            CircuitBreaker::try_new(zero).unwrap_err(),
+            ConfigError::ZeroThreshold
+        );
         let no_window = BreakerConfig {
             window: Duration::ZERO,
             ..Default::default()

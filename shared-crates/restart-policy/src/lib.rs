@@ -24,6 +24,6 @@ pub use breaker::{
     BreakerConfig, BreakerStatus, BreakerTransition, CircuitBreaker, Permit, SpawnRefused,
 };
 pub use policy::{
-    ConfigError, Decision, ExitKind, ExitOutcome, PolicyKind, Reason, RestartConfig,
-    RestartPolicy, RestartState,
+    ConfigError, Decision, ExitKind, ExitOutcome, PolicyKind, Reason, RestartConfig, RestartPolicy,
+    RestartState,
 };

@@ -314,7 +314,13 @@ mod tests {
         let mut delays = Vec::new();
         for i in 0..3 {
             state.record_start(t0 + Duration::from_secs(i));
-            let out = p.on_exit(&mut state, &mut b, ExitKind::Failure, t0 + Duration::from_secs(i + 1), &mut rng);
+            let out = p.on_exit(
+                &mut state,
+                &mut b,
+                ExitKind::Failure,
+                t0 + Duration::from_secs(i + 1),
+                &mut rng,
+            );
             match out.decision {
                 Decision::Restart { delay, attempt } => {
                     assert_eq!(attempt as u64, i + 1);
@@ -324,7 +330,13 @@ mod tests {
             }
         }
         assert_eq!(delays, [1, 2, 4].map(Duration::from_secs));
-        let out = p.on_exit(&mut state, &mut b, ExitKind::Failure, t0 + Duration::from_secs(10), &mut rng);
+        let out = p.on_exit(
+            &mut state,
+            &mut b,
+            ExitKind::Failure,
+            t0 + Duration::from_secs(10),
+            &mut rng,
+        );
         assert_eq!(out.decision.reason(), Reason::MaxAttempts);
     }
 
@@ -340,7 +352,13 @@ mod tests {
     #[test]
     fn never_policy_never_restarts() {
         let p = policy(PolicyKind::Never);
-        let out = p.on_exit(&mut RestartState::new(), &mut breaker(), ExitKind::Failure, Instant::now(), &mut StdRng::seed_from_u64(0));
+        let out = p.on_exit(
+            &mut RestartState::new(),
+            &mut breaker(),
+            ExitKind::Failure,
+            Instant::now(),
+            &mut StdRng::seed_from_u64(0),
+        );
         assert_eq!(out.decision.reason(), Reason::PolicyNever);
         assert_eq!(Reason::PolicyNever.as_str(), "policy_never");
     }
@@ -348,9 +366,21 @@ mod tests {
     #[test]
     fn on_failure_ignores_clean_exits_but_always_restarts_them() {
         let mut rng = StdRng::seed_from_u64(0);
-        let out = policy(PolicyKind::OnFailure).on_exit(&mut RestartState::new(), &mut breaker(), ExitKind::Success, Instant::now(), &mut rng);
+        let out = policy(PolicyKind::OnFailure).on_exit(
+            &mut RestartState::new(),
+            &mut breaker(),
+            ExitKind::Success,
+            Instant::now(),
+            &mut rng,
+        );
         assert_eq!(out.decision.reason(), Reason::CleanExit);
-        let out = policy(PolicyKind::Always).on_exit(&mut RestartState::new(), &mut breaker(), ExitKind::Success, Instant::now(), &mut rng);
+        let out = policy(PolicyKind::Always).on_exit(
+            &mut RestartState::new(),
+            &mut breaker(),
+            ExitKind::Success,
+            Instant::now(),
+            &mut rng,
+        );
         assert_eq!(out.decision.reason(), Reason::Backoff);
     }
 
@@ -361,7 +391,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let t0 = Instant::now();
         for _ in 0..10 {
-            let out = p.on_exit(&mut RestartState::new(), &mut b, ExitKind::Success, t0, &mut rng);
+            let out = p.on_exit(
+                &mut RestartState::new(),
+                &mut b,
+                ExitKind::Success,
+                t0,
+                &mut rng,
+            );
             assert_eq!(out.breaker, None);
         }
         assert_eq!(b.recent_failures(t0), 0);
@@ -376,13 +412,22 @@ mod tests {
         // Five different workers of the same pair fail once each.
         let mut last = None;
         for _ in 0..5 {
-            last = Some(p.on_exit(&mut RestartState::new(), &mut b, ExitKind::Failure, t0, &mut rng));
+            last = Some(p.on_exit(
+                &mut RestartState::new(),
+                &mut b,
+                ExitKind::Failure,
+                t0,
+                &mut rng,
+            ));
         }
         let last = last.unwrap();
         assert_eq!(last.breaker, Some(BreakerTransition::Opened));
         assert_eq!(
             last.decision,
-            Decision::Stop { reason: Reason::CircuitOpen, retry_after: Some(Duration::from_secs(60)) }
+            Decision::Stop {
+                reason: Reason::CircuitOpen,
+                retry_after: Some(Duration::from_secs(60))
+            }
         );
     }
 
@@ -390,7 +435,11 @@ mod tests {
     fn stable_uptime_resets_the_attempt_count() {
         let p = no_jitter();
         let mut state = RestartState::new();
-        let mut b = CircuitBreaker::try_new(BreakerConfig { failure_threshold: 100, ..Default::default() }).unwrap();
+        let mut b = CircuitBreaker::try_new(BreakerConfig {
+            failure_threshold: 100,
+            ..Default::default()
+        })
+        .unwrap();
         let mut rng = StdRng::seed_from_u64(0);
         let mut now = Instant::now();
         for _ in 0..3 {
@@ -403,26 +452,66 @@ mod tests {
         state.record_start(now);
         now += Duration::from_secs(300);
         let out = p.on_exit(&mut state, &mut b, ExitKind::Failure, now, &mut rng);
-        assert_eq!(out.decision, Decision::Restart { delay: Duration::from_secs(1), attempt: 1 });
+        assert_eq!(
+            out.decision,
+            Decision::Restart {
+                delay: Duration::from_secs(1),
+                attempt: 1
+            }
+        );
     }
 
     #[test]
     fn invalid_settings_are_rejected_with_typed_errors() {
         let bad = |c: RestartConfig| RestartPolicy::try_new(c).unwrap_err();
         let d = RestartConfig::default();
-        assert_eq!(bad(RestartConfig { backoff_base: Duration::ZERO, ..d }), ConfigError::ZeroDuration("backoff base"));
-        assert_eq!(bad(RestartConfig { backoff_cap: Duration::from_millis(10), ..d }), ConfigError::CapBelowBase);
-        assert_eq!(bad(RestartConfig { jitter: 1.0, ..d }), ConfigError::JitterOutOfRange);
-        assert_eq!(bad(RestartConfig { jitter: -0.1, ..d }), ConfigError::JitterOutOfRange);
-        assert_eq!(bad(RestartConfig { jitter: f64::NAN, ..d }), ConfigError::JitterOutOfRange);
-        assert_eq!(bad(RestartConfig { stable_uptime: Duration::ZERO, ..d }), ConfigError::ZeroDuration("stable uptime"));
+        assert_eq!(
+            bad(RestartConfig {
+                backoff_base: Duration::ZERO,
+                ..d
+            }),
+            ConfigError::ZeroDuration("backoff base")
+        );
+        assert_eq!(
+            bad(RestartConfig {
+                backoff_cap: Duration::from_millis(10),
+                ..d
+            }),
+            ConfigError::CapBelowBase
+        );
+        assert_eq!(
+            bad(RestartConfig { jitter: 1.0, ..d }),
+            ConfigError::JitterOutOfRange
+        );
+        assert_eq!(
+            bad(RestartConfig { jitter: -0.1, ..d }),
+            ConfigError::JitterOutOfRange
+        );
+        assert_eq!(
+            bad(RestartConfig {
+                jitter: f64::NAN,
+                ..d
+            }),
+            ConfigError::JitterOutOfRange
+        );
+        assert_eq!(
+            bad(RestartConfig {
+                stable_uptime: Duration::ZERO,
+                ..d
+            }),
+            ConfigError::ZeroDuration("stable uptime")
+        );
     }
 
     #[test]
     fn same_seed_same_delays() {
         let p = RestartPolicy::try_new(RestartConfig::default()).unwrap();
-        let a: Vec<_> = (0..5).map(|i| p.backoff(i, &mut StdRng::seed_from_u64(42))).collect();
-        let b: Vec<_> = (0..5).map(|i| p.backoff(i, &mut StdRng::seed_from_u64(42))).collect();
+        let a: Vec<_> = (0..5)
+            .map(|i| p.backoff(i, &mut StdRng::seed_from_u64(42)))
+            .collect();
+        let b: Vec<_> = (0..5)
+            .map(|i| p.backoff(i, &mut StdRng::seed_from_u64(42)))
+            .collect();
         assert_eq!(a, b);
     }
 
