@@ -17,7 +17,7 @@ use auth_min::{ApiToken, AuthLayer, AuthMetrics, Authenticator};
 use axum::body::Body;
 use axum::routing::get;
 use axum::Router;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use deadline_propagation::{Deadline, DeadlineLayer};
 use http::{HeaderMap, HeaderValue, Request};
 use prometheus_client::registry::Registry;
@@ -103,5 +103,8 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    bench(&mut criterion);
+    criterion.final_summary();
+}
