@@ -12,6 +12,10 @@ use crate::bearer::{parse_bearer, BearerError};
 use crate::fingerprint::Fingerprint;
 use crate::token::ApiToken;
 
+/// How long the previous token stays valid after a rotation, unless the
+/// caller chooses otherwise.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(60);
+
 /// Checks presented credentials against the accepted token set.
 ///
 /// Tokens are compared as SHA-256 digests with [`subtle`], so the time taken
