@@ -132,7 +132,10 @@ impl Daemon {
     /// Serve until SIGTERM/SIGINT or the shutdown token; then stop accepting,
     /// let in-flight requests finish for at most the drain bound, and return.
     pub async fn run(self) -> Result<(), StartupError> {
-        tokio::spawn(cancel_on_signal(self.shutdown.clone()));
+        // Register the handlers before announcing the address: a SIGTERM that
+        // arrives right after the listening line must drain, not kill.
+        let signals = SignalHandlers::install();
+        tokio::spawn(signals.cancel_on_signal(self.shutdown.clone()));
         tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
         let server = axum::serve(
             self.listener,
@@ -158,23 +161,38 @@ impl Daemon {
     }
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!(
-            "cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon"
-        );
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-        _ = int.recv() => tracing::info!("SIGINT received; draining"),
-        () = shutdown.cancelled() => return,
+struct SignalHandlers {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl SignalHandlers {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        if term.is_err() || int.is_err() {
+            tracing::error!(
+                "cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon gracefully"
+            );
+        }
+        Self {
+            term: term.ok(),
+            int: int.ok(),
+        }
     }
-    shutdown.cancel();
+
+    async fn cancel_on_signal(self, shutdown: CancellationToken) {
+        let (Some(mut term), Some(mut int)) = (self.term, self.int) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+            _ = int.recv() => tracing::info!("SIGINT received; draining"),
+            () = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+    }
 }
 
 /// A daemon's configuration, as far as the shared startup needs it.
