@@ -1,6 +1,10 @@
 //! The tower layer that guards every route but the public probes.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use axum::extract::ConnectInfo;
 
 use axum::response::{IntoResponse, Response};
 use futures_util::future::{Either, Ready};
@@ -64,11 +68,34 @@ impl AuthMetrics {
     }
 }
 
+/// What the layer decided about one request on a protected path.
+#[derive(Debug)]
+pub struct AuthDecision<'a> {
+    /// Fingerprint of the accepted token, or of the rejected one when it could be read.
+    pub fingerprint: Option<&'a Fingerprint>,
+    /// `None` when accepted; `missing` or `invalid` when refused.
+    pub failure_reason: Option<&'static str>,
+    /// Request method.
+    pub method: &'a http::Method,
+    /// Request path (never the query string).
+    pub path: &'a str,
+    /// The peer's address, when the server records it.
+    pub peer_ip: Option<IpAddr>,
+}
+
+/// Told about every authentication decision on a protected path (the
+/// audit trail). Not called for public paths or in open mode. Must not block.
+pub trait AuthObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// One decision.
+    fn observe(&self, decision: &AuthDecision<'_>);
+}
+
 /// Requires a valid bearer token on every path except [`PUBLIC_PATHS`].
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     authenticator: Authenticator,
     metrics: AuthMetrics,
+    observer: Option<Arc<dyn AuthObserver>>,
 }
 
 impl AuthLayer {
@@ -77,7 +104,14 @@ impl AuthLayer {
         Self {
             authenticator,
             metrics,
+            observer: None,
         }
+    }
+
+    /// Report every decision on a protected path to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn AuthObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 }
 
@@ -89,6 +123,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             authenticator: self.authenticator.clone(),
             metrics: self.metrics.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -99,6 +134,29 @@ pub struct AuthService<S> {
     inner: S,
     authenticator: Authenticator,
     metrics: AuthMetrics,
+    observer: Option<Arc<dyn AuthObserver>>,
+}
+
+impl<S> AuthService<S> {
+    fn tell<B>(
+        &self,
+        request: &Request<B>,
+        fingerprint: Option<&Fingerprint>,
+        failure_reason: Option<&'static str>,
+    ) {
+        if let Some(observer) = &self.observer {
+            observer.observe(&AuthDecision {
+                fingerprint,
+                failure_reason,
+                method: request.method(),
+                path: request.uri().path(),
+                peer_ip: request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|info| info.0.ip()),
+            });
+        }
+    }
 }
 
 impl<S, B> Service<Request<B>> for AuthService<S>
@@ -127,6 +185,7 @@ where
             Ok(fingerprint) => {
                 if let Some(fp) = &fingerprint {
                     tracing::debug!(token_fp = %fp, "authenticated");
+                    self.tell(&request, Some(fp), None);
                 }
                 request
                     .extensions_mut()
@@ -140,6 +199,11 @@ where
                         reason: failure.metric_reason(),
                     })
                     .inc();
+                self.tell(
+                    &request,
+                    failure.fingerprint(),
+                    Some(failure.metric_reason()),
+                );
                 let fp = failure.fingerprint().map(ToString::to_string);
                 tracing::warn!(
                     reason = failure.metric_reason(),

@@ -26,5 +26,7 @@ pub use bearer::{parse_bearer, BearerError, MAX_AUTHORIZATION_BYTES};
 pub use bind::{check_bind_policy, BindMode, BindPolicyError};
 pub use client::WithBearer;
 pub use fingerprint::{token_fp6, Fingerprint};
-pub use layer::{AuthLayer, AuthMetrics, AuthService, Authenticated, PUBLIC_PATHS};
+pub use layer::{
+    AuthDecision, AuthLayer, AuthMetrics, AuthObserver, AuthService, Authenticated, PUBLIC_PATHS,
+};
 pub use token::{load_token, ApiToken, TokenError, TokenSources, MIN_TOKEN_CHARS};

@@ -11,3 +11,6 @@ pub mod inference;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};
+pub mod outcome;
+
+pub use outcome::Outcome;

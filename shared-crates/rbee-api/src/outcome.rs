@@ -1,0 +1,62 @@
+//! How a request ended: the closed set used as the `outcome` metric label and
+//! in audit records.
+
+use serde::{Deserialize, Serialize};
+
+/// Outcome of an inference request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Answered.
+    Ok,
+    /// Refused for a bad request.
+    ClientError,
+    /// The deadline passed.
+    DeadlineExceeded,
+    /// The client disconnected or cancelled.
+    Cancelled,
+    /// Every slot was busy.
+    Busy,
+    /// The admission queue was full.
+    QueueFull,
+    /// No hive could serve the model.
+    NoCapacity,
+    /// The worker failed while serving.
+    WorkerFailed,
+    /// Any other failure.
+    Error,
+}
+
+impl Outcome {
+    /// The label string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Cancelled => "cancelled",
+            Self::Busy => "busy",
+            Self::QueueFull => "queue_full",
+            Self::NoCapacity => "no_capacity",
+            Self::WorkerFailed => "worker_failed",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_matches_serde() {
+        for o in [
+            Outcome::Ok,
+            Outcome::DeadlineExceeded,
+            Outcome::NoCapacity,
+            Outcome::WorkerFailed,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
+    }
+}
