@@ -253,3 +253,22 @@ impl Drop for RunningDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// `token:<first 6 hex of sha256>`, computed with the system's `sha256sum`,
+/// independently of the project's own code.
+pub fn token_fingerprint(token: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(token.as_bytes())
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    format!("token:{}", &String::from_utf8_lossy(&out.stdout)[..6])
+}

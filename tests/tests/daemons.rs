@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rbee_system_tests::{DaemonSpec, RunningDaemon, DAEMONS, TEST_TOKEN};
+use rbee_system_tests::{token_fingerprint, DaemonSpec, RunningDaemon, DAEMONS, TEST_TOKEN};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -246,33 +246,11 @@ fn no_log_line_contains_the_raw_token() {
             logs.contains("authentication failed"),
             "{name} logged no auth failure:\n{logs}"
         );
-        let fp = auth_fingerprint(TEST_TOKEN);
-        assert!(
-            logs.contains(&format!("token:{fp}")),
-            "{name} logs lack the token fingerprint"
-        );
+        let fp = token_fingerprint(TEST_TOKEN);
+        assert!(logs.contains(&fp), "{name} logs lack the token fingerprint");
         assert!(!logs.contains(TEST_TOKEN), "{name} logged the raw token");
         assert!(!logs.contains(wrong), "{name} logged a presented token");
     }
-}
-
-fn auth_fingerprint(token: &str) -> String {
-    // Independent of auth-min: sha256 via the system's coreutils.
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(token.as_bytes())?;
-            child.wait_with_output()
-        })
-        .expect("run sha256sum");
-    String::from_utf8_lossy(&out.stdout)[..6].to_owned()
 }
 
 #[test]

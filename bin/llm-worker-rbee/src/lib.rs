@@ -8,9 +8,10 @@
 
 use std::net::SocketAddr;
 
+use audit_logging::ConfigSetting;
 use axum::extract::FromRef;
 use axum::Router;
-use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupError};
+use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
 /// `llm-worker-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -24,9 +25,25 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_ADDR", default_value = "127.0.0.1:8001")]
     pub addr: SocketAddr,
 
+    /// The id the hive gave this worker (1 to 64 of `A-Z a-z 0-9 . _ : -`);
+    /// names its audit directory `llm-worker-rbee-<id>`.
+    #[arg(long, env = "RBEE_WORKER_ID", default_value = "standalone", value_parser = parse_worker_id)]
+    pub worker_id: String,
+
     #[command(flatten)]
     #[allow(missing_docs)]
     pub common: CommonArgs,
+}
+
+fn parse_worker_id(value: &str) -> Result<String, String> {
+    if rbee_api::inference::is_valid_id(value, 64) && !value.starts_with('.') {
+        Ok(value.to_owned())
+    } else {
+        Err(
+            "expected 1 to 64 characters of A-Z a-z 0-9 . _ : -, not starting with a dot"
+                .to_owned(),
+        )
+    }
 }
 
 impl DaemonConfig for Config {
@@ -65,11 +82,15 @@ impl App {
     /// Check the token and bind policy, then bind `config.addr`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let boot = Bootstrap::new(
-            "llm-worker-rbee",
+            Identity {
+                name: "llm-worker-rbee",
+                service_id: format!("llm-worker-rbee-{}", config.worker_id),
+                metric_prefix: "rbee_worker_http",
+                backend: "cpu",
+            },
             config.addr,
             &config.common,
-            "rbee_worker_http",
-            "cpu",
+            vec![ConfigSetting::new("worker_id", &config.worker_id)],
         )?;
         let daemon = boot.bind(router(), |core| AppState { core }).await?;
         Ok(Self { daemon })

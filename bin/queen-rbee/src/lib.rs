@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use axum::extract::FromRef;
 use axum::Router;
-use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupError};
+use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
 /// `queen-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -64,11 +64,15 @@ impl App {
     /// Check the token and bind policy, then bind `config.addr`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let boot = Bootstrap::new(
-            "queen-rbee",
+            Identity {
+                name: "queen-rbee",
+                service_id: "queen-rbee".to_owned(),
+                metric_prefix: "rbee_queen_http",
+                backend: "none",
+            },
             config.addr,
             &config.common,
-            "rbee_queen_http",
-            "none",
+            Vec::new(),
         )?;
         let daemon = boot.bind(router(), |core| AppState { core }).await?;
         Ok(Self { daemon })

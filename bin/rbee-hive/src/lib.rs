@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use axum::extract::FromRef;
 use axum::Router;
-use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, StartupError};
+use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
 /// `rbee-hive`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -65,7 +65,17 @@ pub struct App {
 impl App {
     /// Check the token and bind policy, then bind `config.addr`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let boot = Bootstrap::new("rbee-hive", config.addr, &config.common, "rbee_hive", "cpu")?;
+        let boot = Bootstrap::new(
+            Identity {
+                name: "rbee-hive",
+                service_id: "rbee-hive".to_owned(),
+                metric_prefix: "rbee_hive",
+                backend: "cpu",
+            },
+            config.addr,
+            &config.common,
+            Vec::new(),
+        )?;
         let daemon = boot.bind(router(), |core| AppState { core }).await?;
         Ok(Self { daemon })
     }

@@ -360,7 +360,7 @@ impl TrailWriter {
         }
         self.last_disk_check = Some(Instant::now());
         let free = match nix::sys::statvfs::statvfs(&self.dir) {
-            Ok(s) => u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())),
+            Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read free disk space for the audit directory");
                 return self.disk_refusing;

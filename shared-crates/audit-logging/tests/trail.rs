@@ -23,7 +23,7 @@ fn config(root: &Path) -> AuditConfig {
 }
 
 fn write(config: &AuditConfig, range: std::ops::Range<u64>) {
-    let logger = AuditLogger::open(config).unwrap();
+    let logger = AuditLogger::open(config).expect("open the audit trail");
     let sink = logger.sink();
     for i in range {
         sink.emit(Some(&format!("req-{i}")), event(i));
@@ -42,7 +42,7 @@ fn service_dir(root: &Path) -> PathBuf {
 
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
-        .unwrap()
+        .expect("read the audit file")
         .lines()
         .map(str::to_owned)
         .collect()
@@ -53,7 +53,7 @@ fn rewrite(path: &Path, lines: &[String]) {
         path,
         lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
     )
-    .unwrap();
+    .expect("rewrite the audit file");
 }
 
 #[test]
@@ -74,13 +74,15 @@ fn a_chain_of_1000_records_verifies() {
 }
 
 fn tampered(edit: impl FnOnce(&mut Vec<String>)) -> audit_logging::VerifyFailure {
-    let root = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().expect("create a temp dir");
     write(&config(root.path()), 0..1000);
-    let file = trail_files(&service_dir(root.path())).unwrap().remove(0);
+    let file = trail_files(&service_dir(root.path()))
+        .expect("list the trail files")
+        .remove(0);
     let mut lines = lines_of(&file);
     edit(&mut lines);
     rewrite(&file, &lines);
-    verify_dir(&service_dir(root.path())).unwrap_err()
+    verify_dir(&service_dir(root.path())).expect_err("verification must fail")
 }
 
 #[test]
@@ -401,5 +403,8 @@ fn the_independent_python_verifier_in_the_docs_agrees() {
 }
 
 fn audit_logging_file_name(path: &Path) -> String {
-    path.file_name().unwrap().to_string_lossy().into_owned()
+    path.file_name()
+        .expect("file has a name")
+        .to_string_lossy()
+        .into_owned()
 }

@@ -62,7 +62,34 @@ pub enum AuthFailure {
     },
 }
 
+/// The two kinds of failure operators tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailureKind {
+    /// No credential was sent.
+    Missing,
+    /// A credential was sent but is malformed or not accepted.
+    Invalid,
+}
+
+impl AuthFailureKind {
+    /// `missing` or `invalid`: the label of `rbee_auth_failures_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
 impl AuthFailure {
+    /// Missing or invalid.
+    pub fn kind(&self) -> AuthFailureKind {
+        match self {
+            Self::Malformed(BearerError::Missing) => AuthFailureKind::Missing,
+            _ => AuthFailureKind::Invalid,
+        }
+    }
+
     /// `MISSING_API_KEY` when nothing was presented, else `INVALID_API_KEY`.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -73,10 +100,7 @@ impl AuthFailure {
 
     /// `missing` or `invalid`: the label of `rbee_auth_failures_total`.
     pub fn metric_reason(&self) -> &'static str {
-        match self {
-            Self::Malformed(e) => e.metric_reason(),
-            Self::Rejected { .. } => "invalid",
-        }
+        self.kind().as_str()
     }
 
     /// Fingerprint of the presented token, when one could be read.

@@ -25,16 +25,6 @@ pub enum BearerError {
     BadCharacters,
 }
 
-impl BearerError {
-    /// `missing` or `invalid`: the label of `rbee_auth_failures_total`.
-    pub fn metric_reason(self) -> &'static str {
-        match self {
-            Self::Missing => "missing",
-            _ => "invalid",
-        }
-    }
-}
-
 /// Read the token out of an `Authorization` header value.
 ///
 /// The scheme must be exactly `Bearer` followed by at least one space; the
@@ -121,8 +111,6 @@ mod tests {
     #[test]
     fn missing_header_is_its_own_error() {
         assert_eq!(parse_bearer(None), Err(BearerError::Missing));
-        assert_eq!(BearerError::Missing.metric_reason(), "missing");
-        assert_eq!(BearerError::Empty.metric_reason(), "invalid");
     }
 
     proptest! {

@@ -73,14 +73,16 @@ impl AuthMetrics {
 pub struct AuthDecision<'a> {
     /// Fingerprint of the accepted token, or of the rejected one when it could be read.
     pub fingerprint: Option<&'a Fingerprint>,
-    /// `None` when accepted; `missing` or `invalid` when refused.
-    pub failure_reason: Option<&'static str>,
+    /// `None` when accepted, else why it was refused.
+    pub failure: Option<crate::AuthFailureKind>,
     /// Request method.
     pub method: &'a http::Method,
     /// Request path (never the query string).
     pub path: &'a str,
     /// The peer's address, when the server records it.
     pub peer_ip: Option<IpAddr>,
+    /// The request's `X-Request-Id`, when it has one.
+    pub request_id: Option<&'a str>,
 }
 
 /// Told about every authentication decision on a protected path (the
@@ -142,18 +144,22 @@ impl<S> AuthService<S> {
         &self,
         request: &Request<B>,
         fingerprint: Option<&Fingerprint>,
-        failure_reason: Option<&'static str>,
+        failure: Option<crate::AuthFailureKind>,
     ) {
         if let Some(observer) = &self.observer {
             observer.observe(&AuthDecision {
                 fingerprint,
-                failure_reason,
+                failure,
                 method: request.method(),
                 path: request.uri().path(),
                 peer_ip: request
                     .extensions()
                     .get::<ConnectInfo<SocketAddr>>()
                     .map(|info| info.0.ip()),
+                request_id: request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok()),
             });
         }
     }
@@ -199,11 +205,7 @@ where
                         reason: failure.metric_reason(),
                     })
                     .inc();
-                self.tell(
-                    &request,
-                    failure.fingerprint(),
-                    Some(failure.metric_reason()),
-                );
+                self.tell(&request, failure.fingerprint(), Some(failure.kind()));
                 let fp = failure.fingerprint().map(ToString::to_string);
                 tracing::warn!(
                     reason = failure.metric_reason(),

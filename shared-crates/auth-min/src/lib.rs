@@ -21,7 +21,7 @@ mod fingerprint;
 mod layer;
 mod token;
 
-pub use authenticator::{AuthFailure, Authenticator, DEFAULT_ROTATION_GRACE};
+pub use authenticator::{AuthFailure, AuthFailureKind, Authenticator, DEFAULT_ROTATION_GRACE};
 pub use bearer::{parse_bearer, BearerError, MAX_AUTHORIZATION_BYTES};
 pub use bind::{check_bind_policy, BindMode, BindPolicyError};
 pub use client::WithBearer;

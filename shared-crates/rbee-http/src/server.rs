@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use audit_logging::{AuditConfig, AuditEvent, AuditLogger, AuditSink, ConfigSetting};
 use auth_min::{check_bind_policy, load_token, ApiToken, Authenticator, BindMode, TokenSources};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -54,6 +55,9 @@ pub enum StartupError {
     /// The server failed while serving.
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    /// The audit trail could not be opened.
+    #[error(transparent)]
+    Audit(#[from] audit_logging::AuditError),
 }
 
 /// The result of the token and bind-policy checks.
@@ -97,6 +101,7 @@ pub struct Daemon {
     router: Router,
     shutdown: CancellationToken,
     drain: Duration,
+    audit: Option<AuditLogger>,
 }
 
 impl Daemon {
@@ -121,6 +126,7 @@ impl Daemon {
             router,
             shutdown,
             drain,
+            audit: None,
         })
     }
 
@@ -145,7 +151,7 @@ impl Daemon {
         .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
         let shutdown = self.shutdown.clone();
         let drain = self.drain;
-        tokio::select! {
+        let result = tokio::select! {
             result = server => {
                 tracing::info!("{} stopped", self.name);
                 result.map_err(StartupError::Serve)
@@ -157,7 +163,12 @@ impl Daemon {
                 tracing::warn!(drain_s = drain.as_secs(), "drain bound reached; closing remaining connections");
                 Ok(())
             }
+        };
+        if let Some(audit) = self.audit {
+            // Write and fsync every queued record before the process exits.
+            let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
         }
+        result
     }
 }
 
@@ -231,14 +242,30 @@ where
     }
 }
 
-/// Everything a daemon needs before it adds its own routes: the checked
-/// token, a metrics registry with the shared metrics in it, the shutdown
-/// token and the layer stack.
+/// Who a daemon is, for logs, metrics and the audit trail.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Binary name, e.g. `rbee-hive`.
+    pub name: &'static str,
+    /// Audit service id: `queen-rbee`, `rbee-hive`, `llm-worker-rbee-<worker_id>`.
+    pub service_id: String,
+    /// Prefix of the HTTP metrics (`rbee_hive` gives `rbee_hive_requests_total`).
+    pub metric_prefix: &'static str,
+    /// The `backend` label of `rbee_build_info`.
+    pub backend: &'static str,
+}
+
+/// Everything a daemon needs before it adds its own routes: the audit
+/// trail, the checked token, a metrics registry with the shared metrics in
+/// it, the shutdown token and the layer stack.
 #[derive(Debug)]
 pub struct Bootstrap {
     name: &'static str,
     addr: SocketAddr,
     drain: Duration,
+    audit_logger: AuditLogger,
+    /// Emits audit events (a no-op when audit is disabled).
+    pub audit: AuditSink,
     /// The token for outgoing calls.
     pub token: Option<ApiToken>,
     /// Register the daemon's own metrics here before [`bind`](Self::bind).
@@ -250,23 +277,65 @@ pub struct Bootstrap {
 }
 
 impl Bootstrap {
-    /// Check the token and bind policy for `addr`, register `rbee_build_info`
-    /// (with `backend`) and the stack's metrics under `metric_prefix`.
+    /// Open the audit trail (`LLORCH_AUDIT_*`), check the token and bind
+    /// policy for `addr`, and register the shared metrics. The configuration
+    /// is audited: `config_loaded` with the common settings plus `settings`,
+    /// or `config_invalid` with the reason before the error is returned.
     pub fn new(
-        name: &'static str,
+        identity: Identity,
         addr: SocketAddr,
         common: &CommonArgs,
-        metric_prefix: &str,
-        backend: &str,
+        settings: Vec<ConfigSetting>,
     ) -> Result<Self, StartupError> {
-        let auth = resolve_auth(addr, common)?;
+        let audit_config = AuditConfig::from_env(identity.service_id.clone())?;
+        let audit_logger = AuditLogger::open(&audit_config)?;
+        let audit = audit_logger.sink();
+        let auth = match resolve_auth(addr, common) {
+            Ok(auth) => auth,
+            Err(e) => {
+                audit.emit(
+                    None,
+                    AuditEvent::ConfigInvalid {
+                        errors: vec![e.to_string()],
+                    },
+                );
+                audit_logger.shutdown();
+                return Err(e);
+            }
+        };
+        let mut all = vec![
+            ConfigSetting::new("addr", addr),
+            ConfigSetting::secret("api_token", auth.token.as_ref().map(ApiToken::fingerprint)),
+            ConfigSetting::new(
+                "log_format",
+                format!("{:?}", common.log_format).to_lowercase(),
+            ),
+            ConfigSetting::new("shutdown_timeout_s", common.shutdown_timeout_s),
+            ConfigSetting::new("audit_flush", format!("{:?}", audit_config.flush)),
+        ];
+        all.extend(settings);
+        audit.emit(None, AuditEvent::ConfigLoaded { settings: all });
+
         let mut registry = prometheus_client::registry::Registry::default();
-        crate::metrics::register_build_info(&mut registry, env!("CARGO_PKG_VERSION"), backend);
-        let stack = crate::HttpStack::new(&mut registry, metric_prefix, auth.authenticator);
+        crate::metrics::register_build_info(
+            &mut registry,
+            env!("CARGO_PKG_VERSION"),
+            identity.backend,
+        );
+        audit.register_metrics(&mut registry);
+        let mut stack =
+            crate::HttpStack::new(&mut registry, identity.metric_prefix, auth.authenticator);
+        if audit.is_enabled() {
+            stack = stack.with_auth_observer(std::sync::Arc::new(
+                crate::audit::AuditAuthObserver::new(audit.clone()),
+            ));
+        }
         Ok(Self {
-            name,
+            name: identity.name,
             addr,
             drain: Duration::from_secs(common.shutdown_timeout_s),
+            audit_logger,
+            audit,
             token: auth.token,
             registry,
             shutdown: CancellationToken::new(),
@@ -294,13 +363,15 @@ impl Bootstrap {
         let router = routes
             .merge(crate::core_routes())
             .with_state(make_state(core));
-        Daemon::bind(
+        let mut daemon = Daemon::bind(
             self.name,
             self.addr,
             self.stack.apply(router),
             self.shutdown,
             self.drain,
         )
-        .await
+        .await?;
+        daemon.audit = Some(self.audit_logger);
+        Ok(daemon)
     }
 }

@@ -36,6 +36,15 @@ impl HttpStack {
         }
     }
 
+    /// Report every authentication decision to `observer` (the audit trail).
+    pub fn with_auth_observer(
+        mut self,
+        observer: std::sync::Arc<dyn auth_min::AuthObserver>,
+    ) -> Self {
+        self.auth = self.auth.with_observer(observer);
+        self
+    }
+
     /// Change the body limit (default [`DEFAULT_BODY_LIMIT`]).
     pub fn with_body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
