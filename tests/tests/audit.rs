@@ -89,6 +89,19 @@ fn every_daemon_audits_config_and_auth_decisions_in_a_verifiable_chain() {
             "{name}: {said}"
         );
 
+        let tail = std::process::Command::new(binary("rbee-audit"))
+            .args(["tail", "-n", "2"])
+            .arg(&dir)
+            .output()
+            .expect("run rbee-audit tail");
+        assert!(tail.status.success());
+        let shown = String::from_utf8_lossy(&tail.stdout);
+        assert_eq!(shown.matches("\"audit_id\"").count(), 2, "{shown}");
+        assert!(
+            shown.contains("\"audit_id\": 5"),
+            "pretty-printed, newest last: {shown}"
+        );
+
         let trail = records(&dir);
         let kinds: Vec<&str> = trail
             .iter()

@@ -408,3 +408,30 @@ fn audit_logging_file_name(path: &Path) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+#[test]
+fn a_new_day_starts_a_new_file_chained_from_the_last_one() {
+    let root = tempfile::tempdir().expect("create a temp dir");
+    let config = config(root.path());
+    write(&config, 0..3);
+    let dir = service_dir(root.path());
+    // Back-date the file as if it had been written yesterday.
+    let today = trail_files(&dir).expect("list the trail files").remove(0);
+    let name = today
+        .file_name()
+        .expect("file has a name")
+        .to_string_lossy()
+        .into_owned();
+    let yesterday = dir.join(format!(
+        "{}-20000101.jsonl",
+        &name[..name.len() - "-yyyymmdd.jsonl".len()]
+    ));
+    std::fs::rename(&today, &yesterday).expect("rename");
+    write(&config, 3..5);
+    let files = trail_files(&dir).expect("list the trail files");
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files[0], yesterday);
+    assert_eq!(lines_of(&files[1]).len(), 2);
+    let report = verify_dir(&dir).expect("chain verifies across the day boundary");
+    assert_eq!(report.records, 5);
+}
