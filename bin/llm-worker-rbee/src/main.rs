@@ -1,10 +1,10 @@
-//! `llm-worker-rbee` entry point: flags, logging, then [`llm_worker_rbee::App`].
+//! `llm-worker-rbee` entry point: flags, logging, then [`llm_worker_rbee::build`].
 
 fn main() -> std::process::ExitCode {
     rbee_http::main_entry(
         "llm-worker-rbee",
         |config: llm_worker_rbee::Config| async move {
-            llm_worker_rbee::App::build(config).await?.run().await
+            llm_worker_rbee::build(config).await?.run().await
         },
     )
 }

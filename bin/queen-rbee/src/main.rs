@@ -1,7 +1,7 @@
-//! `queen-rbee` entry point: flags, logging, then [`queen_rbee::App`].
+//! `queen-rbee` entry point: flags, logging, then [`queen_rbee::build`].
 
 fn main() -> std::process::ExitCode {
     rbee_http::main_entry("queen-rbee", |config: queen_rbee::Config| async move {
-        queen_rbee::App::build(config).await?.run().await
+        queen_rbee::build(config).await?.run().await
     })
 }

@@ -56,37 +56,21 @@ pub fn router() -> Router<AppState> {
     Router::new()
 }
 
-/// A bound `rbee-hive`, ready to [`run`](Self::run).
-#[derive(Debug)]
-pub struct App {
-    daemon: Daemon,
-}
-
-impl App {
-    /// Check the token and bind policy, then bind `config.addr`.
-    pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let boot = Bootstrap::new(
-            Identity {
-                name: "rbee-hive",
-                service_id: "rbee-hive".to_owned(),
-                metric_prefix: "rbee_hive",
-                backend: "cpu",
-            },
-            config.addr,
-            &config.common,
-            Vec::new(),
-        )?;
-        let daemon = boot.bind(router(), |core| AppState { core }).await?;
-        Ok(Self { daemon })
-    }
-
-    /// The address actually bound.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.daemon.local_addr()
-    }
-
-    /// Serve until SIGTERM/SIGINT or `POST /v1/admin/shutdown`, then drain.
-    pub async fn run(self) -> Result<(), StartupError> {
-        self.daemon.run().await
-    }
+/// Open the audit trail, check the token and bind policy, then bind
+/// `config.addr`. The returned daemon reports its bound address
+/// ([`Daemon::local_addr`]) and serves until SIGTERM/SIGINT or
+/// `POST /v1/admin/shutdown` ([`Daemon::run`]).
+pub async fn build(config: Config) -> Result<Daemon, StartupError> {
+    let boot = Bootstrap::new(
+        Identity {
+            name: "rbee-hive",
+            service_id: "rbee-hive".to_owned(),
+            metric_prefix: "rbee_hive",
+            backend: "cpu",
+        },
+        config.addr,
+        &config.common,
+        Vec::new(),
+    )?;
+    boot.bind(router(), |core| AppState { core }).await
 }

@@ -1,7 +1,7 @@
-//! `rbee-hive` entry point: flags, logging, then [`rbee_hive::App`].
+//! `rbee-hive` entry point: flags, logging, then [`rbee_hive::build`].
 
 fn main() -> std::process::ExitCode {
     rbee_http::main_entry("rbee-hive", |config: rbee_hive::Config| async move {
-        rbee_hive::App::build(config).await?.run().await
+        rbee_hive::build(config).await?.run().await
     })
 }
