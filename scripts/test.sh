@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The real default model, fetched once into the cache (tests use it).
+scripts/fetch-model.sh >/dev/null
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 

@@ -51,22 +51,42 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The default model (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into
+/// the cache by `scripts/fetch-model.sh`.
+pub fn default_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let out = Command::new("bash")
+                .arg(workspace_root().join("scripts/fetch-model.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run scripts/fetch-model.sh");
+            assert!(out.status.success(), "fetching the default model failed");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
 /// How a daemon is to be started.
 #[derive(Debug, Clone)]
 pub struct DaemonSpec {
     name: String,
     addr: String,
+    model: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
 
 impl DaemonSpec {
-    /// `name` on `127.0.0.1:0` with JSON logs, no token, `RUST_LOG=info`.
+    /// `name` on `127.0.0.1:0` with JSON logs, no token, `RUST_LOG=info`;
+    /// the worker serves the default model.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             addr: "127.0.0.1:0".to_owned(),
-            args: vec!["--log-format".into(), "json".into()],
+            model: (name == "llm-worker-rbee").then(|| default_model().display().to_string()),
+            args: vec!["--log-format".to_owned(), "json".to_owned()],
             env: vec![("RUST_LOG".into(), "info".into())],
         }
     }
@@ -74,6 +94,12 @@ impl DaemonSpec {
     /// Listen on `addr` instead of `127.0.0.1:0`.
     pub fn addr(mut self, addr: &str) -> Self {
         addr.clone_into(&mut self.addr);
+        self
+    }
+
+    /// Serve `path` instead of the default model (worker only).
+    pub fn model(mut self, path: &str) -> Self {
+        self.model = Some(path.to_owned());
         self
     }
 
@@ -96,9 +122,11 @@ impl DaemonSpec {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(binary(&self.name));
-        cmd.arg("--addr")
-            .arg(&self.addr)
-            .args(&self.args)
+        cmd.arg("--addr").arg(&self.addr);
+        if let Some(model) = &self.model {
+            cmd.arg("--model").arg(model);
+        }
+        cmd.args(&self.args)
             .env_remove("LLORCH_API_TOKEN")
             .env_remove("LLORCH_API_TOKEN_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
@@ -243,6 +271,23 @@ impl RunningDaemon {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Poll `GET /v1/ready` until the worker reports ready (model loaded).
+    pub fn wait_ready(&self, timeout: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if http_get(self.addr, "/v1/ready").is_some_and(|body| body.contains("\"ready\":true"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} not ready within {timeout:?}; logs:\n{}",
+            self.name,
+            self.logs().join("\n")
+        );
+    }
 }
 
 impl Drop for RunningDaemon {
@@ -271,4 +316,20 @@ pub fn token_fingerprint(token: &str) -> String {
         .expect("write to sha256sum");
     let out = child.wait_with_output().expect("sha256sum output");
     format!("token:{}", &String::from_utf8_lossy(&out.stdout)[..6])
+}
+
+/// A minimal `GET` over a plain socket (no client library in the harness):
+/// the whole response, or `None` when the daemon does not answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
 }

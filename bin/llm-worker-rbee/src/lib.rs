@@ -1,17 +1,28 @@
 //! `llm-worker-rbee`, one loaded model served over HTTP.
 //!
-//! This crate holds the daemon as a library (so tests can run it in-process
-//! on port 0) and a thin `main`. Today it serves the shared routes
-//! (`/health`, `/health/live`, `/metrics`, `POST /v1/admin/shutdown`) behind
-//! the shared stack (auth, deadlines, request ids, JSON errors). It is the
-//! only crate that will depend on candle.
+//! The daemon binds first and loads its model in the background, so
+//! `/v1/ready` and `/health/ready` can say `loading` truthfully. The model
+//! lives in [`engine`], on its own thread; [`http`] turns requests into jobs
+//! and job events into SSE. This is the only crate that depends on candle.
+
+pub mod engine;
+pub mod http;
+pub mod model;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use audit_logging::ConfigSetting;
 use axum::extract::FromRef;
 use axum::Router;
+use rbee_api::worker::Backend;
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
+
+use crate::engine::metrics::WorkerMetrics;
+use crate::engine::Engine;
 
 /// `llm-worker-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -29,6 +40,30 @@ pub struct Config {
     /// names its audit directory `llm-worker-rbee-<id>`.
     #[arg(long, env = "RBEE_WORKER_ID", default_value = "standalone", value_parser = parse_worker_id)]
     pub worker_id: String,
+
+    /// The model: a GGUF file (quantized llama family).
+    #[arg(long, env = "RBEE_WORKER_MODEL", value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// The reference the model is served under (default `file:<model path>`).
+    #[arg(long, env = "RBEE_WORKER_MODEL_REF")]
+    pub model_ref: Option<String>,
+
+    /// Compute backend: `cpu`; `cuda` and `metal` when built with those features.
+    #[arg(long, env = "RBEE_WORKER_BACKEND", default_value = "cpu")]
+    pub backend: Backend,
+
+    /// Device ordinal (0 for cpu).
+    #[arg(long, env = "RBEE_WORKER_DEVICE", default_value_t = 0)]
+    pub device: u32,
+
+    /// Concurrent sequences; more requests get 503 `ALL_SLOTS_BUSY`.
+    #[arg(long, env = "RBEE_WORKER_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub slots: u16,
+
+    /// Seconds with work but no token before readiness reports `ENGINE_STALLED`.
+    #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_timeout_s: u64,
 
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -52,10 +87,30 @@ impl DaemonConfig for Config {
     }
 }
 
-/// State shared by `llm-worker-rbee`'s handlers.
+/// The loaded model as the HTTP side sees it.
+#[derive(Debug)]
+pub struct Model {
+    /// The engine thread's handle.
+    pub engine: Engine,
+    /// For tokenizing prompts.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// For chat requests.
+    pub chat_template: model::chat::ChatTemplate,
+    /// Longest prompt plus output.
+    pub context_length: usize,
+    /// The worker's metrics.
+    pub metrics: WorkerMetrics,
+}
+
+/// State shared by the worker's handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
     core: CoreState,
+    model: Arc<OnceLock<Arc<Model>>>,
+    model_ref: String,
+    jobs: http::Jobs,
+    stall_timeout: Duration,
+    stalled: Arc<AtomicBool>,
 }
 
 impl FromRef<AppState> for CoreState {
@@ -65,28 +120,93 @@ impl FromRef<AppState> for CoreState {
 }
 
 /// `llm-worker-rbee`'s own routes (the shared ones are added by [`Bootstrap::bind`]).
-///
-/// Inference routes join here; the backend label of `rbee_build_info` is the
-/// backend this build was compiled for.
 pub fn router() -> Router<AppState> {
-    Router::new()
+    http::routes()
 }
 
-/// Open the audit trail, check the token and bind policy, then bind
-/// `config.addr`. The returned daemon reports its bound address
-/// ([`Daemon::local_addr`]) and serves until SIGTERM/SIGINT or
-/// `POST /v1/admin/shutdown` ([`Daemon::run`]).
+/// Open the audit trail, check the token and bind policy, bind
+/// `config.addr`, then load the model in the background. A model that fails
+/// to load stops the daemon with exit code 1.
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
-    let boot = Bootstrap::new(
+    if config.backend != Backend::Cpu {
+        return Err(StartupError::Config(format!(
+            "backend `{}` is not built into this binary (build with --features {})",
+            config.backend, config.backend
+        )));
+    }
+    let model_ref = config
+        .model_ref
+        .clone()
+        .unwrap_or_else(|| format!("file:{}", config.model.display()));
+    let mut boot = Bootstrap::new(
         Identity {
             name: "llm-worker-rbee",
             service_id: format!("llm-worker-rbee-{}", config.worker_id),
             metric_prefix: "rbee_worker_http",
-            backend: "cpu",
+            backend: config.backend.as_str(),
         },
         config.addr,
         &config.common,
-        vec![ConfigSetting::new("worker_id", &config.worker_id)],
+        vec![
+            ConfigSetting::new("worker_id", &config.worker_id),
+            ConfigSetting::new("model", config.model.display()),
+            ConfigSetting::new("model_ref", &model_ref),
+            ConfigSetting::new("backend", config.backend),
+            ConfigSetting::new("device", config.device),
+            ConfigSetting::new("slots", config.slots),
+        ],
     )?;
-    boot.bind(router(), |core| AppState { core }).await
+    let metrics = WorkerMetrics::register(&mut boot.registry);
+    metrics.slots_total.set(i64::from(config.slots));
+    let model = Arc::new(OnceLock::new());
+    let state_model = Arc::clone(&model);
+    let stall_timeout = Duration::from_secs(config.stall_timeout_s);
+    let daemon = boot
+        .bind(router(), |core| AppState {
+            core,
+            model: state_model,
+            model_ref,
+            jobs: http::Jobs::default(),
+            stall_timeout,
+            stalled: Arc::default(),
+        })
+        .await?;
+
+    let fatal = daemon.fatal_handle();
+    let path = config.model.clone();
+    let slots = usize::from(config.slots);
+    tokio::spawn(async move {
+        let loaded =
+            tokio::task::spawn_blocking(move || model::load_gguf(&path, &candle_core::Device::Cpu))
+                .await;
+        let loaded = match loaded {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(e)) => return fatal.fail(e.to_string()),
+            Err(e) => return fatal.fail(format!("model loader failed: {e}")),
+        };
+        metrics.model_load_seconds.set(loaded.load_seconds);
+        let engine = match Engine::start(&loaded, slots, metrics.clone()) {
+            Ok(engine) => engine,
+            Err(e) => return fatal.fail(format!("cannot start the engine thread: {e}")),
+        };
+        tracing::info!(
+            load_s = loaded.load_seconds,
+            context_length = loaded.context_length,
+            vocab_size = loaded.vocab_size,
+            chat_template = if loaded.chat_template.is_default {
+                "chatml-default"
+            } else {
+                "model"
+            },
+            "model loaded; ready"
+        );
+        let _ = model.set(Arc::new(Model {
+            engine,
+            tokenizer: loaded.tokenizer,
+            chat_template: loaded.chat_template,
+            context_length: loaded.context_length,
+            metrics,
+        }));
+    });
+    Ok(daemon)
 }

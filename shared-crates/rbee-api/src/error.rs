@@ -63,6 +63,12 @@ pub enum ErrorCode {
     Conflict,
     /// The engine has work but has produced no token for too long.
     EngineStalled,
+    /// The prompt does not fit the model's context.
+    PromptTooLong,
+    /// The request was cancelled (`DELETE /v1/inference/{job_id}`).
+    Cancelled,
+    /// The worker is still loading its model.
+    ModelLoading,
     /// The daemon is draining and accepts no new work.
     ShuttingDown,
     /// A worker failed while serving the request.
@@ -75,9 +81,11 @@ impl ErrorCode {
     /// The HTTP status this code is always answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::InvalidJson | Self::InvalidRequest | Self::InvalidDeadline => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidJson
+            | Self::InvalidRequest
+            | Self::InvalidDeadline
+            | Self::PromptTooLong => StatusCode::BAD_REQUEST,
+            Self::Cancelled => StatusCode::CONFLICT,
             Self::BackendUnavailable => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -93,6 +101,7 @@ impl ErrorCode {
             | Self::CircuitOpen
             | Self::NoCapacity
             | Self::EngineStalled
+            | Self::ModelLoading
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientRam | Self::InsufficientVram | Self::InsufficientDisk => {
                 StatusCode::INSUFFICIENT_STORAGE
@@ -112,6 +121,7 @@ impl ErrorCode {
                 | Self::QueueFull
                 | Self::NoCapacity
                 | Self::EngineStalled
+                | Self::ModelLoading
                 | Self::ShuttingDown
                 | Self::WorkerFailed
                 | Self::InsufficientRam
@@ -145,6 +155,9 @@ impl ErrorCode {
             Self::NoCapacity => "NO_CAPACITY",
             Self::Conflict => "CONFLICT",
             Self::EngineStalled => "ENGINE_STALLED",
+            Self::PromptTooLong => "PROMPT_TOO_LONG",
+            Self::Cancelled => "CANCELLED",
+            Self::ModelLoading => "MODEL_LOADING",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::WorkerFailed => "WORKER_FAILED",
             Self::Internal => "INTERNAL",

@@ -56,6 +56,10 @@ pub struct InferenceRequest {
     /// SSE stream (true) or one JSON answer (false).
     #[serde(default = "yes")]
     pub stream: bool,
+    /// Keep generating past the end-of-sequence token, up to `max_tokens`
+    /// (benchmarks and load tests that need a fixed output length).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
 }
 
 fn default_max_tokens() -> u32 {

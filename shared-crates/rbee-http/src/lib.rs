@@ -33,6 +33,8 @@ pub use errors::ApiJson;
 pub use metrics::{register_build_info, HttpMetrics};
 pub use request_id::{RequestId, X_REQUEST_ID};
 pub use routes::{core_routes, CoreState};
-pub use server::{main_entry, Bootstrap, CommonArgs, Daemon, DaemonConfig, Identity, StartupError};
+pub use server::{
+    main_entry, Bootstrap, CommonArgs, Daemon, DaemonConfig, FatalHandle, Identity, StartupError,
+};
 pub use stack::{HttpStack, DEFAULT_BODY_LIMIT};
 pub use telemetry::{init_tracing, LogFormat};

@@ -58,6 +58,29 @@ pub enum StartupError {
     /// The audit trail could not be opened.
     #[error(transparent)]
     Audit(#[from] audit_logging::AuditError),
+    /// A task of the daemon failed in a way it cannot serve through.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Lets a background task stop the daemon with an error: it drains like a
+/// shutdown, then [`Daemon::run`] returns [`StartupError::Fatal`] (exit 1).
+#[derive(Debug, Clone)]
+pub struct FatalHandle {
+    message: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+}
+
+impl FatalHandle {
+    /// Stop the daemon because of `message`.
+    pub fn fail(&self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::error!("{message}");
+        if let Ok(mut slot) = self.message.lock() {
+            slot.get_or_insert(message);
+        }
+        self.shutdown.cancel();
+    }
 }
 
 /// The result of the token and bind-policy checks.
@@ -102,6 +125,7 @@ pub struct Daemon {
     shutdown: CancellationToken,
     drain: Duration,
     audit: Option<AuditLogger>,
+    fatal: FatalHandle,
 }
 
 impl Daemon {
@@ -124,10 +148,19 @@ impl Daemon {
             listener,
             local_addr,
             router,
+            fatal: FatalHandle {
+                message: std::sync::Arc::default(),
+                shutdown: shutdown.clone(),
+            },
             shutdown,
             drain,
             audit: None,
         })
+    }
+
+    /// A handle for background tasks to stop the daemon with an error.
+    pub fn fatal_handle(&self) -> FatalHandle {
+        self.fatal.clone()
     }
 
     /// The address actually bound.
@@ -168,7 +201,11 @@ impl Daemon {
             // Write and fsync every queued record before the process exits.
             let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
         }
-        result
+        let fatal = self.fatal.message.lock().ok().and_then(|mut m| m.take());
+        match fatal {
+            Some(message) => Err(StartupError::Fatal(message)),
+            None => result,
+        }
     }
 }
 

@@ -1,0 +1,399 @@
+//! The worker's routes: inference (SSE and JSON), cancellation, readiness,
+//! models, and the OpenAI-compatible routes ([`openai`]).
+
+pub mod openai;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
+use rbee_api::worker::{WorkerReadiness, WorkerState};
+use rbee_api::{ApiError, ErrorCode, Outcome};
+use rbee_http::{ApiJson, RequestContext};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{Job, JobEvent};
+use crate::AppState;
+
+/// The worker's own routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/inference", post(inference))
+        .route("/v1/inference/{job_id}", delete(cancel))
+        .route("/v1/ready", get(ready))
+        .route("/health/ready", get(health_ready))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+}
+
+/// Running jobs by id, for `DELETE`.
+#[derive(Debug, Clone, Default)]
+pub struct Jobs(Arc<Mutex<HashMap<String, CancellationToken>>>);
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Register `job_id`; false when it is already running.
+    fn insert(&self, job_id: &str, cancel: CancellationToken) -> bool {
+        let mut jobs = self.lock();
+        if jobs.contains_key(job_id) {
+            return false;
+        }
+        jobs.insert(job_id.to_owned(), cancel);
+        true
+    }
+
+    fn cancel(&self, job_id: &str) {
+        if let Some(token) = self.lock().get(job_id) {
+            token.cancel();
+        }
+    }
+}
+
+/// Removes a job from [`Jobs`] and cancels it (if still running) when the
+/// response that streams it is dropped: finished, or the client went away.
+pub(crate) struct JobGuard {
+    jobs: Jobs,
+    job_id: String,
+    _cancel: DropGuard,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.jobs.lock().remove(&self.job_id);
+    }
+}
+
+fn worker_state(state: &AppState) -> WorkerState {
+    if state.core.is_draining() {
+        WorkerState::Draining
+    } else {
+        match state.model.get() {
+            None => WorkerState::Loading,
+            Some(m) if m.engine.active() > 0 => WorkerState::Busy,
+            Some(_) => WorkerState::Idle,
+        }
+    }
+}
+
+async fn ready(State(state): State<AppState>) -> Json<WorkerReadiness> {
+    let s = worker_state(&state);
+    Json(WorkerReadiness {
+        ready: matches!(s, WorkerState::Idle | WorkerState::Busy) && stall(&state).is_none(),
+        state: s,
+        model_loaded: state.model.get().is_some(),
+    })
+}
+
+/// `Some(seconds)` when the engine has work but has produced nothing for the stall timeout.
+fn stall(state: &AppState) -> Option<Duration> {
+    let model = state.model.get()?;
+    model
+        .engine
+        .stalled_for()
+        .filter(|d| *d >= state.stall_timeout)
+}
+
+async fn health_ready(State(state): State<AppState>) -> Response {
+    let s = worker_state(&state);
+    if let Some(stalled) = stall(&state) {
+        if !state
+            .stalled
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            if let Some(m) = state.model.get() {
+                m.metrics.engine_stalls.inc();
+            }
+            tracing::error!(
+                stalled_s = stalled.as_secs(),
+                "engine stalled: work in progress but no token produced"
+            );
+        }
+        return ApiError::new(
+            ErrorCode::EngineStalled,
+            format!(
+                "the engine has produced no token for {} s",
+                stalled.as_secs()
+            ),
+        )
+        .into_response();
+    }
+    state
+        .stalled
+        .store(false, std::sync::atomic::Ordering::Release);
+    match s {
+        WorkerState::Idle | WorkerState::Busy => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ready", "state": s})),
+        )
+            .into_response(),
+        WorkerState::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "loading", "state": s})),
+        )
+            .into_response(),
+        WorkerState::Draining | WorkerState::Failed => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "draining", "state": s})),
+        )
+            .into_response(),
+    }
+}
+
+async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_ref,
+            "object": "model",
+            "owned_by": "rbee",
+            "ready": state.model.get().is_some(),
+        }]
+    }))
+}
+
+async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> StatusCode {
+    state.jobs.cancel(&job_id);
+    StatusCode::NO_CONTENT
+}
+
+/// A validated, tokenized, admitted job and the receiving end of its events.
+pub(crate) struct Admitted {
+    pub(crate) job_id: String,
+    tokens_in: usize,
+    pub(crate) events: UnboundedReceiver<JobEvent>,
+    pub(crate) guard: JobGuard,
+    started: Instant,
+}
+
+pub(crate) async fn admit(
+    state: &AppState,
+    ctx: &RequestContext,
+    request: InferenceRequest,
+) -> Result<(Admitted, InferenceRequest), ApiError> {
+    if state.core.is_draining() {
+        return Err(
+            ApiError::new(ErrorCode::ShuttingDown, "the worker is shutting down")
+                .with_retry_after(1),
+        );
+    }
+    let Some(model) = state.model.get().cloned() else {
+        return Err(
+            ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
+                .with_retry_after(1),
+        );
+    };
+    let request = request
+        .validate()
+        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
+        .into_inner();
+    let job_id = request
+        .job_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+
+    let prompt = request.prompt.clone();
+    let tokenizer = Arc::clone(&model);
+    let ids = tokio::task::spawn_blocking(move || {
+        tokenizer
+            .tokenizer
+            .encode(prompt.as_str(), false)
+            .map(|e| e.get_ids().to_vec())
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "tokenization failed"))?
+    .map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("cannot tokenize the prompt: {e}"),
+        )
+    })?;
+    if ids.is_empty() || ids.len() >= model.context_length {
+        return Err(ApiError::new(
+            ErrorCode::PromptTooLong,
+            format!(
+                "the prompt is {} tokens; this model's context is {} tokens, prompt and output together",
+                ids.len(),
+                model.context_length
+            ),
+        )
+        .with_details(serde_json::json!({
+            "prompt_tokens": ids.len(),
+            "context_length": model.context_length,
+        })));
+    }
+
+    let Some(permit) = model.engine.try_reserve() else {
+        model.metrics.request_finished(Outcome::Busy, 0.0);
+        return Err(ApiError::new(
+            ErrorCode::AllSlotsBusy,
+            format!("all {} slots are busy", model.engine.slots()),
+        )
+        .with_retry_after(1));
+    };
+    let cancel = CancellationToken::new();
+    if !state.jobs.insert(&job_id, cancel.clone()) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("job `{job_id}` is already running"),
+        ));
+    }
+    let guard = JobGuard {
+        jobs: state.jobs.clone(),
+        job_id: job_id.clone(),
+        _cancel: cancel.clone().drop_guard(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let tokens_in = ids.len();
+    let job = Job {
+        job_id: job_id.clone(),
+        prompt: ids,
+        max_tokens: request.max_tokens,
+        sampling: SamplingParams {
+            temperature: request.temperature,
+            top_k: request.top_k,
+            top_p: request.top_p,
+            min_p: request.min_p,
+            repetition_penalty: request.repetition_penalty,
+            seed: request.seed,
+        },
+        stop: request.stop.clone(),
+        ignore_eos: request.ignore_eos,
+        request_id: ctx.request_id.to_string(),
+        deadline: ctx.deadline.map(|d| Instant::now() + d.remaining()),
+        cancel,
+        events: tx,
+    };
+    model
+        .engine
+        .submit(job, permit)
+        .map_err(|code| ApiError::new(code, "the engine is not running"))?;
+    tracing::info!(%job_id, tokens_in, max_tokens = request.max_tokens, stream = request.stream, "inference admitted");
+    Ok((
+        Admitted {
+            job_id,
+            tokens_in,
+            events: rx,
+            guard,
+            started: Instant::now(),
+        },
+        request,
+    ))
+}
+
+async fn inference(
+    State(state): State<AppState>,
+    ctx: RequestContext,
+    ApiJson(request): ApiJson<InferenceRequest>,
+) -> Result<Response, ApiError> {
+    let (admitted, request) = admit(&state, &ctx, request).await?;
+    if request.stream {
+        let started = StreamEvent::Started {
+            job_id: admitted.job_id.clone(),
+            request_id: ctx.request_id.to_string(),
+            model: state.model_ref.clone(),
+            started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        };
+        Ok(Sse::new(sse_stream(started, admitted))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    } else {
+        collect(admitted).await.map(IntoResponse::into_response)
+    }
+}
+
+fn sse_stream(
+    started: StreamEvent,
+    admitted: Admitted,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    enum Phase {
+        Started(StreamEvent),
+        Events,
+        Done,
+        Finished,
+    }
+    let state = (Phase::Started(started), admitted);
+    futures_util::stream::unfold(state, |(phase, mut admitted)| async move {
+        match phase {
+            Phase::Started(event) => Some((Ok(json_event(&event)), (Phase::Events, admitted))),
+            Phase::Events => {
+                let event = match admitted.events.recv().await {
+                    Some(JobEvent::Token { text, index }) => {
+                        let e = json_event(&StreamEvent::Token { t: text, i: index });
+                        return Some((Ok(e), (Phase::Events, admitted)));
+                    }
+                    Some(JobEvent::End {
+                        tokens_in,
+                        tokens_out,
+                        decode_time_ms,
+                        stop_reason,
+                    }) => StreamEvent::End {
+                        tokens_in,
+                        tokens_out,
+                        decode_time_ms,
+                        stop_reason,
+                    },
+                    Some(JobEvent::Error { code, message }) => StreamEvent::Error { code, message },
+                    None => StreamEvent::Error {
+                        code: ErrorCode::Internal,
+                        message: "the engine stopped".to_owned(),
+                    },
+                };
+                Some((Ok(json_event(&event)), (Phase::Done, admitted)))
+            }
+            Phase::Done => Some((
+                Ok(Event::default().data("[DONE]")),
+                (Phase::Finished, admitted),
+            )),
+            Phase::Finished => {
+                drop(admitted.guard);
+                None
+            }
+        }
+    })
+}
+
+fn json_event(event: &StreamEvent) -> Event {
+    Event::default().data(serde_json::to_string(event).unwrap_or_else(|_| "{}".to_owned()))
+}
+
+async fn collect(mut admitted: Admitted) -> Result<Json<InferenceResponse>, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = admitted.events.recv().await {
+        match event {
+            JobEvent::Token { text: t, .. } => text.push_str(&t),
+            JobEvent::End {
+                tokens_in,
+                tokens_out,
+                decode_time_ms,
+                stop_reason,
+            } => {
+                return Ok(Json(InferenceResponse {
+                    job_id: admitted.job_id,
+                    text,
+                    tokens_in,
+                    tokens_out,
+                    stop_reason,
+                    decode_time_ms,
+                }));
+            }
+            JobEvent::Error { code, message } => return Err(ApiError::new(code, message)),
+        }
+    }
+    tracing::error!(job_id = %admitted.job_id, tokens_in = admitted.tokens_in, waited_ms = admitted.started.elapsed().as_millis() as u64, "engine dropped the job");
+    Err(ApiError::new(ErrorCode::Internal, "the engine stopped"))
+}

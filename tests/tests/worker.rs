@@ -1,0 +1,492 @@
+//! `llm-worker-rbee` with the real default model (SmolLM2-135M-Instruct Q4_1):
+//! answers, streaming, sampling, limits, deadlines, cancellation, slots,
+//! probes under load and shutdown. Every test starts its own worker.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rbee_system_tests::{DaemonSpec, RunningDaemon};
+use reqwest::blocking::{Client, Response};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn worker(extra: &[&str]) -> RunningDaemon {
+    let daemon = DaemonSpec::new("llm-worker-rbee")
+        .args(extra.iter().copied())
+        .spawn();
+    daemon.wait_ready(Duration::from_secs(60));
+    daemon
+}
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("build HTTP client")
+}
+
+fn post(w: &RunningDaemon, path: &str, body: Value) -> Response {
+    client()
+        .post(w.url(path))
+        .json(&body)
+        .send()
+        .expect("send request")
+}
+
+fn metric(w: &RunningDaemon, name: &str) -> f64 {
+    let text = client()
+        .get(w.url("/metrics"))
+        .send()
+        .and_then(Response::text)
+        .expect("scrape metrics");
+    text.lines()
+        .find(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && !l.starts_with('#')
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not happen within {timeout:?}");
+}
+
+/// Reads an SSE response one `data:` payload at a time, as it arrives.
+struct Sse {
+    lines: std::io::Lines<BufReader<Response>>,
+}
+
+impl Sse {
+    fn new(response: Response) -> Self {
+        assert_eq!(response.status(), StatusCode::OK);
+        Self {
+            lines: BufReader::new(response).lines(),
+        }
+    }
+
+    fn next_data(&mut self) -> Option<String> {
+        for line in self.lines.by_ref() {
+            let line = line.ok()?;
+            if let Some(data) = line.strip_prefix("data: ") {
+                return Some(data.to_owned());
+            }
+        }
+        None
+    }
+
+    fn next_event(&mut self) -> Option<Value> {
+        let data = self.next_data()?;
+        if data == "[DONE]" {
+            return None;
+        }
+        Some(serde_json::from_str(&data).expect("SSE data is JSON"))
+    }
+
+    /// All remaining events until `[DONE]`.
+    fn rest(mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.next_event()).collect()
+    }
+}
+
+fn paris_chat() -> Value {
+    json!({
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}
+        ],
+        "temperature": 0,
+        "max_tokens": 24
+    })
+}
+
+#[test]
+fn a_chat_request_for_the_capital_of_france_answers_paris() {
+    let w = worker(&[]);
+    let response = post(&w, "/v1/chat/completions", paris_chat());
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().expect("JSON");
+    let answer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(answer.contains("Paris"), "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let usage = &body["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+}
+
+#[test]
+fn openai_streaming_sends_chunks_then_usage_then_done() {
+    let w = worker(&[]);
+    let mut chat = paris_chat();
+    chat["stream"] = json!(true);
+    let mut sse = Sse::new(post(&w, "/v1/chat/completions", chat));
+    let mut text = String::new();
+    let mut saw_role = false;
+    let mut usage = None;
+    let mut finish = None;
+    while let Some(chunk) = sse.next_event() {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(choice) = chunk["choices"].get(0) {
+            saw_role |= choice["delta"]["role"] == "assistant";
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            if !choice["finish_reason"].is_null() {
+                finish = Some(choice["finish_reason"].clone());
+            }
+        }
+        if chunk["usage"].is_object() {
+            usage = Some(chunk["usage"].clone());
+        }
+    }
+    assert!(saw_role);
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(finish, Some(json!("stop")));
+    assert!(
+        usage.expect("a usage chunk")["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let completion = post(
+        &w,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 3}),
+    );
+    let body: Value = completion.json().expect("JSON");
+    assert_eq!(body["object"], "text_completion");
+    assert!(
+        body["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{body}"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn tokens_are_streamed_as_they_are_produced_not_replayed() {
+    let w = worker(&[]);
+    let before = metric(&w, "rbee_worker_generation_tokens_total");
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Write a long story about a dragon.", "max_tokens": 100, "temperature": 0, "ignore_eos": true}),
+    ));
+    let started = sse.next_event().expect("started event");
+    assert_eq!(started["type"], "started");
+    assert!(started["request_id"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+    let first = sse.next_event().expect("first token");
+    assert_eq!(first["type"], "token");
+    assert_eq!(first["i"], 0);
+    let generated = metric(&w, "rbee_worker_generation_tokens_total") - before;
+    assert!(
+        generated < 10.0,
+        "{generated} tokens generated when the first arrived: replayed, not streamed"
+    );
+    let rest = sse.rest();
+    let end = rest.last().expect("end event");
+    assert_eq!(end["type"], "end", "{end}");
+    assert_eq!(end["tokens_out"], 100);
+    assert_eq!(end["stop_reason"], "max_tokens");
+    let indexes: Vec<u64> = rest
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes.first(), Some(&1));
+    assert!(indexes.windows(2).all(|p| p[1] >= p[0]), "indexes in order");
+}
+
+fn complete(w: &RunningDaemon, body: Value) -> Value {
+    let response = post(w, "/v1/inference", body);
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().expect("JSON")
+}
+
+#[test]
+fn greedy_runs_are_identical_and_seeded_runs_reproducible() {
+    let w = worker(&[]);
+    let greedy =
+        json!({"prompt": "Once upon a time", "temperature": 0, "max_tokens": 24, "stream": false});
+    assert_eq!(
+        complete(&w, greedy.clone())["text"],
+        complete(&w, greedy)["text"]
+    );
+    let seeded = |seed: u64| json!({"prompt": "Once upon a time", "temperature": 1.0, "seed": seed, "max_tokens": 24, "stream": false});
+    let a = complete(&w, seeded(42))["text"].clone();
+    assert_eq!(a, complete(&w, seeded(42))["text"]);
+    let others: Vec<Value> = (43..46)
+        .map(|s| complete(&w, seeded(s))["text"].clone())
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds all gave {a}"
+    );
+}
+
+#[test]
+fn stop_sequences_and_max_tokens_end_generation() {
+    let w = worker(&[]);
+    let stopped = complete(
+        &w,
+        json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 20, "stop": ["."], "stream": false}),
+    );
+    assert_eq!(stopped["stop_reason"], "stop_sequence", "{stopped}");
+    assert_eq!(stopped["text"], " Paris");
+    let limited = complete(
+        &w,
+        json!({"prompt": "Count: one, two,", "temperature": 0, "max_tokens": 5, "stream": false}),
+    );
+    assert_eq!(limited["stop_reason"], "max_tokens");
+    assert_eq!(limited["tokens_out"], 5);
+}
+
+#[test]
+fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
+    let w = worker(&[]);
+    let response = post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "", "max_tokens": 0, "temperature": 9, "top_p": 2, "stop": ["a","b","c","d","e"]}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(body["error"]["code"], "INVALID_REQUEST");
+    let fields: Vec<&str> = body["error"]["details"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["prompt", "max_tokens", "temperature", "top_p", "stop"]
+    );
+
+    let response = post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "x", "max_tokens": "many"}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response.json::<Value>().unwrap()["error"]["code"],
+        "INVALID_JSON"
+    );
+
+    let long = "hello ".repeat(5000);
+    let response = post(&w, "/v1/inference", json!({"prompt": long}));
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(body["error"]["code"], "PROMPT_TOO_LONG");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("4096"),
+        "{body}"
+    );
+
+    let response = post(&w, "/v1/chat/completions", json!({"messages": []}));
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = post(
+        &w,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn an_expired_deadline_is_refused_without_work_and_a_short_one_stops_generation() {
+    let w = worker(&[]);
+    let before = metric(&w, "rbee_worker_prompt_tokens_total");
+    let response = client()
+        .post(w.url("/v1/inference"))
+        .header("x-deadline", "1700000000000")
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        metric(&w, "rbee_worker_prompt_tokens_total"),
+        before,
+        "no work was done"
+    );
+
+    let response = client()
+        .post(w.url("/v1/inference"))
+        .header("x-timeout-ms", "600")
+        .json(&json!({"prompt": "Write a long story about a dragon.", "max_tokens": 2000, "temperature": 0, "ignore_eos": true}))
+        .send()
+        .unwrap();
+    let started = Instant::now();
+    let events = Sse::new(response).rest();
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "error", "{last}");
+    assert_eq!(last["code"], "DEADLINE_EXCEEDED");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_until("slot freed", Duration::from_millis(500), || {
+        metric(&w, "rbee_worker_requests_running") == 0.0
+    });
+    assert_eq!(
+        metric(
+            &w,
+            "rbee_worker_requests_total{outcome=\"deadline_exceeded\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot_within_a_token_step() {
+    let w = worker(&[]);
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
+    ));
+    sse.next_event().expect("started");
+    sse.next_event().expect("a token");
+    assert_eq!(metric(&w, "rbee_worker_requests_running"), 1.0);
+    drop(sse);
+    wait_until(
+        "slot freed after disconnect",
+        Duration::from_millis(1000),
+        || metric(&w, "rbee_worker_requests_running") == 0.0,
+    );
+    assert_eq!(
+        metric(&w, "rbee_worker_requests_total{outcome=\"cancelled\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn delete_cancels_a_running_job_and_is_idempotent() {
+    let w = worker(&[]);
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"job_id": "job-to-cancel", "prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
+    ));
+    assert_eq!(
+        sse.next_event().expect("started")["job_id"],
+        "job-to-cancel"
+    );
+    sse.next_event().expect("a token");
+    for _ in 0..2 {
+        let response = client()
+            .delete(w.url("/v1/inference/job-to-cancel"))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    let last = sse.rest().pop().expect("final event");
+    assert_eq!(last["type"], "error");
+    assert_eq!(last["code"], "CANCELLED");
+    wait_until("slot freed", Duration::from_millis(500), || {
+        metric(&w, "rbee_worker_requests_running") == 0.0
+    });
+    let unknown = client()
+        .delete(w.url("/v1/inference/never-existed"))
+        .send()
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NO_CONTENT);
+}
+
+#[test]
+fn a_busy_worker_answers_503_all_slots_busy_and_probes_stay_fast() {
+    let w = worker(&["--slots", "1"]);
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
+    ));
+    sse.next_event().expect("started");
+    sse.next_event().expect("a token");
+    let busy = post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "hi", "stream": false}),
+    );
+    assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    assert_eq!(
+        busy.json::<Value>().unwrap()["error"]["code"],
+        "ALL_SLOTS_BUSY"
+    );
+
+    let ready: Value = client()
+        .get(w.url("/v1/ready"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ready["state"], "busy");
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let live = client().get(w.url("/health/live")).send().unwrap();
+        assert_eq!(live.status(), StatusCode::OK);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a probe took {slowest:?} during generation"
+    );
+    drop(sse);
+}
+
+#[test]
+fn sigterm_lets_the_running_generation_finish_then_exits_zero() {
+    let mut w = worker(&[]);
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0}),
+    ));
+    sse.next_event().expect("started");
+    sse.next_event().expect("a token");
+    w.signal(Signal::SIGTERM);
+    let last = sse.rest().pop().expect("final event");
+    assert_eq!(last["type"], "end", "{last}");
+    assert_eq!(last["tokens_out"], 30);
+    let status = w.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_model_that_cannot_be_loaded_exits_1_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("not-a-model.gguf");
+    std::fs::write(&bogus, b"definitely not gguf").unwrap();
+    let out = DaemonSpec::new("llm-worker-rbee")
+        .model(bogus.to_str().unwrap())
+        .run_to_exit(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("llm-worker-rbee: error: cannot load model"),
+        "{stderr}"
+    );
+}
