@@ -333,3 +333,105 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     Some(response)
 }
+
+/// One request a [`FakeHive`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Request path.
+    pub path: String,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The JSON body.
+    pub body: serde_json::Value,
+}
+
+/// Test double standing in for `rbee-hive`'s worker callbacks: records every
+/// request and answers 200, except the first `refuse_ready` ready callbacks,
+/// which get 503.
+#[derive(Debug)]
+pub struct FakeHive {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl FakeHive {
+    /// Listen on an OS-chosen loopback port.
+    pub fn start(refuse_ready: usize) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake hive");
+        let addr = listener.local_addr().expect("fake hive address");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            for stream in listener.incoming().map_while(Result::ok) {
+                let Some(recorded) = read_request(&stream) else {
+                    continue;
+                };
+                let refuse = recorded.path.ends_with("/ready") && refused < refuse_ready;
+                if refuse {
+                    refused += 1;
+                }
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(recorded);
+                let (status, body) = if refuse {
+                    ("503 Service Unavailable", "{}")
+                } else {
+                    ("200 OK", "{}")
+                };
+                let _ = std::io::Write::write_all(
+                    &mut &stream,
+                    format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                );
+            }
+        });
+        Self { addr, requests }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn read_request(stream: &std::net::TcpStream) -> Option<Recorded> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
+    let path = request_line.split_whitespace().nth(1)?.to_owned();
+    let mut length = 0usize;
+    let mut authorization = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().ok()?,
+                "authorization" => authorization = Some(value.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(Recorded {
+        path,
+        authorization,
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    })
+}

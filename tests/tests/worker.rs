@@ -490,3 +490,64 @@ fn a_model_that_cannot_be_loaded_exits_1_with_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_worker_reports_ready_to_its_hive_retrying_and_then_heartbeats() {
+    use rbee_system_tests::{FakeHive, TEST_TOKEN};
+    let hive = FakeHive::start(2);
+    let w = DaemonSpec::new("llm-worker-rbee")
+        .with_token()
+        .args([
+            "--worker-id",
+            "w-7",
+            "--hive-url",
+            &hive.url(),
+            "--heartbeat-interval-s",
+            "1",
+        ])
+        .spawn();
+    wait_until(
+        "ready accepted and two heartbeats",
+        Duration::from_secs(15),
+        || {
+            let r = hive.requests();
+            r.iter().filter(|q| q.path == "/v1/workers/ready").count() == 3
+                && r.iter()
+                    .filter(|q| q.path == "/v1/workers/heartbeat")
+                    .count()
+                    >= 2
+        },
+    );
+    let requests = hive.requests();
+    for r in &requests {
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(format!("Bearer {TEST_TOKEN}").as_str()),
+            "{}",
+            r.path
+        );
+    }
+    let ready = &requests
+        .iter()
+        .find(|q| q.path == "/v1/workers/ready")
+        .unwrap()
+        .body;
+    assert_eq!(ready["worker_id"], "w-7");
+    assert_eq!(ready["url"], format!("http://{}", w.addr));
+    assert_eq!(ready["backend"], "cpu");
+    assert_eq!(ready["device"], 0);
+    assert_eq!(ready["slots_total"], 1);
+    assert!(ready["model_ref"].as_str().unwrap().starts_with("file:/"));
+    let beat = &requests
+        .iter()
+        .find(|q| q.path == "/v1/workers/heartbeat")
+        .unwrap()
+        .body;
+    assert_eq!(beat["worker_id"], "w-7");
+    assert_eq!(beat["state"], "idle");
+    assert!(beat["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(w
+        .logs()
+        .iter()
+        .any(|l| l.contains("ready callback refused; retrying")));
+}

@@ -6,6 +6,7 @@
 //! and job events into SSE. This is the only crate that depends on candle.
 
 pub mod engine;
+pub mod hive;
 pub mod http;
 pub mod model;
 
@@ -60,6 +61,19 @@ pub struct Config {
     /// Concurrent sequences; more requests get 503 `ALL_SLOTS_BUSY`.
     #[arg(long, env = "RBEE_WORKER_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub slots: u16,
+
+    /// The URL the worker is reachable at, sent to the hive (default:
+    /// `http://<bound address>`).
+    #[arg(long, env = "RBEE_WORKER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// The hive to report to: the ready callback, then heartbeats.
+    #[arg(long, env = "RBEE_WORKER_HIVE_URL")]
+    pub hive_url: Option<String>,
+
+    /// Seconds between heartbeats to the hive.
+    #[arg(long, env = "RBEE_WORKER_HEARTBEAT_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_interval_s: u64,
 
     /// Seconds with work but no token before readiness reports `ENGINE_STALLED`.
     #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -157,6 +171,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         ],
     )?;
     let metrics = WorkerMetrics::register(&mut boot.registry);
+    let token = boot.token.clone();
+    let shutdown = boot.shutdown.clone();
     metrics.slots_total.set(i64::from(config.slots));
     let model = Arc::new(OnceLock::new());
     let state_model = Arc::clone(&model);
@@ -173,6 +189,27 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .await?;
 
     let fatal = daemon.fatal_handle();
+    let advertise_url = config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", daemon.local_addr()));
+    let reporter = config.hive_url.clone().map(|hive_url| hive::HiveReporter {
+        hive_url,
+        token,
+        callback: rbee_api::worker::ReadyCallback {
+            worker_id: config.worker_id.clone(),
+            url: advertise_url,
+            model_ref: config
+                .model_ref
+                .clone()
+                .unwrap_or_else(|| format!("file:{}", config.model.display())),
+            backend: config.backend,
+            device: config.device,
+            slots_total: u32::from(config.slots),
+            vram_bytes: 0,
+        },
+        interval: Duration::from_secs(config.heartbeat_interval_s),
+    });
     let path = config.model.clone();
     let slots = usize::from(config.slots);
     tokio::spawn(async move {
@@ -200,13 +237,17 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             },
             "model loaded; ready"
         );
-        let _ = model.set(Arc::new(Model {
+        let ready = Arc::new(Model {
             engine,
             tokenizer: loaded.tokenizer,
             chat_template: loaded.chat_template,
             context_length: loaded.context_length,
             metrics,
-        }));
+        });
+        let _ = model.set(Arc::clone(&ready));
+        if let Some(reporter) = reporter {
+            tokio::spawn(reporter.run(ready, shutdown));
+        }
     });
     Ok(daemon)
 }
