@@ -33,23 +33,43 @@ pub fn workspace_root() -> PathBuf {
 ///
 /// The first call in a test process runs `cargo build --workspace --bins`
 /// (a no-op when up to date), so tests never run stale binaries.
+///
+/// It also builds the worker with the `fault-injection` feature and keeps
+/// that binary as `llm-worker-rbee-fault-injection` (see
+/// [`FAULT_INJECTION_WORKER`]); both builds share every dependency, and doing
+/// them here, before any test starts a daemon, means no test ever runs a
+/// binary while the other build replaces it.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--workspace", "--bins", "--quiet"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo must be runnable from tests");
-        assert!(status.success(), "building the daemons failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("debug")
+            .unwrap_or_else(|| root.join("target"))
+            .join("debug");
+        let cargo_build = |extra: &[&str]| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--workspace", "--bins", "--quiet"])
+                .args(extra)
+                .current_dir(&root)
+                .status()
+                .expect("cargo must be runnable from tests");
+            assert!(status.success(), "building the daemons failed");
+        };
+        cargo_build(&["--features", "llm-worker-rbee/fault-injection"]);
+        std::fs::copy(
+            target.join("llm-worker-rbee"),
+            target.join(FAULT_INJECTION_WORKER),
+        )
+        .expect("keep the fault-injection worker");
+        cargo_build(&[]);
+        target
     });
     dir.join(name)
 }
+
+/// The worker built with the `fault-injection` feature (tests only).
+pub const FAULT_INJECTION_WORKER: &str = "llm-worker-rbee-fault-injection";
 
 /// The default model (SmolLM2-135M-Instruct Q4_1 GGUF), fetched once into
 /// the cache by `scripts/fetch-model.sh`.
@@ -72,6 +92,7 @@ pub fn default_model() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct DaemonSpec {
     name: String,
+    binary: Option<String>,
     addr: String,
     model: Option<String>,
     args: Vec<String>,
@@ -84,6 +105,7 @@ impl DaemonSpec {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
+            binary: None,
             addr: "127.0.0.1:0".to_owned(),
             model: (name == "llm-worker-rbee").then(|| default_model().display().to_string()),
             args: vec!["--log-format".to_owned(), "json".to_owned()],
@@ -120,8 +142,14 @@ impl DaemonSpec {
         self.env("LLORCH_API_TOKEN", TEST_TOKEN)
     }
 
+    /// Run the `fault-injection` build of the worker instead.
+    pub fn fault_injection(mut self) -> Self {
+        self.binary = Some(FAULT_INJECTION_WORKER.to_owned());
+        self
+    }
+
     fn command(&self) -> Command {
-        let mut cmd = Command::new(binary(&self.name));
+        let mut cmd = Command::new(binary(self.binary.as_deref().unwrap_or(&self.name)));
         cmd.arg("--addr").arg(&self.addr);
         if let Some(model) = &self.model {
             cmd.arg("--model").arg(model);

@@ -551,3 +551,97 @@ fn the_worker_reports_ready_to_its_hive_retrying_and_then_heartbeats() {
         .iter()
         .any(|l| l.contains("ready callback refused; retrying")));
 }
+
+#[test]
+fn a_wedged_engine_turns_readiness_to_engine_stalled_while_liveness_stays_up() {
+    let w = DaemonSpec::new("llm-worker-rbee")
+        .fault_injection()
+        .env("RBEE_FAULT_WEDGE_AFTER_TOKENS", "3")
+        .args(["--stall-timeout-s", "1"])
+        .spawn();
+    w.wait_ready(Duration::from_secs(60));
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
+    ));
+    sse.next_event().expect("started");
+    wait_until(
+        "readiness reports the stall",
+        Duration::from_secs(5),
+        || {
+            client()
+                .get(w.url("/health/ready"))
+                .send()
+                .unwrap()
+                .status()
+                == StatusCode::SERVICE_UNAVAILABLE
+        },
+    );
+    let body: Value = client()
+        .get(w.url("/health/ready"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(body["error"]["code"], "ENGINE_STALLED", "{body}");
+    let ready: Value = client()
+        .get(w.url("/v1/ready"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ready["ready"], false);
+    let t = Instant::now();
+    assert_eq!(
+        client().get(w.url("/health/live")).send().unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(t.elapsed() < Duration::from_millis(100));
+    assert_eq!(
+        metric(&w, "rbee_worker_engine_stalls_total"),
+        1.0,
+        "counted once per stall"
+    );
+    drop(sse);
+}
+
+#[test]
+fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
+    let mut w = DaemonSpec::new("llm-worker-rbee")
+        .fault_injection()
+        .env("RBEE_FAULT_EXIT_AFTER_TOKENS", "2")
+        .spawn();
+    w.wait_ready(Duration::from_secs(60));
+    let events = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
+    ))
+    .rest();
+    assert!(
+        events.iter().all(|e| e["type"] != "end"),
+        "the stream cannot end cleanly: {events:?}"
+    );
+    let status = w
+        .wait_exit(Duration::from_secs(10))
+        .expect("the worker exits");
+    assert_eq!(status.code(), Some(101));
+}
+
+#[test]
+fn the_default_build_has_no_fault_injection() {
+    let mut w = DaemonSpec::new("llm-worker-rbee")
+        .env("RBEE_FAULT_EXIT_AFTER_TOKENS", "1")
+        .spawn();
+    w.wait_ready(Duration::from_secs(60));
+    let body = complete(
+        &w,
+        json!({"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": true, "stream": false}),
+    );
+    assert_eq!(body["tokens_out"], 4);
+    assert!(
+        w.wait_exit(Duration::from_millis(200)).is_none(),
+        "still running"
+    );
+}

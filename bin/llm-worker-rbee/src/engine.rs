@@ -9,6 +9,8 @@
 //! disconnect, a `DELETE` or an expired deadline stops it within one step.
 
 pub mod detokenizer;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod metrics;
 pub mod sampler;
 pub mod stop;
@@ -345,6 +347,8 @@ impl Worker {
             Some(prev) => m.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         seq.last_token = Some(now);
+        #[cfg(feature = "fault-injection")]
+        fault::after_token();
         let text = seq.detokenizer.push(&self.tokenizer, next);
         match seq.stop.push(&text) {
             StopCheck::Stopped(before) => {
