@@ -10,7 +10,7 @@ pub mod tokenizer;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
@@ -76,8 +76,24 @@ fn first_line(error: &impl std::fmt::Display) -> String {
         .to_owned()
 }
 
+/// What to do with the weights' quantization at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Requantize {
+    /// Keep the file's formats.
+    #[default]
+    None,
+    /// Turn 4- and 5-bit tensors into Q8_0, for which candle has SIMD CPU
+    /// kernels: faster on CPU, about twice the memory of Q4.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
 /// Load a GGUF llama-family model onto `device`.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
+pub fn load_gguf(
+    path: &Path,
+    device: &Device,
+    requantize: Requantize,
+) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let shown = path.display().to_string();
     let format = |reason: String| LoadError::Format {
@@ -109,8 +125,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, LoadError>
         .and_then(|v| v.to_u32().ok())
         .map_or(MAX_SEQ_LEN, |n| n as usize);
     let vocab_size = tokenizer.get_vocab_size(true);
-    let weights =
-        ModelWeights::from_gguf(content, &mut file, device).map_err(|e| format(first_line(&e)))?;
+    let weights = match requantize {
+        Requantize::None => ModelWeights::from_gguf(content, &mut file, device),
+        Requantize::Q8_0 => requantized(&content, &mut file, device)
+            .and_then(|(c, mut buf)| ModelWeights::from_gguf(c, &mut buf, device)),
+    }
+    .map_err(|e| format(first_line(&e)))?;
     Ok(LoadedModel {
         weights,
         tokenizer,
@@ -121,4 +141,40 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, LoadError>
         vocab_size,
         load_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Rewrite the model in memory with its 4/5-bit tensors as Q8_0.
+fn requantized(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    device: &Device,
+) -> candle_core::Result<(gguf_file::Content, std::io::Cursor<Vec<u8>>)> {
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
+    for name in names {
+        let tensor = content.tensor(file, name, device)?;
+        let small = matches!(
+            tensor.dtype(),
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        );
+        let row = tensor.shape().dims().last().copied().unwrap_or(0);
+        let tensor = if small && row % GgmlDType::Q8_0.block_size() == 0 {
+            QTensor::quantize(&tensor.dequantize(device)?, GgmlDType::Q8_0)?
+        } else {
+            tensor
+        };
+        tensors.push((name.as_str(), tensor));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut buffer, &metadata, &refs)?;
+    buffer.set_position(0);
+    let rewritten = gguf_file::Content::read(&mut buffer)?;
+    Ok((rewritten, buffer))
 }
