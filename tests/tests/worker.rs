@@ -655,3 +655,25 @@ fn a_model_requantized_to_q8_0_at_load_still_answers() {
     );
     assert!(body["text"].as_str().unwrap().contains("Paris"), "{body}");
 }
+
+#[test]
+fn a_generation_that_outlives_the_drain_time_ends_with_an_error_event() {
+    let mut w = worker(&["--shutdown-timeout-s", "1"]);
+    let mut sse = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true}),
+    ));
+    sse.next_event().expect("started");
+    sse.next_event().expect("a token");
+    let t = Instant::now();
+    w.signal(Signal::SIGTERM);
+    let last = sse.rest().pop().expect("final event");
+    assert_eq!(last["type"], "error", "{last}");
+    assert_eq!(last["code"], "SHUTTING_DOWN");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(10)).expect("exits").code(),
+        Some(0)
+    );
+}

@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod sampler;
 pub mod stop;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,6 +110,8 @@ struct Shared {
     last_progress_ms: AtomicU64,
     epoch: Instant,
     metrics: WorkerMetrics,
+    /// Set when the worker's drain time is up: every job ends with `SHUTTING_DOWN`.
+    abort: AtomicBool,
 }
 
 /// Cloneable handle to the engine thread.
@@ -133,6 +135,7 @@ impl Engine {
             last_progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
+            abort: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(slots);
         let worker = Worker {
@@ -181,6 +184,12 @@ impl Engine {
             // needs a slot: full means the engine thread is gone.
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(ErrorCode::Internal),
         }
+    }
+
+    /// End every running job at its next step with a `SHUTTING_DOWN` error
+    /// event (the drain time is up).
+    pub fn abort_all(&self) {
+        self.shared.abort.store(true, Ordering::Release);
     }
 
     /// Slots in use.
@@ -302,6 +311,13 @@ impl Worker {
             let _ = seq.job.events.send(JobEvent::Error {
                 code: ErrorCode::Cancelled,
                 message: "the request was cancelled".to_owned(),
+            });
+            return Step::Done(Outcome::Cancelled);
+        }
+        if self.shared.abort.load(Ordering::Acquire) {
+            let _ = seq.job.events.send(JobEvent::Error {
+                code: ErrorCode::ShuttingDown,
+                message: "the worker is shutting down and its drain time is up".to_owned(),
             });
             return Step::Done(Outcome::Cancelled);
         }

@@ -222,6 +222,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let path = config.model.clone();
     let slots = usize::from(config.slots);
     let requantize = config.requantize;
+    let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     tokio::spawn(async move {
         let loaded = tokio::task::spawn_blocking(move || {
             model::load_gguf(&path, &candle_core::Device::Cpu, requantize)
@@ -256,9 +257,34 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             metrics,
         });
         let _ = model.set(Arc::clone(&ready));
+        tokio::spawn(abort_before_drain_bound(
+            Arc::clone(&ready),
+            shutdown.clone(),
+            drain,
+        ));
         if let Some(reporter) = reporter {
             tokio::spawn(reporter.run(ready, shutdown));
         }
     });
     Ok(daemon)
+}
+
+/// Once draining starts, let running generations finish; shortly before the
+/// drain bound, end the rest with a `SHUTTING_DOWN` error event so their
+/// clients learn why, instead of seeing the connection cut.
+async fn abort_before_drain_bound(
+    model: Arc<Model>,
+    shutdown: tokio_util::sync::CancellationToken,
+    drain: Duration,
+) {
+    shutdown.cancelled().await;
+    let margin = (drain / 5).min(Duration::from_secs(2));
+    tokio::time::sleep(drain.saturating_sub(margin)).await;
+    if model.engine.active() > 0 {
+        tracing::warn!(
+            running = model.engine.active(),
+            "drain time is up; ending running generations"
+        );
+        model.engine.abort_all();
+    }
 }
