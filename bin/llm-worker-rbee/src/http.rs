@@ -180,7 +180,32 @@ pub(crate) struct Admitted {
     started: Instant,
 }
 
+/// Validate, tokenize and hand a request to the engine. Refusals are
+/// counted in `rbee_worker_requests_total` (`client_error`, `busy`, `error`)
+/// once a model is loaded.
 pub(crate) async fn admit(
+    state: &AppState,
+    ctx: &RequestContext,
+    request: InferenceRequest,
+) -> Result<(Admitted, InferenceRequest), ApiError> {
+    let result = admit_checked(state, ctx, request).await;
+    if let (Err(e), Some(model)) = (&result, state.model.get()) {
+        let outcome = match e.code() {
+            ErrorCode::AllSlotsBusy => Some(Outcome::Busy),
+            ErrorCode::InvalidRequest | ErrorCode::PromptTooLong | ErrorCode::Conflict => {
+                Some(Outcome::ClientError)
+            }
+            ErrorCode::ShuttingDown | ErrorCode::ModelLoading => None,
+            _ => Some(Outcome::Error),
+        };
+        if let Some(outcome) = outcome {
+            model.metrics.request_finished(outcome, 0.0);
+        }
+    }
+    result
+}
+
+async fn admit_checked(
     state: &AppState,
     ctx: &RequestContext,
     request: InferenceRequest,
@@ -238,7 +263,6 @@ pub(crate) async fn admit(
     }
 
     let Some(permit) = model.engine.try_reserve() else {
-        model.metrics.request_finished(Outcome::Busy, 0.0);
         return Err(ApiError::new(
             ErrorCode::AllSlotsBusy,
             format!("all {} slots are busy", model.engine.slots()),
