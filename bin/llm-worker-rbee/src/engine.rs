@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use rbee_api::inference::StopReason;
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
@@ -31,7 +30,7 @@ use self::detokenizer::Detokenizer;
 use self::metrics::WorkerMetrics;
 use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Weights};
 
 /// What a running job reports, in order: tokens, then one `End` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,8 +137,12 @@ impl Engine {
             abort: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(slots);
+        let pool = (0..slots)
+            .map(|_| model.weights.fork())
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let worker = Worker {
-            pool: (0..slots).map(|_| model.weights.clone()).collect(),
+            pool,
             tokenizer: model.tokenizer.clone(),
             eos: model.eos_token_ids.clone(),
             context_length: model.context_length,
@@ -213,7 +216,7 @@ impl Engine {
 }
 
 struct Worker {
-    pool: Vec<ModelWeights>,
+    pool: Vec<Weights>,
     tokenizer: tokenizers::Tokenizer,
     eos: Vec<u32>,
     context_length: usize,
@@ -223,7 +226,7 @@ struct Worker {
 struct Sequence {
     job: Job,
     _permit: SlotPermit,
-    weights: ModelWeights,
+    weights: Weights,
     sampler: Sampler,
     detokenizer: Detokenizer,
     stop: StopMatcher,
@@ -262,8 +265,14 @@ impl Worker {
                     Step::Done(outcome) => {
                         let mut seq = active.swap_remove(i);
                         self.finish_metrics(&seq, outcome);
-                        seq.weights.clear_kv_cache();
-                        self.pool.push(seq.weights);
+                        match seq.weights.reset() {
+                            Ok(()) => self.pool.push(seq.weights),
+                            // Without its slot the worker serves with one fewer;
+                            // say so rather than reuse a dirty cache.
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot reset a slot's cache; slot dropped")
+                            }
+                        }
                     }
                 }
             }
@@ -396,7 +405,7 @@ impl Worker {
             (&seq.tokens[seq.tokens.len() - 1..], seq.tokens.len() - 1)
         };
         let input = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = seq.weights.forward(&input, pos)?.squeeze(0)?;
+        let logits = seq.weights.forward(&input, pos)?;
         let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         Ok(seq.sampler.sample(&mut logits, &seq.tokens))
     }

@@ -42,7 +42,9 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_ID", default_value = "standalone", value_parser = parse_worker_id)]
     pub worker_id: String,
 
-    /// The model: a GGUF file (quantized llama family).
+    /// The model: a GGUF file (quantized llama family), or a safetensors
+    /// llama directory (`config.json`, `model.safetensors` or shards,
+    /// `tokenizer.json`).
     #[arg(long, env = "RBEE_WORKER_MODEL", value_name = "PATH")]
     pub model: PathBuf,
 
@@ -225,7 +227,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     tokio::spawn(async move {
         let loaded = tokio::task::spawn_blocking(move || {
-            model::load_gguf(&path, &candle_core::Device::Cpu, requantize)
+            model::load(&path, &candle_core::Device::Cpu, requantize)
         })
         .await;
         let loaded = match loaded {

@@ -2,16 +2,18 @@
 //!
 //! GGUF files carry everything: quantized llama-family weights (through
 //! candle-transformers), the tokenizer ([`tokenizer`]) and the chat template
-//! ([`chat`]).
+//! ([`chat`]). Safetensors llama-family directories ([`dense`]) carry
+//! `config.json`, the weights and `tokenizer.json`.
 
 pub mod chat;
+pub mod dense;
 pub mod tokenizer;
 
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
 use self::chat::ChatTemplate;
@@ -37,10 +39,53 @@ pub enum LoadError {
     },
 }
 
+/// The weights of one sequence: tensors shared between slots, a KV cache of its own.
+#[derive(Debug)]
+pub enum Weights {
+    /// A quantized GGUF model; the KV cache lives inside.
+    Quantized(Box<ModelWeights>),
+    /// A dense safetensors model and its cache.
+    Dense(Box<dense::DenseLlama>),
+}
+
+impl Weights {
+    /// Logits of the next token after `input` (shape `(1, seq_len)`) placed at `pos`.
+    pub fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quantized(m) => m.forward(input, pos)?.squeeze(0),
+            Self::Dense(m) => m.forward(input, pos),
+        }
+    }
+
+    /// Forget the sequence (empty the KV cache) so the slot can take another.
+    pub fn reset(&mut self) -> candle_core::Result<()> {
+        match self {
+            Self::Quantized(m) => {
+                m.clear_kv_cache();
+                Ok(())
+            }
+            Self::Dense(m) => m.reset(),
+        }
+    }
+
+    /// Another set for another slot: same tensors, empty cache.
+    pub fn fork(&self) -> candle_core::Result<Self> {
+        Ok(match self {
+            Self::Quantized(m) => {
+                let mut m = m.clone();
+                m.clear_kv_cache();
+                Self::Quantized(m)
+            }
+
+            Self::Dense(m) => Self::Dense(Box::new(m.fork()?)),
+        })
+    }
+}
+
 /// A model ready for the engine.
 pub struct LoadedModel {
-    /// The weights; each slot works on its own clone (shared tensors, own KV cache).
-    pub weights: ModelWeights,
+    /// The weights; each slot works on its own fork (shared tensors, own KV cache).
+    pub weights: Weights,
     /// Text to ids and back.
     pub tokenizer: tokenizers::Tokenizer,
     /// The chat template for chat requests.
@@ -67,7 +112,7 @@ impl std::fmt::Debug for LoadedModel {
 
 /// candle errors carry a backtrace after the first line when `RUST_BACKTRACE`
 /// is set; operators get the sentence, the log gets no stack.
-fn first_line(error: &impl std::fmt::Display) -> String {
+pub(crate) fn first_line(error: &impl std::fmt::Display) -> String {
     error
         .to_string()
         .lines()
@@ -86,6 +131,19 @@ pub enum Requantize {
     /// kernels: faster on CPU, about twice the memory of Q4.
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+/// Load a model: a safetensors llama directory, or a GGUF file.
+pub fn load(
+    path: &Path,
+    device: &Device,
+    requantize: Requantize,
+) -> Result<LoadedModel, LoadError> {
+    if path.is_dir() {
+        dense::load_safetensors(path, device)
+    } else {
+        load_gguf(path, device, requantize)
+    }
 }
 
 /// Load a GGUF llama-family model onto `device`.
@@ -132,7 +190,7 @@ pub fn load_gguf(
     }
     .map_err(|e| format(first_line(&e)))?;
     Ok(LoadedModel {
-        weights,
+        weights: Weights::Quantized(Box::new(weights)),
         tokenizer,
         chat_template,
         eos_token_ids,

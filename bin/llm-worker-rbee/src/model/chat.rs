@@ -33,11 +33,17 @@ impl ChatTemplate {
             .and_then(|v| v.to_string().ok())
         {
             Some(source) => Self::new(source.clone(), false),
-            None => Self::new(DEFAULT_CHATML.to_owned(), true),
+            None => Self::chatml(),
         }
     }
 
-    fn new(source: String, is_default: bool) -> Result<Self, String> {
+    /// The built-in ChatML template.
+    pub fn chatml() -> Result<Self, String> {
+        Self::new(DEFAULT_CHATML.to_owned(), true)
+    }
+
+    /// Compile `source`; `is_default` marks the built-in ChatML.
+    pub fn new(source: String, is_default: bool) -> Result<Self, String> {
         let mut env = minijinja::Environment::new();
         env.add_template_owned("chat", source)
             .map_err(|e| format!("invalid chat template: {e}"))?;
