@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+
 use rbee_api::inference::StopReason;
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
@@ -142,6 +143,7 @@ impl Engine {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let worker = Worker {
+            device: model.device.clone(),
             pool,
             tokenizer: model.tokenizer.clone(),
             eos: model.eos_token_ids.clone(),
@@ -216,6 +218,7 @@ impl Engine {
 }
 
 struct Worker {
+    device: Device,
     pool: Vec<Weights>,
     tokenizer: tokenizers::Tokenizer,
     eos: Vec<u32>,
@@ -404,7 +407,7 @@ impl Worker {
         } else {
             (&seq.tokens[seq.tokens.len() - 1..], seq.tokens.len() - 1)
         };
-        let input = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(input, &self.device)?.unsqueeze(0)?;
         let logits = seq.weights.forward(&input, pos)?;
         let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         Ok(seq.sampler.sample(&mut logits, &seq.tokens))

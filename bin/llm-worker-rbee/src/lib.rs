@@ -149,12 +149,7 @@ pub fn router() -> Router<AppState> {
 /// `config.addr`, then load the model in the background. A model that fails
 /// to load stops the daemon with exit code 1.
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
-    if config.backend != Backend::Cpu {
-        return Err(StartupError::Config(format!(
-            "backend `{}` is not built into this binary (build with --features {})",
-            config.backend, config.backend
-        )));
-    }
+    let device = model::device(config.backend, config.device).map_err(StartupError::Config)?;
     let model_ref = config
         .model_ref
         .clone()
@@ -164,7 +159,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             name: "llm-worker-rbee",
             service_id: format!("llm-worker-rbee-{}", config.worker_id),
             metric_prefix: "rbee_worker_http",
-            backend: config.backend.as_str(),
+            backend: model::built_backends(),
         },
         config.addr,
         &config.common,
@@ -226,10 +221,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let requantize = config.requantize;
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     tokio::spawn(async move {
-        let loaded = tokio::task::spawn_blocking(move || {
-            model::load(&path, &candle_core::Device::Cpu, requantize)
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || model::load(&path, &device, requantize)).await;
         let loaded = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(e)) => return fatal.fail(e.to_string()),

@@ -98,6 +98,8 @@ pub struct LoadedModel {
     pub vocab_size: usize,
     /// Time the load took.
     pub load_seconds: f64,
+    /// Where the weights live; inputs go there too.
+    pub device: Device,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -131,6 +133,40 @@ pub enum Requantize {
     /// kernels: faster on CPU, about twice the memory of Q4.
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+/// The candle device for `backend` and `ordinal`, when this build has the backend.
+pub fn device(backend: rbee_api::worker::Backend, ordinal: u32) -> Result<Device, String> {
+    use rbee_api::worker::Backend;
+    let _ = ordinal;
+    match backend {
+        Backend::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => Device::new_cuda(ordinal as usize)
+            .map_err(|e| format!("cannot open CUDA device {ordinal}: {}", first_line(&e))),
+        #[cfg(feature = "metal")]
+        Backend::Metal => Device::new_metal(ordinal as usize)
+            .map_err(|e| format!("cannot open Metal device {ordinal}: {}", first_line(&e))),
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => Err(not_built(backend)),
+        #[cfg(not(feature = "metal"))]
+        Backend::Metal => Err(not_built(backend)),
+    }
+}
+
+#[cfg(not(all(feature = "cuda", feature = "metal")))]
+fn not_built(backend: rbee_api::worker::Backend) -> String {
+    format!("backend `{backend}` is not built into this binary (build with --features {backend})")
+}
+
+/// The backends this build supports, for `rbee_build_info` and errors.
+pub fn built_backends() -> &'static str {
+    match (cfg!(feature = "cuda"), cfg!(feature = "metal")) {
+        (true, true) => "cpu,cuda,metal",
+        (true, false) => "cpu,cuda",
+        (false, true) => "cpu,metal",
+        (false, false) => "cpu",
+    }
 }
 
 /// Load a model: a safetensors llama directory, or a GGUF file.
@@ -198,6 +234,7 @@ pub fn load_gguf(
         context_length: gguf_context.min(MAX_SEQ_LEN),
         vocab_size,
         load_seconds: started.elapsed().as_secs_f64(),
+        device: device.clone(),
     })
 }
 

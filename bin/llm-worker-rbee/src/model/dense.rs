@@ -2,7 +2,8 @@
 //! (or `model-XXXXX-of-YYYYY.safetensors` shards), `tokenizer.json`, and the
 //! chat template from `tokenizer_config.json` when it has one.
 //!
-//! Weights run in f32 on the CPU (candle's bf16 CPU kernels are slower).
+//! Weights run in f32 on the CPU (candle's bf16 CPU kernels are slower) and
+//! in bf16 on GPUs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,7 +71,11 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, Load
             .map_err(|e| format(format!("{}: {}", file.display(), first_line(&e))))?;
         tensors.extend(part);
     }
-    let dtype = DType::F32;
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = Llama::load(vb, &config).map_err(|e| format(first_line(&e)))?;
     let cache = Cache::new(true, dtype, &config, device).map_err(|e| format(first_line(&e)))?;
@@ -113,6 +118,7 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, Load
         chat_template,
         eos_token_ids,
         load_seconds: started.elapsed().as_secs_f64(),
+        device: device.clone(),
     })
 }
 
