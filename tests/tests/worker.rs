@@ -331,21 +331,28 @@ fn an_expired_deadline_is_refused_without_work_and_a_short_one_stops_generation(
 
     let response = client()
         .post(w.url("/v1/inference"))
-        .header("x-timeout-ms", "600")
+        .header("x-timeout-ms", "1500")
         .json(&json!({"prompt": "Write a long story about a dragon.", "max_tokens": 2000, "temperature": 0, "ignore_eos": true}))
         .send()
         .unwrap();
-    let started = Instant::now();
-    let events = Sse::new(response).rest();
-    let last = events.last().expect("events");
+    let mut sse = Sse::new(response);
+    let mut stamps = Vec::new();
+    let mut last = Value::Null;
+    while let Some(event) = sse.next_event() {
+        if event["type"] == "token" {
+            stamps.push(Instant::now());
+        }
+        last = event;
+    }
     assert_eq!(last["type"], "error", "{last}");
     assert_eq!(last["code"], "DEADLINE_EXCEEDED");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
+        stamps.len() >= 2,
+        "generation ran before the deadline: {} tokens",
+        stamps.len()
     );
-    wait_until("slot freed", Duration::from_millis(500), || {
+    let step = (stamps[stamps.len() - 1] - stamps[0]) / (stamps.len() as u32 - 1);
+    wait_until("slot freed", step * 2 + Duration::from_millis(300), || {
         metric(&w, "rbee_worker_requests_running") == 0.0
     });
     assert_eq!(
@@ -357,8 +364,19 @@ fn an_expired_deadline_is_refused_without_work_and_a_short_one_stops_generation(
     );
 }
 
+/// Receive `n` token events after the next one and return the mean time
+/// between them: the token time on this machine, now.
+fn token_time(sse: &mut Sse, n: u32) -> Duration {
+    sse.next_event().expect("a token");
+    let t = Instant::now();
+    for _ in 0..n {
+        assert_eq!(sse.next_event().expect("a token")["type"], "token");
+    }
+    t.elapsed() / n
+}
+
 #[test]
-fn a_client_that_disconnects_frees_its_slot_within_a_token_step() {
+fn a_client_that_disconnects_frees_its_slot_within_two_token_times() {
     let w = worker(&[]);
     let mut sse = Sse::new(post(
         &w,
@@ -366,12 +384,13 @@ fn a_client_that_disconnects_frees_its_slot_within_a_token_step() {
         json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
     ));
     sse.next_event().expect("started");
-    sse.next_event().expect("a token");
+    let step = token_time(&mut sse, 4);
     assert_eq!(metric(&w, "rbee_worker_requests_running"), 1.0);
     drop(sse);
+    // Two token steps, plus the time to notice the closed socket.
     wait_until(
         "slot freed after disconnect",
-        Duration::from_millis(1000),
+        step * 2 + Duration::from_millis(300),
         || metric(&w, "rbee_worker_requests_running") == 0.0,
     );
     assert_eq!(
@@ -658,7 +677,7 @@ fn a_model_requantized_to_q8_0_at_load_still_answers() {
 
 #[test]
 fn a_generation_that_outlives_the_drain_time_ends_with_an_error_event() {
-    let mut w = worker(&["--shutdown-timeout-s", "1"]);
+    let mut w = worker(&["--shutdown-timeout-s", "3"]);
     let mut sse = Sse::new(post(
         &w,
         "/v1/inference",
@@ -671,7 +690,7 @@ fn a_generation_that_outlives_the_drain_time_ends_with_an_error_event() {
     let last = sse.rest().pop().expect("final event");
     assert_eq!(last["type"], "error", "{last}");
     assert_eq!(last["code"], "SHUTTING_DOWN");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     assert_eq!(
         w.wait_exit(Duration::from_secs(10)).expect("exits").code(),
         Some(0)

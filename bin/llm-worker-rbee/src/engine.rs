@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use rbee_api::inference::StopReason;
+use rbee_api::inference::{StopReason, StreamEvent};
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -33,35 +33,9 @@ use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
 use crate::model::{LoadedModel, Weights};
 
-/// What a running job reports, in order: tokens, then one `End` or `Error`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobEvent {
-    /// One generated token's text (may be empty while text is held back).
-    Token {
-        /// Text.
-        text: String,
-        /// 0-based index of the generated token.
-        index: u32,
-    },
-    /// Generation finished.
-    End {
-        /// Prompt tokens.
-        tokens_in: u32,
-        /// Generated tokens.
-        tokens_out: u32,
-        /// Time from the first decode step to the end.
-        decode_time_ms: u64,
-        /// Why it ended.
-        stop_reason: StopReason,
-    },
-    /// Generation failed or was stopped.
-    Error {
-        /// Stable code.
-        code: ErrorCode,
-        /// Sentence.
-        message: String,
-    },
-}
+/// What a running job reports, in order: `Token`s, then one `End` or
+/// `Error` (the wire's stream events; the HTTP side adds `Started`).
+pub type JobEvent = StreamEvent;
 
 /// One request for the engine.
 #[derive(Debug)]
@@ -381,13 +355,13 @@ impl Worker {
         match seq.stop.push(&text) {
             StopCheck::Stopped(before) => {
                 let _ = seq.job.events.send(JobEvent::Token {
-                    text: before,
-                    index,
+                    t: before,
+                    i: index,
                 });
                 self.end(seq, StopReason::StopSequence)
             }
             StopCheck::Continue(text) => {
-                let _ = seq.job.events.send(JobEvent::Token { text, index });
+                let _ = seq.job.events.send(JobEvent::Token { t: text, i: index });
                 if seq.generated >= seq.job.max_tokens || seq.tokens.len() >= self.context_length {
                     self.end(seq, StopReason::MaxTokens)
                 } else {
@@ -423,8 +397,8 @@ impl Worker {
             }
             if !tail.is_empty() {
                 let _ = seq.job.events.send(JobEvent::Token {
-                    text: tail,
-                    index: seq.generated.saturating_sub(1),
+                    t: tail,
+                    i: seq.generated.saturating_sub(1),
                 });
             }
         }

@@ -174,10 +174,8 @@ async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> St
 /// A validated, tokenized, admitted job and the receiving end of its events.
 pub(crate) struct Admitted {
     pub(crate) job_id: String,
-    tokens_in: usize,
     pub(crate) events: UnboundedReceiver<JobEvent>,
     pub(crate) guard: JobGuard,
-    started: Instant,
 }
 
 /// Validate, tokenize and hand a request to the engine. Refusals are
@@ -310,10 +308,8 @@ async fn admit_checked(
     Ok((
         Admitted {
             job_id,
-            tokens_in,
             events: rx,
             guard,
-            started: Instant::now(),
         },
         request,
     ))
@@ -355,29 +351,13 @@ fn sse_stream(
         match phase {
             Phase::Started(event) => Some((Ok(json_event(&event)), (Phase::Events, admitted))),
             Phase::Events => {
-                let event = match admitted.events.recv().await {
-                    Some(JobEvent::Token { text, index }) => {
-                        let e = json_event(&StreamEvent::Token { t: text, i: index });
-                        return Some((Ok(e), (Phase::Events, admitted)));
-                    }
-                    Some(JobEvent::End {
-                        tokens_in,
-                        tokens_out,
-                        decode_time_ms,
-                        stop_reason,
-                    }) => StreamEvent::End {
-                        tokens_in,
-                        tokens_out,
-                        decode_time_ms,
-                        stop_reason,
-                    },
-                    Some(JobEvent::Error { code, message }) => StreamEvent::Error { code, message },
-                    None => StreamEvent::Error {
-                        code: ErrorCode::Internal,
-                        message: "the engine stopped".to_owned(),
-                    },
+                let event = admitted.events.recv().await.unwrap_or_else(engine_stopped);
+                let next = if matches!(event, StreamEvent::Token { .. }) {
+                    Phase::Events
+                } else {
+                    Phase::Done
                 };
-                Some((Ok(json_event(&event)), (Phase::Done, admitted)))
+                Some((Ok(json_event(&event)), (next, admitted)))
             }
             Phase::Done => Some((
                 Ok(Event::default().data("[DONE]")),
@@ -395,29 +375,58 @@ fn json_event(event: &StreamEvent) -> Event {
     Event::default().data(serde_json::to_string(event).unwrap_or_else(|_| "{}".to_owned()))
 }
 
-async fn collect(mut admitted: Admitted) -> Result<Json<InferenceResponse>, ApiError> {
+/// How a job ended, for the non-streaming answers.
+pub(crate) struct Collected {
+    pub(crate) text: String,
+    pub(crate) tokens_in: u32,
+    pub(crate) tokens_out: u32,
+    pub(crate) decode_time_ms: u64,
+    pub(crate) stop_reason: rbee_api::inference::StopReason,
+}
+
+/// Wait for the job to end, gathering its text.
+pub(crate) async fn collect_text(admitted: &mut Admitted) -> Result<Collected, ApiError> {
     let mut text = String::new();
-    while let Some(event) = admitted.events.recv().await {
-        match event {
-            JobEvent::Token { text: t, .. } => text.push_str(&t),
-            JobEvent::End {
+    loop {
+        match admitted.events.recv().await.unwrap_or_else(engine_stopped) {
+            StreamEvent::Token { t, .. } => text.push_str(&t),
+            StreamEvent::End {
                 tokens_in,
                 tokens_out,
                 decode_time_ms,
                 stop_reason,
             } => {
-                return Ok(Json(InferenceResponse {
-                    job_id: admitted.job_id,
+                return Ok(Collected {
                     text,
                     tokens_in,
                     tokens_out,
-                    stop_reason,
                     decode_time_ms,
-                }));
+                    stop_reason,
+                });
             }
-            JobEvent::Error { code, message } => return Err(ApiError::new(code, message)),
+            StreamEvent::Error { code, message } => return Err(ApiError::new(code, message)),
+            StreamEvent::Started { .. } => {}
         }
     }
-    tracing::error!(job_id = %admitted.job_id, tokens_in = admitted.tokens_in, waited_ms = admitted.started.elapsed().as_millis() as u64, "engine dropped the job");
-    Err(ApiError::new(ErrorCode::Internal, "the engine stopped"))
+}
+
+/// The event standing in for a job whose engine went away.
+pub(crate) fn engine_stopped() -> StreamEvent {
+    tracing::error!("the engine dropped a job");
+    StreamEvent::Error {
+        code: ErrorCode::Internal,
+        message: "the engine stopped".to_owned(),
+    }
+}
+
+async fn collect(mut admitted: Admitted) -> Result<Json<InferenceResponse>, ApiError> {
+    let done = collect_text(&mut admitted).await?;
+    Ok(Json(InferenceResponse {
+        job_id: admitted.job_id,
+        text: done.text,
+        tokens_in: done.tokens_in,
+        tokens_out: done.tokens_out,
+        stop_reason: done.stop_reason,
+        decode_time_ms: done.decode_time_ms,
+    }))
 }

@@ -273,7 +273,9 @@ async fn abort_before_drain_bound(
     drain: Duration,
 ) {
     shutdown.cancelled().await;
-    let margin = (drain / 5).min(Duration::from_secs(2));
+    // Leave a quarter of the drain time (0.25 s to 2 s) for the last step and
+    // the error events to reach the clients before the connections close.
+    let margin = (drain / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
     tokio::time::sleep(drain.saturating_sub(margin)).await;
     if model.engine.active() > 0 {
         tracing::warn!(

@@ -327,27 +327,18 @@ fn usage(tokens_in: u32, tokens_out: u32) -> serde_json::Value {
 }
 
 async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut text = String::new();
-    while let Some(event) = admitted.events.recv().await {
-        match event {
-            JobEvent::Token { text: t, .. } => text.push_str(&t),
-            JobEvent::End {
-                tokens_in,
-                tokens_out,
-                stop_reason,
-                ..
-            } => {
-                let choice = meta.choice(Some(text), true, Some(finish_reason(stop_reason)), false);
-                return Ok(Json(meta.body(
-                    vec![choice],
-                    Some(usage(tokens_in, tokens_out)),
-                    false,
-                )));
-            }
-            JobEvent::Error { code, message } => return Err(ApiError::new(code, message)),
-        }
-    }
-    Err(ApiError::new(ErrorCode::Internal, "the engine stopped"))
+    let done = super::collect_text(&mut admitted).await?;
+    let choice = meta.choice(
+        Some(done.text),
+        true,
+        Some(finish_reason(done.stop_reason)),
+        false,
+    );
+    Ok(Json(meta.body(
+        vec![choice],
+        Some(usage(done.tokens_in, done.tokens_out)),
+        false,
+    )))
 }
 
 fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -376,7 +367,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
             }
             let meta = &s.meta;
             match s.admitted.events.recv().await {
-                Some(JobEvent::Token { text, .. }) => {
+                Some(JobEvent::Token { t: text, .. }) => {
                     let chunk = meta.body(
                         vec![meta.choice(Some(text), s.first, None, true)],
                         None,
@@ -411,6 +402,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     s.queue.push_back(Event::default().data("[DONE]"));
                     s.finished = true;
                 }
+                Some(JobEvent::Started { .. }) => {}
                 None => s.finished = true,
             }
         }
