@@ -696,3 +696,48 @@ fn a_generation_that_outlives_the_drain_time_ends_with_an_error_event() {
         Some(0)
     );
 }
+
+#[test]
+fn while_the_model_loads_readiness_says_so_and_inference_is_refused() {
+    let w = DaemonSpec::new("llm-worker-rbee")
+        .fault_injection()
+        .env("RBEE_FAULT_LOAD_DELAY_MS", "3000")
+        .spawn();
+    let ready: Value = client()
+        .get(w.url("/v1/ready"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        ready,
+        json!({"ready": false, "state": "loading", "model_loaded": false})
+    );
+    let probe = client().get(w.url("/health/ready")).send().unwrap();
+    assert_eq!(probe.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(probe.json::<Value>().unwrap()["status"], "loading");
+    assert_eq!(
+        client().get(w.url("/health/live")).send().unwrap().status(),
+        StatusCode::OK
+    );
+    let refused = post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "hi", "stream": false}),
+    );
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(
+        refused.json::<Value>().unwrap()["error"]["code"],
+        "MODEL_LOADING"
+    );
+    w.wait_ready(Duration::from_secs(60));
+    assert_eq!(
+        client()
+            .get(w.url("/health/ready"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}

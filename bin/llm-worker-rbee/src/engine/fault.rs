@@ -7,6 +7,8 @@
 //!   after the N-th generated token (a wedged GPU, a deadlock).
 //! - `RBEE_FAULT_EXIT_AFTER_TOKENS=N`: the process exits with code 101 after
 //!   the N-th generated token (a crash).
+//! - `RBEE_FAULT_LOAD_DELAY_MS=N`: model loading takes N ms longer (a large
+//!   model), so the `loading` state can be observed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -18,6 +20,7 @@ pub const CRASH_EXIT_CODE: i32 = 101;
 struct Faults {
     wedge_after: Option<u64>,
     exit_after: Option<u64>,
+    load_delay_ms: Option<u64>,
 }
 
 fn faults() -> &'static Faults {
@@ -27,6 +30,7 @@ fn faults() -> &'static Faults {
         Faults {
             wedge_after: read("RBEE_FAULT_WEDGE_AFTER_TOKENS"),
             exit_after: read("RBEE_FAULT_EXIT_AFTER_TOKENS"),
+            load_delay_ms: read("RBEE_FAULT_LOAD_DELAY_MS"),
         }
     })
 }
@@ -46,5 +50,13 @@ pub fn after_token() {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
+    }
+}
+
+/// Called before the model is loaded.
+pub fn before_load() {
+    if let Some(ms) = faults().load_delay_ms {
+        tracing::warn!(delay_ms = ms, "fault injection: delaying the model load");
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
