@@ -87,7 +87,7 @@ pub struct Config {
     pub stall_timeout_s: u64,
 
     #[command(flatten)]
-    #[allow(missing_docs)]
+    /// The flags every daemon has.
     pub common: CommonArgs,
 }
 

@@ -24,7 +24,7 @@ pub struct Config {
     pub addr: SocketAddr,
 
     #[command(flatten)]
-    #[allow(missing_docs)]
+    /// The flags every daemon has.
     pub common: CommonArgs,
 }
 

@@ -26,7 +26,7 @@ pub struct Config {
     pub addr: SocketAddr,
 
     #[command(flatten)]
-    #[allow(missing_docs)]
+    /// The flags every daemon has.
     pub common: CommonArgs,
 }
 
