@@ -97,6 +97,28 @@ impl Sse {
     }
 }
 
+/// Start a generation that runs until it is stopped (2000 tokens, EOS
+/// ignored) and return its stream, positioned after the `started` event.
+fn long_generation(w: &RunningDaemon) -> Sse {
+    let mut sse = Sse::new(post(
+        w,
+        "/v1/inference",
+        json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
+    ));
+    assert_eq!(sse.next_event().expect("started")["type"], "started");
+    sse
+}
+
+/// A 503 with `Retry-After: 1` and the given error code.
+fn assert_unavailable(response: Response, code: &str) {
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.json::<Value>().expect("JSON")["error"]["code"],
+        code
+    );
+}
+
 fn paris_chat() -> Value {
     json!({
         "messages": [
@@ -378,12 +400,7 @@ fn token_time(sse: &mut Sse, n: u32) -> Duration {
 #[test]
 fn a_client_that_disconnects_frees_its_slot_within_two_token_times() {
     let w = worker(&[]);
-    let mut sse = Sse::new(post(
-        &w,
-        "/v1/inference",
-        json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
-    ));
-    sse.next_event().expect("started");
+    let mut sse = long_generation(&w);
     let step = token_time(&mut sse, 4);
     assert_eq!(metric(&w, "rbee_worker_requests_running"), 1.0);
     drop(sse);
@@ -435,24 +452,14 @@ fn delete_cancels_a_running_job_and_is_idempotent() {
 #[test]
 fn a_busy_worker_answers_503_all_slots_busy_and_probes_stay_fast() {
     let w = worker(&["--slots", "1"]);
-    let mut sse = Sse::new(post(
-        &w,
-        "/v1/inference",
-        json!({"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": true}),
-    ));
-    sse.next_event().expect("started");
+    let mut sse = long_generation(&w);
     sse.next_event().expect("a token");
     let busy = post(
         &w,
         "/v1/inference",
         json!({"prompt": "hi", "stream": false}),
     );
-    assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(busy.headers()["retry-after"], "1");
-    assert_eq!(
-        busy.json::<Value>().unwrap()["error"]["code"],
-        "ALL_SLOTS_BUSY"
-    );
+    assert_unavailable(busy, "ALL_SLOTS_BUSY");
 
     let ready: Value = client()
         .get(w.url("/v1/ready"))
@@ -725,12 +732,7 @@ fn while_the_model_loads_readiness_says_so_and_inference_is_refused() {
         "/v1/inference",
         json!({"prompt": "hi", "stream": false}),
     );
-    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(refused.headers()["retry-after"], "1");
-    assert_eq!(
-        refused.json::<Value>().unwrap()["error"]["code"],
-        "MODEL_LOADING"
-    );
+    assert_unavailable(refused, "MODEL_LOADING");
     w.wait_ready(Duration::from_secs(60));
     assert_eq!(
         client()
