@@ -592,6 +592,10 @@ fn a_wedged_engine_turns_readiness_to_engine_stalled_while_liveness_stays_up() {
         json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
     ));
     sse.next_event().expect("started");
+    // The watchdog counts the stall without anyone probing readiness.
+    wait_until("the stall is counted", Duration::from_secs(5), || {
+        metric(&w, "rbee_worker_engine_stalls_total") == 1.0
+    });
     wait_until(
         "readiness reports the stall",
         Duration::from_secs(5),

@@ -99,30 +99,18 @@ async fn ready(State(state): State<AppState>) -> Json<WorkerReadiness> {
     })
 }
 
-/// `Some(seconds)` when the engine has work but has produced nothing for the stall timeout.
+/// `Some(how long)` while the stall watchdog ([`crate::watch_for_stalls`])
+/// finds the engine with work and no token for the stall timeout.
 fn stall(state: &AppState) -> Option<Duration> {
-    let model = state.model.get()?;
-    model
-        .engine
-        .stalled_for()
-        .filter(|d| *d >= state.stall_timeout)
+    if !state.stalled.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
+    state.model.get()?.engine.stalled_for()
 }
 
 async fn health_ready(State(state): State<AppState>) -> Response {
     let s = worker_state(&state);
     if let Some(stalled) = stall(&state) {
-        if !state
-            .stalled
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            if let Some(m) = state.model.get() {
-                m.metrics.engine_stalls.inc();
-            }
-            tracing::error!(
-                stalled_s = stalled.as_secs(),
-                "engine stalled: work in progress but no token produced"
-            );
-        }
         return ApiError::new(
             ErrorCode::EngineStalled,
             format!(
@@ -132,9 +120,6 @@ async fn health_ready(State(state): State<AppState>) -> Response {
         )
         .into_response();
     }
-    state
-        .stalled
-        .store(false, std::sync::atomic::Ordering::Release);
     match s {
         WorkerState::Idle | WorkerState::Busy => (
             StatusCode::OK,

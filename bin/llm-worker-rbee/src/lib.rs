@@ -130,7 +130,6 @@ pub struct AppState {
     model: Arc<OnceLock<Arc<Model>>>,
     model_ref: String,
     jobs: http::Jobs,
-    stall_timeout: Duration,
     stalled: Arc<AtomicBool>,
 }
 
@@ -183,14 +182,15 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let model = Arc::new(OnceLock::new());
     let state_model = Arc::clone(&model);
     let stall_timeout = Duration::from_secs(config.stall_timeout_s);
+    let stalled: Arc<AtomicBool> = Arc::default();
+    let state_stalled = Arc::clone(&stalled);
     let daemon = boot
         .bind(router(), |core| AppState {
             core,
             model: state_model,
             model_ref,
             jobs: http::Jobs::default(),
-            stall_timeout,
-            stalled: Arc::default(),
+            stalled: state_stalled,
         })
         .await?;
 
@@ -252,6 +252,12 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             metrics,
         });
         let _ = model.set(Arc::clone(&ready));
+        tokio::spawn(watch_for_stalls(
+            Arc::clone(&ready),
+            stalled,
+            stall_timeout,
+            shutdown.clone(),
+        ));
         tokio::spawn(abort_before_drain_bound(
             Arc::clone(&ready),
             shutdown.clone(),
@@ -283,5 +289,41 @@ async fn abort_before_drain_bound(
             "drain time is up; ending running generations"
         );
         model.engine.abort_all();
+    }
+}
+
+/// Check the engine's progress every half stall timeout (at most every
+/// second): with work and no token for the timeout, mark the worker stalled
+/// (readiness answers 503 `ENGINE_STALLED`), count the stall once and log it;
+/// clear the mark when tokens flow again. Runs whether or not anyone probes.
+pub async fn watch_for_stalls(
+    model: Arc<Model>,
+    stalled: Arc<AtomicBool>,
+    timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval((timeout / 2).min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let waiting = model.engine.stalled_for().filter(|d| *d >= timeout);
+        match (waiting, stalled.load(Ordering::Acquire)) {
+            (Some(for_how_long), false) => {
+                stalled.store(true, Ordering::Release);
+                model.metrics.engine_stalls.inc();
+                tracing::error!(
+                    stalled_s = for_how_long.as_secs(),
+                    "engine stalled: work in progress but no token produced"
+                );
+            }
+            (None, true) => {
+                stalled.store(false, Ordering::Release);
+                tracing::warn!("engine progressing again after a stall");
+            }
+            _ => {}
+        }
     }
 }
