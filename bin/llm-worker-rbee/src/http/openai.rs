@@ -49,7 +49,7 @@ pub enum Content {
 /// One part of a message's content.
 #[derive(Debug, Deserialize)]
 pub struct ContentPart {
-    /// Only `text` is supported.
+    /// Only `text` is supported; other kinds (images, audio) are refused.
     #[serde(rename = "type")]
     pub kind: String,
     /// The text.
@@ -161,21 +161,37 @@ fn chat_prompt(state: &AppState, messages: Vec<Message>) -> Result<String, ApiEr
             )],
         ));
     }
-    let messages: Vec<ChatMessage> = messages
-        .into_iter()
-        .map(|m| ChatMessage {
-            role: m.role,
-            content: match m.content {
-                Content::Text(t) => t,
-                Content::Parts(parts) => parts
+    let mut bad = Vec::new();
+    let mut turns = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        let content = match m.content {
+            Content::Text(t) => t,
+            Content::Parts(parts) => {
+                if let Some(other) = parts.iter().find(|p| p.kind != "text") {
+                    bad.push(FieldError::new(
+                        format!("messages[{i}].content"),
+                        "type",
+                        format!(
+                            "content part type `{}` is not supported: this model reads text only",
+                            other.kind
+                        ),
+                    ));
+                }
+                parts
                     .into_iter()
-                    .filter(|p| p.kind == "text")
                     .map(|p| p.text)
                     .collect::<Vec<_>>()
-                    .join(""),
-            },
-        })
-        .collect();
+                    .join("")
+            }
+        };
+        turns.push(ChatMessage {
+            role: m.role,
+            content,
+        });
+    }
+    if !bad.is_empty() {
+        return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
+    }
     let Some(model) = state.model.get() else {
         return Err(
             ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
@@ -184,7 +200,7 @@ fn chat_prompt(state: &AppState, messages: Vec<Message>) -> Result<String, ApiEr
     };
     model
         .chat_template
-        .render(&messages)
+        .render(&turns)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))
 }
 
