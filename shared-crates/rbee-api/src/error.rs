@@ -61,6 +61,8 @@ pub enum ErrorCode {
     NoCapacity,
     /// A resource is in use and cannot be changed now.
     Conflict,
+    /// The model is used by a worker and cannot be evicted.
+    ModelInUse,
     /// The engine has work but has produced no token for too long.
     EngineStalled,
     /// The prompt does not fit the model's context.
@@ -93,7 +95,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelAccessDenied => StatusCode::FORBIDDEN,
-            Self::Conflict => StatusCode::CONFLICT,
+            Self::Conflict | Self::ModelInUse => StatusCode::CONFLICT,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::DownloadFailed | Self::WorkerFailed => StatusCode::BAD_GATEWAY,
@@ -154,6 +156,7 @@ impl ErrorCode {
             Self::QueueFull => "QUEUE_FULL",
             Self::NoCapacity => "NO_CAPACITY",
             Self::Conflict => "CONFLICT",
+            Self::ModelInUse => "MODEL_IN_USE",
             Self::EngineStalled => "ENGINE_STALLED",
             Self::PromptTooLong => "PROMPT_TOO_LONG",
             Self::Cancelled => "CANCELLED",

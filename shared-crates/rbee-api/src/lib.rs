@@ -8,9 +8,12 @@
 pub mod error;
 pub mod health;
 pub mod inference;
+pub mod model_ref;
+pub mod models;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};
+pub use model_ref::{HfRef, ModelRef, ModelRefError};
 pub mod outcome;
 
 pub use outcome::Outcome;

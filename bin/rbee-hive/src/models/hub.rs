@@ -1,0 +1,618 @@
+//! Hugging Face: resolve a reference to the exact files of one commit, then
+//! fetch each with the `hf-hub` crate into a Hugging Face cache layout
+//! (`models--ORG--REPO/{blobs,snapshots,refs}`) and verify it.
+//!
+//! Resolution pins the commit the Hub reports, so every file of one model
+//! comes from the same commit even if the branch moves during the download.
+//! `hf-hub` writes each file to `blobs/<etag>.sync.part`, records how much is
+//! committed (in 10 MB chunks) so a later attempt resumes there, and renames
+//! the finished file into place. We then check its size and, for LFS files,
+//! the SHA-256 the Hub reported; a mismatch deletes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hf_hub::api::tokio::{Api, ApiBuilder, ApiError as HubError};
+use hf_hub::{Cache, Repo, RepoType};
+use prometheus_client::metrics::counter::Counter;
+use rbee_api::{ApiError, ErrorCode, HfRef};
+use serde::Deserialize;
+
+/// How long resolving a reference (the repository listing) may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Files a safetensors model may need besides its weights.
+const SAFETENSORS_COMPANIONS: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+];
+
+/// The model format, as the catalog records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One GGUF file.
+    Gguf,
+    /// A directory of safetensors weights plus config and tokenizer.
+    Safetensors,
+}
+
+impl Format {
+    /// `gguf` or `safetensors`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gguf => "gguf",
+            Self::Safetensors => "safetensors",
+        }
+    }
+}
+
+/// One file to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoFile {
+    /// Path inside the repository.
+    pub name: String,
+    /// Size the Hub reports.
+    pub size: u64,
+    /// SHA-256 the Hub reports (LFS files only).
+    pub sha256: Option<String>,
+}
+
+/// What provisioning an `hf:` reference will download.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// `ORG/REPO`.
+    pub repo: String,
+    /// The commit every file is fetched from.
+    pub commit: String,
+    /// GGUF or safetensors.
+    pub format: Format,
+    /// The files, the GGUF first for GGUF models.
+    pub files: Vec<RepoFile>,
+}
+
+impl Plan {
+    /// Bytes of every file.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Why fetching one file failed.
+#[derive(Debug)]
+pub struct FetchError {
+    /// What to answer.
+    pub error: ApiError,
+    /// Whether another attempt may succeed (network trouble, 5xx).
+    pub retry: bool,
+}
+
+/// The Hub client (endpoint, token, cache directory).
+#[derive(Debug, Clone)]
+pub struct Hub {
+    api: Api,
+    cache_dir: PathBuf,
+    has_token: bool,
+}
+
+impl Hub {
+    /// A client for `endpoint` writing under `cache_dir`.
+    pub fn new(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Self, String> {
+        let has_token = token.is_some();
+        let api = ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
+            .with_endpoint(endpoint.trim_end_matches('/').to_owned())
+            .with_token(token)
+            .with_progress(false)
+            .with_user_agent("rbee-hive", env!("CARGO_PKG_VERSION"))
+            .build()
+            .map_err(|e| format!("cannot build the Hugging Face client: {e}"))?;
+        Ok(Self {
+            api,
+            cache_dir,
+            has_token,
+        })
+    }
+
+    /// The cache root (`<models-dir>/hf`).
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The cache folder of `repo` (`models--ORG--REPO`).
+    pub fn repo_dir(&self, repo: &str) -> PathBuf {
+        self.cache_dir
+            .join(Repo::new(repo.to_owned(), RepoType::Model).folder_name())
+    }
+
+    /// Where a fetched file of `plan` lies.
+    pub fn snapshot_path(&self, plan: &Plan, name: &str) -> PathBuf {
+        self.repo_dir(&plan.repo)
+            .join("snapshots")
+            .join(&plan.commit)
+            .join(name)
+    }
+
+    /// Ask the Hub which files `r` means. Errors are what the provision
+    /// request answers.
+    pub async fn resolve(&self, r: &HfRef, display: &str) -> Result<Plan, ApiError> {
+        let repo = Repo::with_revision(
+            r.repo.clone(),
+            RepoType::Model,
+            r.revision_or_main().to_owned(),
+        );
+        let request = self
+            .api
+            .repo(repo)
+            .info_request()
+            .query(&[("blobs", "true")])
+            .send();
+        let response = match tokio::time::timeout(RESOLVE_TIMEOUT, request).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::DownloadFailed,
+                    format!("the Hub did not answer within {RESOLVE_TIMEOUT:?} for {display}"),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(ApiError::new(
+                    ErrorCode::DownloadFailed,
+                    format!("cannot reach the Hub for {display}: {}", error_chain(&e)),
+                ))
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let hub_code = response
+                .headers()
+                .get("x-error-code")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return Err(self.status_error(status.as_u16(), hub_code.as_deref(), display, r));
+        }
+        let info: RepoInfo = response.json().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!("the Hub's listing for {display} is not valid: {e}"),
+            )
+        })?;
+        select_files(r, display, info)
+    }
+
+    fn status_error(
+        &self,
+        status: u16,
+        hub_code: Option<&str>,
+        display: &str,
+        r: &HfRef,
+    ) -> ApiError {
+        match (status, hub_code) {
+            (_, Some("RepoNotFound")) | (404, None) => ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("{display}: repository {} not found on the Hub", r.repo),
+            ),
+            (_, Some("RevisionNotFound")) => ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "{display}: revision {} not found in {}",
+                    r.revision_or_main(),
+                    r.repo
+                ),
+            ),
+            (_, Some("EntryNotFound")) => ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("{display}: file not found in {}", r.repo),
+            ),
+            (401 | 403, _) => {
+                ApiError::new(
+                    ErrorCode::ModelAccessDenied,
+                    if self.has_token {
+                        format!("{display}: the configured Hugging Face token is not granted access to {}", r.repo)
+                    } else {
+                        format!("{display}: {} requires authentication; set HF_TOKEN (or --hf-token-file) on the hive", r.repo)
+                    },
+                )
+            }
+            (404, Some(_)) => ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("{display}: not found on the Hub"),
+            ),
+            (status, _) => ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!("the Hub answered HTTP {status} for {display}"),
+            ),
+        }
+    }
+
+    /// Fetch one file of `plan` (resuming a partial one) and verify it.
+    /// Returns its path in the snapshot.
+    pub async fn fetch(
+        &self,
+        plan: &Plan,
+        file: &RepoFile,
+        display: &str,
+        progress: FileProgress,
+    ) -> Result<PathBuf, FetchError> {
+        let repo = Repo::with_revision(plan.repo.clone(), RepoType::Model, plan.commit.clone());
+        let path = self
+            .api
+            .repo(repo)
+            .download_with_progress(&file.name, progress)
+            .await
+            .map_err(|e| self.fetch_error(e, display, &file.name))?;
+        Ok(path)
+    }
+
+    fn fetch_error(&self, e: HubError, display: &str, name: &str) -> FetchError {
+        if let HubError::RequestError(inner) = &e {
+            if let Some(status) = inner.status() {
+                let status = status.as_u16();
+                let retry = status >= 500 || status == 429;
+                let error = match status {
+                    404 => ApiError::new(
+                        ErrorCode::ModelNotFound,
+                        format!("{display}: file {name} not found on the Hub"),
+                    ),
+                    401 | 403 => ApiError::new(
+                        ErrorCode::ModelAccessDenied,
+                        format!("{display}: access to {name} denied by the Hub"),
+                    ),
+                    _ => ApiError::new(
+                        ErrorCode::DownloadFailed,
+                        format!("{display}: the Hub answered HTTP {status} for {name}"),
+                    ),
+                };
+                return FetchError { error, retry };
+            }
+        }
+        let retry = matches!(
+            e,
+            HubError::RequestError(_) | HubError::TooManyRetries(_) | HubError::Join(_)
+        );
+        FetchError {
+            error: ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!("{display}: downloading {name} failed: {}", error_chain(&e)),
+            ),
+            retry,
+        }
+    }
+}
+
+/// The cause chain of an error on one line (reqwest hides the useful part).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct RepoInfo {
+    sha: String,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    lfs: Option<LfsInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LfsInfo {
+    sha256: String,
+    size: u64,
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiError> {
+    if !is_commit(&info.sha) {
+        return Err(ApiError::new(
+            ErrorCode::DownloadFailed,
+            format!("the Hub's listing for {display} has no valid commit id"),
+        ));
+    }
+    let to_file = |s: &Sibling| -> Result<RepoFile, ApiError> {
+        let size = s.lfs.as_ref().map(|l| l.size).or(s.size).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!(
+                    "the Hub did not report the size of {} for {display}",
+                    s.rfilename
+                ),
+            )
+        })?;
+        let sha256 = s.lfs.as_ref().map(|l| l.sha256.to_ascii_lowercase());
+        if sha256
+            .as_deref()
+            .is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!(
+                    "the Hub reported an invalid sha256 for {} of {display}",
+                    s.rfilename
+                ),
+            ));
+        }
+        Ok(RepoFile {
+            name: s.rfilename.clone(),
+            size,
+            sha256,
+        })
+    };
+    let is_gguf = |name: &str| name.to_ascii_lowercase().ends_with(".gguf");
+    let plan = |format, files| Plan {
+        repo: r.repo.clone(),
+        commit: info.sha.to_ascii_lowercase(),
+        format,
+        files,
+    };
+    if let Some(wanted) = &r.file {
+        let Some(sibling) = info.siblings.iter().find(|s| &s.rfilename == wanted) else {
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("{display}: {} has no file {wanted}", r.repo),
+            ));
+        };
+        if !is_gguf(wanted) {
+            return Err(ApiError::invalid_fields(
+                ErrorCode::InvalidRequest,
+                vec![rbee_api::FieldError::new(
+                    "model_ref",
+                    "format",
+                    format!("{display}: only a .gguf file can be selected with :FILE; name the repository alone for a safetensors model"),
+                )],
+            ));
+        }
+        return Ok(plan(Format::Gguf, vec![to_file(sibling)?]));
+    }
+    let ggufs: Vec<&Sibling> = info
+        .siblings
+        .iter()
+        .filter(|s| is_gguf(&s.rfilename))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => return Ok(plan(Format::Gguf, vec![to_file(one)?])),
+        [] => {}
+        many => {
+            let names: Vec<&str> = many.iter().map(|s| s.rfilename.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{display} holds {} GGUF files; name one as hf:{}:FILE ({})",
+                    names.len(),
+                    r.repo,
+                    names.join(", ")
+                ),
+            )
+            .with_details(serde_json::json!({ "files": names })));
+        }
+    }
+    let top_level = |s: &&Sibling| !s.rfilename.contains('/');
+    let weights: Vec<&Sibling> = info
+        .siblings
+        .iter()
+        .filter(top_level)
+        .filter(|s| s.rfilename.ends_with(".safetensors"))
+        .collect();
+    let has = |name: &str| info.siblings.iter().any(|s| s.rfilename == name);
+    if weights.is_empty() || !has("config.json") || !has("tokenizer.json") {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "{display}: {} holds no GGUF file and no safetensors model (config.json, tokenizer.json and *.safetensors)",
+                r.repo
+            ),
+        ));
+    }
+    let mut files = Vec::new();
+    for sibling in info.siblings.iter().filter(top_level) {
+        if SAFETENSORS_COMPANIONS.contains(&sibling.rfilename.as_str())
+            || sibling.rfilename.ends_with(".safetensors")
+        {
+            files.push(to_file(sibling)?);
+        }
+    }
+    Ok(plan(Format::Safetensors, files))
+}
+
+/// Progress of one download, shared with `hf-hub`'s chunk tasks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes of files already complete.
+    pub finished: AtomicU64,
+    /// Bytes of the file being fetched (resumed bytes included).
+    pub current: AtomicU64,
+}
+
+impl Counters {
+    /// Bytes on disk so far.
+    pub fn downloaded(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed) + self.current.load(Ordering::Relaxed)
+    }
+
+    /// A file of `size` bytes is complete.
+    pub fn finish_file(&self, size: u64) {
+        self.current.store(0, Ordering::Relaxed);
+        self.finished.fetch_add(size, Ordering::Relaxed);
+    }
+}
+
+/// `hf-hub`'s progress callback for one attempt at one file.
+///
+/// `hf-hub` 0.4 calls `init`, then `update(offset)` once with the bytes it
+/// resumes from, then `update(n)` for every piece received. Only the
+/// latter are network bytes (`rbee_hive_download_bytes_total`). Clones
+/// (one per chunk task) share the counters.
+#[derive(Debug, Clone)]
+pub struct FileProgress {
+    counters: Arc<Counters>,
+    network: Counter,
+    expect_resume_offset: bool,
+}
+
+impl FileProgress {
+    /// Progress into `counters`, network bytes into `network`.
+    pub fn new(counters: Arc<Counters>, network: Counter) -> Self {
+        Self {
+            counters,
+            network,
+            expect_resume_offset: false,
+        }
+    }
+}
+
+impl hf_hub::api::tokio::Progress for FileProgress {
+    async fn init(&mut self, _size: usize, _filename: &str) {
+        self.counters.current.store(0, Ordering::Relaxed);
+        self.expect_resume_offset = true;
+    }
+
+    async fn update(&mut self, size: usize) {
+        let size = size as u64;
+        if std::mem::take(&mut self.expect_resume_offset) {
+            self.counters.current.store(size, Ordering::Relaxed);
+            if size > 0 {
+                tracing::info!(resumed_bytes = size, "resuming a partial download");
+            }
+        } else {
+            self.counters.current.fetch_add(size, Ordering::Relaxed);
+            self.network.inc_by(size);
+        }
+    }
+
+    async fn finish(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(files: &[(&str, u64, bool)]) -> RepoInfo {
+        RepoInfo {
+            sha: "a".repeat(40),
+            siblings: files
+                .iter()
+                .map(|(name, size, lfs)| Sibling {
+                    rfilename: (*name).to_owned(),
+                    size: Some(*size),
+                    lfs: lfs.then(|| LfsInfo {
+                        sha256: "b".repeat(64),
+                        size: *size,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    fn hf(file: Option<&str>) -> HfRef {
+        HfRef {
+            repo: "o/r".into(),
+            revision: None,
+            file: file.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_single_gguf_is_chosen_and_its_lfs_hash_kept() {
+        let plan = select_files(
+            &hf(None),
+            "hf:o/r",
+            info(&[("README.md", 10, false), ("m.Q4.gguf", 100, true)]),
+        )
+        .unwrap();
+        assert_eq!(plan.format, Format::Gguf);
+        assert_eq!(plan.files.len(), 1);
+        assert_eq!(plan.files[0].name, "m.Q4.gguf");
+        assert_eq!(plan.files[0].sha256.as_deref(), Some(&*"b".repeat(64)));
+    }
+
+    #[test]
+    fn several_ggufs_without_a_file_list_them() {
+        let err = select_files(
+            &hf(None),
+            "hf:o/r",
+            info(&[("a.gguf", 1, true), ("b.gguf", 2, true)]),
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+        let details = err.body().error.details.clone().unwrap();
+        assert_eq!(details["files"], serde_json::json!(["a.gguf", "b.gguf"]));
+        let chosen = select_files(
+            &hf(Some("b.gguf")),
+            "hf:o/r:b.gguf",
+            info(&[("a.gguf", 1, true), ("b.gguf", 2, true)]),
+        )
+        .unwrap();
+        assert_eq!(chosen.files[0].name, "b.gguf");
+    }
+
+    #[test]
+    fn safetensors_repos_take_weights_config_and_tokenizer_only() {
+        let plan = select_files(
+            &hf(None),
+            "hf:o/r",
+            info(&[
+                ("config.json", 1, false),
+                ("tokenizer.json", 2, false),
+                ("model-00001-of-00002.safetensors", 3, true),
+                ("model-00002-of-00002.safetensors", 4, true),
+                ("model.safetensors.index.json", 5, false),
+                ("onnx/model.safetensors", 6, true),
+                ("pytorch_model.bin", 7, true),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(plan.format, Format::Safetensors);
+        let names: Vec<_> = plan.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "config.json",
+                "tokenizer.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json"
+            ]
+        );
+        assert_eq!(plan.total_bytes(), 15);
+    }
+
+    #[test]
+    fn a_repo_without_a_model_or_a_missing_file_is_not_found() {
+        let none = select_files(&hf(None), "hf:o/r", info(&[("README.md", 1, false)]));
+        assert_eq!(none.unwrap_err().code(), ErrorCode::ModelNotFound);
+        let missing = select_files(
+            &hf(Some("x.gguf")),
+            "hf:o/r:x.gguf",
+            info(&[("a.gguf", 1, true)]),
+        );
+        let err = missing.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ModelNotFound);
+        assert!(err.body().error.message.contains("hf:o/r:x.gguf"));
+        let not_gguf = select_files(
+            &hf(Some("config.json")),
+            "hf:o/r:config.json",
+            info(&[("config.json", 1, false)]),
+        );
+        assert_eq!(not_gguf.unwrap_err().code(), ErrorCode::InvalidRequest);
+    }
+}
