@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod fake_hub;
+
 /// The three daemons.
 pub const DAEMONS: [&str; 3] = ["queen-rbee", "rbee-hive", "llm-worker-rbee"];
 
@@ -97,11 +99,14 @@ pub struct DaemonSpec {
     model: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    scratch: Option<Arc<tempfile::TempDir>>,
 }
 
 impl DaemonSpec {
     /// `name` on `127.0.0.1:0` with JSON logs, no token, `RUST_LOG=info`;
-    /// the worker serves the default model.
+    /// the worker serves the default model; the hive gets a fresh models
+    /// directory (removed when the spec and its daemons are dropped)
+    /// unless the test passes `--models-dir`.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -110,6 +115,8 @@ impl DaemonSpec {
             model: (name == "llm-worker-rbee").then(|| default_model().display().to_string()),
             args: vec!["--log-format".to_owned(), "json".to_owned()],
             env: vec![("RUST_LOG".into(), "info".into())],
+            scratch: (name == "rbee-hive")
+                .then(|| Arc::new(tempfile::tempdir().expect("a scratch models directory"))),
         }
     }
 
@@ -154,7 +161,16 @@ impl DaemonSpec {
         if let Some(model) = &self.model {
             cmd.arg("--model").arg(model);
         }
+        if let Some(scratch) = &self.scratch {
+            if !self.args.iter().any(|a| a == "--models-dir") {
+                cmd.arg("--models-dir").arg(scratch.path());
+            }
+        }
         cmd.args(&self.args)
+            .env_remove("RBEE_MODELS_DIR")
+            .env_remove("HF_ENDPOINT")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_TOKEN_PATH")
             .env_remove("LLORCH_API_TOKEN")
             .env_remove("LLORCH_API_TOKEN_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
@@ -209,6 +225,7 @@ impl DaemonSpec {
             }
         });
         let mut daemon = RunningDaemon {
+            _scratch: self.scratch.clone(),
             name: self.name.clone(),
             child,
             logs,
@@ -238,6 +255,7 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 /// A started daemon; killed on drop.
 #[derive(Debug)]
 pub struct RunningDaemon {
+    _scratch: Option<Arc<tempfile::TempDir>>,
     name: String,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,

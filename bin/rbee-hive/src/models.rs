@@ -166,6 +166,12 @@ impl Models {
             tracing::warn!(%model_ref, "model removed from the catalog: its files are missing or changed on disk");
         }
         let pending = catalog.pending().await?;
+        tracing::info!(
+            models_dir = %dir.display(),
+            dropped = dropped.len(),
+            pending = pending.len(),
+            "model catalog open"
+        );
         let mut settings = settings;
         settings.models_dir = dir;
         let models = Self {
