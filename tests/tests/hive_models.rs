@@ -167,6 +167,12 @@ fn a_gguf_repo_is_provisioned_with_throttled_progress_then_listed() {
 
     let first = follow_until(&hive, &id, |e| e["bytes_downloaded"].as_u64() > Some(0));
     assert_eq!(metric(&hive, "rbee_hive_download_active"), 1.0);
+    let (status, catalog) = send(client().get(hive.url("/v1/models/catalog")));
+    assert_eq!(status, 200);
+    assert_eq!(catalog["models"], json!([]));
+    assert_eq!(catalog["downloads"][0]["download_id"], id.as_str());
+    assert_eq!(catalog["downloads"][0]["model_ref"], "hf:acme/tiny-GGUF");
+    assert_eq!(catalog["downloads"][0]["bytes_total"], 3_000_000);
     let mut events = first;
     events.extend(follow(&hive, &id));
     let elapsed = started.elapsed();
@@ -270,7 +276,7 @@ fn a_connection_dropped_mid_file_is_resumed_from_the_last_committed_chunk() {
 #[test]
 fn unknown_repo_revision_and_file_are_model_not_found_naming_the_ref() {
     let hub = FakeHub::start();
-    hub.add_repo("acme/tiny", vec![HubFile::lfs("t.gguf", gguf(1000, 3))]);
+    let commit = hub.add_repo("acme/tiny", vec![HubFile::lfs("t.gguf", gguf(1000, 3))]);
     let hive = hive(&hub).spawn();
     for model_ref in [
         "hf:acme/nope",
@@ -285,6 +291,9 @@ fn unknown_repo_revision_and_file_are_model_not_found_naming_the_ref() {
         assert!(message.contains(model_ref), "{message}");
     }
     assert!(list(&hive).is_empty());
+
+    let pinned = format!("hf:acme/tiny@{commit}");
+    assert_eq!(provision_to_end(&hive, &pinned)["stage"], "complete");
 }
 
 #[test]
@@ -419,6 +428,12 @@ fn the_catalog_survives_a_restart_and_forgets_files_deleted_by_hand() {
     );
 
     std::fs::remove_file(lost["local_path"].as_str().expect("path")).expect("delete by hand");
+    // A partial file no pending download owns (left by a crash) is removed.
+    let stray = dir
+        .path()
+        .join("hf/models--acme--gone/blobs/0123abcd.sync.part");
+    std::fs::create_dir_all(stray.parent().expect("blobs dir")).expect("mkdir");
+    std::fs::write(&stray, vec![7; 1000]).expect("stray partial");
     let second = hive_in(&hub, dir.path()).spawn();
     let refs: Vec<Value> = list(&second)
         .iter()
@@ -426,6 +441,7 @@ fn the_catalog_survives_a_restart_and_forgets_files_deleted_by_hand() {
         .collect();
     assert_eq!(refs, vec![json!("hf:acme/keep")]);
     assert!(second.wait_for_log("its files are missing", Duration::from_secs(1)));
+    assert!(!stray.exists(), "stray partial download removed at startup");
     // The forgotten model can be provisioned again.
     assert_eq!(
         provision_to_end(&second, "hf:acme/lose")["stage"],
