@@ -790,3 +790,30 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn bad_model_settings_are_reported_together_and_exit_1() {
+    let out = DaemonSpec::new("rbee-hive")
+        .args([
+            "--hf-endpoint",
+            "ftp://mirror.example",
+            "--hf-token-file",
+            "/nonexistent/hf-token",
+        ])
+        .run_to_exit(Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().expect("an error line");
+    assert!(
+        last.contains("--hf-endpoint") && last.contains("--hf-token-file"),
+        "{stderr}"
+    );
+
+    let file = tempfile::NamedTempFile::new().expect("a plain file");
+    let out = DaemonSpec::new("rbee-hive")
+        .args(["--models-dir", file.path().to_str().expect("UTF-8")])
+        .run_to_exit(Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("models directory"), "{stderr}");
+}
