@@ -25,11 +25,20 @@ use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity
 use crate::engine::metrics::WorkerMetrics;
 use crate::engine::Engine;
 
+/// `--version`: the version and the backends this build has, which the hive
+/// reads to know what it can spawn.
+pub const VERSION: &str = match (cfg!(feature = "cuda"), cfg!(feature = "metal")) {
+    (true, true) => concat!(env!("CARGO_PKG_VERSION"), " backends=cpu,cuda,metal"),
+    (true, false) => concat!(env!("CARGO_PKG_VERSION"), " backends=cpu,cuda"),
+    (false, true) => concat!(env!("CARGO_PKG_VERSION"), " backends=cpu,metal"),
+    (false, false) => concat!(env!("CARGO_PKG_VERSION"), " backends=cpu"),
+};
+
 /// `llm-worker-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "llm-worker-rbee",
-    version,
+    version = VERSION,
     about = "One loaded model served over HTTP, tokens streamed as they are produced"
 )]
 pub struct Config {
@@ -76,6 +85,12 @@ pub struct Config {
     /// Seconds between heartbeats to the hive.
     #[arg(long, env = "RBEE_WORKER_HEARTBEAT_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_interval_s: u64,
+
+    /// Set by the hive that spawns this worker: the worker asks the kernel
+    /// for SIGKILL when its parent exits (`PR_SET_PDEATHSIG`), and exits at
+    /// once if that parent is already gone.
+    #[arg(long, env = "RBEE_WORKER_PARENT_PID")]
+    pub parent_pid: Option<u32>,
 
     /// Re-quantize 4/5-bit weights at load: `q8_0` is faster on CPU (SIMD
     /// kernels) at about twice the memory.
@@ -148,6 +163,9 @@ pub fn router() -> Router<AppState> {
 /// `config.addr`, then load the model in the background. A model that fails
 /// to load stops the daemon with exit code 1.
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
+    if let Some(parent) = config.parent_pid {
+        exit_with_parent(parent)?;
+    }
     let device = model::device(config.backend, config.device).map_err(StartupError::Config)?;
     let model_ref = config
         .model_ref
@@ -326,4 +344,20 @@ pub async fn watch_for_stalls(
             _ => {}
         }
     }
+}
+
+/// Die with the parent: `PR_SET_PDEATHSIG` fires when the thread that
+/// forked us exits (the hive forks from a thread that lives as long as it
+/// does); checking the parent afterwards closes the race with a parent that
+/// died before the call.
+fn exit_with_parent(parent: u32) -> Result<(), StartupError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| StartupError::Config(format!("cannot set the parent-death signal: {e}")))?;
+    let actual = nix::unistd::getppid().as_raw();
+    if u32::try_from(actual).ok() != Some(parent) {
+        return Err(StartupError::Config(format!(
+            "--parent-pid {parent} is not this process's parent ({actual}); the hive is gone"
+        )));
+    }
+    Ok(())
 }

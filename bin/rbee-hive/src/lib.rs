@@ -7,7 +7,11 @@
 //! ids, JSON errors); its HTTP metrics carry the contract's names
 //! `rbee_hive_requests_total` and `rbee_hive_request_duration_seconds`.
 
+pub mod config_file;
+pub mod host;
 pub mod models;
+pub mod queen;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +24,9 @@ use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity
 use secrecy::SecretString;
 
 use models::{ModelSettings, Models};
+use restart_policy::{BreakerConfig, PolicyKind, RestartConfig};
+use workers::routes::ReadyRequiresWorker;
+use workers::{WorkerSettings, Workers};
 
 /// `rbee-hive`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -61,6 +68,93 @@ pub struct Config {
     #[arg(long, env = "RBEE_DOWNLOAD_RETENTION_S", default_value_t = 900)]
     pub download_retention_s: u64,
 
+    /// The `llm-worker-rbee` binary (default: next to `rbee-hive`).
+    #[arg(long, env = "RBEE_WORKER_BINARY", value_name = "PATH")]
+    pub worker_binary: Option<PathBuf>,
+
+    /// Working directories and logs of workers (default: `<models-dir>/run`).
+    #[arg(long, env = "RBEE_RUN_DIR", value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+
+    /// Heartbeat interval given to workers, in seconds.
+    #[arg(long, env = "RBEE_WORKER_HEARTBEAT_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub worker_heartbeat_interval_s: u64,
+
+    /// A ready worker without a heartbeat for this long is declared dead.
+    #[arg(long, env = "RBEE_HEARTBEAT_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub heartbeat_timeout_s: u64,
+
+    /// Seconds between readiness checks of each ready worker.
+    #[arg(long, env = "RBEE_HEALTH_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub health_interval_s: u64,
+
+    /// Consecutive failed readiness checks that declare a worker dead.
+    #[arg(long, env = "RBEE_HEALTH_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub health_failures: u32,
+
+    /// A worker still loading after this many seconds is killed.
+    #[arg(long, env = "RBEE_LOAD_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub load_timeout_s: u64,
+
+    /// Grace in seconds for each step of stopping a worker (HTTP shutdown,
+    /// then SIGTERM) before the next (SIGTERM, then SIGKILL).
+    #[arg(long, env = "RBEE_WORKER_STOP_GRACE_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub worker_stop_grace_s: u64,
+
+    /// First restart delay in milliseconds (doubles per attempt, +-20 % jitter).
+    #[arg(long, env = "RBEE_RESTART_BACKOFF_BASE_MS", default_value_t = 1000)]
+    pub restart_backoff_base_ms: u64,
+
+    /// Longest restart delay in milliseconds.
+    #[arg(long, env = "RBEE_RESTART_BACKOFF_CAP_MS", default_value_t = 60_000)]
+    pub restart_backoff_cap_ms: u64,
+
+    /// Restart attempts before a worker is marked failed.
+    #[arg(long, env = "RBEE_RESTART_MAX_ATTEMPTS", default_value_t = 3)]
+    pub restart_max_attempts: u32,
+
+    /// Healthy uptime in seconds after which the attempt count resets.
+    #[arg(long, env = "RBEE_RESTART_STABLE_UPTIME_S", default_value_t = 300)]
+    pub restart_stable_uptime_s: u64,
+
+    /// Failures of one (model, device) pair within the window that open its
+    /// circuit breaker.
+    #[arg(long, env = "RBEE_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+
+    /// The breaker's failure window, in seconds.
+    #[arg(long, env = "RBEE_BREAKER_WINDOW_S", default_value_t = 300)]
+    pub breaker_window_s: u64,
+
+    /// How long an open breaker refuses before letting one probe spawn through.
+    #[arg(long, env = "RBEE_BREAKER_COOLDOWN_S", default_value_t = 60)]
+    pub breaker_cooldown_s: u64,
+
+    /// Report ready only when at least one worker is ready.
+    #[arg(long, env = "RBEE_READY_REQUIRES_WORKER")]
+    pub ready_requires_worker: bool,
+
+    /// Register with this queen at startup and keep the registration fresh.
+    #[arg(long, env = "RBEE_QUEEN_URL")]
+    pub queen_url: Option<String>,
+
+    /// This hive's name at the queen (default: the host name).
+    #[arg(long, env = "RBEE_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The URL the queen should use for this hive (default: the bound address).
+    #[arg(long, env = "RBEE_HIVE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// Seconds between registrations with the queen.
+    #[arg(long, env = "RBEE_QUEEN_REGISTER_INTERVAL_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub queen_register_interval_s: u64,
+
+    /// Optional TOML file of settings (keys are flag names); flags and
+    /// environment variables win over it.
+    #[arg(long, env = "RBEE_HIVE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(flatten)]
     /// The flags every daemon has.
     pub common: CommonArgs,
@@ -70,6 +164,10 @@ impl DaemonConfig for Config {
     fn common(&self) -> &CommonArgs {
         &self.common
     }
+
+    fn load() -> Self {
+        config_file::parse_with_file(std::env::args_os().collect())
+    }
 }
 
 /// State shared by `rbee-hive`'s handlers.
@@ -77,6 +175,20 @@ impl DaemonConfig for Config {
 pub struct AppState {
     core: CoreState,
     models: Models,
+    workers: Workers,
+    ready_requires_worker: ReadyRequiresWorker,
+}
+
+impl FromRef<AppState> for Workers {
+    fn from_ref(state: &AppState) -> Self {
+        state.workers.clone()
+    }
+}
+
+impl FromRef<AppState> for ReadyRequiresWorker {
+    fn from_ref(state: &AppState) -> Self {
+        state.ready_requires_worker
+    }
 }
 
 impl FromRef<AppState> for Models {
@@ -96,14 +208,36 @@ impl FromRef<AppState> for CoreState {
 /// Worker routes join here; the backend label of `rbee_build_info` names
 /// the backends this build can spawn.
 pub fn router() -> Router<AppState> {
-    models::routes::router()
+    models::routes::router().merge(workers::routes::router())
+}
+
+/// A bound hive: the daemon plus its workers, which never outlive it.
+#[derive(Debug)]
+pub struct Hive {
+    daemon: Daemon,
+    workers: Workers,
+}
+
+impl Hive {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.daemon.local_addr()
+    }
+
+    /// Serve until SIGTERM/SIGINT or `POST /v1/admin/shutdown`; workers are
+    /// stopped in parallel during the drain, and any left are killed.
+    pub async fn run(self) -> Result<(), StartupError> {
+        let result = self.daemon.run().await;
+        self.workers.kill_all();
+        result
+    }
 }
 
 /// Open the audit trail, check the token and bind policy, then bind
 /// `config.addr`. The returned daemon reports its bound address
 /// ([`Daemon::local_addr`]) and serves until SIGTERM/SIGINT or
 /// `POST /v1/admin/shutdown` ([`Daemon::run`]).
-pub async fn build(config: Config) -> Result<Daemon, StartupError> {
+pub async fn build(config: Config) -> Result<Hive, StartupError> {
     let hf_token = check_model_flags(&config)?;
     let hf_token_fp = hf_token
         .as_ref()
@@ -115,6 +249,14 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         ConfigSetting::new("disk_reserve_mib", config.disk_reserve_mib),
         ConfigSetting::new("download_attempts", config.download_attempts),
         ConfigSetting::new("download_retention_s", config.download_retention_s),
+        ConfigSetting::new("load_timeout_s", config.load_timeout_s),
+        ConfigSetting::new("heartbeat_timeout_s", config.heartbeat_timeout_s),
+        ConfigSetting::new("health_interval_s", config.health_interval_s),
+        ConfigSetting::new("health_failures", config.health_failures),
+        ConfigSetting::new("restart_max_attempts", config.restart_max_attempts),
+        ConfigSetting::new("breaker_threshold", config.breaker_threshold),
+        ConfigSetting::new("ready_requires_worker", config.ready_requires_worker),
+        ConfigSetting::new("queen_url", config.queen_url.as_deref().unwrap_or("none")),
     ];
     let mut boot = Bootstrap::new(
         Identity {
@@ -142,7 +284,89 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     )
     .await
     .map_err(|e| StartupError::Config(e.to_string()))?;
-    boot.bind(router(), |core| AppState { core, models }).await
+    let worker_settings = worker_settings(&config)?;
+    let workers = Workers::start(
+        worker_settings,
+        models.clone(),
+        boot.audit.clone(),
+        boot.token.clone(),
+        &mut boot.registry,
+    )
+    .await
+    .map_err(StartupError::Config)?;
+    let shutdown = boot.shutdown.clone();
+    let token = boot.token.clone();
+    let ready_requires_worker = ReadyRequiresWorker(config.ready_requires_worker);
+    let state_workers = workers.clone();
+    let mut daemon = boot
+        .bind(router(), |core| AppState {
+            core,
+            models,
+            workers: state_workers,
+            ready_requires_worker,
+        })
+        .await?;
+    let local = daemon.local_addr();
+    let callback_host = if local.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        local.ip()
+    };
+    workers.set_hive_url(format!(
+        "http://{}",
+        SocketAddr::new(callback_host, local.port())
+    ));
+    let draining = workers.clone();
+    daemon.on_drain(async move { draining.shutdown_all().await });
+    if let Some(queen_url) = &config.queen_url {
+        let registration = queen::Registration {
+            queen_url: queen_url.trim_end_matches('/').to_owned(),
+            node_name: config.node_name.clone().unwrap_or_else(host::hostname),
+            url: config.advertise_url.clone().unwrap_or_else(|| {
+                format!("http://{}", SocketAddr::new(callback_host, local.port()))
+            }),
+            interval: Duration::from_secs(config.queen_register_interval_s),
+        };
+        tokio::spawn(queen::keep_registered(registration, token, shutdown));
+    }
+    Ok(Hive { daemon, workers })
+}
+
+fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
+    let worker_binary = match &config.worker_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("llm-worker-rbee")))
+            .unwrap_or_else(|| PathBuf::from("llm-worker-rbee")),
+    };
+    Ok(WorkerSettings {
+        worker_binary,
+        run_dir: config
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| config.models_dir.join("run")),
+        bind_host: config.addr.ip(),
+        heartbeat_interval: Duration::from_secs(config.worker_heartbeat_interval_s),
+        heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_s),
+        health_interval: Duration::from_secs(config.health_interval_s),
+        health_failures: config.health_failures,
+        load_timeout: Duration::from_secs(config.load_timeout_s),
+        stop_grace: Duration::from_secs(config.worker_stop_grace_s),
+        restart: RestartConfig {
+            kind: PolicyKind::OnFailure,
+            backoff_base: Duration::from_millis(config.restart_backoff_base_ms),
+            backoff_cap: Duration::from_millis(config.restart_backoff_cap_ms),
+            jitter: 0.2,
+            max_attempts: config.restart_max_attempts,
+            stable_uptime: Duration::from_secs(config.restart_stable_uptime_s),
+        },
+        breaker: BreakerConfig {
+            failure_threshold: config.breaker_threshold,
+            window: Duration::from_secs(config.breaker_window_s),
+            cooldown: Duration::from_secs(config.breaker_cooldown_s),
+        },
+    })
 }
 
 /// Check the model flags, all at once, and load the Hugging Face token.

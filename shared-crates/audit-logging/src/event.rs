@@ -51,6 +51,32 @@ pub enum WorkerFailureReason {
     LoadTimeout,
 }
 
+/// What made the hive declare a worker dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashCause {
+    /// The process exited on its own.
+    Exited,
+    /// No heartbeat within the timeout.
+    MissedHeartbeats,
+    /// Its readiness probe failed too many times in a row.
+    FailedHealthChecks,
+    /// It stayed loading past the load timeout.
+    LoadTimeout,
+}
+
+impl CrashCause {
+    /// The log and label string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exited => "exited",
+            Self::MissedHeartbeats => "missed_heartbeats",
+            Self::FailedHealthChecks => "failed_health_checks",
+            Self::LoadTimeout => "load_timeout",
+        }
+    }
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
@@ -160,6 +186,8 @@ pub enum AuditEvent {
         pid: u32,
         /// How it ended.
         exit: ExitInfo,
+        /// What the hive noticed.
+        cause: CrashCause,
     },
     /// A worker is being restarted.
     WorkerRestarted {

@@ -33,7 +33,8 @@ mod writer;
 pub use canonical::{canonical_json, chain_hash, CanonicalError, GENESIS_HASH};
 pub use config::{AuditConfig, AuditMode, FlushPolicy};
 pub use event::{
-    AuditEvent, AuthFailureReason, ConfigSetting, ExitInfo, StopCause, WorkerFailureReason,
+    AuditEvent, AuthFailureReason, ConfigSetting, CrashCause, ExitInfo, StopCause,
+    WorkerFailureReason,
 };
 pub use logger::{AuditLogger, AuditSink};
 pub use verify::{tail, trail_files, verify_dir, Problem, VerifyFailure, VerifyReport};

@@ -54,6 +54,22 @@ impl ApiToken {
     pub(crate) fn expose(&self) -> &str {
         self.secret.expose_secret()
     }
+
+    /// Write the token to a new file readable only by its owner (0600), for
+    /// a child process's `--api-token-file`. The token leaves this crate only
+    /// this way and in outgoing `Authorization` headers.
+    pub fn write_private_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(self.expose().as_bytes())?;
+        file.sync_all()
+    }
 }
 
 impl std::fmt::Debug for ApiToken {

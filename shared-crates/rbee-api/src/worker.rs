@@ -119,6 +119,91 @@ pub struct WorkerReadiness {
     pub model_loaded: bool,
 }
 
+/// `POST /v1/workers/spawn` on the hive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// A provisioned model reference.
+    pub model_ref: String,
+    /// Backend; `cpu` when omitted.
+    #[serde(default)]
+    pub backend: Option<Backend>,
+    /// Device ordinal; for `cuda` the GPU with the most free VRAM when
+    /// omitted, always 0 for `cpu`.
+    #[serde(default)]
+    pub device: Option<u32>,
+    /// The worker's id; the hive mints one when omitted.
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    /// Concurrent sequences (1..=64, default 1).
+    #[serde(default)]
+    pub slots: Option<u16>,
+}
+
+/// The 202 answer to a spawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnAccepted {
+    /// The worker's id.
+    pub worker_id: String,
+    /// Its URL: `null` until the worker reports it in its ready callback
+    /// (it listens on a port the OS chooses).
+    pub url: Option<String>,
+    /// Always `loading`.
+    pub state: WorkerState,
+    /// Host memory (cpu) or GPU memory (cuda) reserved for it while it loads.
+    pub reserved_bytes: u64,
+}
+
+/// One worker as the hive's registry shows it; times are RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub worker_id: String,
+    /// Process id of the current process, if running.
+    pub pid: Option<u32>,
+    /// Port it listens on, once ready.
+    pub port: Option<u16>,
+    /// Base URL, once ready.
+    pub url: Option<String>,
+    /// Model served.
+    pub model_ref: String,
+    /// Backend.
+    pub backend: Backend,
+    /// Device ordinal.
+    pub device: u32,
+    /// Registry state.
+    pub state: WorkerState,
+    /// Restarts since the last stable period.
+    pub restart_count: u32,
+    /// When it was last restarted.
+    pub last_restart: Option<String>,
+    /// When its last heartbeat arrived.
+    pub last_heartbeat: Option<String>,
+    /// Consecutive failed health checks.
+    pub failed_health_checks: u32,
+    /// When the current process started.
+    pub started_at: String,
+    /// Slots.
+    pub slots_total: u32,
+    /// GPU memory it reported (0 on cpu).
+    pub vram_bytes: u64,
+}
+
+/// `GET /v1/workers/list` and `/v1/workers/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerList {
+    /// Workers, by id.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// `POST /v1/workers/shutdown`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownWorkerRequest {
+    /// The worker to stop.
+    pub worker_id: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,7 +116,6 @@ pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<AuthSetup, 
 }
 
 /// A bound, not yet serving daemon.
-#[derive(Debug)]
 pub struct Daemon {
     name: &'static str,
     listener: TcpListener,
@@ -126,6 +125,22 @@ pub struct Daemon {
     drain: Duration,
     audit: Option<AuditLogger>,
     fatal: FatalHandle,
+    drain_hooks: Vec<DrainHook>,
+}
+
+/// Work to do while draining, awaited (within the drain bound) before
+/// [`Daemon::run`] returns.
+type DrainHook = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("name", &self.name)
+            .field("local_addr", &self.local_addr)
+            .field("drain", &self.drain)
+            .field("drain_hooks", &self.drain_hooks.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Daemon {
@@ -155,7 +170,14 @@ impl Daemon {
             shutdown,
             drain,
             audit: None,
+            drain_hooks: Vec::new(),
         })
+    }
+
+    /// Run `hook` once draining starts, alongside the server's own drain;
+    /// [`run`](Self::run) waits for it within the drain bound.
+    pub fn on_drain(&mut self, hook: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.drain_hooks.push(Box::pin(hook));
     }
 
     /// A handle for background tasks to stop the daemon with an error.
@@ -184,6 +206,24 @@ impl Daemon {
         .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
         let shutdown = self.shutdown.clone();
         let drain = self.drain;
+        let hooks: Vec<_> = self
+            .drain_hooks
+            .into_iter()
+            .map(|hook| {
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    shutdown.cancelled().await;
+                    hook.await;
+                })
+            })
+            .collect();
+        let drain_started = std::sync::Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
+        let started = std::sync::Arc::clone(&drain_started);
+        let watch = shutdown.clone();
+        tokio::spawn(async move {
+            watch.cancelled().await;
+            let _ = started.set(tokio::time::Instant::now());
+        });
         let result = tokio::select! {
             result = server => {
                 tracing::info!("{} stopped", self.name);
@@ -197,6 +237,21 @@ impl Daemon {
                 Ok(())
             }
         };
+        let bound = drain_started
+            .get()
+            .map_or(drain, |t| drain.saturating_sub(t.elapsed()));
+        if !hooks.is_empty()
+            && tokio::time::timeout(bound, async move {
+                // Already running concurrently: awaiting in turn waits for all.
+                for hook in hooks {
+                    let _ = hook.await;
+                }
+            })
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain bound reached before every drain task finished");
+        }
         if let Some(audit) = self.audit {
             // Write and fsync every queued record before the process exits.
             let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
@@ -247,6 +302,12 @@ impl SignalHandlers {
 pub trait DaemonConfig: clap::Parser {
     /// The shared flags.
     fn common(&self) -> &CommonArgs;
+
+    /// Read the configuration from the process's arguments and environment
+    /// (a daemon with a settings file merges it here).
+    fn load() -> Self {
+        Self::parse()
+    }
 }
 
 /// The usual `main`: parse flags, start logging, build a multi-threaded
@@ -258,7 +319,7 @@ where
     F: FnOnce(C) -> Fut,
     Fut: std::future::Future<Output = Result<(), StartupError>>,
 {
-    let config = C::parse();
+    let config = C::load();
     crate::telemetry::init_tracing(config.common().log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,154 @@
+//! The optional TOML settings file (`--config FILE` / `RBEE_HIVE_CONFIG`).
+//!
+//! Keys are the long flag names (`load-timeout-s` or `load_timeout_s`).
+//! Precedence: a flag on the command line, then its environment variable,
+//! then the file, then the default. The file's values are turned into
+//! arguments for the flags not already given, so clap validates them like
+//! any other; an unknown key, a value of the wrong kind or an unreadable
+//! file ends the process with status 2 and every problem listed.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::{CommandFactory, FromArgMatches};
+
+use crate::Config;
+
+/// Parse `args` (program name first), merging the settings file if one is
+/// named; exits like clap on errors.
+pub fn parse_with_file(args: Vec<OsString>) -> Config {
+    let command = Config::command();
+    let file = config_path(&args);
+    let mut merged = args;
+    if let Some(path) = file {
+        match file_args(&command, &path, &merged) {
+            Ok(extra) => merged.extend(extra),
+            Err(problems) => {
+                eprintln!(
+                    "rbee-hive: error: {}: {}",
+                    path.display(),
+                    problems.join("; ")
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    let matches = command.get_matches_from(merged);
+    Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let text = arg.to_string_lossy();
+        if text == "--config" {
+            return iter.next().map(Into::into);
+        }
+        if let Some(value) = text.strip_prefix("--config=") {
+            return Some(value.into());
+        }
+    }
+    std::env::var_os("RBEE_HIVE_CONFIG").map(Into::into)
+}
+
+/// Arguments for the file's settings that neither a flag nor an
+/// environment variable already sets.
+fn file_args(
+    command: &clap::Command,
+    path: &Path,
+    given: &[OsString],
+) -> Result<Vec<OsString>, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![e.to_string()])?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![e.to_string()])?;
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let Some(arg) = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+        else {
+            problems.push(format!("unknown setting {key:?}"));
+            continue;
+        };
+        if long == "config" {
+            problems.push("a settings file cannot name another".to_owned());
+            continue;
+        }
+        let flag = format!("--{long}");
+        let on_command_line = given.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&format!("{flag}="))
+        });
+        let in_env = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
+        if on_command_line || in_env {
+            continue;
+        }
+        match value {
+            toml::Value::Boolean(true) => out.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => out.push(format!("{flag}={s}").into()),
+            toml::Value::Integer(i) => out.push(format!("{flag}={i}").into()),
+            toml::Value::Float(f) => out.push(format!("{flag}={f}").into()),
+            _ => problems.push(format!(
+                "setting {key:?} must be a string, number or boolean"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn file_settings_fill_in_flags_not_given_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hive.toml");
+        std::fs::write(
+            &path,
+            "load_timeout_s = 7\nhealth-failures = 5\nready_requires_worker = true\nmodels_dir = \"/m\"\n",
+        )
+        .unwrap();
+        let given = args(&["rbee-hive", "--health-failures", "2"]);
+        let mut extra = file_args(&Config::command(), &path, &given).unwrap();
+        extra.sort();
+        assert_eq!(
+            extra,
+            args(&[
+                "--load-timeout-s=7",
+                "--models-dir=/m",
+                "--ready-requires-worker"
+            ])
+        );
+
+        std::fs::write(&path, "load_timeout_s = 7\nbogus = 1\nrestart = [1]\n").unwrap();
+        let problems = file_args(&Config::command(), &path, &given).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("bogus")));
+        assert!(problems.iter().any(|p| p.contains("restart")));
+    }
+
+    #[test]
+    fn the_config_path_comes_from_the_flag_in_either_form() {
+        assert_eq!(
+            config_path(&args(&["hive", "--config", "/a.toml"])),
+            Some("/a.toml".into())
+        );
+        assert_eq!(
+            config_path(&args(&["hive", "--config=/b.toml"])),
+            Some("/b.toml".into())
+        );
+    }
+}

@@ -1,0 +1,1039 @@
+//! Workers: spawn, supervise, restart, stop.
+//!
+//! [`Workers`] validates and preflights a spawn, records the worker in the
+//! [`registry::Registry`] and hands it to its own supervisor task. The task
+//! starts the process (through [`process::Launcher`], the only code that
+//! creates processes), then watches it: process exit (reaped at once), the
+//! load timeout, missed heartbeats, and failed readiness checks. A worker
+//! the hive did not ask to stop is killed if needed and put through the
+//! restart policy and the circuit breaker of its (model, device) pair.
+
+pub mod preflight;
+pub mod process;
+pub mod registry;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use audit_logging::{AuditEvent, AuditSink, CrashCause, ExitInfo, StopCause, WorkerFailureReason};
+use auth_min::{ApiToken, WithBearer};
+use nix::sys::signal::Signal;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use rand::SeedableRng;
+use rbee_api::worker::{Backend, ReadyCallback, SpawnAccepted, SpawnRequest, WorkerState};
+use rbee_api::{ApiError, ErrorCode, FieldError, ModelRef};
+use restart_policy::{
+    BreakerConfig, BreakerStatus, BreakerTransition, CircuitBreaker, Decision, ExitKind, Reason,
+    RestartConfig, RestartPolicy, RestartState,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::host::{self, GpuInfo};
+use crate::models::leases::Lease;
+use crate::models::Models;
+use process::{LaunchSpec, Launcher};
+use registry::{Registry, WorkerRecord};
+
+/// Supervision settings.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The `llm-worker-rbee` binary.
+    pub worker_binary: PathBuf,
+    /// Per-worker working directories and logs.
+    pub run_dir: PathBuf,
+    /// Host workers listen on (the hive's bind host).
+    pub bind_host: IpAddr,
+    /// Heartbeat interval given to workers.
+    pub heartbeat_interval: Duration,
+    /// A ready worker silent for this long is declared dead.
+    pub heartbeat_timeout: Duration,
+    /// Interval of readiness checks against ready workers.
+    pub health_interval: Duration,
+    /// Consecutive failed checks that declare a worker dead.
+    pub health_failures: u32,
+    /// A worker still loading after this long is killed.
+    pub load_timeout: Duration,
+    /// Grace for each stop step (HTTP shutdown, then SIGTERM).
+    pub stop_grace: Duration,
+    /// Restart policy.
+    pub restart: RestartConfig,
+    /// Circuit breaker per (model, device).
+    pub breaker: BreakerConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    restarts: Family<Vec<(String, String)>, Counter>,
+    restart_failures: Family<Vec<(String, String)>, Counter>,
+    activations: Family<Vec<(String, String)>, Counter>,
+}
+
+struct Inner {
+    settings: WorkerSettings,
+    policy: RestartPolicy,
+    registry: Registry,
+    launcher: Launcher,
+    models: Models,
+    audit: AuditSink,
+    token: Option<ApiToken>,
+    hive_url: OnceLock<String>,
+    breakers: Mutex<HashMap<(String, u32), CircuitBreaker>>,
+    breaker_template: CircuitBreaker,
+    preflight: Mutex<()>,
+    stops: Mutex<HashMap<String, CancellationToken>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    backends: Vec<Backend>,
+    gpus: Mutex<Vec<GpuInfo>>,
+    metrics: Metrics,
+    http: reqwest::Client,
+}
+
+/// The worker service; cheap to clone.
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers").finish_non_exhaustive()
+    }
+}
+
+/// How a watched process ended.
+#[derive(Debug)]
+enum Ended {
+    /// The hive asked it to stop.
+    Stopped,
+    /// It exited with code 0 without being asked (someone stopped it
+    /// directly): not restarted.
+    CleanExit,
+    /// Declared dead.
+    Crashed(CrashCause, ExitInfo),
+}
+
+impl Workers {
+    /// Start the launcher thread, learn which backends the worker binary and
+    /// the host support, and register the worker metrics.
+    pub async fn start(
+        settings: WorkerSettings,
+        models: Models,
+        audit: AuditSink,
+        token: Option<ApiToken>,
+        registry: &mut MetricsRegistry,
+    ) -> Result<Self, String> {
+        let policy =
+            RestartPolicy::try_new(settings.restart).map_err(|e| format!("restart policy: {e}"))?;
+        let breaker_template = CircuitBreaker::try_new(settings.breaker)
+            .map_err(|e| format!("circuit breaker: {e}"))?;
+        let launcher =
+            Launcher::start().map_err(|e| format!("cannot start the launcher thread: {e}"))?;
+        let version = launcher
+            .probe(&settings.worker_binary, &["--version"])
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "the worker binary {} cannot be run (--worker-binary / RBEE_WORKER_BINARY)",
+                    settings.worker_binary.display()
+                )
+            })?;
+        let built: Vec<Backend> = version
+            .split("backends=")
+            .nth(1)
+            .map(|list| {
+                list.trim()
+                    .split(',')
+                    .filter_map(|b| b.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![Backend::Cpu]);
+        let gpus = host::gpus(&launcher).await;
+        let backends: Vec<Backend> = built
+            .into_iter()
+            .filter(|b| match b {
+                Backend::Cpu => true,
+                Backend::Cuda => !gpus.is_empty(),
+                Backend::Metal => cfg!(target_os = "macos"),
+            })
+            .collect();
+        tracing::info!(
+            worker_binary = %settings.worker_binary.display(),
+            backends = ?backends.iter().map(|b| b.as_str()).collect::<Vec<_>>(),
+            gpus = gpus.len(),
+            "workers can be spawned"
+        );
+        let metrics = Metrics::default();
+        registry.register(
+            "rbee_hive_worker_restarts",
+            "Worker restarts, by model",
+            metrics.restarts.clone(),
+        );
+        registry.register(
+            "rbee_hive_worker_restart_failures",
+            "Restarts refused or failed, by reason",
+            metrics.restart_failures.clone(),
+        );
+        registry.register(
+            "rbee_hive_circuit_breaker_activations",
+            "Circuit breaker openings, by model",
+            metrics.activations.clone(),
+        );
+        let workers = Self {
+            inner: Arc::new(Inner {
+                policy,
+                registry: Registry::default(),
+                launcher,
+                models,
+                audit,
+                token,
+                hive_url: OnceLock::new(),
+                breakers: Mutex::default(),
+                breaker_template,
+                preflight: Mutex::default(),
+                stops: Mutex::default(),
+                tasks: Mutex::default(),
+                backends,
+                gpus: Mutex::new(gpus),
+                metrics,
+                http: reqwest::Client::new(),
+                settings,
+            }),
+        };
+        registry.register_collector(Box::new(Collector(workers.clone())));
+        Ok(workers)
+    }
+
+    /// The URL workers call back on; set once the hive's socket is bound.
+    pub fn set_hive_url(&self, url: String) {
+        let _ = self.inner.hive_url.set(url);
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Backends this hive can spawn.
+    pub fn backends(&self) -> &[Backend] {
+        &self.inner.backends
+    }
+
+    /// GPUs, refreshed from `nvidia-smi`.
+    pub async fn refresh_gpus(&self) -> Vec<GpuInfo> {
+        let gpus = host::gpus(&self.inner.launcher).await;
+        *self.inner.gpus.lock().unwrap_or_else(|e| e.into_inner()) = gpus.clone();
+        gpus
+    }
+
+    /// Validate, preflight and start a worker.
+    pub async fn spawn(
+        &self,
+        req: SpawnRequest,
+        request_id: Option<&str>,
+    ) -> Result<SpawnAccepted, ApiError> {
+        let inner = &self.inner;
+        let mut fields = Vec::new();
+        let model_ref = match ModelRef::parse(&req.model_ref) {
+            Ok(r) => Some(r.to_string()),
+            Err(e) => {
+                fields.push(e.into_field_error("model_ref"));
+                None
+            }
+        };
+        let worker_id = req
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| format!("w-{:08x}", rand::random::<u32>()));
+        if !rbee_api::inference::is_valid_id(&worker_id, 64) || worker_id.contains("..") {
+            fields.push(FieldError::new(
+                "worker_id",
+                "format",
+                "worker_id must be 1 to 64 of A-Z a-z 0-9 . _ - : and not contain ..",
+            ));
+        }
+        let slots = req.slots.unwrap_or(1);
+        if !(1..=64).contains(&slots) {
+            fields.push(FieldError::new("slots", "range", "slots must be 1..=64"));
+        }
+        let backend = req.backend.unwrap_or(Backend::Cpu);
+        if backend == Backend::Cpu && req.device.is_some_and(|d| d != 0) {
+            fields.push(FieldError::new(
+                "device",
+                "range",
+                "device must be 0 for the cpu backend",
+            ));
+        }
+        let (Some(model_ref), true) = (model_ref, fields.is_empty()) else {
+            return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, fields));
+        };
+        if !inner.backends.contains(&backend) {
+            let offered: Vec<&str> = inner.backends.iter().map(|b| b.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::BackendUnavailable,
+                format!(
+                    "backend {backend} is not available on this hive (available: {})",
+                    offered.join(", ")
+                ),
+            )
+            .with_details(serde_json::json!({ "available": offered })));
+        }
+        if inner.registry.get(&worker_id).is_some() {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("a worker with id {worker_id} already exists"),
+            ));
+        }
+        let Some(model) = inner.models.get(&model_ref).await? else {
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "{model_ref} is not provisioned on this hive; POST /v1/models/provision first"
+                ),
+            ));
+        };
+        let local_path = PathBuf::from(&model.local_path);
+        let shape_path = local_path.clone();
+        let shape = tokio::task::spawn_blocking(move || preflight::shape(&shape_path))
+            .await
+            .ok()
+            .flatten();
+        let gpus = if backend == Backend::Cuda {
+            self.refresh_gpus().await
+        } else {
+            Vec::new()
+        };
+        let required =
+            preflight::required_bytes(model.size_bytes, &model.format, backend, shape, slots);
+        let lease = inner.models.leases().acquire(&model_ref)?;
+
+        // Check and reserve under one lock: two spawns cannot both claim
+        // the same free memory.
+        let (device, reserved) = {
+            let _gate = inner.preflight.lock().unwrap_or_else(|e| e.into_inner());
+            let (device, available, reserved) = match backend {
+                Backend::Cuda => {
+                    let pick = |g: &GpuInfo| {
+                        g.vram_free_bytes
+                            .saturating_sub(inner.registry.reserved(Backend::Cuda, g.index))
+                    };
+                    let gpu = match req.device {
+                        Some(d) => gpus.iter().find(|g| g.index == d).ok_or_else(|| {
+                            ApiError::invalid_fields(
+                                ErrorCode::InvalidRequest,
+                                vec![FieldError::new(
+                                    "device",
+                                    "range",
+                                    format!("no GPU with index {d} on this hive"),
+                                )],
+                            )
+                        })?,
+                        None => gpus.iter().max_by_key(|g| pick(g)).ok_or_else(|| {
+                            ApiError::new(
+                                ErrorCode::BackendUnavailable,
+                                "no GPU is visible on this hive",
+                            )
+                        })?,
+                    };
+                    let reserved = inner.registry.reserved(Backend::Cuda, gpu.index);
+                    (gpu.index, gpu.vram_free_bytes, reserved)
+                }
+                _ => {
+                    let memory = host::memory().ok_or_else(|| {
+                        ApiError::new(ErrorCode::Internal, "cannot read /proc/meminfo")
+                    })?;
+                    (
+                        0,
+                        memory.available_bytes,
+                        inner.registry.reserved(backend, 0),
+                    )
+                }
+            };
+            let free = available.saturating_sub(reserved);
+            if required > free {
+                let code = if backend == Backend::Cuda {
+                    ErrorCode::InsufficientVram
+                } else {
+                    ErrorCode::InsufficientRam
+                };
+                return Err(ApiError::new(
+                    code,
+                    format!(
+                        "{model_ref} needs {required} bytes on {backend} device {device}; {available} are free and {reserved} are reserved by loading workers"
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "required_bytes": required,
+                    "available_bytes": available,
+                    "reserved_bytes": reserved,
+                    "device": device,
+                })));
+            }
+            self.acquire_breaker(&model_ref, device)?;
+            let now = Instant::now();
+            inner.registry.insert(WorkerRecord {
+                id: worker_id.clone(),
+                pid: None,
+                url: None,
+                model_ref: model_ref.clone(),
+                backend,
+                device,
+                slots,
+                state: WorkerState::Loading,
+                restart_count: 0,
+                last_restart: None,
+                last_heartbeat: None,
+                last_seen: now,
+                failed_health_checks: 0,
+                started_at: SystemTime::now(),
+                started: now,
+                reserved_bytes: required,
+                vram_bytes: 0,
+            })?;
+            (device, required)
+        };
+        let _ = inner.models.mark_used(&model_ref).await;
+        let spec = Spec {
+            id: worker_id.clone(),
+            model_ref,
+            local_path,
+            backend,
+            device,
+            slots,
+            required,
+        };
+        let stop = CancellationToken::new();
+        inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(worker_id.clone(), stop.clone());
+        let this = self.clone();
+        let request_id = request_id.map(str::to_owned);
+        let handle = tokio::spawn(async move {
+            this.supervise(spec, stop, lease, request_id).await;
+        });
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+        Ok(SpawnAccepted {
+            worker_id,
+            url: None,
+            state: WorkerState::Loading,
+            reserved_bytes: reserved,
+        })
+    }
+
+    fn acquire_breaker(&self, model_ref: &str, device: u32) -> Result<(), ApiError> {
+        let mut breakers = self
+            .inner
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let breaker = self.breaker_entry(&mut breakers, model_ref, device);
+        breaker.try_acquire(Instant::now()).map(|_| ()).map_err(|refused| {
+            ApiError::new(
+                ErrorCode::CircuitOpen,
+                format!(
+                    "the circuit breaker for {model_ref} on device {device} is open after repeated failures; retry in {}s",
+                    refused.retry_after.as_secs().max(1)
+                ),
+            )
+            .with_retry_after(refused.retry_after.as_secs().max(1))
+        })
+    }
+
+    fn breaker_entry<'a>(
+        &self,
+        breakers: &'a mut HashMap<(String, u32), CircuitBreaker>,
+        model_ref: &str,
+        device: u32,
+    ) -> &'a mut CircuitBreaker {
+        breakers
+            .entry((model_ref.to_owned(), device))
+            .or_insert_with(|| self.inner.breaker_template.clone())
+    }
+
+    /// A ready callback arrived.
+    pub fn on_ready(&self, cb: &ReadyCallback, request_id: Option<&str>) -> Result<(), ApiError> {
+        let record = self.inner.registry.get(&cb.worker_id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no worker with id {:?}", cb.worker_id),
+            )
+        })?;
+        self.inner.registry.on_ready(cb, Instant::now())?;
+        let transition = {
+            let mut breakers = self
+                .inner
+                .breakers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.breaker_entry(&mut breakers, &record.model_ref, record.device)
+                .record_success(Instant::now())
+        };
+        if transition == Some(BreakerTransition::Closed) {
+            tracing::info!(model_ref = %record.model_ref, device = record.device, "circuit breaker closed: a probe spawn became ready");
+            self.inner.audit.emit(
+                request_id,
+                AuditEvent::CircuitBreakerClosed {
+                    model_ref: record.model_ref.clone(),
+                    device: record.device,
+                },
+            );
+        }
+        tracing::info!(worker_id = %cb.worker_id, url = %cb.url, "worker ready");
+        self.inner.audit.emit(
+            request_id,
+            AuditEvent::WorkerReady {
+                worker_id: cb.worker_id.clone(),
+                model_ref: record.model_ref,
+                backend: record.backend,
+                device: record.device,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop a worker the hive was asked to stop; waits until it is gone.
+    pub async fn shutdown(&self, worker_id: &str) -> Result<(), ApiError> {
+        let stop = self
+            .inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(worker_id)
+            .cloned();
+        let Some(stop) = stop else {
+            // A failed worker has no process: forget it.
+            if let Some(r) = self.inner.registry.get(worker_id) {
+                if r.state == WorkerState::Failed {
+                    self.inner.registry.remove(worker_id);
+                    return Ok(());
+                }
+            }
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no worker with id {worker_id:?}"),
+            ));
+        };
+        stop.cancel();
+        let deadline = Instant::now() + self.inner.settings.stop_grace * 3 + Duration::from_secs(5);
+        while self.inner.registry.get(worker_id).is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Stop every worker in parallel (hive shutdown) and wait for their
+    /// supervisors, then SIGKILL any process group still alive.
+    pub async fn shutdown_all(&self) {
+        let stops: Vec<CancellationToken> = self
+            .inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for stop in &stops {
+            stop.cancel();
+        }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.kill_all();
+    }
+
+    /// SIGKILL every worker's process group (last resort at exit).
+    pub fn kill_all(&self) {
+        for id in self.inner.registry.ids() {
+            if let Some(pid) = self.inner.registry.get(&id).and_then(|r| r.pid) {
+                process::signal_group(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Run one worker until it is stopped or given up on.
+    async fn supervise(
+        &self,
+        spec: Spec,
+        stop: CancellationToken,
+        lease: Lease,
+        request_id: Option<String>,
+    ) {
+        let inner = &self.inner;
+        let request_id = request_id.as_deref();
+        let mut state = RestartState::new();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        loop {
+            let child = match inner.launcher.spawn(self.launch_spec(&spec)).await {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::error!(worker_id = %spec.id, error = %e, "cannot start the worker process");
+                    self.give_up(
+                        &spec,
+                        WorkerFailureReason::SpawnFailed,
+                        "spawn_failed",
+                        request_id,
+                    );
+                    break;
+                }
+            };
+            let pid = child.id().unwrap_or(0);
+            let now = Instant::now();
+            state.record_start(now);
+            inner.registry.update(&spec.id, |r| {
+                r.pid = Some(pid);
+                r.url = None;
+                r.state = WorkerState::Loading;
+                r.started = now;
+                r.last_seen = now;
+                r.started_at = SystemTime::now();
+                r.failed_health_checks = 0;
+                r.reserved_bytes = spec.required;
+            });
+            tracing::info!(worker_id = %spec.id, pid, model_ref = %spec.model_ref, "worker process started");
+            inner.audit.emit(
+                request_id,
+                AuditEvent::WorkerSpawned {
+                    worker_id: spec.id.clone(),
+                    model_ref: spec.model_ref.clone(),
+                    backend: spec.backend,
+                    device: spec.device,
+                    pid,
+                },
+            );
+            let (cause, exit) = match self.watch(&spec, child, &stop).await {
+                Ended::Stopped | Ended::CleanExit => {
+                    self.forget(&spec, StopCause::Requested, request_id);
+                    break;
+                }
+                Ended::Crashed(cause, exit) => (cause, exit),
+            };
+            tracing::warn!(worker_id = %spec.id, pid, cause = cause.as_str(), code = ?exit.code, signal = ?exit.signal, "worker died");
+            inner.audit.emit(
+                request_id,
+                AuditEvent::WorkerCrashed {
+                    worker_id: spec.id.clone(),
+                    model_ref: spec.model_ref.clone(),
+                    pid,
+                    exit,
+                    cause,
+                },
+            );
+            let now = Instant::now();
+            let outcome = {
+                let mut breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
+                let breaker = self.breaker_entry(&mut breakers, &spec.model_ref, spec.device);
+                inner
+                    .policy
+                    .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
+            };
+            if outcome.breaker == Some(BreakerTransition::Opened) {
+                inner
+                    .metrics
+                    .activations
+                    .get_or_create(&vec![("model".to_owned(), spec.model_ref.clone())])
+                    .inc();
+                tracing::warn!(model_ref = %spec.model_ref, device = spec.device, "circuit breaker opened");
+                inner.audit.emit(
+                    request_id,
+                    AuditEvent::CircuitBreakerOpened {
+                        model_ref: spec.model_ref.clone(),
+                        device: spec.device,
+                    },
+                );
+            }
+            match outcome.decision {
+                Decision::Restart { delay, attempt } => {
+                    tracing::info!(worker_id = %spec.id, attempt, delay_ms = delay.as_millis() as u64, reason = Reason::Backoff.as_str(), "restarting worker after backoff");
+                    inner
+                        .metrics
+                        .restarts
+                        .get_or_create(&vec![("model".to_owned(), spec.model_ref.clone())])
+                        .inc();
+                    inner.registry.update(&spec.id, |r| {
+                        r.restart_count = attempt;
+                        r.last_restart = Some(SystemTime::now());
+                        r.state = WorkerState::Loading;
+                        r.pid = None;
+                        r.url = None;
+                    });
+                    inner.audit.emit(
+                        request_id,
+                        AuditEvent::WorkerRestarted {
+                            worker_id: spec.id.clone(),
+                            model_ref: spec.model_ref.clone(),
+                            attempt,
+                            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        },
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => {
+                            self.forget(&spec, StopCause::Requested, request_id);
+                            break;
+                        }
+                    }
+                    if self.acquire_breaker(&spec.model_ref, spec.device).is_err() {
+                        self.give_up(
+                            &spec,
+                            WorkerFailureReason::CircuitOpen,
+                            "circuit_open",
+                            request_id,
+                        );
+                        break;
+                    }
+                }
+                Decision::Stop { reason, .. } => {
+                    let (why, label) = match reason {
+                        Reason::CircuitOpen => (WorkerFailureReason::CircuitOpen, "circuit_open"),
+                        _ if cause == CrashCause::LoadTimeout => {
+                            (WorkerFailureReason::LoadTimeout, "max_attempts")
+                        }
+                        _ => (WorkerFailureReason::MaxAttempts, "max_attempts"),
+                    };
+                    self.give_up(&spec, why, label, request_id);
+                    break;
+                }
+            }
+        }
+        drop(lease);
+    }
+
+    /// Mark a worker `failed` (kept in the registry, no process).
+    fn give_up(
+        &self,
+        spec: &Spec,
+        why: WorkerFailureReason,
+        label: &str,
+        request_id: Option<&str>,
+    ) {
+        let inner = &self.inner;
+        inner
+            .metrics
+            .restart_failures
+            .get_or_create(&vec![("reason".to_owned(), label.to_owned())])
+            .inc();
+        inner.registry.update(&spec.id, |r| {
+            r.state = WorkerState::Failed;
+            r.pid = None;
+            r.url = None;
+            r.reserved_bytes = 0;
+        });
+        inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.id);
+        tracing::error!(worker_id = %spec.id, reason = label, "worker failed; not restarting it");
+        inner.audit.emit(
+            request_id,
+            AuditEvent::WorkerFailed {
+                worker_id: spec.id.clone(),
+                model_ref: spec.model_ref.clone(),
+                reason: why,
+            },
+        );
+    }
+
+    /// Drop a stopped worker from the registry.
+    fn forget(&self, spec: &Spec, cause: StopCause, request_id: Option<&str>) {
+        self.inner.registry.remove(&spec.id);
+        self.inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.id);
+        tracing::info!(worker_id = %spec.id, "worker stopped");
+        self.inner.audit.emit(
+            request_id,
+            AuditEvent::WorkerStopped {
+                worker_id: spec.id.clone(),
+                model_ref: spec.model_ref.clone(),
+                cause,
+            },
+        );
+    }
+
+    fn launch_spec(&self, spec: &Spec) -> LaunchSpec {
+        let s = &self.inner.settings;
+        let dir = s.run_dir.join(&spec.id);
+        let mut args = vec![
+            "--addr".to_owned(),
+            format!("{}", std::net::SocketAddr::new(s.bind_host, 0)),
+            "--model".to_owned(),
+            spec.local_path.display().to_string(),
+            "--model-ref".to_owned(),
+            spec.model_ref.clone(),
+            "--worker-id".to_owned(),
+            spec.id.clone(),
+            "--backend".to_owned(),
+            spec.backend.as_str().to_owned(),
+            "--device".to_owned(),
+            spec.device.to_string(),
+            "--slots".to_owned(),
+            spec.slots.to_string(),
+            "--heartbeat-interval-s".to_owned(),
+            s.heartbeat_interval.as_secs().max(1).to_string(),
+            "--parent-pid".to_owned(),
+            std::process::id().to_string(),
+            "--log-format".to_owned(),
+            "json".to_owned(),
+        ];
+        if let Some(url) = self.inner.hive_url.get() {
+            args.push("--hive-url".to_owned());
+            args.push(url.clone());
+        }
+        if let Some(token) = &self.inner.token {
+            let path = dir.join("api-token");
+            if std::fs::create_dir_all(&dir).is_ok() && token.write_private_file(&path).is_ok() {
+                args.push("--api-token-file".to_owned());
+                args.push(path.display().to_string());
+            }
+        }
+        LaunchSpec {
+            program: s.worker_binary.clone(),
+            args,
+            env: Vec::new(),
+            log: dir.join("worker.log"),
+            dir,
+        }
+    }
+
+    /// Watch a running process until it stops or is declared dead.
+    async fn watch(
+        &self,
+        spec: &Spec,
+        mut child: tokio::process::Child,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let s = &self.inner.settings;
+        let pid = child.id().unwrap_or(0);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_check = Instant::now() + s.health_interval;
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    let exit = exit_info(status.ok());
+                    if exit.code == Some(0) {
+                        return Ended::CleanExit;
+                    }
+                    return Ended::Crashed(CrashCause::Exited, exit);
+                }
+                () = stop.cancelled() => {
+                    self.stop_process(spec, &mut child).await;
+                    return Ended::Stopped;
+                }
+                _ = tick.tick() => {}
+            }
+            let Some(record) = self.inner.registry.get(&spec.id) else {
+                continue;
+            };
+            let now = Instant::now();
+            let dead = match record.state {
+                WorkerState::Loading => (now.duration_since(record.started) > s.load_timeout)
+                    .then_some(CrashCause::LoadTimeout),
+                _ if now.duration_since(record.last_seen) > s.heartbeat_timeout => {
+                    Some(CrashCause::MissedHeartbeats)
+                }
+                _ if now >= next_check => {
+                    next_check = now + s.health_interval;
+                    let healthy = self.check_health(&record).await;
+                    let failures = self
+                        .inner
+                        .registry
+                        .update(&spec.id, |r| {
+                            r.failed_health_checks = if healthy {
+                                0
+                            } else {
+                                r.failed_health_checks + 1
+                            };
+                            r.failed_health_checks
+                        })
+                        .unwrap_or(0);
+                    if !healthy {
+                        tracing::warn!(worker_id = %spec.id, failures, "worker failed its readiness check");
+                    }
+                    (failures >= s.health_failures).then_some(CrashCause::FailedHealthChecks)
+                }
+                _ => None,
+            };
+            if let Some(cause) = dead {
+                process::signal_group(pid, Signal::SIGKILL);
+                let status = child.wait().await.ok();
+                return Ended::Crashed(cause, exit_info(status));
+            }
+        }
+    }
+
+    async fn check_health(&self, record: &WorkerRecord) -> bool {
+        let Some(url) = &record.url else {
+            return false;
+        };
+        let timeout = self
+            .inner
+            .settings
+            .health_interval
+            .min(Duration::from_secs(5));
+        let request = self
+            .inner
+            .http
+            .get(format!("{url}/health/ready"))
+            .timeout(timeout)
+            .with_bearer(self.inner.token.as_ref());
+        matches!(request.send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// HTTP shutdown, then SIGTERM, then SIGKILL, each after the grace.
+    async fn stop_process(&self, spec: &Spec, child: &mut tokio::process::Child) {
+        let grace = self.inner.settings.stop_grace;
+        let pid = child.id().unwrap_or(0);
+        self.inner
+            .registry
+            .update(&spec.id, |r| r.state = WorkerState::Draining);
+        if let Some(url) = self.inner.registry.get(&spec.id).and_then(|r| r.url) {
+            let _ = self
+                .inner
+                .http
+                .post(format!("{url}/v1/admin/shutdown"))
+                .timeout(grace.min(Duration::from_secs(5)))
+                .with_bearer(self.inner.token.as_ref())
+                .send()
+                .await;
+            if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        process::signal_group(pid, Signal::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+        tracing::warn!(worker_id = %spec.id, pid, "worker ignored SIGTERM; killing it");
+        process::signal_group(pid, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+}
+
+/// What a supervisor needs to (re)start a worker.
+#[derive(Debug, Clone)]
+struct Spec {
+    id: String,
+    model_ref: String,
+    local_path: PathBuf,
+    backend: Backend,
+    device: u32,
+    slots: u16,
+    required: u64,
+}
+
+fn exit_info(status: Option<std::process::ExitStatus>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    ExitInfo {
+        code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+    }
+}
+
+/// Scrape-time gauges from the registry and the breakers.
+struct Collector(Workers);
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkersCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let inner = &self.0.inner;
+        let stats = inner.registry.stats();
+        {
+            let mut family = encoder.encode_descriptor(
+                "rbee_hive_workers_total",
+                "Workers by registry state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, n) in [
+                ("loading", stats.loading),
+                ("idle", stats.idle),
+                ("busy", stats.busy),
+                ("draining", stats.draining),
+                ("failed", stats.failed),
+            ] {
+                let labels = vec![("state".to_owned(), state.to_owned())];
+                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        ConstGauge::new(stats.failed_health_checks as i64).encode(encoder.encode_descriptor(
+            "rbee_hive_workers_failed_health_checks",
+            "Consecutive failed health checks, summed over live workers",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(stats.restart_count as i64).encode(encoder.encode_descriptor(
+            "rbee_hive_workers_restart_count",
+            "Restart counts, summed over live workers",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        {
+            let breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut family = encoder.encode_descriptor(
+                "rbee_hive_circuit_breaker_open",
+                "1 while the breaker of a (model, device) pair is open",
+                None,
+                MetricType::Gauge,
+            )?;
+            let now = Instant::now();
+            for ((model, device), breaker) in breakers.iter() {
+                let open = i64::from(breaker.status(now) == BreakerStatus::Open);
+                let labels = vec![
+                    ("model".to_owned(), model.clone()),
+                    ("device".to_owned(), device.to_string()),
+                ];
+                ConstGauge::new(open).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let gpus = inner.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        {
+            let mut family = encoder.encode_descriptor(
+                "rbee_hive_vram_used_bytes",
+                "GPU memory used, by device",
+                None,
+                MetricType::Gauge,
+            )?;
+            for g in &gpus {
+                let labels = vec![("device".to_owned(), g.index.to_string())];
+                let used = g.vram_total_bytes.saturating_sub(g.vram_free_bytes);
+                ConstGauge::new(used as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "rbee_hive_vram_total_bytes",
+            "GPU memory, by device",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &gpus {
+            let labels = vec![("device".to_owned(), g.index.to_string())];
+            ConstGauge::new(g.vram_total_bytes as i64).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! The `/v1/workers/*` routes, `/v1/status` and the hive's probes.
+
+use std::time::Instant;
+
+use axum::extract::{FromRef, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rbee_api::health::HealthResponse;
+use rbee_api::worker::{Heartbeat, ReadyCallback, ShutdownWorkerRequest, SpawnRequest, WorkerList};
+use rbee_api::ApiError;
+use rbee_http::{ApiJson, CoreState, RequestContext};
+use serde_json::json;
+
+use super::Workers;
+use crate::host;
+use crate::models::Models;
+
+/// Whether `/health/ready` also needs a ready worker (`--ready-requires-worker`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyRequiresWorker(pub bool);
+
+/// The worker, status and probe routes.
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Workers: FromRef<S>,
+    Models: FromRef<S>,
+    CoreState: FromRef<S>,
+    ReadyRequiresWorker: FromRef<S>,
+{
+    Router::new()
+        .route("/v1/workers/spawn", post(spawn))
+        .route("/v1/workers/list", get(list))
+        .route("/v1/workers/health", get(health))
+        .route("/v1/workers/ready", post(ready))
+        .route("/v1/workers/heartbeat", post(heartbeat))
+        .route("/v1/workers/shutdown", post(shutdown))
+        .route("/v1/status", get(status))
+        .route("/health/ready", get(readiness))
+        .route("/v1/health", get(simple_health))
+}
+
+async fn spawn(
+    State(workers): State<Workers>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<SpawnRequest>,
+) -> Result<Response, ApiError> {
+    let accepted = workers.spawn(body, Some(ctx.request_id.as_str())).await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+async fn list(State(workers): State<Workers>) -> Json<WorkerList> {
+    Json(WorkerList {
+        workers: workers.registry().list(),
+    })
+}
+
+async fn health(State(workers): State<Workers>) -> Response {
+    let stats = workers.registry().stats();
+    Json(json!({
+        "workers_total": stats.total(),
+        "workers_ready": stats.ready(),
+        "workers_loading": stats.loading,
+        "workers_failed": stats.failed,
+        "workers": workers.registry().list(),
+    }))
+    .into_response()
+}
+
+async fn ready(
+    State(workers): State<Workers>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<ReadyCallback>,
+) -> Result<Response, ApiError> {
+    workers.on_ready(&body, Some(ctx.request_id.as_str()))?;
+    Ok(Json(json!({ "status": "ok" })).into_response())
+}
+
+async fn heartbeat(
+    State(workers): State<Workers>,
+    ApiJson(body): ApiJson<Heartbeat>,
+) -> Result<Response, ApiError> {
+    workers
+        .registry()
+        .on_heartbeat(&body.worker_id, body.state, Instant::now())?;
+    Ok(Json(json!({ "status": "ok" })).into_response())
+}
+
+async fn shutdown(
+    State(workers): State<Workers>,
+    ApiJson(body): ApiJson<ShutdownWorkerRequest>,
+) -> Result<Response, ApiError> {
+    workers.shutdown(&body.worker_id).await?;
+    Ok(Json(json!({ "worker_id": body.worker_id, "state": "stopped" })).into_response())
+}
+
+async fn status(
+    State(workers): State<Workers>,
+    State(models): State<Models>,
+) -> Result<Response, ApiError> {
+    let memory = host::memory();
+    let gpus = workers.refresh_gpus().await;
+    let gpus: Vec<_> = gpus
+        .iter()
+        .map(|g| {
+            json!({
+                "index": g.index,
+                "name": g.name,
+                "vram_total_bytes": g.vram_total_bytes,
+                "vram_free_bytes": g.vram_free_bytes,
+                "vram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cuda, g.index),
+                "vram_used_by_workers_bytes": workers.registry().vram_used(g.index),
+            })
+        })
+        .collect();
+    let catalog = models.catalog().await?;
+    Ok(Json(json!({
+        "hostname": host::hostname(),
+        "cpu_count": host::cpu_count(),
+        "ram_total_bytes": memory.map(|m| m.total_bytes),
+        "ram_available_bytes": memory.map(|m| m.available_bytes),
+        "ram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cpu, 0),
+        "backends": workers.backends(),
+        "gpus": gpus,
+        "workers": workers.registry().list(),
+        "models": catalog.models,
+        "downloads": catalog.downloads,
+    }))
+    .into_response())
+}
+
+async fn readiness(
+    State(workers): State<Workers>,
+    State(core): State<CoreState>,
+    State(requires): State<ReadyRequiresWorker>,
+) -> Response {
+    let stats = workers.registry().stats();
+    let (ok, status) = if core.is_draining() {
+        (false, "draining")
+    } else if requires.0 && stats.ready() == 0 {
+        (false, "no_ready_worker")
+    } else {
+        (true, "ready")
+    };
+    let body = Json(json!({
+        "status": status,
+        "workers_total": stats.total(),
+        "workers_ready": stats.ready(),
+    }));
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body).into_response()
+}
+
+async fn simple_health() -> Json<HealthResponse> {
+    Json(HealthResponse::ok(env!("CARGO_PKG_VERSION")))
+}
