@@ -239,8 +239,12 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let requantize = config.requantize;
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     tokio::spawn(async move {
-        let loaded =
-            tokio::task::spawn_blocking(move || model::load(&path, &device, requantize)).await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            #[cfg(feature = "fault-injection")]
+            engine::fault::before_load();
+            model::load(&path, &device, requantize)
+        })
+        .await;
         let loaded = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(e)) => return fatal.fail(e.to_string()),

@@ -1,0 +1,755 @@
+//! Workers as an operator meets them: the real `rbee-hive` spawning the real
+//! `llm-worker-rbee` with the default model, over HTTP on loopback, with
+//! real signals. Crash, stall and slow-load cases use the worker's
+//! `fault-injection` build or a corrupt model file.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rbee_system_tests::{
+    binary, default_model, DaemonSpec, FakeHive, RunningDaemon, FAULT_INJECTION_WORKER, TEST_TOKEN,
+};
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
+fn send(request: reqwest::blocking::RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = request.send().expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().expect("body");
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body, got {text:?}"));
+    (status, body, headers)
+}
+
+fn default_ref() -> String {
+    format!(
+        "file:{}",
+        default_model()
+            .canonicalize()
+            .expect("default model")
+            .display()
+    )
+}
+
+/// Provision `model_ref` on `hive` and wait until it is in the catalog.
+fn provision(hive: &RunningDaemon, model_ref: &str) {
+    let (status, body, _) = send(
+        client()
+            .post(hive.url("/v1/models/provision"))
+            .json(&json!({ "model_ref": model_ref })),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for(
+        Duration::from_secs(60),
+        "the model to be provisioned",
+        || {
+            let (_, list, _) = send(client().get(hive.url("/v1/models/list")));
+            list["models"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["model_ref"] == model_ref))
+        },
+    );
+}
+
+fn spawn(hive: &RunningDaemon, body: Value) -> (u16, Value, reqwest::header::HeaderMap) {
+    send(client().post(hive.url("/v1/workers/spawn")).json(&body))
+}
+
+fn worker(hive: &RunningDaemon, id: &str) -> Option<Value> {
+    let (_, list, _) = send(client().get(hive.url("/v1/workers/list")));
+    list["workers"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["worker_id"] == id).cloned())
+}
+
+fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait until worker `id` is idle; returns its record.
+fn wait_idle(hive: &RunningDaemon, id: &str, timeout: Duration) -> Value {
+    let mut last = None;
+    wait_for(timeout, &format!("worker {id} to be idle"), || {
+        last = worker(hive, id);
+        last.as_ref().is_some_and(|w| w["state"] == "idle")
+    });
+    last.expect("worker record")
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn metric(hive: &RunningDaemon, line_start: &str) -> f64 {
+    let text = client()
+        .get(hive.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn pid_of(w: &Value) -> u64 {
+    w["pid"].as_u64().expect("pid")
+}
+
+#[test]
+fn a_spawned_worker_calls_back_serves_and_is_restarted_after_sigkill() {
+    let audit = tempfile::tempdir().expect("audit dir");
+    let hive = DaemonSpec::new("rbee-hive")
+        .with_token()
+        .env("LLORCH_AUDIT_MODE", "local")
+        .env("LLORCH_AUDIT_DIR", audit.path().to_str().expect("UTF-8"))
+        .env("LLORCH_AUDIT_FLUSH", "immediate")
+        .args([
+            "--health-interval-s",
+            "1",
+            "--restart-backoff-base-ms",
+            "200",
+        ])
+        .spawn();
+    let auth = |r: reqwest::blocking::RequestBuilder| r.bearer_auth(TEST_TOKEN);
+    let model_ref = default_ref();
+    let (status, body, _) = send(
+        auth(client().post(hive.url("/v1/models/provision")))
+            .json(&json!({ "model_ref": model_ref })),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for(Duration::from_secs(60), "provisioning", || {
+        let (_, list, _) = send(auth(client().get(hive.url("/v1/models/list"))));
+        list["models"].as_array().is_some_and(|m| !m.is_empty())
+    });
+
+    let (status, body, _) = send(
+        auth(client().post(hive.url("/v1/workers/spawn")))
+            .json(&json!({ "model_ref": model_ref, "worker_id": "w-paris" })),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "loading");
+    assert!(body["reserved_bytes"].as_u64().expect("reserved") > 0);
+
+    let mut w = Value::Null;
+    wait_for(Duration::from_secs(60), "the worker to be idle", || {
+        let (_, list, _) = send(auth(client().get(hive.url("/v1/workers/list"))));
+        w = list["workers"][0].clone();
+        w["state"] == "idle"
+    });
+    let url = w["url"].as_str().expect("url").to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(w["last_heartbeat"]
+        .as_str()
+        .expect("heartbeat time")
+        .ends_with('Z'));
+    assert!(w["started_at"].as_str().expect("start time").ends_with('Z'));
+
+    // The worker serves the model and was given the hive's token.
+    let (status, answer, _) = send(auth(client().post(format!("{url}/v1/inference"))).json(
+        &json!({
+            "prompt": "The capital of France is",
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": false
+        }),
+    ));
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        !answer["text"].as_str().expect("text").is_empty(),
+        "{answer}"
+    );
+    let (status, _, _) = send(
+        client()
+            .post(format!("{url}/v1/inference"))
+            .json(&json!({"prompt": "x", "max_tokens": 1, "stream": false})),
+    );
+    assert_eq!(status, 401, "the worker requires the token");
+
+    let (status, ready, _) = send(client().get(hive.url("/health/ready")));
+    assert_eq!(status, 200);
+    assert_eq!(ready["workers_ready"], 1);
+
+    // kill -9: a new process, counters up.
+    let first_pid = pid_of(&w);
+    kill(Pid::from_raw(first_pid as i32), Signal::SIGKILL).expect("kill worker");
+    let mut restarted = Value::Null;
+    wait_for(Duration::from_secs(60), "the restart", || {
+        let (_, list, _) = send(auth(client().get(hive.url("/v1/workers/list"))));
+        restarted = list["workers"][0].clone();
+        restarted["state"] == "idle" && restarted["pid"].as_u64() != Some(first_pid)
+    });
+    assert_eq!(restarted["restart_count"], 1);
+    assert!(restarted["last_restart"].as_str().is_some());
+    assert!(!alive(first_pid), "the killed worker was reaped");
+    let model_label = format!("rbee_hive_worker_restarts_total{{model=\"{model_ref}\"}}");
+    assert_eq!(metric(&hive, &model_label), 1.0);
+    assert_eq!(metric(&hive, "rbee_hive_workers_restart_count"), 1.0);
+    assert_eq!(
+        metric(&hive, "rbee_hive_workers_total{state=\"idle\"}"),
+        1.0
+    );
+
+    let trail: String = std::fs::read_dir(audit.path().join("rbee-hive"))
+        .expect("hive audit dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .map(|p| std::fs::read_to_string(p).expect("trail"))
+        .collect();
+    for event in [
+        "worker_spawned",
+        "worker_ready",
+        "worker_crashed",
+        "worker_restarted",
+        "config_loaded",
+    ] {
+        assert!(
+            trail.contains(&format!("\"event_type\":\"{event}\"")),
+            "{event} missing"
+        );
+    }
+    assert!(trail.contains("\"cause\":\"exited\""));
+}
+
+#[test]
+fn repeated_crashes_mark_the_worker_failed_and_open_the_breaker() {
+    let dir = tempfile::tempdir().expect("dir");
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\0\0\0 this is not a model").expect("write");
+    let settings = dir.path().join("hive.toml");
+    std::fs::write(
+        &settings,
+        "restart_backoff_base_ms = 50\nrestart_backoff_cap_ms = 100\nrestart_max_attempts = 2\n\
+         breaker_threshold = 3\nbreaker_cooldown_s = 300\n",
+    )
+    .expect("settings");
+    let hive = DaemonSpec::new("rbee-hive")
+        .args(["--config", settings.to_str().expect("UTF-8")])
+        .spawn();
+    let model_ref = format!("file:{}", corrupt.canonicalize().expect("path").display());
+    provision(&hive, &model_ref);
+
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-bad" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let mut w = Value::Null;
+    wait_for(Duration::from_secs(60), "the worker to be failed", || {
+        w = worker(&hive, "w-bad").unwrap_or(Value::Null);
+        w["state"] == "failed"
+    });
+    assert_eq!(w["restart_count"], 2);
+    assert!(w["pid"].is_null());
+    assert_eq!(
+        metric(
+            &hive,
+            // The third failure reaches the breaker's threshold before the
+            // attempt limit is consulted: the circuit is open.
+            "rbee_hive_worker_restart_failures_total{reason=\"circuit_open\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&hive, "rbee_hive_workers_total{state=\"failed\"}"),
+        1.0
+    );
+    let activations =
+        format!("rbee_hive_circuit_breaker_activations_total{{model=\"{model_ref}\"}}");
+    assert_eq!(metric(&hive, &activations), 1.0);
+    let open = format!("rbee_hive_circuit_breaker_open{{model=\"{model_ref}\",device=\"0\"}}");
+    assert_eq!(metric(&hive, &open), 1.0);
+
+    let (status, body, headers) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-again" }),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "CIRCUIT_OPEN");
+    assert!(headers.get("retry-after").is_some());
+    assert!(hive.wait_for_log("worker failed; not restarting it", Duration::from_secs(1)));
+}
+
+#[test]
+fn a_worker_that_never_calls_back_is_killed_after_the_load_timeout() {
+    let hive = DaemonSpec::new("rbee-hive")
+        .env("RBEE_FAULT_LOAD_DELAY_MS", "120000")
+        .args([
+            "--worker-binary",
+            binary(FAULT_INJECTION_WORKER).to_str().expect("UTF-8"),
+            "--load-timeout-s",
+            "2",
+            "--restart-max-attempts",
+            "0",
+        ])
+        .spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let started = Instant::now();
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-slow" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let mut pid = 0;
+    wait_for(Duration::from_secs(10), "the process", || {
+        pid = worker(&hive, "w-slow")
+            .and_then(|w| w["pid"].as_u64())
+            .unwrap_or(0);
+        pid != 0
+    });
+    wait_for(Duration::from_secs(30), "the load timeout", || {
+        worker(&hive, "w-slow").is_some_and(|w| w["state"] == "failed")
+    });
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert!(!alive(pid), "the slow worker was killed");
+    assert!(hive.wait_for_log("load_timeout", Duration::from_secs(1)));
+    assert_eq!(
+        metric(
+            &hive,
+            "rbee_hive_worker_restart_failures_total{reason=\"max_attempts\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_stalled_engine_fails_its_health_checks_and_is_restarted() {
+    let hive = DaemonSpec::new("rbee-hive")
+        .env("RBEE_FAULT_WEDGE_AFTER_TOKENS", "2")
+        .env("RBEE_WORKER_STALL_TIMEOUT_S", "1")
+        .args([
+            "--worker-binary",
+            binary(FAULT_INJECTION_WORKER).to_str().expect("UTF-8"),
+            "--health-interval-s",
+            "1",
+            "--health-failures",
+            "2",
+            "--restart-backoff-base-ms",
+            "100",
+        ])
+        .spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-stall" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let w = wait_idle(&hive, "w-stall", Duration::from_secs(60));
+    let first_pid = pid_of(&w);
+    let url = w["url"].as_str().expect("url").to_owned();
+    // Wedge the engine; the request itself never finishes.
+    std::thread::spawn(move || {
+        let _ = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client")
+            .post(format!("{url}/v1/inference"))
+            .json(&json!({"prompt": "Count to ten:", "max_tokens": 50, "ignore_eos": true}))
+            .send()
+            // Keep reading: a client that hangs up cancels the generation.
+            .and_then(reqwest::blocking::Response::text);
+    });
+    let mut restarted = Value::Null;
+    wait_for(
+        Duration::from_secs(60),
+        "the stalled worker to be replaced",
+        || {
+            restarted = worker(&hive, "w-stall").unwrap_or(Value::Null);
+            restarted["state"] == "idle" && restarted["pid"].as_u64() != Some(first_pid)
+        },
+    );
+    assert_eq!(restarted["restart_count"], 1);
+    assert!(!alive(first_pid));
+    assert!(hive.wait_for_log("failed_health_checks", Duration::from_secs(1)));
+}
+
+#[test]
+fn workers_outlive_the_blocking_pool_but_never_a_sigkilled_hive() {
+    let mut hive = DaemonSpec::new("rbee-hive").spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-early" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let pid = pid_of(&wait_idle(&hive, "w-early", Duration::from_secs(60)));
+    // tokio's blocking threads exit after 10 s idle; the parent-death signal
+    // is tied to the launcher thread, which does not.
+    std::thread::sleep(Duration::from_secs(12));
+    let still = worker(&hive, "w-early").expect("record");
+    assert!(
+        alive(pid),
+        "the worker survived the blocking pool's idle timeout"
+    );
+    assert_eq!(pid_of(&still), pid);
+    assert_eq!(still["restart_count"], 0);
+
+    hive.signal(Signal::SIGKILL);
+    hive.wait_exit(Duration::from_secs(10));
+    wait_for(Duration::from_secs(5), "the orphan to die", || !alive(pid));
+}
+
+#[test]
+fn sigterm_stops_every_worker_in_parallel_and_exits_0() {
+    let mut hive = DaemonSpec::new("rbee-hive")
+        .args(["--worker-stop-grace-s", "5"])
+        .spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let mut pids = Vec::new();
+    for id in ["w-a", "w-b"] {
+        let (status, body, _) = spawn(&hive, json!({ "model_ref": model_ref, "worker_id": id }));
+        assert_eq!(status, 202, "{body}");
+    }
+    for id in ["w-a", "w-b"] {
+        pids.push(pid_of(&wait_idle(&hive, id, Duration::from_secs(60))));
+    }
+    let started = Instant::now();
+    hive.signal(Signal::SIGTERM);
+    let status = hive.wait_exit(Duration::from_secs(30)).expect("hive exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    for pid in pids {
+        wait_for(Duration::from_secs(2), "worker exit", || !alive(pid));
+    }
+}
+
+#[test]
+fn the_shutdown_route_stops_a_worker_and_eviction_waits_for_it() {
+    let hive = DaemonSpec::new("rbee-hive").spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-stop" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let pid = pid_of(&wait_idle(&hive, "w-stop", Duration::from_secs(60)));
+
+    let evict = || {
+        send(
+            client()
+                .delete(hive.url("/v1/models/evict"))
+                .json(&json!({ "model_ref": model_ref })),
+        )
+    };
+    let (status, body, _) = evict();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "MODEL_IN_USE");
+
+    let shutdown = |id: &str| {
+        send(
+            client()
+                .post(hive.url("/v1/workers/shutdown"))
+                .json(&json!({ "worker_id": id })),
+        )
+    };
+    let (status, body, _) = shutdown("w-stop");
+    assert_eq!(status, 200, "{body}");
+    assert!(!alive(pid));
+    assert!(worker(&hive, "w-stop").is_none());
+    let (status, body, _) = shutdown("w-stop");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
+    let (status, body, _) = evict();
+    assert_eq!(status, 200, "{body}");
+    assert!(default_model().exists());
+    assert_eq!(
+        metric(&hive, "rbee_hive_worker_restarts_total"),
+        0.0,
+        "a requested stop is not a restart"
+    );
+}
+
+/// A GGUF header claiming a model far larger than any test host's memory.
+fn giant_gguf(path: &Path) {
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    f.extend(5u64.to_le_bytes());
+    let mut kv = |key: &str, ty: u32, value: &[u8]| {
+        f.extend((key.len() as u64).to_le_bytes());
+        f.extend(key.as_bytes());
+        f.extend(ty.to_le_bytes());
+        f.extend(value);
+    };
+    let arch = b"llama";
+    let mut s = (arch.len() as u64).to_le_bytes().to_vec();
+    s.extend(arch);
+    kv("general.architecture", 8, &s);
+    kv("llama.block_count", 4, &100_000u32.to_le_bytes());
+    kv("llama.attention.head_count", 4, &64u32.to_le_bytes());
+    kv("llama.embedding_length", 4, &8192u32.to_le_bytes());
+    kv("llama.context_length", 4, &4096u32.to_le_bytes());
+    std::fs::write(path, f).expect("write giant header");
+}
+
+#[test]
+fn every_spawn_validation_error_has_its_code() {
+    let hive = DaemonSpec::new("rbee-hive").spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let dir = tempfile::tempdir().expect("dir");
+    let giant = dir.path().join("giant.gguf");
+    giant_gguf(&giant);
+    let giant_ref = format!("file:{}", giant.canonicalize().expect("path").display());
+    provision(&hive, &giant_ref);
+
+    for (body, status, code) in [
+        (json!({ "model_ref": "gpt2" }), 400, "INVALID_REQUEST"),
+        (
+            json!({ "model_ref": model_ref, "worker_id": "../../etc" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({ "model_ref": model_ref, "worker_id": "a;rm -rf" }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({ "model_ref": model_ref, "slots": 0 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({ "model_ref": model_ref, "device": 3 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({ "model_ref": model_ref, "backend": "cuda" }),
+            400,
+            "BACKEND_UNAVAILABLE",
+        ),
+        (
+            json!({ "model_ref": model_ref, "backend": "tpu" }),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            json!({ "model_ref": "hf:acme/not-provisioned" }),
+            404,
+            "MODEL_NOT_FOUND",
+        ),
+        (json!({ "model_ref": giant_ref }), 507, "INSUFFICIENT_RAM"),
+        (json!({}), 400, "INVALID_JSON"),
+    ] {
+        let (got, answer, _) = spawn(&hive, body.clone());
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+    }
+    let (_, answer, _) = spawn(&hive, json!({ "model_ref": giant_ref }));
+    let details = &answer["error"]["details"];
+    assert!(
+        details["required_bytes"].as_u64() > details["available_bytes"].as_u64(),
+        "{answer}"
+    );
+
+    let (status, _, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-dup" }),
+    );
+    assert_eq!(status, 202);
+    let (status, answer, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-dup" }),
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        worker(&hive, "w-giant").is_none(),
+        "refused spawns leave no record"
+    );
+    let (_, list, _) = send(client().get(hive.url("/v1/workers/list")));
+    assert_eq!(list["workers"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn two_spawns_cannot_claim_the_same_free_memory() {
+    // The fault-injection worker stays loading, holding its reservation.
+    let hive = DaemonSpec::new("rbee-hive")
+        .env("RBEE_FAULT_LOAD_DELAY_MS", "60000")
+        .args([
+            "--worker-binary",
+            binary(FAULT_INJECTION_WORKER).to_str().expect("UTF-8"),
+            "--restart-max-attempts",
+            "0",
+        ])
+        .spawn();
+    let (_, status, _) = send(client().get(hive.url("/v1/status")));
+    let available = status["ram_available_bytes"].as_u64().expect("ram");
+    // A header whose KV cache needs about 60 % of the free memory.
+    let per_layer = 2 * 4096 * 64 * 128 * 4u64;
+    let layers = (available * 6 / 10) / per_layer;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("half.gguf");
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    f.extend(5u64.to_le_bytes());
+    let mut kv = |key: &str, ty: u32, value: &[u8]| {
+        f.extend((key.len() as u64).to_le_bytes());
+        f.extend(key.as_bytes());
+        f.extend(ty.to_le_bytes());
+        f.extend(value);
+    };
+    let mut arch = 5u64.to_le_bytes().to_vec();
+    arch.extend(b"llama");
+    kv("general.architecture", 8, &arch);
+    kv("llama.block_count", 4, &(layers as u32).to_le_bytes());
+    kv("llama.attention.head_count", 4, &64u32.to_le_bytes());
+    kv("llama.embedding_length", 4, &8192u32.to_le_bytes());
+    kv("llama.context_length", 4, &4096u32.to_le_bytes());
+    std::fs::write(&path, f).expect("write");
+    let model_ref = format!("file:{}", path.canonicalize().expect("path").display());
+    provision(&hive, &model_ref);
+
+    let results: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["w-1", "w-2"]
+            .iter()
+            .map(|id| {
+                let hive = &hive;
+                let model_ref = &model_ref;
+                s.spawn(move || spawn(hive, json!({ "model_ref": model_ref, "worker_id": id })).0)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let mut sorted = results.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![202, 507], "{results:?}");
+}
+
+#[test]
+fn status_probes_and_metrics_describe_the_host_and_stay_stable() {
+    let hive = DaemonSpec::new("rbee-hive")
+        .args(["--ready-requires-worker"])
+        .spawn();
+    let (status, ready, _) = send(client().get(hive.url("/health/ready")));
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["status"], "no_ready_worker");
+    assert_eq!(ready["workers_total"], 0);
+    let (status, health, _) = send(client().get(hive.url("/v1/health")));
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+
+    let (status, s, _) = send(client().get(hive.url("/v1/status")));
+    assert_eq!(status, 200);
+    assert!(!s["hostname"].as_str().expect("hostname").is_empty());
+    assert!(s["cpu_count"].as_u64() >= Some(1));
+    assert!(s["ram_total_bytes"].as_u64() >= s["ram_available_bytes"].as_u64());
+    assert_eq!(s["backends"], json!(["cpu"]));
+    assert!(s["gpus"].is_array());
+    assert!(s["workers"].is_array() && s["models"].is_array() && s["downloads"].is_array());
+
+    let scrape = || {
+        client()
+            .get(hive.url("/metrics"))
+            .send()
+            .expect("metrics")
+            .text()
+            .expect("text")
+            .lines()
+            .filter(|l| l.starts_with("rbee_hive_workers"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let first = scrape();
+    assert!(
+        first
+            .iter()
+            .any(|l| l == "rbee_hive_workers_total{state=\"idle\"} 0"),
+        "{first:?}"
+    );
+    assert_eq!(first, scrape(), "scrapes do not change the gauges");
+}
+
+#[test]
+fn the_hive_registers_with_the_queen_and_keeps_registering() {
+    let queen = FakeHive::start(0);
+    let hive = DaemonSpec::new("rbee-hive")
+        .with_token()
+        .args([
+            "--queen-url",
+            &queen.url(),
+            "--node-name",
+            "gpu-node-1",
+            "--queen-register-interval-s",
+            "1",
+        ])
+        .spawn();
+    wait_for(Duration::from_secs(10), "two registrations", || {
+        queen
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v2/hives/register")
+            .count()
+            >= 2
+    });
+    let first = queen
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v2/hives/register")
+        .expect("registration");
+    assert_eq!(first.body["node_name"], "gpu-node-1");
+    assert_eq!(first.body["url"], format!("http://{}", hive.addr));
+    assert_eq!(
+        first.authorization.as_deref(),
+        Some(format!("Bearer {TEST_TOKEN}").as_str())
+    );
+}
+
+#[test]
+fn a_bad_settings_file_is_refused_with_every_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let settings: PathBuf = dir.path().join("hive.toml");
+    std::fs::write(
+        &settings,
+        "load_timeout_s = 5\nno_such_setting = 1\nalso_bad = true\n",
+    )
+    .expect("write");
+    let out = DaemonSpec::new("rbee-hive")
+        .args(["--config", settings.to_str().expect("UTF-8")])
+        .run_to_exit(Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no_such_setting") && stderr.contains("also_bad"),
+        "{stderr}"
+    );
+}
