@@ -21,10 +21,10 @@ fn client() -> Client {
 /// the headers and no test races a half-written body against the 413.
 fn oversized_post(daemon: &RunningDaemon, path: &str) -> (u16, Value) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(daemon.addr).unwrap();
+    let mut stream = std::net::TcpStream::connect(daemon.addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+        .expect("timeout");
     write!(
         stream,
         "POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\
@@ -32,14 +32,14 @@ fn oversized_post(daemon: &RunningDaemon, path: &str) -> (u16, Value) {
          Connection: close\r\n\r\n",
         1024 * 1024 + 1
     )
-    .unwrap();
+    .expect("write request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response).expect("read response");
     let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap();
+        .expect("status code");
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
