@@ -1,10 +1,18 @@
 //! The host as the hive reports it: name, CPUs, RAM, GPUs.
 //!
 //! RAM comes from `/proc/meminfo` (`MemAvailable`, what the kernel says can
-//! be allocated without swapping). GPUs come from `nvidia-smi` (run through
-//! the launcher, the hive's only way to start a process); without it the
-//! list is empty and `cuda` is not offered.
+//! be allocated without swapping). GPUs come from NVML (`libnvidia-ml`,
+//! loaded at run time) when the driver provides it, else from `nvidia-smi`
+//! (run through the launcher, the hive's only way to start a process);
+//! without either the list is empty and `cuda` is not offered. Both also
+//! report the GPU memory of each process, which is how a worker's
+//! `vram_bytes` is measured.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::Nvml;
 use serde::{Deserialize, Serialize};
 
 use crate::workers::process::Launcher;
@@ -68,9 +76,23 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// GPUs, through `nvidia-smi`; empty when it is missing or fails.
-pub async fn gpus(launcher: &Launcher) -> Vec<GpuInfo> {
-    let out = launcher
+/// GPUs now, and the GPU memory used by each process id.
+#[derive(Debug, Clone, Default)]
+pub struct GpuReport {
+    /// Every GPU.
+    pub gpus: Vec<GpuInfo>,
+    /// Bytes of GPU memory per process id, summed over GPUs.
+    pub process_vram: HashMap<u32, u64>,
+    /// `nvml`, `nvidia-smi` or `none`.
+    pub source: &'static str,
+}
+
+/// Ask NVML, then `nvidia-smi`; an empty report when neither answers.
+pub async fn gpus(launcher: &Launcher) -> GpuReport {
+    if let Ok(Some(report)) = tokio::task::spawn_blocking(nvml_report).await {
+        return report;
+    }
+    let Some(listing) = launcher
         .probe(
             "nvidia-smi",
             &[
@@ -78,8 +100,72 @@ pub async fn gpus(launcher: &Launcher) -> Vec<GpuInfo> {
                 "--format=csv,noheader,nounits",
             ],
         )
-        .await;
-    out.map(|o| parse_nvidia_smi(&o)).unwrap_or_default()
+        .await
+    else {
+        return GpuReport {
+            source: "none",
+            ..GpuReport::default()
+        };
+    };
+    let apps = launcher
+        .probe(
+            "nvidia-smi",
+            &[
+                "--query-compute-apps=pid,used_memory",
+                "--format=csv,noheader,nounits",
+            ],
+        )
+        .await
+        .unwrap_or_default();
+    GpuReport {
+        gpus: parse_nvidia_smi(&listing),
+        process_vram: parse_compute_apps(&apps),
+        source: "nvidia-smi",
+    }
+}
+
+fn nvml() -> Option<&'static Nvml> {
+    static NVML: OnceLock<Option<Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| Nvml::init().ok()).as_ref()
+}
+
+fn nvml_report() -> Option<GpuReport> {
+    let nvml = nvml()?;
+    let mut report = GpuReport {
+        source: "nvml",
+        ..GpuReport::default()
+    };
+    for index in 0..nvml.device_count().ok()? {
+        let device = nvml.device_by_index(index).ok()?;
+        let memory = device.memory_info().ok()?;
+        report.gpus.push(GpuInfo {
+            index,
+            name: device.name().unwrap_or_default(),
+            vram_total_bytes: memory.total,
+            vram_free_bytes: memory.free,
+        });
+        for p in device.running_compute_processes().unwrap_or_default() {
+            if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                *report.process_vram.entry(p.pid).or_default() += bytes;
+            }
+        }
+    }
+    Some(report)
+}
+
+fn parse_compute_apps(text: &str) -> HashMap<u32, u64> {
+    const MIB: u64 = 1024 * 1024;
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.split(',').map(str::trim);
+        if let (Some(Ok(pid)), Some(Ok(mib))) = (
+            parts.next().map(str::parse::<u32>),
+            parts.next().map(str::parse::<u64>),
+        ) {
+            *out.entry(pid).or_default() += mib * MIB;
+        }
+    }
+    out
 }
 
 fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
@@ -122,5 +208,8 @@ mod tests {
         assert_eq!(gpus[1].index, 1);
         assert_eq!(gpus[1].vram_free_bytes, 1024 * 1024 * 1024);
         assert_eq!(gpus[0].name, "NVIDIA H100 80GB HBM3");
+        let apps = parse_compute_apps("4242, 1500\n4242, 500\n77, [N/A]\n");
+        assert_eq!(apps.get(&4242), Some(&(2000 * 1024 * 1024)));
+        assert!(!apps.contains_key(&77));
     }
 }

@@ -156,7 +156,8 @@ impl Workers {
                     .collect()
             })
             .unwrap_or_else(|| vec![Backend::Cpu]);
-        let gpus = host::gpus(&launcher).await;
+        let report = host::gpus(&launcher).await;
+        let gpus = report.gpus;
         let backends: Vec<Backend> = built
             .into_iter()
             .filter(|b| match b {
@@ -169,6 +170,7 @@ impl Workers {
             worker_binary = %settings.worker_binary.display(),
             backends = ?backends.iter().map(|b| b.as_str()).collect::<Vec<_>>(),
             gpus = gpus.len(),
+            gpu_source = report.source,
             "workers can be spawned"
         );
         let metrics = Metrics::default();
@@ -209,6 +211,17 @@ impl Workers {
             }),
         };
         registry.register_collector(Box::new(Collector(workers.clone())));
+        if workers.inner.backends.contains(&Backend::Cuda) {
+            // Keep the VRAM gauges and per-worker VRAM current.
+            let refresher = workers.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    refresher.refresh_gpus().await;
+                }
+            });
+        }
         Ok(workers)
     }
 
@@ -227,11 +240,21 @@ impl Workers {
         &self.inner.backends
     }
 
-    /// GPUs, refreshed from `nvidia-smi`.
+    /// GPUs, refreshed (NVML or `nvidia-smi`); also updates each CUDA
+    /// worker's `vram_bytes` from the memory its process holds.
     pub async fn refresh_gpus(&self) -> Vec<GpuInfo> {
-        let gpus = host::gpus(&self.inner.launcher).await;
-        *self.inner.gpus.lock().unwrap_or_else(|e| e.into_inner()) = gpus.clone();
-        gpus
+        let report = host::gpus(&self.inner.launcher).await;
+        for id in self.inner.registry.ids() {
+            self.inner.registry.update(&id, |r| {
+                if let Some(bytes) = r.pid.and_then(|pid| report.process_vram.get(&pid)) {
+                    if r.backend == Backend::Cuda {
+                        r.vram_bytes = *bytes;
+                    }
+                }
+            });
+        }
+        *self.inner.gpus.lock().unwrap_or_else(|e| e.into_inner()) = report.gpus.clone();
+        report.gpus
     }
 
     /// Validate, preflight and start a worker.
