@@ -2,7 +2,7 @@
 //! shape, against what the host (or GPU) has free minus what loading
 //! workers have reserved.
 //!
-//! Needed = weights on disk x [`weights_factor`] + KV cache, where the KV
+//! Needed = weights on disk x [`weights_factor_tenths`] / 10 + KV cache, where the KV
 //! cache is `slots x context x 2 (K and V) x layers x kv_heads x head_dim x
 //! 4 bytes` (the worker keeps it in f32) and context is the model's, capped
 //! at the worker's 4096 positions. The shape comes from the GGUF metadata or
@@ -20,13 +20,13 @@ pub const MAX_CONTEXT: u64 = 4096;
 /// KV cache assumed per slot when the model's shape is unknown.
 pub const FALLBACK_KV_PER_SLOT: u64 = 256 * 1024 * 1024;
 
-/// Multiplier on the weights' size on disk: quantized GGUF weights stay
-/// quantized (1.2 covers runtime buffers); safetensors in bf16/f16 are
-/// widened to f32 on CPU (2.2) and kept as is on a GPU (1.2).
-pub fn weights_factor(format: &str, backend: Backend) -> f64 {
+/// Multiplier on the weights' size on disk, in tenths: quantized GGUF
+/// weights stay quantized (1.2 covers runtime buffers); safetensors in
+/// bf16/f16 are widened to f32 on CPU (2.2) and kept as is on a GPU (1.2).
+pub fn weights_factor_tenths(format: &str, backend: Backend) -> u64 {
     match (format, backend) {
-        ("safetensors", Backend::Cpu) => 2.2,
-        _ => 1.2,
+        ("safetensors", Backend::Cpu) => 22,
+        _ => 12,
     }
 }
 
@@ -51,7 +51,9 @@ pub fn required_bytes(
     shape: Option<Shape>,
     slots: u16,
 ) -> u64 {
-    let weights = (weights_bytes as f64 * weights_factor(format, backend)).ceil() as u64;
+    let weights = weights_bytes
+        .saturating_mul(weights_factor_tenths(format, backend))
+        .div_ceil(10);
     let kv_per_slot = shape.map_or(FALLBACK_KV_PER_SLOT, |s| {
         s.context.min(MAX_CONTEXT) * 2 * s.layers * s.kv_heads * s.head_dim * 4
     });
