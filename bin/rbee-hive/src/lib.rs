@@ -401,3 +401,130 @@ fn check_model_flags(config: &Config) -> Result<Option<SecretString>, StartupErr
         Err(StartupError::Config(errors.join("; ")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use restart_policy::{
+        BreakerTransition, CircuitBreaker, Decision, ExitKind, Permit, Reason, RestartPolicy,
+        RestartState,
+    };
+
+    fn defaults() -> WorkerSettings {
+        let config = Config::try_parse_from(["rbee-hive", "--models-dir", "/models"]).unwrap();
+        worker_settings(&config).unwrap()
+    }
+
+    #[test]
+    fn the_default_flags_are_the_contracts_policy() {
+        let s = defaults();
+        assert_eq!(s.restart.backoff_base, Duration::from_secs(1));
+        assert_eq!(s.restart.backoff_cap, Duration::from_secs(60));
+        assert!((s.restart.jitter - 0.2).abs() < f64::EPSILON);
+        assert_eq!(s.restart.max_attempts, 3);
+        assert_eq!(s.restart.stable_uptime, Duration::from_secs(300));
+        assert_eq!(s.breaker.failure_threshold, 5);
+        assert_eq!(s.breaker.window, Duration::from_secs(300));
+        assert_eq!(s.health_failures, 3);
+        assert_eq!(s.run_dir, PathBuf::from("/models/run"));
+    }
+
+    /// The supervisor's decisions with the default settings, on tokio's
+    /// paused clock (the policy reads the time the supervisor passes it).
+    #[tokio::test(start_paused = true)]
+    async fn default_policy_backs_off_gives_up_and_trips_the_breaker() {
+        let s = defaults();
+        let policy = RestartPolicy::try_new(s.restart).unwrap();
+        let mut breaker = CircuitBreaker::try_new(s.breaker).unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let now = || tokio::time::Instant::now().into_std();
+
+        // One worker crashing right after each start: 1, 2, 4 s (+-20 %),
+        // then it is failed for max_attempts.
+        let mut worker = RestartState::new();
+        for attempt in 0..3u32 {
+            worker.record_start(now());
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let out = policy.on_exit(
+                &mut worker,
+                &mut breaker,
+                ExitKind::Failure,
+                now(),
+                &mut rng,
+            );
+            let Decision::Restart { delay, .. } = out.decision else {
+                panic!("attempt {attempt}: {:?}", out.decision);
+            };
+            let nominal = Duration::from_secs(1 << attempt);
+            assert!(
+                delay >= nominal.mul_f64(0.8) && delay <= nominal.mul_f64(1.2),
+                "{delay:?}"
+            );
+            tokio::time::advance(delay).await;
+        }
+        worker.record_start(now());
+        let out = policy.on_exit(
+            &mut worker,
+            &mut breaker,
+            ExitKind::Failure,
+            now(),
+            &mut rng,
+        );
+        assert_eq!(out.decision.reason(), Reason::MaxAttempts);
+
+        // Four failures so far in the window; a second worker of the same
+        // (model, device) crashing is the fifth: the breaker opens.
+        let mut other = RestartState::new();
+        other.record_start(now());
+        let out = policy.on_exit(&mut other, &mut breaker, ExitKind::Failure, now(), &mut rng);
+        assert_eq!(out.breaker, Some(BreakerTransition::Opened));
+        assert_eq!(out.decision.reason(), Reason::CircuitOpen);
+        let refused = breaker.try_acquire(now()).unwrap_err();
+        assert!(refused.retry_after <= s.breaker.cooldown);
+
+        // After the cooldown exactly one probe spawn goes through; its
+        // success closes the breaker.
+        tokio::time::advance(s.breaker.cooldown).await;
+        assert_eq!(breaker.try_acquire(now()), Ok(Permit::Probe));
+        assert!(breaker.try_acquire(now()).is_err());
+        assert_eq!(
+            breaker.record_success(now()),
+            Some(BreakerTransition::Closed)
+        );
+        assert_eq!(breaker.try_acquire(now()), Ok(Permit::Normal));
+
+        // Five minutes of healthy uptime reset the attempt count.
+        let mut stable = RestartState::new();
+        for _ in 0..3 {
+            stable.record_start(now());
+            let out = policy.on_exit(
+                &mut stable,
+                &mut breaker,
+                ExitKind::Failure,
+                now(),
+                &mut rng,
+            );
+            if let Decision::Restart { delay, .. } = out.decision {
+                tokio::time::advance(delay).await;
+            }
+        }
+        tokio::time::advance(s.breaker.window).await;
+        stable.record_start(now());
+        tokio::time::advance(s.restart.stable_uptime).await;
+        let out = policy.on_exit(
+            &mut stable,
+            &mut breaker,
+            ExitKind::Failure,
+            now(),
+            &mut rng,
+        );
+        assert!(
+            matches!(out.decision, Decision::Restart { attempt: 1, .. }),
+            "{:?}",
+            out.decision
+        );
+    }
+}
