@@ -493,8 +493,10 @@ fn the_shutdown_route_stops_a_worker_and_eviction_waits_for_it() {
     );
 }
 
-/// A GGUF header claiming a model far larger than any test host's memory.
-fn giant_gguf(path: &Path) {
+/// A GGUF header (no tensors) describing a llama model with `layers`
+/// blocks of 64 heads of 128 over 4096 positions: its KV cache needs
+/// `layers x 268,435,456` bytes per slot, whatever the file's size.
+fn gguf_header(path: &Path, layers: u32) {
     let mut f = b"GGUF".to_vec();
     f.extend(3u32.to_le_bytes());
     f.extend(0u64.to_le_bytes());
@@ -505,15 +507,14 @@ fn giant_gguf(path: &Path) {
         f.extend(ty.to_le_bytes());
         f.extend(value);
     };
-    let arch = b"llama";
-    let mut s = (arch.len() as u64).to_le_bytes().to_vec();
-    s.extend(arch);
-    kv("general.architecture", 8, &s);
-    kv("llama.block_count", 4, &100_000u32.to_le_bytes());
+    let mut arch = 5u64.to_le_bytes().to_vec();
+    arch.extend(b"llama");
+    kv("general.architecture", 8, &arch);
+    kv("llama.block_count", 4, &layers.to_le_bytes());
     kv("llama.attention.head_count", 4, &64u32.to_le_bytes());
     kv("llama.embedding_length", 4, &8192u32.to_le_bytes());
     kv("llama.context_length", 4, &4096u32.to_le_bytes());
-    std::fs::write(path, f).expect("write giant header");
+    std::fs::write(path, f).expect("write GGUF header");
 }
 
 #[test]
@@ -523,7 +524,7 @@ fn every_spawn_validation_error_has_its_code() {
     provision(&hive, &model_ref);
     let dir = tempfile::tempdir().expect("dir");
     let giant = dir.path().join("giant.gguf");
-    giant_gguf(&giant);
+    gguf_header(&giant, 100_000);
     let giant_ref = format!("file:{}", giant.canonicalize().expect("path").display());
     provision(&hive, &giant_ref);
 
@@ -615,24 +616,7 @@ fn two_spawns_cannot_claim_the_same_free_memory() {
     let layers = (available * 6 / 10) / per_layer;
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("half.gguf");
-    let mut f = b"GGUF".to_vec();
-    f.extend(3u32.to_le_bytes());
-    f.extend(0u64.to_le_bytes());
-    f.extend(5u64.to_le_bytes());
-    let mut kv = |key: &str, ty: u32, value: &[u8]| {
-        f.extend((key.len() as u64).to_le_bytes());
-        f.extend(key.as_bytes());
-        f.extend(ty.to_le_bytes());
-        f.extend(value);
-    };
-    let mut arch = 5u64.to_le_bytes().to_vec();
-    arch.extend(b"llama");
-    kv("general.architecture", 8, &arch);
-    kv("llama.block_count", 4, &(layers as u32).to_le_bytes());
-    kv("llama.attention.head_count", 4, &64u32.to_le_bytes());
-    kv("llama.embedding_length", 4, &8192u32.to_le_bytes());
-    kv("llama.context_length", 4, &4096u32.to_le_bytes());
-    std::fs::write(&path, f).expect("write");
+    gguf_header(&path, u32::try_from(layers).expect("layers"));
     let model_ref = format!("file:{}", path.canonicalize().expect("path").display());
     provision(&hive, &model_ref);
 

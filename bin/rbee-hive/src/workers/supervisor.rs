@@ -1,0 +1,401 @@
+//! The supervisor of one worker: start its process, watch it, and apply
+//! the restart policy and the circuit breaker when it dies.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use audit_logging::{AuditEvent, CrashCause, ExitInfo, StopCause, WorkerFailureReason};
+use auth_min::WithBearer;
+use nix::sys::signal::Signal;
+use rand::SeedableRng;
+use rbee_api::worker::WorkerState;
+use restart_policy::{BreakerTransition, Decision, ExitKind, Reason, RestartState};
+use tokio_util::sync::CancellationToken;
+
+use super::process::{self, LaunchSpec};
+use super::registry::WorkerRecord;
+use super::{Ended, Workers};
+use crate::models::leases::Lease;
+
+impl Workers {
+    /// Run one worker until it is stopped or given up on.
+    pub(super) async fn supervise(
+        &self,
+        spec: Spec,
+        stop: CancellationToken,
+        lease: Lease,
+        request_id: Option<String>,
+    ) {
+        let inner = &self.inner;
+        let request_id = request_id.as_deref();
+        let mut state = RestartState::new();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        loop {
+            let child = match inner.launcher.spawn(self.launch_spec(&spec)).await {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::error!(worker_id = %spec.id, error = %e, "cannot start the worker process");
+                    self.give_up(
+                        &spec,
+                        WorkerFailureReason::SpawnFailed,
+                        "spawn_failed",
+                        request_id,
+                    );
+                    break;
+                }
+            };
+            let pid = child.id().unwrap_or(0);
+            let now = Instant::now();
+            state.record_start(now);
+            inner.registry.update(&spec.id, |r| {
+                r.pid = Some(pid);
+                r.url = None;
+                r.state = WorkerState::Loading;
+                r.started = now;
+                r.last_seen = now;
+                r.started_at = SystemTime::now();
+                r.failed_health_checks = 0;
+                r.reserved_bytes = spec.required;
+            });
+            tracing::info!(worker_id = %spec.id, pid, model_ref = %spec.model_ref, "worker process started");
+            inner.audit.emit(
+                request_id,
+                AuditEvent::WorkerSpawned {
+                    worker_id: spec.id.clone(),
+                    model_ref: spec.model_ref.clone(),
+                    backend: spec.backend,
+                    device: spec.device,
+                    pid,
+                },
+            );
+            let (cause, exit) = match self.watch(&spec, child, &stop).await {
+                Ended::Stopped | Ended::CleanExit => {
+                    self.forget(&spec, StopCause::Requested, request_id);
+                    break;
+                }
+                Ended::Crashed(cause, exit) => (cause, exit),
+            };
+            tracing::warn!(worker_id = %spec.id, pid, cause = cause.as_str(), code = ?exit.code, signal = ?exit.signal, "worker died");
+            inner.audit.emit(
+                request_id,
+                AuditEvent::WorkerCrashed {
+                    worker_id: spec.id.clone(),
+                    model_ref: spec.model_ref.clone(),
+                    pid,
+                    exit,
+                    cause,
+                },
+            );
+            let now = Instant::now();
+            let outcome = {
+                let mut breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
+                let breaker = self.breaker_entry(&mut breakers, &spec.model_ref, spec.device);
+                inner
+                    .policy
+                    .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
+            };
+            if outcome.breaker == Some(BreakerTransition::Opened) {
+                inner
+                    .metrics
+                    .activations
+                    .get_or_create(&vec![("model".to_owned(), spec.model_ref.clone())])
+                    .inc();
+                tracing::warn!(model_ref = %spec.model_ref, device = spec.device, "circuit breaker opened");
+                inner.audit.emit(
+                    request_id,
+                    AuditEvent::CircuitBreakerOpened {
+                        model_ref: spec.model_ref.clone(),
+                        device: spec.device,
+                    },
+                );
+            }
+            match outcome.decision {
+                Decision::Restart { delay, attempt } => {
+                    tracing::info!(worker_id = %spec.id, attempt, delay_ms = delay.as_millis() as u64, reason = Reason::Backoff.as_str(), "restarting worker after backoff");
+                    inner
+                        .metrics
+                        .restarts
+                        .get_or_create(&vec![("model".to_owned(), spec.model_ref.clone())])
+                        .inc();
+                    inner.registry.update(&spec.id, |r| {
+                        r.restart_count = attempt;
+                        r.last_restart = Some(SystemTime::now());
+                        r.state = WorkerState::Loading;
+                        r.pid = None;
+                        r.url = None;
+                    });
+                    inner.audit.emit(
+                        request_id,
+                        AuditEvent::WorkerRestarted {
+                            worker_id: spec.id.clone(),
+                            model_ref: spec.model_ref.clone(),
+                            attempt,
+                            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        },
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => {
+                            self.forget(&spec, StopCause::Requested, request_id);
+                            break;
+                        }
+                    }
+                    if self.acquire_breaker(&spec.model_ref, spec.device).is_err() {
+                        self.give_up(
+                            &spec,
+                            WorkerFailureReason::CircuitOpen,
+                            "circuit_open",
+                            request_id,
+                        );
+                        break;
+                    }
+                }
+                Decision::Stop { reason, .. } => {
+                    let (why, label) = match reason {
+                        Reason::CircuitOpen => (WorkerFailureReason::CircuitOpen, "circuit_open"),
+                        _ if cause == CrashCause::LoadTimeout => {
+                            (WorkerFailureReason::LoadTimeout, "max_attempts")
+                        }
+                        _ => (WorkerFailureReason::MaxAttempts, "max_attempts"),
+                    };
+                    self.give_up(&spec, why, label, request_id);
+                    break;
+                }
+            }
+        }
+        drop(lease);
+    }
+
+    /// Mark a worker `failed` (kept in the registry, no process).
+    fn give_up(
+        &self,
+        spec: &Spec,
+        why: WorkerFailureReason,
+        label: &str,
+        request_id: Option<&str>,
+    ) {
+        let inner = &self.inner;
+        inner
+            .metrics
+            .restart_failures
+            .get_or_create(&vec![("reason".to_owned(), label.to_owned())])
+            .inc();
+        inner.registry.update(&spec.id, |r| {
+            r.state = WorkerState::Failed;
+            r.pid = None;
+            r.url = None;
+            r.reserved_bytes = 0;
+        });
+        inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.id);
+        tracing::error!(worker_id = %spec.id, reason = label, "worker failed; not restarting it");
+        inner.audit.emit(
+            request_id,
+            AuditEvent::WorkerFailed {
+                worker_id: spec.id.clone(),
+                model_ref: spec.model_ref.clone(),
+                reason: why,
+            },
+        );
+    }
+
+    /// Drop a stopped worker from the registry.
+    fn forget(&self, spec: &Spec, cause: StopCause, request_id: Option<&str>) {
+        self.inner.registry.remove(&spec.id);
+        self.inner
+            .stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.id);
+        tracing::info!(worker_id = %spec.id, "worker stopped");
+        self.inner.audit.emit(
+            request_id,
+            AuditEvent::WorkerStopped {
+                worker_id: spec.id.clone(),
+                model_ref: spec.model_ref.clone(),
+                cause,
+            },
+        );
+    }
+
+    fn launch_spec(&self, spec: &Spec) -> LaunchSpec {
+        let s = &self.inner.settings;
+        let dir = s.run_dir.join(&spec.id);
+        let mut args = vec![
+            "--addr".to_owned(),
+            format!("{}", std::net::SocketAddr::new(s.bind_host, 0)),
+            "--model".to_owned(),
+            spec.local_path.display().to_string(),
+            "--model-ref".to_owned(),
+            spec.model_ref.clone(),
+            "--worker-id".to_owned(),
+            spec.id.clone(),
+            "--backend".to_owned(),
+            spec.backend.as_str().to_owned(),
+            "--device".to_owned(),
+            spec.device.to_string(),
+            "--slots".to_owned(),
+            spec.slots.to_string(),
+            "--heartbeat-interval-s".to_owned(),
+            s.heartbeat_interval.as_secs().max(1).to_string(),
+            "--parent-pid".to_owned(),
+            std::process::id().to_string(),
+            "--log-format".to_owned(),
+            "json".to_owned(),
+        ];
+        if let Some(url) = self.inner.hive_url.get() {
+            args.push("--hive-url".to_owned());
+            args.push(url.clone());
+        }
+        if let Some(token) = &self.inner.token {
+            let path = dir.join("api-token");
+            if std::fs::create_dir_all(&dir).is_ok() && token.write_private_file(&path).is_ok() {
+                args.push("--api-token-file".to_owned());
+                args.push(path.display().to_string());
+            }
+        }
+        LaunchSpec {
+            program: s.worker_binary.clone(),
+            args,
+            env: Vec::new(),
+            log: dir.join("worker.log"),
+            dir,
+        }
+    }
+
+    /// Watch a running process until it stops or is declared dead.
+    async fn watch(
+        &self,
+        spec: &Spec,
+        mut child: tokio::process::Child,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let s = &self.inner.settings;
+        let pid = child.id().unwrap_or(0);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_check = Instant::now() + s.health_interval;
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    let exit = exit_info(status.ok());
+                    if exit.code == Some(0) {
+                        return Ended::CleanExit;
+                    }
+                    return Ended::Crashed(CrashCause::Exited, exit);
+                }
+                () = stop.cancelled() => {
+                    self.stop_process(spec, &mut child).await;
+                    return Ended::Stopped;
+                }
+                _ = tick.tick() => {}
+            }
+            let Some(record) = self.inner.registry.get(&spec.id) else {
+                continue;
+            };
+            let now = Instant::now();
+            let dead = match record.state {
+                WorkerState::Loading => (now.duration_since(record.started) > s.load_timeout)
+                    .then_some(CrashCause::LoadTimeout),
+                _ if now.duration_since(record.last_seen) > s.heartbeat_timeout => {
+                    Some(CrashCause::MissedHeartbeats)
+                }
+                _ if now >= next_check => {
+                    next_check = now + s.health_interval;
+                    let healthy = self.check_health(&record).await;
+                    let failures = self
+                        .inner
+                        .registry
+                        .update(&spec.id, |r| {
+                            r.failed_health_checks = if healthy {
+                                0
+                            } else {
+                                r.failed_health_checks + 1
+                            };
+                            r.failed_health_checks
+                        })
+                        .unwrap_or(0);
+                    if !healthy {
+                        tracing::warn!(worker_id = %spec.id, failures, "worker failed its readiness check");
+                    }
+                    (failures >= s.health_failures).then_some(CrashCause::FailedHealthChecks)
+                }
+                _ => None,
+            };
+            if let Some(cause) = dead {
+                process::signal_group(pid, Signal::SIGKILL);
+                let status = child.wait().await.ok();
+                return Ended::Crashed(cause, exit_info(status));
+            }
+        }
+    }
+
+    async fn check_health(&self, record: &WorkerRecord) -> bool {
+        let Some(url) = &record.url else {
+            return false;
+        };
+        let timeout = self
+            .inner
+            .settings
+            .health_interval
+            .min(Duration::from_secs(5));
+        let request = self
+            .inner
+            .http
+            .get(format!("{url}/health/ready"))
+            .timeout(timeout)
+            .with_bearer(self.inner.token.as_ref());
+        matches!(request.send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// HTTP shutdown, then SIGTERM, then SIGKILL, each after the grace.
+    async fn stop_process(&self, spec: &Spec, child: &mut tokio::process::Child) {
+        let grace = self.inner.settings.stop_grace;
+        let pid = child.id().unwrap_or(0);
+        self.inner
+            .registry
+            .update(&spec.id, |r| r.state = WorkerState::Draining);
+        if let Some(url) = self.inner.registry.get(&spec.id).and_then(|r| r.url) {
+            let _ = self
+                .inner
+                .http
+                .post(format!("{url}/v1/admin/shutdown"))
+                .timeout(grace.min(Duration::from_secs(5)))
+                .with_bearer(self.inner.token.as_ref())
+                .send()
+                .await;
+            if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        process::signal_group(pid, Signal::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+        tracing::warn!(worker_id = %spec.id, pid, "worker ignored SIGTERM; killing it");
+        process::signal_group(pid, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+}
+
+/// What a supervisor needs to (re)start a worker.
+#[derive(Debug, Clone)]
+pub(super) struct Spec {
+    pub(super) id: String,
+    pub(super) model_ref: String,
+    pub(super) local_path: std::path::PathBuf,
+    pub(super) backend: rbee_api::worker::Backend,
+    pub(super) device: u32,
+    pub(super) slots: u16,
+    pub(super) required: u64,
+}
+
+fn exit_info(status: Option<std::process::ExitStatus>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    ExitInfo {
+        code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+    }
+}
