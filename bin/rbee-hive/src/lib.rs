@@ -291,6 +291,7 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
         boot.audit.clone(),
         boot.token.clone(),
         &mut boot.registry,
+        boot.shutdown.clone(),
     )
     .await
     .map_err(StartupError::Config)?;

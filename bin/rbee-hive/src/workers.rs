@@ -90,6 +90,7 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     backends: Vec<Backend>,
     gpus: Mutex<Vec<GpuInfo>>,
+    draining: CancellationToken,
     metrics: Metrics,
     http: reqwest::Client,
 }
@@ -127,6 +128,7 @@ impl Workers {
         audit: AuditSink,
         token: Option<ApiToken>,
         registry: &mut MetricsRegistry,
+        draining: CancellationToken,
     ) -> Result<Self, String> {
         let policy =
             RestartPolicy::try_new(settings.restart).map_err(|e| format!("restart policy: {e}"))?;
@@ -202,6 +204,7 @@ impl Workers {
                 tasks: Mutex::default(),
                 backends,
                 gpus: Mutex::new(gpus),
+                draining,
                 metrics,
                 http: reqwest::Client::new(),
                 settings,
@@ -261,6 +264,12 @@ impl Workers {
         request_id: Option<&str>,
     ) -> Result<SpawnAccepted, ApiError> {
         let inner = &self.inner;
+        if inner.draining.is_cancelled() {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the hive is shutting down and spawns no workers",
+            ));
+        }
         let mut fields = Vec::new();
         let model_ref = match ModelRef::parse(&req.model_ref) {
             Ok(r) => Some(r.to_string()),

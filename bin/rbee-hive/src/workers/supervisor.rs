@@ -302,6 +302,9 @@ impl Workers {
                 _ if now.duration_since(record.last_seen) > s.heartbeat_timeout => {
                     Some(CrashCause::MissedHeartbeats)
                 }
+                // A worker draining on its own (someone asked it directly)
+                // refuses readiness by design; it exits 0 when done.
+                WorkerState::Draining => None,
                 _ if now >= next_check => {
                     next_check = now + s.health_interval;
                     let healthy = self.check_health(&record).await;
