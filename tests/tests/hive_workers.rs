@@ -737,3 +737,40 @@ fn a_bad_settings_file_is_refused_with_every_problem() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_worker_whose_heartbeats_stop_is_declared_dead_and_restarted() {
+    // Workers are told to beat every 60 s; the hive expects one every 2 s.
+    let hive = DaemonSpec::new("rbee-hive")
+        .args([
+            "--worker-heartbeat-interval-s",
+            "60",
+            "--heartbeat-timeout-s",
+            "2",
+            "--restart-backoff-base-ms",
+            "100",
+        ])
+        .spawn();
+    let model_ref = default_ref();
+    provision(&hive, &model_ref);
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": model_ref, "worker_id": "w-quiet" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let first_pid = pid_of(&wait_idle(&hive, "w-quiet", Duration::from_secs(60)));
+    let ready_at = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the silent worker to be restarted",
+        || worker(&hive, "w-quiet").is_some_and(|w| w["restart_count"].as_u64() >= Some(1)),
+    );
+    // Measured from when the test saw `idle`, a poll after the callback.
+    let noticed = ready_at.elapsed();
+    assert!(
+        noticed >= Duration::from_millis(1500) && noticed < Duration::from_secs(8),
+        "{noticed:?}"
+    );
+    assert!(!alive(first_pid), "the silent worker was killed");
+    assert!(hive.wait_for_log("missed_heartbeats", Duration::from_secs(1)));
+}
