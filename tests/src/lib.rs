@@ -13,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub mod fake_hub;
+pub mod hive;
 
 /// The three daemons.
 pub const DAEMONS: [&str; 3] = ["queen-rbee", "rbee-hive", "llm-worker-rbee"];

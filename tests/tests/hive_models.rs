@@ -8,19 +8,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rbee_system_tests::fake_hub::{sha256_hex, FakeHub, HubFile};
-use rbee_system_tests::{binary, DaemonSpec, RunningDaemon, TEST_TOKEN};
-use reqwest::blocking::Client;
+use rbee_system_tests::hive::{
+    client, follow, follow_until, list, metric, provision, provision_to_end, send,
+};
+use rbee_system_tests::{binary, DaemonSpec, RunningDaemon};
 use serde_json::{json, Value};
 
 /// `hf-hub` commits downloads in chunks of this many bytes.
 const HF_HUB_CHUNK: u64 = 10_000_000;
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("http client")
-}
 
 /// A GGUF-looking file: the magic, then deterministic pseudo-random bytes.
 fn gguf(len: usize, seed: u64) -> Vec<u8> {
@@ -42,94 +37,6 @@ fn hive(hub: &FakeHub) -> DaemonSpec {
 
 fn hive_in(hub: &FakeHub, models_dir: &Path) -> DaemonSpec {
     hive(hub).args(["--models-dir", models_dir.to_str().expect("UTF-8 path")])
-}
-
-fn send(request: reqwest::blocking::RequestBuilder) -> (u16, Value) {
-    let response = request.send().expect("request");
-    let status = response.status().as_u16();
-    let text = response.text().expect("body");
-    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body, got {text:?}"));
-    (status, body)
-}
-
-fn provision(hive: &RunningDaemon, model_ref: &str) -> (u16, Value) {
-    send(
-        client()
-            .post(hive.url("/v1/models/provision"))
-            .json(&json!({ "model_ref": model_ref })),
-    )
-}
-
-/// Read a progress stream to its end: each event with when it arrived.
-fn follow(hive: &RunningDaemon, id: &str) -> Vec<(Instant, Value)> {
-    follow_until(hive, id, |_| false)
-}
-
-/// Read a progress stream until `[DONE]` or until `stop` says so.
-fn follow_until(
-    hive: &RunningDaemon,
-    id: &str,
-    stop: impl Fn(&Value) -> bool,
-) -> Vec<(Instant, Value)> {
-    use std::io::BufRead;
-    let response = client()
-        .get(hive.url(&format!("/v1/models/download/progress?id={id}")))
-        .send()
-        .expect("progress stream");
-    assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .expect("content type")
-        .starts_with("text/event-stream"));
-    let mut events = Vec::new();
-    for line in std::io::BufReader::new(response).lines() {
-        let line = line.expect("stream line");
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            events.push((Instant::now(), Value::String("[DONE]".into())));
-            break;
-        }
-        let event: Value = serde_json::from_str(data).expect("event is JSON");
-        let done = stop(&event);
-        events.push((Instant::now(), event));
-        if done {
-            break;
-        }
-    }
-    events
-}
-
-/// Provision `model_ref` and follow it to the end; returns the final event.
-fn provision_to_end(hive: &RunningDaemon, model_ref: &str) -> Value {
-    let (status, body) = provision(hive, model_ref);
-    assert_eq!(status, 202, "{body}");
-    let events = follow(hive, body["download_id"].as_str().expect("download_id"));
-    assert_eq!(
-        events.last().map(|e| &e.1),
-        Some(&json!("[DONE]")),
-        "{events:?}"
-    );
-    events[events.len() - 2].1.clone()
-}
-
-fn list(hive: &RunningDaemon) -> Vec<Value> {
-    let (status, body) = send(client().get(hive.url("/v1/models/list")));
-    assert_eq!(status, 200);
-    body["models"].as_array().expect("models array").clone()
-}
-
-fn metric(hive: &RunningDaemon, name: &str) -> f64 {
-    let text = client()
-        .get(hive.url("/metrics"))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
 fn content_requests<'a>(hub: &'a FakeHub, file: &'a str) -> Vec<String> {
@@ -502,62 +409,6 @@ fn a_download_interrupted_by_killing_the_hive_resumes_when_it_restarts() {
 }
 
 #[test]
-fn file_refs_are_validated_and_provisioned_without_copying() {
-    let hub = FakeHub::start();
-    let hive = hive(&hub).spawn();
-    let dir = tempfile::tempdir().expect("dir");
-    let model = dir.path().join("local model.gguf");
-    let content = gguf(300_000, 11);
-    std::fs::write(&model, &content).expect("write model");
-    let canonical = model.canonicalize().expect("canonical");
-    let model_ref = format!("file:{}", canonical.display());
-
-    let end = provision_to_end(&hive, &model_ref);
-    assert_eq!(end["stage"], "complete", "{end}");
-    assert_eq!(end["local_path"], canonical.display().to_string());
-    let models = list(&hive);
-    assert_eq!(models[0]["provider"], "file");
-    assert_eq!(models[0]["sha256"], sha256_hex(&content));
-    assert_eq!(models[0]["size_bytes"], 300_000);
-
-    let text = dir.path().join("notes.txt");
-    std::fs::write(&text, "not a model").expect("write");
-    let not_model = format!("file:{}", text.canonicalize().expect("canonical").display());
-    let absent = format!(
-        "file:{}/absent.gguf",
-        canonical.parent().expect("parent").display()
-    );
-    for (bad, status, code) in [
-        (absent.as_str(), 404, "MODEL_NOT_FOUND"),
-        (not_model.as_str(), 400, "INVALID_REQUEST"),
-        ("file:relative/model.gguf", 400, "INVALID_REQUEST"),
-        ("file:/tmp/../etc/passwd", 400, "INVALID_REQUEST"),
-        ("file:/etc", 400, "INVALID_REQUEST"),
-    ] {
-        let (got, body) = provision(&hive, bad);
-        assert_eq!(got, status, "{bad}: {body}");
-        assert_eq!(body["error"]["code"], code, "{bad}: {body}");
-        if status == 400 {
-            assert_eq!(
-                body["error"]["details"]["fields"][0]["field"], "model_ref",
-                "{body}"
-            );
-        }
-    }
-
-    // Evicting a file: model forgets it and never deletes the operator's file.
-    let (status, body) = send(
-        client()
-            .delete(hive.url("/v1/models/evict"))
-            .json(&json!({ "model_ref": model_ref })),
-    );
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["bytes_freed"], 0);
-    assert!(model.exists());
-    assert!(list(&hive).is_empty());
-}
-
-#[test]
 fn several_ggufs_need_a_file_and_a_safetensors_repo_downloads_its_set() {
     let hub = FakeHub::start();
     hub.add_repo(
@@ -688,70 +539,6 @@ fn evicting_deletes_downloaded_files_and_every_step_is_audited() {
 }
 
 #[test]
-fn bad_input_to_the_model_routes_gets_contract_errors() {
-    let hub = FakeHub::start();
-    let hive = hive(&hub).spawn();
-    let post = |body: &str| {
-        send(
-            client()
-                .post(hive.url("/v1/models/provision"))
-                .header("content-type", "application/json")
-                .body(body.to_owned()),
-        )
-    };
-    for (body, code) in [
-        ("{}", "INVALID_JSON"),
-        (r#"{"model_ref": 5}"#, "INVALID_JSON"),
-        (r#"{"model_ref": "hf:o/r", "extra": 1}"#, "INVALID_JSON"),
-        ("not json", "INVALID_JSON"),
-        (r#"{"model_ref": "gpt2"}"#, "INVALID_REQUEST"),
-        (
-            r#"{"model_ref": "hf:o/r:../../etc/passwd"}"#,
-            "INVALID_REQUEST",
-        ),
-    ] {
-        let (status, json) = post(body);
-        assert_eq!(status, 400, "{body}: {json}");
-        assert_eq!(json["error"]["code"], code, "{body}: {json}");
-    }
-    let (status, json) = post(r#"{"model_ref": "gpt2"}"#);
-    assert_eq!(status, 400);
-    assert_eq!(json["error"]["details"]["fields"][0]["field"], "model_ref");
-
-    let (status, json) = send(client().get(hive.url("/v1/models/download/progress")));
-    assert_eq!(status, 400, "{json}");
-    assert_eq!(json["error"]["details"]["fields"][0]["field"], "id");
-    let (status, json) = send(client().get(hive.url("/v1/models/download/progress?id=dl-0000")));
-    assert_eq!(status, 404, "{json}");
-    assert_eq!(json["error"]["code"], "NOT_FOUND");
-
-    let (status, json) = send(
-        client()
-            .delete(hive.url("/v1/models/evict"))
-            .json(&json!({ "model_ref": "hf:acme/never" })),
-    );
-    assert_eq!(status, 404, "{json}");
-    let (status, json) = send(
-        client()
-            .delete(hive.url("/v1/models/evict"))
-            .json(&json!({ "model_ref": "nonsense" })),
-    );
-    assert_eq!(status, 400, "{json}");
-    let (status, json) = send(client().get(hive.url("/v1/models/provision")));
-    assert_eq!(status, 405, "{json}");
-
-    let secured = DaemonSpec::new("rbee-hive").with_token().spawn();
-    let (status, json) = provision(&secured, "hf:acme/x");
-    assert_eq!(status, 401, "{json}");
-    let (status, json) = send(
-        client()
-            .get(secured.url("/v1/models/list"))
-            .bearer_auth(TEST_TOKEN),
-    );
-    assert_eq!(status, 200, "{json}");
-}
-
-#[test]
 fn an_unreachable_hub_is_a_retriable_download_failed() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
@@ -789,31 +576,4 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-#[test]
-fn bad_model_settings_are_reported_together_and_exit_1() {
-    let out = DaemonSpec::new("rbee-hive")
-        .args([
-            "--hf-endpoint",
-            "ftp://mirror.example",
-            "--hf-token-file",
-            "/nonexistent/hf-token",
-        ])
-        .run_to_exit(Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stderr.lines().last().expect("an error line");
-    assert!(
-        last.contains("--hf-endpoint") && last.contains("--hf-token-file"),
-        "{stderr}"
-    );
-
-    let file = tempfile::NamedTempFile::new().expect("a plain file");
-    let out = DaemonSpec::new("rbee-hive")
-        .args(["--models-dir", file.path().to_str().expect("UTF-8")])
-        .run_to_exit(Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("models directory"), "{stderr}");
 }
