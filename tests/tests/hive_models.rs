@@ -373,8 +373,7 @@ fn a_download_interrupted_by_killing_the_hive_resumes_when_it_restarts() {
     let (status, body) = provision(&first, "hf:acme/resume");
     assert_eq!(status, 202, "{body}");
     let id = body["download_id"].as_str().expect("id").to_owned();
-    // hf-hub fetches the last (short) chunk first, then the rest in order:
-    // past 16 MB the first chunk is committed whatever the order.
+    // Ranges are fetched in file order: past 16 MB the first is committed.
     let seen = follow_until(&first, &id, |e| {
         e["bytes_downloaded"].as_u64().unwrap_or(0) > 16_000_000
     });

@@ -96,23 +96,32 @@ pub struct FetchError {
 #[derive(Debug, Clone)]
 pub struct Hub {
     api: Api,
+    endpoint: String,
+    token: Option<secrecy::SecretString>,
     cache_dir: PathBuf,
     has_token: bool,
+}
+
+/// A client for `endpoint` with `token`, writing under `cache_dir`.
+fn build_api(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Api, HubError> {
+    ApiBuilder::from_cache(Cache::new(cache_dir))
+        .with_endpoint(endpoint.trim_end_matches('/').to_owned())
+        .with_token(token)
+        .with_progress(false)
+        .with_user_agent("rbee-hive", env!("CARGO_PKG_VERSION"))
+        .build()
 }
 
 impl Hub {
     /// A client for `endpoint` writing under `cache_dir`.
     pub fn new(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Self, String> {
         let has_token = token.is_some();
-        let api = ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
-            .with_endpoint(endpoint.trim_end_matches('/').to_owned())
-            .with_token(token)
-            .with_progress(false)
-            .with_user_agent("rbee-hive", env!("CARGO_PKG_VERSION"))
-            .build()
+        let api = build_api(endpoint, token.clone(), cache_dir.clone())
             .map_err(|e| format!("cannot build the Hugging Face client: {e}"))?;
         Ok(Self {
             api,
+            endpoint: endpoint.to_owned(),
+            token: token.map(secrecy::SecretString::from),
             cache_dir,
             has_token,
         })
@@ -229,8 +238,16 @@ impl Hub {
         }
     }
 
-    /// Fetch one file of `plan` (resuming a partial one) and verify it.
-    /// Returns its path in the snapshot.
+    /// Fetch one file of `plan`, resuming a partial one; returns its path
+    /// in the snapshot.
+    ///
+    /// `hf-hub` spawns one task per 10 MB range and commits only a
+    /// contiguous prefix; on a multi-threaded runtime those tasks start in
+    /// no fixed order (the last range often first), so an interruption
+    /// could find nothing committed. Each fetch therefore runs on its own
+    /// thread with a current-thread runtime, where the ranges start in
+    /// file order and every finished range extends the committed prefix.
+    /// The thread is detached: a hive that exits does not wait for it.
     pub async fn fetch(
         &self,
         plan: &Plan,
@@ -239,13 +256,36 @@ impl Hub {
         progress: FileProgress,
     ) -> Result<PathBuf, FetchError> {
         let repo = Repo::with_revision(plan.repo.clone(), RepoType::Model, plan.commit.clone());
-        let path = self
-            .api
-            .repo(repo)
-            .download_with_progress(&file.name, progress)
-            .await
-            .map_err(|e| self.fetch_error(e, display, &file.name))?;
-        Ok(path)
+        let endpoint = self.endpoint.clone();
+        let token = self
+            .token
+            .as_ref()
+            .map(|t| secrecy::ExposeSecret::expose_secret(t).to_owned());
+        let cache_dir = self.cache_dir.clone();
+        let name = file.name.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("hf-download".to_owned())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(HubError::IoError)
+                    .and_then(|runtime| {
+                        let api = build_api(&endpoint, token, cache_dir)?;
+                        runtime.block_on(api.repo(repo).download_with_progress(&name, progress))
+                    });
+                let _ = tx.send(result);
+            });
+        let result = match spawned {
+            Ok(_) => rx.await.map_err(|_| {
+                HubError::IoError(std::io::Error::other("the download thread stopped"))
+            }),
+            Err(e) => Err(HubError::IoError(e)),
+        };
+        result
+            .and_then(|r| r)
+            .map_err(|e| self.fetch_error(e, display, &file.name))
     }
 
     fn fetch_error(&self, e: HubError, display: &str, name: &str) -> FetchError {
