@@ -89,6 +89,13 @@ fn wait_idle(hive: &RunningDaemon, id: &str, timeout: Duration) -> Value {
     last.expect("worker record")
 }
 
+/// Spawn `id` for `model_ref` (202) and wait until it is idle.
+fn spawn_idle(hive: &RunningDaemon, model_ref: &str, id: &str) -> Value {
+    let (status, body, _) = spawn(hive, json!({ "model_ref": model_ref, "worker_id": id }));
+    assert_eq!(status, 202, "{body}");
+    wait_idle(hive, id, Duration::from_secs(60))
+}
+
 /// True while `pid` exists and is not a zombie.
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -356,12 +363,7 @@ fn a_stalled_engine_fails_its_health_checks_and_is_restarted() {
         .spawn();
     let model_ref = default_ref();
     provision(&hive, &model_ref);
-    let (status, body, _) = spawn(
-        &hive,
-        json!({ "model_ref": model_ref, "worker_id": "w-stall" }),
-    );
-    assert_eq!(status, 202, "{body}");
-    let w = wait_idle(&hive, "w-stall", Duration::from_secs(60));
+    let w = spawn_idle(&hive, &model_ref, "w-stall");
     let first_pid = pid_of(&w);
     let url = w["url"].as_str().expect("url").to_owned();
     // Wedge the engine; the request itself never finishes.
@@ -395,12 +397,7 @@ fn workers_outlive_the_blocking_pool_but_never_a_sigkilled_hive() {
     let mut hive = DaemonSpec::new("rbee-hive").spawn();
     let model_ref = default_ref();
     provision(&hive, &model_ref);
-    let (status, body, _) = spawn(
-        &hive,
-        json!({ "model_ref": model_ref, "worker_id": "w-early" }),
-    );
-    assert_eq!(status, 202, "{body}");
-    let pid = pid_of(&wait_idle(&hive, "w-early", Duration::from_secs(60)));
+    let pid = pid_of(&spawn_idle(&hive, &model_ref, "w-early"));
     // tokio's blocking threads exit after 10 s idle; the parent-death signal
     // is tied to the launcher thread, which does not.
     std::thread::sleep(Duration::from_secs(12));
@@ -451,12 +448,7 @@ fn the_shutdown_route_stops_a_worker_and_eviction_waits_for_it() {
     let hive = DaemonSpec::new("rbee-hive").spawn();
     let model_ref = default_ref();
     provision(&hive, &model_ref);
-    let (status, body, _) = spawn(
-        &hive,
-        json!({ "model_ref": model_ref, "worker_id": "w-stop" }),
-    );
-    assert_eq!(status, 202, "{body}");
-    let pid = pid_of(&wait_idle(&hive, "w-stop", Duration::from_secs(60)));
+    let pid = pid_of(&spawn_idle(&hive, &model_ref, "w-stop"));
 
     let evict = || {
         send(
@@ -753,12 +745,7 @@ fn a_worker_whose_heartbeats_stop_is_declared_dead_and_restarted() {
         .spawn();
     let model_ref = default_ref();
     provision(&hive, &model_ref);
-    let (status, body, _) = spawn(
-        &hive,
-        json!({ "model_ref": model_ref, "worker_id": "w-quiet" }),
-    );
-    assert_eq!(status, 202, "{body}");
-    let first_pid = pid_of(&wait_idle(&hive, "w-quiet", Duration::from_secs(60)));
+    let first_pid = pid_of(&spawn_idle(&hive, &model_ref, "w-quiet"));
     let ready_at = Instant::now();
     wait_for(
         Duration::from_secs(30),

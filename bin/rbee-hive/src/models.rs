@@ -355,45 +355,38 @@ impl Models {
 
     async fn run(&self, download: Arc<Download>, parsed: ModelRef, request_id: Option<String>) {
         let model_ref = download.model_ref.clone();
-        let outcome = match self.cached(&model_ref).await {
-            Ok(Some(local_path)) => Ok(Some(local_path)),
+        let provisioned = match self.cached(&model_ref).await {
+            Ok(Some(local_path)) => {
+                let phase = Phase::Event(DownloadEvent::Complete { local_path });
+                self.inner.downloads.finish(&download, phase);
+                return;
+            }
             Ok(None) => match &parsed {
                 ModelRef::HuggingFace(r) => self.run_hf(&download, r).await,
                 ModelRef::File(path) => self.run_file(&download, path).await,
             },
             Err(e) => Err(Failure::Rejected(e)),
         };
-        let phase = match outcome {
-            Ok(Some(local_path)) => Phase::Event(DownloadEvent::Complete { local_path }),
-            Ok(None) => {
-                let entry = self.inner.catalog.get(&model_ref).await.ok().flatten();
-                let Some(record) = entry else {
-                    self.fail(
-                        &download,
-                        request_id.as_deref(),
-                        Failure::Failed(internal("catalog row vanished")),
-                    );
-                    return;
-                };
-                self.inner.metrics.downloaded.inc();
-                tracing::info!(%model_ref, local_path = %record.entry.local_path, bytes = record.entry.size_bytes, "model provisioned");
-                self.inner.audit.emit(
-                    request_id.as_deref(),
-                    AuditEvent::ModelProvisioned {
-                        model_ref: model_ref.clone(),
-                        local_path: record.entry.local_path.clone(),
-                        bytes: record.entry.size_bytes,
-                    },
-                );
-                Phase::Event(DownloadEvent::Complete {
-                    local_path: record.entry.local_path,
-                })
-            }
+        let entry = match provisioned {
+            Ok(entry) => entry,
             Err(failure) => {
                 self.fail(&download, request_id.as_deref(), failure);
                 return;
             }
         };
+        self.inner.metrics.downloaded.inc();
+        tracing::info!(%model_ref, local_path = %entry.local_path, bytes = entry.size_bytes, "model provisioned");
+        self.inner.audit.emit(
+            request_id.as_deref(),
+            AuditEvent::ModelProvisioned {
+                model_ref: model_ref.clone(),
+                local_path: entry.local_path.clone(),
+                bytes: entry.size_bytes,
+            },
+        );
+        let phase = Phase::Event(DownloadEvent::Complete {
+            local_path: entry.local_path,
+        });
         self.inner.downloads.finish(&download, phase);
     }
 

@@ -24,7 +24,7 @@ impl Models {
         &self,
         download: &Arc<Download>,
         r: &HfRef,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<ModelEntry, Failure> {
         let display = download.model_ref.clone();
         let plan = self
             .inner
@@ -66,12 +66,13 @@ impl Models {
                 return Err(Failure::Failed(e));
             }
         };
+        let entry = record.entry.clone();
         self.inner
             .catalog
             .insert(record)
             .await
             .map_err(|e| Failure::Failed(internal(e)))?;
-        Ok(None)
+        Ok(entry)
     }
 
     async fn fetch_plan(
@@ -202,7 +203,7 @@ impl Models {
         &self,
         download: &Arc<Download>,
         named: &Path,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<ModelEntry, Failure> {
         let display = download.model_ref.clone();
         let named = named.to_path_buf();
         let inspect_display = display.clone();
@@ -273,12 +274,13 @@ impl Models {
                 .map(|(path, size)| StoredFile { path, size })
                 .collect(),
         };
+        let entry = record.entry.clone();
         self.inner
             .catalog
             .insert(record)
             .await
             .map_err(|e| Failure::Failed(internal(e)))?;
-        Ok(None)
+        Ok(entry)
     }
 
     /// Refuse a download that would leave less than the reserve free,
