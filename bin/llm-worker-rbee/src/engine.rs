@@ -217,7 +217,10 @@ struct Sequence {
 
 enum Step {
     Running,
-    Done(Outcome),
+    /// The sequence is over; its terminal event (`End` or `Error`) is sent
+    /// only after the slot is back in the pool, so a client that sends its
+    /// next request as soon as this one ends finds the slot free.
+    Done(Outcome, JobEvent),
 }
 
 impl Worker {
@@ -239,17 +242,25 @@ impl Worker {
                 self.mark_progress();
                 match outcome {
                     Step::Running => i += 1,
-                    Step::Done(outcome) => {
-                        let mut seq = active.swap_remove(i);
+                    Step::Done(outcome, last) => {
+                        let seq = active.swap_remove(i);
                         self.finish_metrics(&seq, outcome);
-                        match seq.weights.reset() {
-                            Ok(()) => self.pool.push(seq.weights),
+                        let Sequence {
+                            job,
+                            _permit: permit,
+                            mut weights,
+                            ..
+                        } = seq;
+                        match weights.reset() {
+                            Ok(()) => self.pool.push(weights),
                             // Without its slot the worker serves with one fewer;
                             // say so rather than reuse a dirty cache.
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot reset a slot's cache; slot dropped")
                             }
                         }
+                        drop(permit);
+                        let _ = job.events.send(last);
                     }
                 }
             }
@@ -294,28 +305,34 @@ impl Worker {
 
     fn step(&self, seq: &mut Sequence) -> Step {
         if seq.job.cancel.is_cancelled() || seq.job.events.is_closed() {
-            let _ = seq.job.events.send(JobEvent::Error {
-                code: ErrorCode::Cancelled,
-                message: "the request was cancelled".to_owned(),
-            });
-            return Step::Done(Outcome::Cancelled);
+            return Step::Done(
+                Outcome::Cancelled,
+                JobEvent::Error {
+                    code: ErrorCode::Cancelled,
+                    message: "the request was cancelled".to_owned(),
+                },
+            );
         }
         if self.shared.abort.load(Ordering::Acquire) {
-            let _ = seq.job.events.send(JobEvent::Error {
-                code: ErrorCode::ShuttingDown,
-                message: "the worker is shutting down and its drain time is up".to_owned(),
-            });
-            return Step::Done(Outcome::Cancelled);
+            return Step::Done(
+                Outcome::Cancelled,
+                JobEvent::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: "the worker is shutting down and its drain time is up".to_owned(),
+                },
+            );
         }
         if seq.job.deadline.is_some_and(|d| Instant::now() >= d) {
-            let _ = seq.job.events.send(JobEvent::Error {
-                code: ErrorCode::DeadlineExceeded,
-                message: format!(
-                    "the deadline passed after {} generated tokens",
-                    seq.generated
-                ),
-            });
-            return Step::Done(Outcome::DeadlineExceeded);
+            return Step::Done(
+                Outcome::DeadlineExceeded,
+                JobEvent::Error {
+                    code: ErrorCode::DeadlineExceeded,
+                    message: format!(
+                        "the deadline passed after {} generated tokens",
+                        seq.generated
+                    ),
+                },
+            );
         }
         let next = match self.forward_and_sample(seq) {
             Ok(next) => next,
@@ -326,11 +343,13 @@ impl Worker {
                     error = %e,
                     "decode step failed"
                 );
-                let _ = seq.job.events.send(JobEvent::Error {
-                    code: ErrorCode::Internal,
-                    message: "the decode step failed; see the worker's log".to_owned(),
-                });
-                return Step::Done(Outcome::Error);
+                return Step::Done(
+                    Outcome::Error,
+                    JobEvent::Error {
+                        code: ErrorCode::Internal,
+                        message: "the decode step failed; see the worker's log".to_owned(),
+                    },
+                );
             }
         };
         let now = Instant::now();
@@ -405,13 +424,15 @@ impl Worker {
         let decode_time_ms = seq.first_step.map_or(0, |t| {
             u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
         });
-        let _ = seq.job.events.send(JobEvent::End {
-            tokens_in: seq.prompt_len as u32,
-            tokens_out: seq.generated,
-            decode_time_ms,
-            stop_reason,
-        });
-        Step::Done(Outcome::Ok)
+        Step::Done(
+            Outcome::Ok,
+            JobEvent::End {
+                tokens_in: seq.prompt_len as u32,
+                tokens_out: seq.generated,
+                decode_time_ms,
+                stop_reason,
+            },
+        )
     }
 
     fn finish_metrics(&self, seq: &Sequence, outcome: Outcome) {
