@@ -106,8 +106,9 @@ pub struct DaemonSpec {
 impl DaemonSpec {
     /// `name` on `127.0.0.1:0` with JSON logs, no token, `RUST_LOG=info`;
     /// the worker serves the default model; the hive gets a fresh models
-    /// directory (removed when the spec and its daemons are dropped)
-    /// unless the test passes `--models-dir`.
+    /// directory and the queen a fresh registry file (removed when the spec
+    /// and its daemons are dropped) unless the test passes `--models-dir`
+    /// or `--database`.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -116,8 +117,8 @@ impl DaemonSpec {
             model: (name == "llm-worker-rbee").then(|| default_model().display().to_string()),
             args: vec!["--log-format".to_owned(), "json".to_owned()],
             env: vec![("RUST_LOG".into(), "info".into())],
-            scratch: (name == "rbee-hive")
-                .then(|| Arc::new(tempfile::tempdir().expect("a scratch models directory"))),
+            scratch: (name == "rbee-hive" || name == "queen-rbee")
+                .then(|| Arc::new(tempfile::tempdir().expect("a scratch directory"))),
         }
     }
 
@@ -163,8 +164,12 @@ impl DaemonSpec {
             cmd.arg("--model").arg(model);
         }
         if let Some(scratch) = &self.scratch {
-            if !self.args.iter().any(|a| a == "--models-dir") {
+            if self.name == "rbee-hive" && !self.args.iter().any(|a| a == "--models-dir") {
                 cmd.arg("--models-dir").arg(scratch.path());
+            }
+            if self.name == "queen-rbee" && !self.args.iter().any(|a| a == "--database") {
+                cmd.arg("--database")
+                    .arg(scratch.path().join("queen.sqlite3"));
             }
         }
         cmd.args(&self.args)
@@ -178,6 +183,10 @@ impl DaemonSpec {
             .env_remove("RBEE_QUEEN_ADDR")
             .env_remove("RBEE_HIVE_ADDR")
             .env_remove("RBEE_WORKER_ADDR")
+            .env_remove("RBEE_QUEEN_DATABASE")
+            .env_remove("RBEE_QUEEN_HIVES")
+            .env_remove("RBEE_QUEEN_CONFIG")
+            .env_remove("RBEE_HIVE_CONFIG")
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);

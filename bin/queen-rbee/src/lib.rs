@@ -1,15 +1,35 @@
 //! `queen-rbee`, the orchestrator users and OpenAI clients talk to.
 //!
 //! This crate holds the daemon as a library (so tests can run it in-process
-//! on port 0) and a thin `main`. Today it serves the shared routes
-//! (`/health`, `/health/live`, `/metrics`, `POST /v1/admin/shutdown`) behind
-//! the shared stack (auth, deadlines, request ids, JSON errors).
+//! on port 0) and a thin `main`. The pieces:
+//!
+//! - [`store`]: the hive registry in SQLite (`--database`);
+//! - [`hives`]: the registry in memory, one poller per hive, spawns;
+//! - [`sched`]: admission, per-model queues, least-outstanding routing;
+//! - [`proxy`]: one request through the queen, streaming relay included;
+//! - [`routes`]: the HTTP surface; [`metrics`]: `rbee_queen_*`.
+
+pub mod hives;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod sched;
+pub mod store;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
+use audit_logging::{AuditSink, ConfigSetting};
+use auth_min::{ApiToken, WithBearer};
 use axum::extract::FromRef;
-use axum::Router;
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
+
+use hives::{normalize_url, Hives, PollSettings};
+use metrics::QueenMetrics;
+use proxy::Jobs;
+use sched::Scheduler;
+use store::Store;
 
 /// `queen-rbee`'s flags; each also reads the environment variable it names.
 #[derive(Debug, Clone, clap::Parser)]
@@ -23,6 +43,56 @@ pub struct Config {
     #[arg(long, env = "RBEE_QUEEN_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
 
+    /// A hive's base URL (repeat the flag, or separate with commas in the
+    /// environment variable). Its node name is its `host:port`.
+    #[arg(
+        long = "hive",
+        env = "RBEE_QUEEN_HIVES",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub hives: Vec<String>,
+
+    /// The hive registry (SQLite). Default: `rbee/queen.sqlite3` under the
+    /// user's data directory (`$XDG_DATA_HOME`, else `~/.local/share`).
+    #[arg(long, env = "RBEE_QUEEN_DATABASE", value_name = "PATH")]
+    pub database: Option<PathBuf>,
+
+    /// Waiting requests allowed per model; more are refused with 429.
+    #[arg(long, env = "RBEE_QUEEN_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_queue: u32,
+
+    /// Deadline given to requests that carry neither `X-Deadline` nor
+    /// `X-Timeout-Ms`, in milliseconds.
+    #[arg(long, env = "RBEE_DEFAULT_DEADLINE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub default_deadline_ms: u64,
+
+    /// Time between polls of each hive, in milliseconds.
+    #[arg(long, env = "RBEE_HIVE_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub hive_poll_interval_ms: u64,
+
+    /// Bound of one poll, in milliseconds.
+    #[arg(long, env = "RBEE_HIVE_POLL_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub hive_poll_timeout_ms: u64,
+
+    /// Failed polls in a row that mark a hive unreachable.
+    #[arg(long, env = "RBEE_HIVE_MISSES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub hive_misses: u32,
+
+    /// How long a worker the queen asked for may take to become ready, in
+    /// seconds.
+    #[arg(long, env = "RBEE_SPAWN_TIMEOUT_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub spawn_timeout_s: u64,
+
+    /// On SIGTERM, also ask every reachable hive to shut down.
+    #[arg(long, env = "RBEE_CASCADE_SHUTDOWN")]
+    pub cascade_shutdown: bool,
+
+    /// A TOML settings file; keys are the long flag names (`hive` takes
+    /// an array). Flags and environment variables win over it.
+    #[arg(long, env = "RBEE_QUEEN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(flatten)]
     /// The flags every daemon has.
     pub common: CommonArgs,
@@ -32,12 +102,39 @@ impl DaemonConfig for Config {
     fn common(&self) -> &CommonArgs {
         &self.common
     }
+
+    fn load() -> Self {
+        rbee_http::config_file::parse_with_file(
+            "queen-rbee",
+            "RBEE_QUEEN_CONFIG",
+            std::env::args_os().collect(),
+        )
+    }
+}
+
+impl Config {
+    /// The registry file: `--database`, else the user's data directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.database.clone().unwrap_or_else(|| {
+            dirs::data_dir()
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("rbee")
+                .join("queen.sqlite3")
+        })
+    }
 }
 
 /// State shared by `queen-rbee`'s handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
     core: CoreState,
+    sched: Scheduler,
+    hives: Hives,
+    jobs: Jobs,
+    metrics: QueenMetrics,
+    audit: AuditSink,
+    client: reqwest::Client,
+    token: Option<ApiToken>,
 }
 
 impl FromRef<AppState> for CoreState {
@@ -46,20 +143,24 @@ impl FromRef<AppState> for CoreState {
     }
 }
 
-/// `queen-rbee`'s own routes (the shared ones are added by [`Bootstrap::bind`]).
-///
-/// Admission, queueing and routing routes join here; the backend label of
-/// `rbee_build_info` is `none` because the queen runs no model.
-pub fn router() -> Router<AppState> {
-    Router::new()
-}
-
-/// Open the audit trail, check the token and bind policy, then bind
-/// `config.addr`. The returned daemon reports its bound address
-/// ([`Daemon::local_addr`]) and serves until SIGTERM/SIGINT or
-/// `POST /v1/admin/shutdown` ([`Daemon::run`]).
+/// Open the audit trail and the registry, check the token and bind policy,
+/// start polling the known hives, then bind `config.addr`. The returned
+/// daemon reports its bound address ([`Daemon::local_addr`]) and serves
+/// until SIGTERM/SIGINT or `POST /v1/admin/shutdown` ([`Daemon::run`]).
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
-    let boot = Bootstrap::new(
+    let mut flag_urls = Vec::new();
+    let mut bad = Vec::new();
+    for url in &config.hives {
+        match normalize_url(url) {
+            Ok(u) => flag_urls.push(u),
+            Err(e) => bad.push(format!("--hive {url}: {}", e.message)),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(StartupError::Config(bad.join("; ")));
+    }
+    let database = config.database_path();
+    let mut boot = Bootstrap::new(
         Identity {
             name: "queen-rbee",
             service_id: "queen-rbee".to_owned(),
@@ -68,7 +169,79 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         },
         config.addr,
         &config.common,
-        Vec::new(),
+        vec![
+            ConfigSetting::new("hives", flag_urls.join(",")),
+            ConfigSetting::new("database", database.display()),
+            ConfigSetting::new("max_queue", config.max_queue),
+            ConfigSetting::new("default_deadline_ms", config.default_deadline_ms),
+            ConfigSetting::new("hive_poll_interval_ms", config.hive_poll_interval_ms),
+            ConfigSetting::new("hive_misses", config.hive_misses),
+            ConfigSetting::new("cascade_shutdown", config.cascade_shutdown),
+        ],
     )?;
-    boot.bind(router(), |core| AppState { core }).await
+    let store = Store::open(&database)
+        .await
+        .map_err(|e| StartupError::Config(e.to_string()))?;
+    let metrics = QueenMetrics::register(&mut boot.registry);
+    let sched = Scheduler::new(config.max_queue as usize, metrics.clone());
+    let hives = Hives::new(
+        store,
+        sched.clone(),
+        boot.token.clone(),
+        PollSettings {
+            interval: Duration::from_millis(config.hive_poll_interval_ms),
+            timeout: Duration::from_millis(config.hive_poll_timeout_ms),
+            misses: config.hive_misses,
+            spawn_timeout: Duration::from_secs(config.spawn_timeout_s),
+        },
+        boot.audit.clone(),
+        boot.shutdown.clone(),
+    );
+    let spawner = hives.clone();
+    sched.set_spawner(move |order| spawner.spawn(order));
+    hives
+        .load(&flag_urls)
+        .await
+        .map_err(|e| StartupError::Config(e.body().error.message.clone()))?;
+    boot.stack = boot
+        .stack
+        .with_default_deadline(Duration::from_millis(config.default_deadline_ms));
+    let token = boot.token.clone();
+    let audit = boot.audit.clone();
+    let cascade_hives = hives.clone();
+    let cascade_token = boot.token.clone();
+    let mut daemon = boot
+        .bind(routes::router(), |core| AppState {
+            core,
+            sched,
+            hives,
+            jobs: Jobs::default(),
+            metrics,
+            audit,
+            client: reqwest::Client::new(),
+            token,
+        })
+        .await?;
+    if config.cascade_shutdown {
+        daemon.on_drain(cascade(cascade_hives, cascade_token));
+    }
+    Ok(daemon)
+}
+
+/// Ask every reachable hive to shut down (`--cascade-shutdown`).
+async fn cascade(hives: Hives, token: Option<ApiToken>) {
+    let client = reqwest::Client::new();
+    let calls = hives.reachable_urls().into_iter().map(|url| {
+        let request = client
+            .post(format!("{url}/v1/admin/shutdown"))
+            .timeout(Duration::from_secs(10))
+            .with_bearer(token.as_ref());
+        async move {
+            match request.send().await {
+                Ok(r) => tracing::info!(hive = %url, status = r.status().as_u16(), "asked the hive to shut down"),
+                Err(e) => tracing::warn!(hive = %url, error = %e, "could not ask the hive to shut down"),
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await;
 }

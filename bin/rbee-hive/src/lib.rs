@@ -7,7 +7,6 @@
 //! ids, JSON errors); its HTTP metrics carry the contract's names
 //! `rbee_hive_requests_total` and `rbee_hive_request_duration_seconds`.
 
-pub mod config_file;
 pub mod host;
 pub mod models;
 pub mod queen;
@@ -166,7 +165,11 @@ impl DaemonConfig for Config {
     }
 
     fn load() -> Self {
-        config_file::parse_with_file(std::env::args_os().collect())
+        rbee_http::config_file::parse_with_file(
+            "rbee-hive",
+            "RBEE_HIVE_CONFIG",
+            std::env::args_os().collect(),
+        )
     }
 }
 

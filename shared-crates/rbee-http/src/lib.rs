@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod config_file;
 pub mod errors;
 pub mod metrics;
 pub mod request_id;

@@ -1,6 +1,8 @@
-//! The optional TOML settings file (`--config FILE` / `RBEE_HIVE_CONFIG`).
+//! A daemon's optional TOML settings file (`--config FILE`, or the
+//! daemon's environment variable for it).
 //!
-//! Keys are the long flag names (`load-timeout-s` or `load_timeout_s`).
+//! Keys are the long flag names (`load-timeout-s` or `load_timeout_s`); a
+//! flag that may repeat takes an array of strings.
 //! Precedence: a flag on the command line, then its environment variable,
 //! then the file, then the default. The file's values are turned into
 //! arguments for the flags not already given, so clap validates them like
@@ -12,32 +14,30 @@ use std::path::Path;
 
 use clap::{CommandFactory, FromArgMatches};
 
-use crate::Config;
-
-/// Parse `args` (program name first), merging the settings file if one is
-/// named; exits like clap on errors.
-pub fn parse_with_file(args: Vec<OsString>) -> Config {
-    let command = Config::command();
-    let file = config_path(&args);
+/// Parse `args` (program name first) into `C`, merging the settings file if
+/// one is named by `--config` or `env_var`; exits like clap on errors.
+pub fn parse_with_file<C: CommandFactory + FromArgMatches>(
+    name: &str,
+    env_var: &str,
+    args: Vec<OsString>,
+) -> C {
+    let command = C::command();
+    let file = config_path(&args, env_var);
     let mut merged = args;
     if let Some(path) = file {
         match file_args(&command, &path, &merged) {
             Ok(extra) => merged.extend(extra),
             Err(problems) => {
-                eprintln!(
-                    "rbee-hive: error: {}: {}",
-                    path.display(),
-                    problems.join("; ")
-                );
+                eprintln!("{name}: error: {}: {}", path.display(), problems.join("; "));
                 std::process::exit(2);
             }
         }
     }
     let matches = command.get_matches_from(merged);
-    Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
+fn config_path(args: &[OsString], env_var: &str) -> Option<std::path::PathBuf> {
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy();
@@ -48,7 +48,7 @@ fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
             return Some(value.into());
         }
     }
-    std::env::var_os("RBEE_HIVE_CONFIG").map(Into::into)
+    std::env::var_os(env_var).map(Into::into)
 }
 
 /// Arguments for the file's settings that neither a flag nor an
@@ -92,8 +92,20 @@ fn file_args(
             toml::Value::String(s) => out.push(format!("{flag}={s}").into()),
             toml::Value::Integer(i) => out.push(format!("{flag}={i}").into()),
             toml::Value::Float(f) => out.push(format!("{flag}={f}").into()),
+            toml::Value::Array(items)
+                if arg.get_action().takes_values()
+                    && matches!(arg.get_action(), clap::ArgAction::Append)
+                    && items.iter().all(toml::Value::is_str) =>
+            {
+                out.extend(
+                    items
+                        .iter()
+                        .filter_map(toml::Value::as_str)
+                        .map(|s| format!("{flag}={s}").into()),
+                );
+            }
             _ => problems.push(format!(
-                "setting {key:?} must be a string, number or boolean"
+                "setting {key:?} must be a string, number or boolean (an array of strings for a repeatable flag)"
             )),
         }
     }
@@ -107,6 +119,25 @@ fn file_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Flags shaped like a daemon's, for the parser.
+    #[derive(Debug, clap::Parser)]
+    struct Config {
+        #[arg(long)]
+        load_timeout_s: Option<u64>,
+        #[arg(long)]
+        health_failures: Option<u32>,
+        #[arg(long)]
+        ready_requires_worker: bool,
+        #[arg(long)]
+        models_dir: Option<String>,
+        #[arg(long)]
+        restart: Option<String>,
+        #[arg(long = "hive")]
+        hives: Vec<String>,
+        #[arg(long)]
+        config: Option<String>,
+    }
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
@@ -141,13 +172,35 @@ mod tests {
     }
 
     #[test]
+    fn a_repeatable_flag_takes_an_array_of_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queen.toml");
+        std::fs::write(&path, "hive = [\"http://a:9200\", \"http://b:9200\"]\n").unwrap();
+        let extra = file_args(&Config::command(), &path, &args(&["queen"])).unwrap();
+        assert_eq!(
+            extra,
+            args(&["--hive=http://a:9200", "--hive=http://b:9200"])
+        );
+        let merged: Config = parse_with_file("queen", "RBEE_TEST_UNSET_CONFIG", {
+            let mut a = args(&["queen", "--config"]);
+            a.push(path.clone().into());
+            a
+        });
+        assert_eq!(merged.hives, ["http://a:9200", "http://b:9200"]);
+
+        std::fs::write(&path, "hive = [1]\nmodels_dir = [\"/m\"]\n").unwrap();
+        let problems = file_args(&Config::command(), &path, &args(&["queen"])).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
     fn the_config_path_comes_from_the_flag_in_either_form() {
         assert_eq!(
-            config_path(&args(&["hive", "--config", "/a.toml"])),
+            config_path(&args(&["hive", "--config", "/a.toml"]), "RBEE_TEST_UNSET"),
             Some("/a.toml".into())
         );
         assert_eq!(
-            config_path(&args(&["hive", "--config=/b.toml"])),
+            config_path(&args(&["hive", "--config=/b.toml"]), "RBEE_TEST_UNSET"),
             Some("/b.toml".into())
         );
     }

@@ -1,0 +1,541 @@
+//! The hive registry: which hives the queen routes to, persisted in the
+//! [`Store`], each polled by its own task for its workers and models.
+//!
+//! A hive is `unknown` until its first answer, `reachable` while it
+//! answers, and `unreachable` only after `--hive-misses` polls in a row
+//! failed, so one slow answer never takes a whole hive out of routing;
+//! one answer brings it back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use audit_logging::{AuditEvent, AuditSink};
+use auth_min::{ApiToken, WithBearer};
+use rbee_api::models::ModelList;
+use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerList, WorkerState};
+use rbee_api::{ApiError, ErrorCode, FieldError};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::sched::{Scheduler, SpawnOrder};
+use crate::store::{Store, StoredHive};
+
+/// How hives are polled.
+#[derive(Debug, Clone, Copy)]
+pub struct PollSettings {
+    /// Time between polls of one hive.
+    pub interval: Duration,
+    /// Bound of one poll.
+    pub timeout: Duration,
+    /// Failed polls in a row that make a hive unreachable.
+    pub misses: u32,
+    /// How long a spawned worker may take to become ready.
+    pub spawn_timeout: Duration,
+}
+
+/// A hive as `GET /v2/hives/list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HiveSummary {
+    /// Unique name.
+    pub node_name: String,
+    /// Base URL.
+    pub url: String,
+    /// `flag`, `config` or `registered`.
+    pub source: String,
+    /// `unknown`, `reachable` or `unreachable`.
+    pub state: &'static str,
+    /// When it joined (RFC 3339).
+    pub registered_at: String,
+    /// Its last answer (RFC 3339).
+    pub last_seen: Option<String>,
+    /// Failed polls in a row.
+    pub consecutive_misses: u32,
+    /// Workers at its last answer.
+    pub workers: usize,
+    /// Provisioned models at its last answer.
+    pub models: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    summary: HiveSummary,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    entries: Mutex<HashMap<String, Entry>>,
+    store: Store,
+    sched: Scheduler,
+    client: reqwest::Client,
+    token: Option<ApiToken>,
+    poll: PollSettings,
+    audit: AuditSink,
+    shutdown: CancellationToken,
+}
+
+/// The registry; cheap to clone.
+#[derive(Clone)]
+pub struct Hives {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hives {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hives").finish_non_exhaustive()
+    }
+}
+
+/// Check a node name: 1 to 128 characters of letters, digits, `.`, `_`,
+/// `-` and `:`.
+pub fn check_node_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "node_name",
+            "format",
+            "node_name must be 1 to 128 characters of letters, digits, '.', '_', '-' or ':'",
+        ))
+    }
+}
+
+/// Check and normalise a hive URL: `http` or `https`, a host, no user,
+/// query or fragment, no path; the trailing slash is dropped.
+pub fn normalize_url(url: &str) -> Result<String, FieldError> {
+    let bad = |why: &str| FieldError::new("url", "format", why);
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| bad(&format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("the URL must be http or https"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("the URL needs a host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad("the URL must not carry credentials"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() || parsed.path() != "/" {
+        return Err(bad(
+            "the URL must be the hive's base URL, without path, query or fragment",
+        ));
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
+}
+
+/// The node name of a hive given by `--hive URL`: its `host:port`.
+pub fn node_name_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}:{}",
+            u.host_str().unwrap_or("hive"),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => url.to_owned(),
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// What one poll of a hive brought back.
+struct Snapshot {
+    workers: WorkerList,
+    models: ModelList,
+}
+
+impl Hives {
+    /// The registry over `store`; no hive is loaded yet ([`Self::load`]).
+    pub fn new(
+        store: Store,
+        sched: Scheduler,
+        token: Option<ApiToken>,
+        poll: PollSettings,
+        audit: AuditSink,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                entries: Mutex::new(HashMap::new()),
+                store,
+                sched,
+                client: reqwest::Client::new(),
+                token,
+                poll,
+                audit,
+                shutdown,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.inner
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Start polling every stored hive, then add the `--hive` URLs (already
+    /// normalised) as `flag` hives.
+    pub async fn load(&self, flag_urls: &[String]) -> Result<(), ApiError> {
+        let stored = self.inner.store.list().await.map_err(internal)?;
+        for hive in stored {
+            self.track(hive);
+        }
+        for url in flag_urls {
+            self.register(&node_name_of(url), url, "flag").await?;
+        }
+        Ok(())
+    }
+
+    /// Add or update a hive; true when it is new. Registering again with
+    /// the same URL only refreshes it (hives re-register periodically).
+    pub async fn register(
+        &self,
+        node_name: &str,
+        url: &str,
+        source: &str,
+    ) -> Result<bool, ApiError> {
+        let unchanged = self
+            .lock()
+            .get(node_name)
+            .is_some_and(|e| e.summary.url == url);
+        if unchanged {
+            return Ok(false);
+        }
+        let stored = StoredHive {
+            node_name: node_name.to_owned(),
+            url: url.to_owned(),
+            source: source.to_owned(),
+            registered_at: now_rfc3339(),
+        };
+        self.inner
+            .store
+            .upsert(stored.clone())
+            .await
+            .map_err(internal)?;
+        let created = self.track(stored);
+        self.inner.audit.emit(
+            None,
+            AuditEvent::HiveRegistered {
+                node_name: node_name.to_owned(),
+                url: url.to_owned(),
+            },
+        );
+        tracing::info!(%node_name, %url, source, created, "hive registered");
+        Ok(created)
+    }
+
+    /// Remove a hive; false when it was not registered.
+    pub async fn remove(&self, node_name: &str) -> Result<bool, ApiError> {
+        let removed = self.inner.store.remove(node_name).await.map_err(internal)?;
+        let entry = self.lock().remove(node_name);
+        if let Some(entry) = &entry {
+            entry.stop.cancel();
+        }
+        self.inner.sched.hive_removed(node_name);
+        let existed = removed || entry.is_some();
+        if existed {
+            self.inner.audit.emit(
+                None,
+                AuditEvent::HiveRemoved {
+                    node_name: node_name.to_owned(),
+                },
+            );
+            tracing::info!(%node_name, "hive removed");
+        }
+        Ok(existed)
+    }
+
+    /// Every hive, by name.
+    pub fn list(&self) -> Vec<HiveSummary> {
+        let mut list: Vec<_> = self.lock().values().map(|e| e.summary.clone()).collect();
+        list.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+        list
+    }
+
+    /// Base URLs of the hives answering now.
+    pub fn reachable_urls(&self) -> Vec<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.summary.state == "reachable")
+            .map(|e| e.summary.url.clone())
+            .collect()
+    }
+
+    /// Put `hive` in the view and (re)start its poller; true when new.
+    fn track(&self, hive: StoredHive) -> bool {
+        let stop = self.inner.shutdown.child_token();
+        let summary = HiveSummary {
+            node_name: hive.node_name.clone(),
+            url: hive.url.clone(),
+            source: hive.source,
+            state: "unknown",
+            registered_at: hive.registered_at,
+            last_seen: None,
+            consecutive_misses: 0,
+            workers: 0,
+            models: Vec::new(),
+        };
+        let previous = self.lock().insert(
+            hive.node_name.clone(),
+            Entry {
+                summary,
+                stop: stop.clone(),
+            },
+        );
+        if let Some(old) = &previous {
+            old.stop.cancel();
+            self.inner.sched.hive_removed(&hive.node_name);
+        }
+        self.inner.sched.hive_added(&hive.node_name, &hive.url);
+        let this = self.clone();
+        tokio::spawn(async move { this.poll_loop(hive.node_name, hive.url, stop).await });
+        previous.is_none()
+    }
+
+    async fn poll_loop(self, node_name: String, url: String, stop: CancellationToken) {
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.poll_once(&url) => r,
+            };
+            self.apply(&node_name, &url, &stop, result);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.inner.poll.interval) => {}
+            }
+        }
+    }
+
+    async fn poll_once(&self, url: &str) -> Result<Snapshot, String> {
+        let get = |path: &str| {
+            self.inner
+                .client
+                .get(format!("{url}{path}"))
+                .timeout(self.inner.poll.timeout)
+                .with_bearer(self.inner.token.as_ref())
+                .send()
+        };
+        let (workers, models) = tokio::join!(get("/v1/workers/list"), get("/v1/models/list"));
+        let workers = decode::<WorkerList>(workers).await?;
+        let models = decode::<ModelList>(models).await?;
+        Ok(Snapshot { workers, models })
+    }
+
+    /// Record a poll's result, unless the hive was removed or replaced.
+    fn apply(
+        &self,
+        node_name: &str,
+        url: &str,
+        stop: &CancellationToken,
+        result: Result<Snapshot, String>,
+    ) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(node_name) else {
+            return;
+        };
+        if stop.is_cancelled() || entry.summary.url != url {
+            return;
+        }
+        let s = &mut entry.summary;
+        match result {
+            Ok(snap) => {
+                if s.state != "reachable" {
+                    tracing::info!(node_name, url, "hive reachable");
+                }
+                s.state = "reachable";
+                s.consecutive_misses = 0;
+                s.last_seen = Some(now_rfc3339());
+                s.workers = snap.workers.workers.len();
+                s.models = snap
+                    .models
+                    .models
+                    .iter()
+                    .map(|m| m.model_ref.clone())
+                    .collect();
+                let models = s.models.clone();
+                drop(entries);
+                self.inner
+                    .sched
+                    .hive_seen(node_name, url, snap.workers.workers, models);
+            }
+            Err(why) => {
+                s.consecutive_misses = s.consecutive_misses.saturating_add(1);
+                let flips =
+                    s.consecutive_misses >= self.inner.poll.misses && s.state != "unreachable";
+                tracing::debug!(node_name, url, error = %why, misses = s.consecutive_misses, "hive poll failed");
+                if flips {
+                    s.state = "unreachable";
+                    drop(entries);
+                    tracing::warn!(node_name, url, error = %why, "hive unreachable; its workers leave the routing set");
+                    self.inner.sched.hive_unreachable(node_name, url);
+                }
+            }
+        }
+    }
+
+    /// Ask `order.hive` to spawn a worker for `order.model` and follow it
+    /// until it is ready; the scheduler hears how it ended.
+    pub fn spawn(&self, order: SpawnOrder) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.spawn_and_wait(&order).await;
+            match &result {
+                Ok(()) => {
+                    tracing::info!(model = %order.model, hive = %order.hive, "spawned worker is ready")
+                }
+                Err(e) => {
+                    tracing::warn!(model = %order.model, hive = %order.hive, error = %e.body().error.message, "spawn failed")
+                }
+            }
+            this.inner.sched.spawn_finished(&order.model, result);
+        });
+    }
+
+    async fn spawn_and_wait(&self, order: &SpawnOrder) -> Result<(), ApiError> {
+        tracing::info!(model = %order.model, hive = %order.hive, "no worker for the model; asking the hive to spawn one");
+        let body = SpawnRequest {
+            model_ref: order.model.clone(),
+            backend: None,
+            device: None,
+            worker_id: None,
+            slots: None,
+        };
+        let response = self
+            .inner
+            .client
+            .post(format!("{}/v1/workers/spawn", order.hive_url))
+            .timeout(Duration::from_secs(30))
+            .with_bearer(self.inner.token.as_ref())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::NoCapacity,
+                    format!("the hive did not answer: {e}"),
+                )
+            })?;
+        if !response.status().is_success() {
+            return Err(hive_error(response).await);
+        }
+        let accepted: SpawnAccepted = response
+            .json()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("bad spawn answer: {e}")))?;
+        let started = Instant::now();
+        let stop = self.inner.shutdown.clone();
+        loop {
+            if started.elapsed() > self.inner.poll.spawn_timeout {
+                return Err(ApiError::new(
+                    ErrorCode::NoCapacity,
+                    format!("worker {} did not become ready in time", accepted.worker_id),
+                ));
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Err(ApiError::new(ErrorCode::ShuttingDown, "the queen is shutting down")),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let Ok(snap) = self.poll_once(&order.hive_url).await else {
+                continue;
+            };
+            let state = snap
+                .workers
+                .workers
+                .iter()
+                .find(|w| w.worker_id == accepted.worker_id)
+                .map(|w| w.state);
+            let live = self
+                .lock()
+                .get(&order.hive)
+                .map(|e| (e.stop.clone(), e.summary.url.clone()));
+            if let Some((entry_stop, url)) = live {
+                self.apply(&order.hive, &url, &entry_stop, Ok(snap));
+            }
+            match state {
+                Some(WorkerState::Idle | WorkerState::Busy) => return Ok(()),
+                Some(WorkerState::Loading) => {}
+                Some(WorkerState::Failed | WorkerState::Draining) | None => {
+                    return Err(ApiError::new(
+                        ErrorCode::WorkerFailed,
+                        format!("worker {} failed to start", accepted.worker_id),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<T, String> {
+    let response = response.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status().as_u16()));
+    }
+    response.json::<T>().await.map_err(|e| e.to_string())
+}
+
+/// The hive's error, as it reported it.
+async fn hive_error(response: reqwest::Response) -> ApiError {
+    let status = response.status();
+    let body: Option<rbee_api::ErrorBody> = response.json().await.ok();
+    match body {
+        Some(b) => ApiError::new(b.error.code, b.error.message),
+        None => ApiError::new(
+            ErrorCode::NoCapacity,
+            format!("the hive answered HTTP {}", status.as_u16()),
+        ),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "hive registry failure");
+    ApiError::new(
+        ErrorCode::Internal,
+        "the hive registry failed; see the queen's log",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_normalised_and_bad_ones_named() {
+        assert_eq!(
+            normalize_url("http://127.0.0.1:9200/").unwrap(),
+            "http://127.0.0.1:9200"
+        );
+        assert_eq!(
+            normalize_url(" https://h.example ").unwrap(),
+            "https://h.example"
+        );
+        for bad in [
+            "",
+            "ftp://h:1",
+            "http://user:pw@h:1",
+            "http://h:1/v1",
+            "http://h:1?x=1",
+            "not a url",
+        ] {
+            assert!(normalize_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_names_are_checked_and_derived_from_urls() {
+        assert!(check_node_name("gpu-01.lab").is_ok());
+        assert!(check_node_name("").is_err());
+        assert!(check_node_name("a b").is_err());
+        assert!(check_node_name(&"x".repeat(129)).is_err());
+        assert_eq!(node_name_of("http://127.0.0.1:9200"), "127.0.0.1:9200");
+        assert_eq!(node_name_of("https://h.example"), "h.example:443");
+    }
+}

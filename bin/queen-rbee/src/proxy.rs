@@ -1,0 +1,887 @@
+//! One inference request through the queen: admission, the wait for a
+//! worker, the call to it, and the relay of its answer.
+//!
+//! Streams are relayed event by event as the worker writes them; nothing
+//! waits for the whole answer. The worker's `started` event is held back
+//! until the first token so that a worker failing before its first token
+//! can be replaced once, invisibly; after a token has reached the client a
+//! failure ends the stream with an `error` event (`WORKER_FAILED`), never a
+//! retry and never a hang. A client that goes away, or a
+//! `DELETE /v1/inference/{job_id}`, drops the call to the worker, which
+//! stops generating at its next step.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use audit_logging::AuditEvent;
+use auth_min::WithBearer;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode};
+use rbee_api::{ApiError, ErrorCode, Outcome};
+use rbee_http::{Propagate, RequestContext};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::Stage;
+use crate::sched::{Lease, Ticket};
+use crate::AppState;
+
+/// The response header naming the queen's job id (for `DELETE`).
+pub const X_JOB_ID: &str = "x-job-id";
+
+/// Time past the deadline the queen gives a worker to report the deadline
+/// itself before the queen ends the call.
+const DEADLINE_GRACE: Duration = Duration::from_millis(500);
+
+/// Which worker route a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/inference`.
+    Native,
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Native => "/v1/inference",
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// A checked request, ready to route.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The worker route.
+    pub api: Api,
+    /// The model ref.
+    pub model: String,
+    /// The queen's job id.
+    pub job_id: String,
+    /// SSE or one JSON answer.
+    pub stream: bool,
+    /// The body to forward.
+    pub body: serde_json::Value,
+    /// For the audit trail.
+    pub max_tokens: u32,
+}
+
+/// Running and queued jobs by id, for `DELETE /v1/inference/{job_id}`.
+#[derive(Debug, Clone, Default)]
+pub struct Jobs {
+    map: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+/// Removes its job from [`Jobs`] when the request ends.
+#[derive(Debug)]
+pub struct JobGuard {
+    jobs: Jobs,
+    job_id: String,
+    /// Cancelled by `DELETE`.
+    pub cancel: CancellationToken,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.jobs.lock().remove(&self.job_id);
+    }
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register `job_id`; `CONFLICT` when it is already running.
+    pub fn insert(&self, job_id: &str) -> Result<JobGuard, ApiError> {
+        let mut map = self.lock();
+        if map.contains_key(job_id) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("job `{job_id}` is already running"),
+            ));
+        }
+        let cancel = CancellationToken::new();
+        map.insert(job_id.to_owned(), cancel.clone());
+        Ok(JobGuard {
+            jobs: self.clone(),
+            job_id: job_id.to_owned(),
+            cancel,
+        })
+    }
+
+    /// Cancel `job_id` wherever it is; unknown ids are ignored.
+    pub fn cancel(&self, job_id: &str) -> bool {
+        match self.lock().get(job_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Jobs queued or running.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no job is queued or running.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Accounting for one admitted request, done once.
+struct Finish {
+    state: AppState,
+    model: String,
+    job_id: String,
+    request_id: String,
+    arrived: Instant,
+    done: bool,
+}
+
+impl Finish {
+    fn record(&mut self, outcome: Outcome, tokens_in: u32, tokens_out: u32) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let elapsed = self.arrived.elapsed();
+        self.state
+            .metrics
+            .finished(&self.model, outcome, elapsed.as_secs_f64());
+        self.state.audit.emit(
+            Some(&self.request_id),
+            AuditEvent::InferenceFinished {
+                job_id: self.job_id.clone(),
+                model: self.model.clone(),
+                tokens_in,
+                tokens_out,
+                outcome,
+                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            },
+        );
+        tracing::info!(job_id = %self.job_id, model = %self.model, outcome = outcome.as_str(), tokens_in, tokens_out, duration_ms = elapsed.as_millis() as u64, "inference finished");
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        // A request whose future was dropped (the client left) ends here.
+        self.record(Outcome::Cancelled, 0, 0);
+    }
+}
+
+fn outcome_of(code: ErrorCode) -> Outcome {
+    match code {
+        ErrorCode::DeadlineExceeded => Outcome::DeadlineExceeded,
+        ErrorCode::Cancelled => Outcome::Cancelled,
+        ErrorCode::AllSlotsBusy => Outcome::Busy,
+        ErrorCode::QueueFull => Outcome::QueueFull,
+        ErrorCode::NoCapacity => Outcome::NoCapacity,
+        ErrorCode::WorkerFailed => Outcome::WorkerFailed,
+        c if c.status().is_client_error() => Outcome::ClientError,
+        _ => Outcome::Error,
+    }
+}
+
+/// Route `prep` and answer the client.
+pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Response {
+    let arrived = Instant::now();
+    let request_id = ctx.request_id.as_str().to_owned();
+    let reject = |e: ApiError| {
+        state.audit.emit(
+            Some(&request_id),
+            AuditEvent::InferenceRejected {
+                job_id: Some(prep.job_id.clone()),
+                model: Some(prep.model.clone()),
+                code: e.code(),
+            },
+        );
+        state.metrics.finished(
+            &prep.model,
+            outcome_of(e.code()),
+            arrived.elapsed().as_secs_f64(),
+        );
+        e.into_response()
+    };
+    if state.core.is_draining() {
+        return reject(
+            ApiError::new(ErrorCode::ShuttingDown, "the queen is shutting down")
+                .with_retry_after(1),
+        );
+    }
+    let guard = match state.jobs.insert(&prep.job_id) {
+        Ok(g) => g,
+        Err(e) => return reject(e),
+    };
+    let ticket = match state.sched.admit(&prep.model) {
+        Ok(t) => t,
+        Err(e) => return reject(e),
+    };
+    state.audit.emit(
+        Some(&request_id),
+        AuditEvent::InferenceAdmitted {
+            job_id: prep.job_id.clone(),
+            model: prep.model.clone(),
+            max_tokens: prep.max_tokens,
+        },
+    );
+    let finish = Finish {
+        state: state.clone(),
+        model: prep.model.clone(),
+        job_id: prep.job_id.clone(),
+        request_id,
+        arrived,
+        done: false,
+    };
+    let deadline = ctx
+        .deadline
+        .as_ref()
+        .map(|d| tokio::time::Instant::now() + d.remaining());
+    let call = Call {
+        state,
+        ctx,
+        prep,
+        guard,
+        finish,
+        deadline,
+        arrived,
+    };
+    call.go(ticket).await
+}
+
+struct Call {
+    state: AppState,
+    ctx: RequestContext,
+    prep: Prepared,
+    guard: JobGuard,
+    finish: Finish,
+    deadline: Option<tokio::time::Instant>,
+    arrived: Instant,
+}
+
+/// How a call to a worker went, before any of its answer reached the client.
+enum Sent {
+    /// 2xx: relay it.
+    Ok(reqwest::Response),
+    /// The worker cannot take it now (503): queue again.
+    Busy,
+    /// The worker refused the request itself (4xx): pass it on.
+    Refused(reqwest::Response),
+    /// The worker failed or could not be reached.
+    Failed(String),
+    /// The deadline ran out.
+    Expired,
+    /// The client or a `DELETE` cancelled it.
+    Cancelled,
+}
+
+impl Call {
+    fn expired_now(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+
+    async fn wait_deadline(deadline: Option<tokio::time::Instant>) {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Wait in the queue for a lease.
+    async fn lease(&mut self, mut ticket: Ticket) -> Result<Lease, ApiError> {
+        let cancel = self.guard.cancel.clone();
+        let deadline = self.deadline;
+        let result = tokio::select! {
+            grant = ticket.wait() => grant,
+            () = Self::wait_deadline(deadline) => {
+                self.state.metrics.deadline_exceeded(Stage::Queued);
+                Err(ApiError::new(ErrorCode::DeadlineExceeded, "the deadline passed while the request waited for a worker"))
+            }
+            () = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the request was cancelled while queued")),
+        };
+        self.state
+            .metrics
+            .queued(&self.prep.model, ticket.queued_at.elapsed().as_secs_f64());
+        result
+    }
+
+    fn fail(&mut self, e: ApiError) -> Response {
+        self.finish.record(outcome_of(e.code()), 0, 0);
+        e.into_response()
+    }
+
+    async fn go(mut self, ticket: Ticket) -> Response {
+        let mut lease = match self.lease(ticket).await {
+            Ok(l) => l,
+            Err(e) => return self.fail(e),
+        };
+        let mut retried = false;
+        loop {
+            match self.send(&lease).await {
+                Sent::Ok(response) => {
+                    return if self.prep.stream {
+                        self.stream(lease, response, retried)
+                    } else {
+                        self.whole(lease, response, &mut retried).await
+                    };
+                }
+                Sent::Busy => {
+                    lease.busy();
+                    let ticket = match self.state.sched.requeue(&self.prep.model) {
+                        Ok(t) => t,
+                        Err(e) => return self.fail(e),
+                    };
+                    lease = match self.lease(ticket).await {
+                        Ok(l) => l,
+                        Err(e) => return self.fail(e),
+                    };
+                }
+                Sent::Refused(response) => {
+                    self.finish.record(Outcome::ClientError, 0, 0);
+                    return passthrough(response).await;
+                }
+                Sent::Failed(why) => {
+                    let key = lease.key().to_owned();
+                    tracing::warn!(worker = %key, error = %why, "worker failed before answering");
+                    lease.failed();
+                    match self.retry(&key, &mut retried) {
+                        Some(next) => lease = next,
+                        None => {
+                            return self.fail(ApiError::new(
+                                ErrorCode::WorkerFailed,
+                                format!("the worker failed: {why}"),
+                            ))
+                        }
+                    }
+                }
+                Sent::Expired => {
+                    self.state.metrics.deadline_exceeded(Stage::Streaming);
+                    return self.fail(ApiError::new(
+                        ErrorCode::DeadlineExceeded,
+                        "the deadline passed while the worker generated",
+                    ));
+                }
+                Sent::Cancelled => {
+                    cancel_on_worker(&self.state, &lease, &self.prep);
+                    return self.fail(ApiError::new(
+                        ErrorCode::Cancelled,
+                        "the request was cancelled",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn retry(&self, failed: &str, retried: &mut bool) -> Option<Lease> {
+        if std::mem::replace(retried, true) {
+            return None;
+        }
+        let next = self.state.sched.try_other(&self.prep.model, failed)?;
+        tracing::info!(worker = %next.key(), "retrying once on another worker");
+        Some(next)
+    }
+
+    async fn send(&self, lease: &Lease) -> Sent {
+        let mut request = self
+            .state
+            .client
+            .post(format!("{}{}", lease.url, self.prep.api.path()))
+            .propagate(&self.ctx)
+            .with_bearer(self.state.token.as_ref())
+            .json(&self.prep.body);
+        if let Some(d) = self.deadline {
+            request = request
+                .timeout(d.saturating_duration_since(tokio::time::Instant::now()) + DEADLINE_GRACE);
+        }
+        let cancel = self.guard.cancel.clone();
+        let result = tokio::select! {
+            r = request.send() => r,
+            () = cancel.cancelled() => return Sent::Cancelled,
+        };
+        match result {
+            Ok(r) if r.status().is_success() => Sent::Ok(r),
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => Sent::Busy,
+            Ok(r) if r.status() == StatusCode::GATEWAY_TIMEOUT || self.expired_now() => {
+                Sent::Expired
+            }
+            Ok(r) if r.status().is_client_error() => Sent::Refused(r),
+            Ok(r) => Sent::Failed(format!("HTTP {}", r.status().as_u16())),
+            Err(_) if self.expired_now() => Sent::Expired,
+            Err(e) => Sent::Failed(e.to_string()),
+        }
+    }
+
+    /// A non-streaming answer: read it whole, then pass it on.
+    async fn whole(
+        mut self,
+        mut lease: Lease,
+        first: reqwest::Response,
+        retried: &mut bool,
+    ) -> Response {
+        let mut response = first;
+        loop {
+            let status = response.status();
+            let cancel = self.guard.cancel.clone();
+            let body = tokio::select! {
+                b = response.bytes() => b,
+                () = cancel.cancelled() => {
+                    cancel_on_worker(&self.state, &lease, &self.prep);
+                    return self.fail(ApiError::new(ErrorCode::Cancelled, "the request was cancelled"));
+                }
+            };
+            match body {
+                Ok(bytes) => {
+                    let (tin, tout) = usage_of(&bytes);
+                    self.finish.record(Outcome::Ok, tin, tout);
+                    return json_response(status, bytes, &self.prep.job_id);
+                }
+                Err(_) if self.expired_now() => {
+                    self.state.metrics.deadline_exceeded(Stage::Streaming);
+                    return self.fail(ApiError::new(
+                        ErrorCode::DeadlineExceeded,
+                        "the deadline passed while the worker generated",
+                    ));
+                }
+                Err(e) => {
+                    let key = lease.key().to_owned();
+                    lease.failed();
+                    let Some(next) = self.retry(&key, retried) else {
+                        return self.fail(ApiError::new(
+                            ErrorCode::WorkerFailed,
+                            format!("the worker failed mid-answer: {e}"),
+                        ));
+                    };
+                    lease = next;
+                    match self.send(&lease).await {
+                        Sent::Ok(r) => response = r,
+                        _ => {
+                            return self.fail(ApiError::new(
+                                ErrorCode::WorkerFailed,
+                                "the worker failed, and so did the retry",
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relay an SSE answer from a task that forwards each event as it
+    /// arrives.
+    fn stream(self, lease: Lease, response: reqwest::Response, retried: bool) -> Response {
+        let (tx, rx) = mpsc::channel::<Bytes>(32);
+        let job_id = self.prep.job_id.clone();
+        tokio::spawn(
+            self.relay(lease, response, retried, tx)
+                .instrument(tracing::Span::current()),
+        );
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        });
+        let mut response = Response::new(Body::from_stream(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if let Ok(v) = HeaderValue::from_str(&job_id) {
+            headers.insert(X_JOB_ID, v);
+        }
+        response
+    }
+
+    async fn relay(
+        mut self,
+        mut lease: Lease,
+        mut upstream: reqwest::Response,
+        mut retried: bool,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let openai = self.prep.api != Api::Native;
+        let mut sse = SseState::default();
+        loop {
+            let cancel = self.guard.cancel.clone();
+            let deadline = self.deadline.map(|d| d + DEADLINE_GRACE);
+            let chunk = tokio::select! {
+                () = tx.closed() => {
+                    self.finish.record(Outcome::Cancelled, sse.tokens_in, sse.tokens_out);
+                    return;
+                }
+                () = cancel.cancelled() => {
+                    cancel_on_worker(&self.state, &lease, &self.prep);
+                    let _ = tx.send(error_event(openai, ErrorCode::Cancelled, "the request was cancelled")).await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    self.finish.record(Outcome::Cancelled, sse.tokens_in, sse.tokens_out);
+                    return;
+                }
+                () = Self::wait_deadline(deadline) => Err("deadline".to_owned()),
+                c = upstream.chunk() => c.map_err(|e| e.to_string()),
+            };
+            let failure = match chunk {
+                Ok(Some(bytes)) => {
+                    for event in sse.feed(&bytes, openai) {
+                        if event.first_token {
+                            self.state.metrics.first_token(
+                                &self.prep.model,
+                                self.arrived.elapsed().as_secs_f64(),
+                            );
+                        }
+                        for out in event.out {
+                            if tx.send(out).await.is_err() {
+                                self.finish.record(
+                                    Outcome::Cancelled,
+                                    sse.tokens_in,
+                                    sse.tokens_out,
+                                );
+                                return;
+                            }
+                        }
+                    }
+                    if sse.done {
+                        if sse.outcome == Outcome::DeadlineExceeded {
+                            self.state.metrics.deadline_exceeded(Stage::Streaming);
+                        }
+                        self.finish
+                            .record(sse.outcome, sse.tokens_in, sse.tokens_out);
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) => "the worker ended the stream early".to_owned(),
+                Err(e) => e,
+            };
+            // The worker failed, timed out, or went away.
+            if self.expired_now() {
+                self.state.metrics.deadline_exceeded(Stage::Streaming);
+                let _ = tx
+                    .send(error_event(
+                        openai,
+                        ErrorCode::DeadlineExceeded,
+                        "the deadline passed while the worker generated",
+                    ))
+                    .await;
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                self.finish
+                    .record(Outcome::DeadlineExceeded, sse.tokens_in, sse.tokens_out);
+                return;
+            }
+            let key = lease.key().to_owned();
+            tracing::warn!(worker = %key, error = %failure, tokens_relayed = sse.relayed_tokens, "worker failed mid-stream");
+            lease.failed();
+            if !sse.started_relay {
+                if let Some(next) = self.retry(&key, &mut retried) {
+                    lease = next;
+                    if let Sent::Ok(r) = self.send(&lease).await {
+                        upstream = r;
+                        sse = SseState::default();
+                        continue;
+                    }
+                }
+            }
+            let _ = tx
+                .send(error_event(
+                    openai,
+                    ErrorCode::WorkerFailed,
+                    "the worker failed while generating",
+                ))
+                .await;
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            self.finish
+                .record(Outcome::WorkerFailed, sse.tokens_in, sse.tokens_out);
+            return;
+        }
+    }
+}
+
+/// Tell the worker to stop `prep`'s job (native jobs carry the queen's id;
+/// OpenAI calls stop when their connection is dropped).
+fn cancel_on_worker(state: &AppState, lease: &Lease, prep: &Prepared) {
+    if prep.api != Api::Native {
+        return;
+    }
+    let request = state
+        .client
+        .delete(format!("{}/v1/inference/{}", lease.url, prep.job_id))
+        .timeout(Duration::from_secs(5))
+        .with_bearer(state.token.as_ref());
+    tokio::spawn(async move {
+        let _ = request.send().await;
+    });
+}
+
+fn error_event(openai: bool, code: ErrorCode, message: &str) -> Bytes {
+    let value = if openai {
+        serde_json::json!({"error": {"code": code, "message": message, "retriable": code.retriable()}})
+    } else {
+        serde_json::json!({"type": "error", "code": code, "message": message})
+    };
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// Token counts from a non-streaming answer (native or OpenAI `usage`).
+fn usage_of(body: &[u8]) -> (u32, u32) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (0, 0);
+    };
+    let n = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0)
+    };
+    match v.get("usage") {
+        Some(u) => (n(u.get("prompt_tokens")), n(u.get("completion_tokens"))),
+        None => (n(v.get("tokens_in")), n(v.get("tokens_out"))),
+    }
+}
+
+fn json_response(status: reqwest::StatusCode, body: Bytes, job_id: &str) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(job_id) {
+        headers.insert(X_JOB_ID, v);
+    }
+    response
+}
+
+/// A worker's own refusal (4xx), passed on unchanged.
+async fn passthrough(response: reqwest::Response) -> Response {
+    let status = response.status();
+    let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+    match response.bytes().await {
+        Ok(body) => {
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() =
+                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Some(v) = retry_after {
+                out.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            out
+        }
+        Err(e) => ApiError::new(
+            ErrorCode::WorkerFailed,
+            format!("the worker's refusal could not be read: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Parser state of one relayed SSE stream.
+#[derive(Debug)]
+struct SseState {
+    buf: Vec<u8>,
+    held: Vec<Bytes>,
+    /// An event other than `started` has gone to the client.
+    started_relay: bool,
+    relayed_tokens: u32,
+    done: bool,
+    outcome: Outcome,
+    tokens_in: u32,
+    tokens_out: u32,
+}
+
+impl Default for SseState {
+    fn default() -> Self {
+        Self {
+            buf: Vec::new(),
+            held: Vec::new(),
+            started_relay: false,
+            relayed_tokens: 0,
+            done: false,
+            outcome: Outcome::Error,
+            tokens_in: 0,
+            tokens_out: 0,
+        }
+    }
+}
+
+/// What to send for one complete upstream event.
+struct Relayed {
+    out: Vec<Bytes>,
+    first_token: bool,
+}
+
+impl SseState {
+    /// Split complete events out of `bytes` and decide what each sends.
+    fn feed(&mut self, bytes: &[u8], openai: bool) -> Vec<Relayed> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(end) = find_event_end(&self.buf) {
+            let event: Vec<u8> = self.buf.drain(..end).collect();
+            out.push(self.classify(Bytes::from(event), openai));
+        }
+        out
+    }
+
+    fn classify(&mut self, event: Bytes, openai: bool) -> Relayed {
+        let text = std::str::from_utf8(&event).unwrap_or("");
+        let data = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim_start)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut first_token = false;
+        let mut is_started = false;
+        if data == "[DONE]" {
+            self.done = true;
+        } else if !openai && data.contains("\"type\":\"token\"") {
+            first_token = self.relayed_tokens == 0;
+            self.relayed_tokens += 1;
+        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) {
+            if openai {
+                if let Some(code) = v.get("error").and_then(|e| e.get("code")) {
+                    self.set_error(code);
+                } else if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    self.tokens_in = count(u.get("prompt_tokens"));
+                    self.tokens_out = count(u.get("completion_tokens"));
+                    self.outcome = Outcome::Ok;
+                } else {
+                    first_token = self.relayed_tokens == 0;
+                    self.relayed_tokens += 1;
+                }
+            } else {
+                match v.get("type").and_then(serde_json::Value::as_str) {
+                    Some("started") => is_started = true,
+                    Some("end") => {
+                        self.tokens_in = count(v.get("tokens_in"));
+                        self.tokens_out = count(v.get("tokens_out"));
+                        self.outcome = Outcome::Ok;
+                    }
+                    Some("error") => {
+                        if let Some(code) = v.get("code") {
+                            self.set_error(code);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if is_started && !self.started_relay {
+            self.held.push(event);
+            return Relayed {
+                out: Vec::new(),
+                first_token: false,
+            };
+        }
+        self.started_relay = true;
+        let mut out = std::mem::take(&mut self.held);
+        out.push(event);
+        Relayed { out, first_token }
+    }
+
+    fn set_error(&mut self, code: &serde_json::Value) {
+        self.outcome = serde_json::from_value::<ErrorCode>(code.clone())
+            .map(outcome_of)
+            .unwrap_or(Outcome::Error);
+    }
+}
+
+fn count(v: Option<&serde_json::Value>) -> u32 {
+    v.and_then(serde_json::Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0)
+}
+
+/// The end (exclusive) of the first complete event: after a blank line.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(r: &[Relayed]) -> Vec<String> {
+        r.iter()
+            .flat_map(|r| r.out.iter())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn started_is_held_until_the_first_token_and_split_events_are_joined() {
+        let mut s = SseState::default();
+        let r = s.feed(
+            b"data: {\"type\":\"started\",\"job_id\":\"j\"}\n\ndata: {\"ty",
+            false,
+        );
+        assert!(texts(&r).is_empty(), "started is held");
+        assert!(!s.started_relay);
+        let r = s.feed(b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n", false);
+        let out = texts(&r);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].contains("started") && out[1].contains("Hi"));
+        assert!(r[0].first_token);
+        let r = s.feed(
+            b"data: {\"type\":\"end\",\"tokens_in\":5,\"tokens_out\":1,\"decode_time_ms\":3,\"stop_reason\":\"eos\"}\n\ndata: [DONE]\n\n",
+            false,
+        );
+        assert_eq!(texts(&r).len(), 2);
+        assert!(s.done);
+        assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 5, 1));
+    }
+
+    #[test]
+    fn errors_and_openai_usage_set_the_outcome() {
+        let mut s = SseState::default();
+        s.feed(
+            b"data: {\"type\":\"error\",\"code\":\"DEADLINE_EXCEEDED\",\"message\":\"m\"}\n\n",
+            false,
+        );
+        assert_eq!(s.outcome, Outcome::DeadlineExceeded);
+        let mut s = SseState::default();
+        let r = s.feed(
+            b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n",
+            true,
+        );
+        assert!(r[0].first_token);
+        s.feed(b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n", true);
+        assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 4, 2));
+        s.feed(
+            b"data: {\"error\":{\"code\":\"CANCELLED\",\"message\":\"m\"}}\n\n",
+            true,
+        );
+        assert_eq!(s.outcome, Outcome::Cancelled);
+    }
+
+    #[test]
+    fn usage_is_read_from_both_answer_shapes() {
+        assert_eq!(usage_of(br#"{"tokens_in":3,"tokens_out":9}"#), (3, 9));
+        assert_eq!(
+            usage_of(br#"{"usage":{"prompt_tokens":2,"completion_tokens":5}}"#),
+            (2, 5)
+        );
+        assert_eq!(usage_of(b"not json"), (0, 0));
+    }
+}

@@ -1,0 +1,332 @@
+//! The queen's routes: inference (native and OpenAI), models, the hive
+//! registry, workers across hives, and the ready probe.
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
+use rbee_api::{ApiError, ErrorCode, FieldError};
+use rbee_http::{ApiJson, CoreState, RequestContext};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::hives::{check_node_name, normalize_url};
+use crate::proxy::{self, Api, Prepared};
+use crate::AppState;
+
+/// The queen's own routes (the shared ones are added by the bootstrap).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/inference", post(inference))
+        .route("/v1/inference/{job_id}", delete(cancel))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v2/hives/register", post(register))
+        .route("/v2/hives/list", get(list_hives))
+        .route("/v2/hives/remove", post(remove))
+        .route("/v2/workers/list", get(list_workers))
+        .route("/health/ready", get(ready))
+}
+
+fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.trim().is_empty() => Ok(m.trim().to_owned()),
+        _ => state.sched.sole_model(),
+    }
+}
+
+fn mint_job_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn inference(
+    State(state): State<AppState>,
+    ctx: RequestContext,
+    ApiJson(request): ApiJson<InferenceRequest>,
+) -> Response {
+    let request = match request.validate() {
+        Ok(r) => r.into_inner(),
+        Err(fields) => {
+            return ApiError::invalid_fields(ErrorCode::InvalidRequest, fields).into_response()
+        }
+    };
+    let model = match resolve_model(&state, request.model.clone()) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let job_id = request.job_id.clone().unwrap_or_else(mint_job_id);
+    let stream = request.stream;
+    let max_tokens = request.max_tokens;
+    let body = InferenceRequest {
+        job_id: Some(job_id.clone()),
+        model: Some(model.clone()),
+        ..request
+    };
+    let body = match serde_json::to_value(&body) {
+        Ok(v) => v,
+        Err(_) => {
+            return ApiError::new(ErrorCode::Internal, "cannot encode the request").into_response()
+        }
+    };
+    proxy::run(
+        state,
+        ctx,
+        Prepared {
+            api: Api::Native,
+            model,
+            job_id,
+            stream,
+            body,
+            max_tokens,
+        },
+    )
+    .await
+}
+
+/// Check the fields the queen needs from an OpenAI body; the worker checks
+/// the rest (sampling ranges, message roles) and its refusal is passed on.
+fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError> {
+    let Value::Object(map) = &body else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the body must be a JSON object",
+        ));
+    };
+    let mut bad = Vec::new();
+    let model = match map.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            bad.push(FieldError::new("model", "type", "model must be a string"));
+            None
+        }
+    };
+    let stream = match map.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            bad.push(FieldError::new(
+                "stream",
+                "type",
+                "stream must be a boolean",
+            ));
+            false
+        }
+    };
+    match api {
+        Api::Chat => {
+            if !map
+                .get("messages")
+                .and_then(Value::as_array)
+                .is_some_and(|m| !m.is_empty())
+            {
+                bad.push(FieldError::new(
+                    "messages",
+                    "required",
+                    "messages must be a non-empty array",
+                ));
+            }
+        }
+        _ => {
+            if !map
+                .get("prompt")
+                .and_then(Value::as_str)
+                .is_some_and(|p| !p.trim().is_empty())
+            {
+                bad.push(FieldError::new(
+                    "prompt",
+                    "required",
+                    "prompt must be a non-empty string",
+                ));
+            }
+        }
+    }
+    let max_tokens = map
+        .get("max_tokens")
+        .or_else(|| map.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(128, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    if !bad.is_empty() {
+        return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
+    }
+    let model = resolve_model(state, model)?;
+    Ok(Prepared {
+        api,
+        model,
+        job_id: mint_job_id(),
+        stream,
+        body,
+        max_tokens,
+    })
+}
+
+async fn chat(
+    State(state): State<AppState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<Value>,
+) -> Response {
+    match openai(&state, Api::Chat, body) {
+        Ok(prep) => proxy::run(state, ctx, prep).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<Value>,
+) -> Response {
+    match openai(&state, Api::Completions, body) {
+        Ok(prep) => proxy::run(state, ctx, prep).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /v1/inference/{job_id}`: 204 whether or not the job exists
+/// (idempotent); a malformed id is 400.
+async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> Response {
+    if !is_valid_id(&job_id, MAX_JOB_ID_BYTES) {
+        return ApiError::invalid_fields(
+            ErrorCode::InvalidRequest,
+            vec![FieldError::new(
+                "job_id",
+                "format",
+                format!("job_id must be 1 to {MAX_JOB_ID_BYTES} characters of A-Z a-z 0-9 . _ : -"),
+            )],
+        )
+        .into_response();
+    }
+    if state.jobs.cancel(&job_id) {
+        tracing::info!(%job_id, "job cancelled");
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// OpenAI's model list, with where each model is.
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .sched
+        .models()
+        .into_iter()
+        .map(|(id, hives, ready)| {
+            json!({
+                "id": id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "rbee",
+                "hives": hives,
+                "workers_ready": ready,
+            })
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// `POST /v2/hives/register`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    node_name: String,
+    url: String,
+}
+
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> Result<Response, ApiError> {
+    let mut bad = Vec::new();
+    if let Err(e) = check_node_name(&body.node_name) {
+        bad.push(e);
+    }
+    let url = normalize_url(&body.url).map_err(|e| bad.push(e)).ok();
+    let Some(url) = url.filter(|_| bad.is_empty()) else {
+        return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
+    };
+    let created = state
+        .hives
+        .register(&body.node_name, &url, "registered")
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "node_name": body.node_name, "url": url, "created": created })),
+    )
+        .into_response())
+}
+
+async fn list_hives(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "hives": state.hives.list() }))
+}
+
+/// `POST /v2/hives/remove`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveRequest {
+    node_name: String,
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RemoveRequest>,
+) -> Result<Json<Value>, ApiError> {
+    check_node_name(&body.node_name)
+        .map_err(|e| ApiError::invalid_fields(ErrorCode::InvalidRequest, vec![e]))?;
+    if state.hives.remove(&body.node_name).await? {
+        Ok(Json(
+            json!({ "node_name": body.node_name, "removed": true }),
+        ))
+    } else {
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no hive named `{}` is registered", body.node_name),
+        ))
+    }
+}
+
+async fn list_workers(State(state): State<AppState>) -> Json<Value> {
+    let workers: Vec<Value> = state
+        .sched
+        .workers()
+        .into_iter()
+        .map(|(hive, info, outstanding, reachable)| {
+            let mut v = serde_json::to_value(&info).unwrap_or(Value::Null);
+            if let Value::Object(map) = &mut v {
+                map.insert("hive".to_owned(), json!(hive));
+                map.insert("hive_reachable".to_owned(), json!(reachable));
+                map.insert("outstanding".to_owned(), json!(outstanding));
+            }
+            v
+        })
+        .collect();
+    Json(json!({ "workers": workers }))
+}
+
+/// 200 when at least one hive answers and the queen is not draining.
+async fn ready(State(state): State<AppState>, State(core): State<CoreState>) -> Response {
+    let counts = state.sched.counts();
+    let (ok, status) = if core.is_draining() {
+        (false, "draining")
+    } else if counts.hives_reachable == 0 {
+        (false, "no_reachable_hive")
+    } else {
+        (true, "ready")
+    };
+    let body = Json(json!({
+        "status": status,
+        "hives_reachable": counts.hives_reachable,
+        "hives_unreachable": counts.hives_unreachable,
+    }));
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body).into_response()
+}

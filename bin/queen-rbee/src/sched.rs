@@ -1,0 +1,859 @@
+//! Admission, the per-model queues and worker selection.
+//!
+//! One lock guards the queen's whole routing view: every hive's workers
+//! and provisioned models (replaced by each poll), the queen-side count of
+//! outstanding requests per worker, and a FIFO queue of waiting requests
+//! per model. Whenever capacity may have appeared (a request finished, a
+//! poll brought a new worker, a spawn finished), [`Scheduler`] hands the
+//! oldest waiter of that model a [`Lease`] on the ready worker with the
+//! fewest outstanding requests, ties broken round-robin.
+//!
+//! When a model has waiters, no worker that is or may become ready, and a
+//! reachable hive has it provisioned, the scheduler asks that hive to spawn
+//! one ([`crate::spawn`]); one spawn per model at a time, however many
+//! requests wait.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rbee_api::worker::{WorkerInfo, WorkerState};
+use rbee_api::{ApiError, ErrorCode};
+use tokio::sync::oneshot;
+
+use crate::metrics::QueenMetrics;
+
+/// How long a worker that answered 503 is passed over.
+const BUSY_AVOID: Duration = Duration::from_millis(200);
+/// How long a worker that failed a request is passed over.
+const FAILED_AVOID: Duration = Duration::from_secs(2);
+
+/// What a waiting request receives.
+pub type Grant = Result<Lease, ApiError>;
+
+/// A hive's contribution to the routing view.
+#[derive(Debug, Clone, Default)]
+struct HiveView {
+    url: String,
+    reachable: bool,
+    models: HashSet<String>,
+}
+
+/// One worker as the scheduler sees it.
+#[derive(Debug, Clone)]
+struct Slot {
+    hive: String,
+    info: WorkerInfo,
+    outstanding: u32,
+    avoid_until: Option<Instant>,
+}
+
+impl Slot {
+    fn might_serve(&self) -> bool {
+        matches!(
+            self.info.state,
+            WorkerState::Loading | WorkerState::Idle | WorkerState::Busy
+        )
+    }
+
+    fn ready(&self) -> bool {
+        matches!(self.info.state, WorkerState::Idle | WorkerState::Busy) && self.info.url.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Grant>,
+}
+
+#[derive(Debug, Default)]
+struct ModelQueue {
+    waiting: VecDeque<Waiter>,
+    spawning: bool,
+    rr: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    hives: HashMap<String, HiveView>,
+    /// Keyed by `hive/worker_id`.
+    slots: HashMap<String, Slot>,
+    queues: HashMap<String, ModelQueue>,
+    next_id: u64,
+}
+
+/// A spawn the scheduler decided on; started outside the lock.
+#[derive(Debug, Clone)]
+pub struct SpawnOrder {
+    /// The model.
+    pub model: String,
+    /// The hive's name.
+    pub hive: String,
+    /// The hive's URL.
+    pub hive_url: String,
+}
+
+type SpawnFn = Arc<dyn Fn(SpawnOrder) + Send + Sync>;
+
+struct Inner {
+    state: Mutex<State>,
+    max_queue: usize,
+    metrics: QueenMetrics,
+    spawner: std::sync::OnceLock<SpawnFn>,
+}
+
+/// The routing view and queues; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("max_queue", &self.inner.max_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker reserved for one request; dropping it gives the place back.
+#[derive(Debug)]
+pub struct Lease {
+    sched: Scheduler,
+    key: String,
+    /// The worker's base URL.
+    pub url: String,
+    /// The worker's id.
+    pub worker_id: String,
+    /// The hive that runs it.
+    pub hive: String,
+    model: String,
+    armed: bool,
+}
+
+impl Lease {
+    /// The worker said all its slots are busy (or it cannot take work now):
+    /// pass it over briefly and give the place back.
+    pub fn busy(mut self) {
+        self.release(Some(BUSY_AVOID));
+    }
+
+    /// The worker failed this request: pass it over for a while.
+    pub fn failed(mut self) {
+        self.release(Some(FAILED_AVOID));
+    }
+
+    /// The worker's key (`hive/worker_id`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn release(&mut self, avoid: Option<Duration>) {
+        if !std::mem::replace(&mut self.armed, false) {
+            return;
+        }
+        let spawns = {
+            let mut st = self.sched.lock();
+            if let Some(slot) = st.slots.get_mut(&self.key) {
+                slot.outstanding = slot.outstanding.saturating_sub(1);
+                slot.avoid_until = avoid.map(|d| Instant::now() + d);
+            }
+            self.sched.pump(&mut st, &self.model)
+        };
+        if let Some(d) = avoid {
+            // Look again once the worker may be usable.
+            let sched = self.sched.clone();
+            let model = self.model.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                sched.pump_model(&model);
+            });
+        }
+        self.sched.start(spawns);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.release(None);
+    }
+}
+
+/// A place in a model's queue; dropping it leaves the queue.
+#[derive(Debug)]
+pub struct Ticket {
+    sched: Scheduler,
+    model: String,
+    id: u64,
+    rx: oneshot::Receiver<Grant>,
+    /// When the request joined the queue.
+    pub queued_at: Instant,
+}
+
+impl Ticket {
+    /// Wait for a worker (or a refusal). Bound it by the deadline yourself.
+    pub async fn wait(&mut self) -> Grant {
+        match (&mut self.rx).await {
+            Ok(grant) => grant,
+            Err(_) => Err(ApiError::new(
+                ErrorCode::Internal,
+                "the scheduler dropped a waiting request",
+            )),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut st = self.sched.lock();
+        if let Some(q) = st.queues.get_mut(&self.model) {
+            q.waiting.retain(|w| w.id != self.id);
+            let len = q.waiting.len();
+            self.sched.inner.metrics.set_queue_size(&self.model, len);
+        }
+    }
+}
+
+/// Counts for the gauges and probes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Reachable hives.
+    pub hives_reachable: usize,
+    /// Unreachable (or not yet reached) hives.
+    pub hives_unreachable: usize,
+}
+
+impl Scheduler {
+    /// At most `max_queue` waiting requests per model.
+    pub fn new(max_queue: usize, metrics: QueenMetrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                max_queue,
+                metrics,
+                spawner: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Install what starts spawns (set once, at startup).
+    pub fn set_spawner(&self, f: impl Fn(SpawnOrder) + Send + Sync + 'static) {
+        let _ = self.inner.spawner.set(Arc::new(f));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn start(&self, spawns: Vec<SpawnOrder>) {
+        if spawns.is_empty() {
+            return;
+        }
+        if let Some(spawner) = self.inner.spawner.get() {
+            for order in spawns {
+                spawner(order);
+            }
+        }
+    }
+
+    /// A hive answered: replace its workers and models, mark it reachable.
+    pub fn hive_seen(&self, hive: &str, url: &str, workers: Vec<WorkerInfo>, models: Vec<String>) {
+        let spawns = {
+            let mut st = self.lock();
+            let view = st.hives.entry(hive.to_owned()).or_default();
+            view.url = url.to_owned();
+            view.reachable = true;
+            view.models = models.into_iter().collect();
+            let mut fresh: HashMap<String, Slot> = HashMap::new();
+            for info in workers {
+                let key = format!("{hive}/{}", info.worker_id);
+                let (outstanding, avoid_until) = st
+                    .slots
+                    .get(&key)
+                    .map_or((0, None), |s| (s.outstanding, s.avoid_until));
+                fresh.insert(
+                    key,
+                    Slot {
+                        hive: hive.to_owned(),
+                        info,
+                        outstanding,
+                        avoid_until,
+                    },
+                );
+            }
+            st.slots.retain(|_, s| s.hive != hive);
+            st.slots.extend(fresh);
+            self.refresh_gauges(&st);
+            self.pump_all(&mut st)
+        };
+        self.start(spawns);
+    }
+
+    /// A hive stopped answering (after the miss threshold): its workers
+    /// leave the routing set until it answers again.
+    pub fn hive_unreachable(&self, hive: &str, url: &str) {
+        let spawns = {
+            let mut st = self.lock();
+            let view = st.hives.entry(hive.to_owned()).or_default();
+            view.url = url.to_owned();
+            view.reachable = false;
+            self.refresh_gauges(&st);
+            self.pump_all(&mut st)
+        };
+        self.start(spawns);
+    }
+
+    /// A hive is known but not yet polled.
+    pub fn hive_added(&self, hive: &str, url: &str) {
+        let mut st = self.lock();
+        let view = st.hives.entry(hive.to_owned()).or_default();
+        view.url = url.to_owned();
+        self.refresh_gauges(&st);
+    }
+
+    /// A hive left the registry.
+    pub fn hive_removed(&self, hive: &str) {
+        let spawns = {
+            let mut st = self.lock();
+            st.hives.remove(hive);
+            st.slots.retain(|_, s| s.hive != hive);
+            self.refresh_gauges(&st);
+            self.pump_all(&mut st)
+        };
+        self.start(spawns);
+    }
+
+    /// Reachable and unreachable hive counts.
+    pub fn counts(&self) -> Counts {
+        let st = self.lock();
+        let reachable = st.hives.values().filter(|h| h.reachable).count();
+        Counts {
+            hives_reachable: reachable,
+            hives_unreachable: st.hives.len() - reachable,
+        }
+    }
+
+    /// Every model served or provisioned somewhere, with the hives that
+    /// have it and the number of ready workers.
+    pub fn models(&self) -> Vec<(String, Vec<String>, usize)> {
+        let st = self.lock();
+        let mut out: HashMap<String, (HashSet<String>, usize)> = HashMap::new();
+        for (name, hive) in &st.hives {
+            for m in &hive.models {
+                out.entry(m.clone()).or_default().0.insert(name.clone());
+            }
+        }
+        for slot in st.slots.values() {
+            let entry = out.entry(slot.info.model_ref.clone()).or_default();
+            entry.0.insert(slot.hive.clone());
+            if slot.ready() {
+                entry.1 += 1;
+            }
+        }
+        let mut list: Vec<_> = out
+            .into_iter()
+            .map(|(m, (hives, ready))| {
+                let mut hives: Vec<_> = hives.into_iter().collect();
+                hives.sort();
+                (m, hives, ready)
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Every worker of every hive, with the queen's outstanding count.
+    pub fn workers(&self) -> Vec<(String, WorkerInfo, u32, bool)> {
+        let st = self.lock();
+        let mut list: Vec<_> = st
+            .slots
+            .values()
+            .map(|s| {
+                let reachable = st.hives.get(&s.hive).is_some_and(|h| h.reachable);
+                (s.hive.clone(), s.info.clone(), s.outstanding, reachable)
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.0, &a.1.worker_id).cmp(&(&b.0, &b.1.worker_id)));
+        list
+    }
+
+    /// The one model the queen knows of, for requests that name none.
+    pub fn sole_model(&self) -> Result<String, ApiError> {
+        let models = self.models();
+        match models.as_slice() {
+            [(only, _, _)] => Ok(only.clone()),
+            [] => Err(ApiError::new(
+                ErrorCode::NoCapacity,
+                "no hive serves or has provisioned any model yet",
+            )
+            .with_retry_after(1)),
+            many => Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "`model` is required: several models are available",
+            )
+            .with_details(serde_json::json!({
+                "models": many.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()
+            }))),
+        }
+    }
+
+    /// Admit a request for `model`: 404 for a model no hive knows, 503 when
+    /// no reachable hive can serve it, 429 when its queue is full; else a
+    /// place in the queue (often granted at once).
+    pub fn admit(&self, model: &str) -> Result<Ticket, ApiError> {
+        self.enqueue(model, false)
+    }
+
+    /// Put a request that a worker turned away back at the head of the
+    /// queue; the queue limit does not apply to it.
+    pub fn requeue(&self, model: &str) -> Result<Ticket, ApiError> {
+        self.enqueue(model, true)
+    }
+
+    fn enqueue(&self, model: &str, front: bool) -> Result<Ticket, ApiError> {
+        let (ticket, spawns) = {
+            let mut st = self.lock();
+            let known = st.hives.values().any(|h| h.models.contains(model))
+                || st.slots.values().any(|s| s.info.model_ref == model);
+            if !known {
+                return Err(ApiError::new(
+                    ErrorCode::ModelNotFound,
+                    format!("no hive serves or has provisioned the model `{model}`"),
+                )
+                .with_details(serde_json::json!({ "model": model })));
+            }
+            if !can_serve(&st, model) {
+                return Err(ApiError::new(
+                    ErrorCode::NoCapacity,
+                    format!("no reachable hive can serve the model `{model}` now"),
+                )
+                .with_retry_after(5));
+            }
+            let max_queue = self.inner.max_queue;
+            let id = st.next_id;
+            st.next_id += 1;
+            let q = st.queues.entry(model.to_owned()).or_default();
+            q.waiting.retain(|w| !w.tx.is_closed());
+            if !front && q.waiting.len() >= max_queue {
+                return Err(ApiError::new(
+                    ErrorCode::QueueFull,
+                    format!("{max_queue} requests already wait for the model `{model}`"),
+                )
+                .with_retry_after(1)
+                .with_details(serde_json::json!({ "max_queue": max_queue })));
+            }
+            let (tx, rx) = oneshot::channel();
+            let waiter = Waiter { id, tx };
+            if front {
+                q.waiting.push_front(waiter);
+            } else {
+                q.waiting.push_back(waiter);
+            }
+            let spawns = self.pump(&mut st, model);
+            (
+                Ticket {
+                    sched: self.clone(),
+                    model: model.to_owned(),
+                    id,
+                    rx,
+                    queued_at: Instant::now(),
+                },
+                spawns,
+            )
+        };
+        self.start(spawns);
+        Ok(ticket)
+    }
+
+    /// A lease on a ready worker of `model` other than `exclude`, if one
+    /// has room now (the single retry after a worker failed).
+    pub fn try_other(&self, model: &str, exclude: &str) -> Option<Lease> {
+        let mut st = self.lock();
+        let key = pick(&mut st, model, Some(exclude))?;
+        Some(self.lease(&mut st, key, model))
+    }
+
+    fn lease(&self, st: &mut State, key: String, model: &str) -> Lease {
+        let slot = st.slots.get_mut(&key);
+        let (url, worker_id, hive) = match slot {
+            Some(slot) => {
+                slot.outstanding += 1;
+                (
+                    slot.info.url.clone().unwrap_or_default(),
+                    slot.info.worker_id.clone(),
+                    slot.hive.clone(),
+                )
+            }
+            None => Default::default(),
+        };
+        Lease {
+            sched: self.clone(),
+            key,
+            url,
+            worker_id,
+            hive,
+            model: model.to_owned(),
+            armed: true,
+        }
+    }
+
+    /// Hand out what capacity there is for `model`.
+    pub fn pump_model(&self, model: &str) {
+        let spawns = {
+            let mut st = self.lock();
+            self.pump(&mut st, model)
+        };
+        self.start(spawns);
+    }
+
+    fn pump_all(&self, st: &mut State) -> Vec<SpawnOrder> {
+        let models: Vec<String> = st.queues.keys().cloned().collect();
+        models.iter().flat_map(|m| self.pump(st, m)).collect()
+    }
+
+    fn pump(&self, st: &mut State, model: &str) -> Vec<SpawnOrder> {
+        let mut spawns = Vec::new();
+        loop {
+            let Some(q) = st.queues.get_mut(model) else {
+                return spawns;
+            };
+            while q.waiting.front().is_some_and(|w| w.tx.is_closed()) {
+                q.waiting.pop_front();
+            }
+            if q.waiting.is_empty() {
+                break;
+            }
+            let Some(key) = pick(st, model, None) else {
+                if let Some(order) = self.maybe_spawn(st, model) {
+                    spawns.push(order);
+                }
+                break;
+            };
+            let lease = self.lease(st, key, model);
+            let Some(q) = st.queues.get_mut(model) else {
+                break;
+            };
+            let Some(waiter) = q.waiting.pop_front() else {
+                break;
+            };
+            if let Err(Ok(mut lease)) = waiter.tx.send(Ok(lease)) {
+                // The waiter left between the check and the send.
+                lease.armed = false;
+                if let Some(slot) = st.slots.get_mut(&lease.key) {
+                    slot.outstanding = slot.outstanding.saturating_sub(1);
+                }
+            }
+        }
+        if let Some(q) = st.queues.get(model) {
+            self.inner.metrics.set_queue_size(model, q.waiting.len());
+        }
+        spawns
+    }
+
+    fn maybe_spawn(&self, st: &mut State, model: &str) -> Option<SpawnOrder> {
+        let pending = st.slots.values().any(|s| {
+            s.info.model_ref == model
+                && s.might_serve()
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+        });
+        let spawning = st.queues.get(model).is_some_and(|q| q.spawning);
+        if pending || spawning {
+            return None;
+        }
+        let target = st
+            .hives
+            .iter()
+            .filter(|(_, h)| h.reachable && h.models.contains(model))
+            .min_by_key(|(name, _)| {
+                (
+                    st.slots.values().filter(|s| &&s.hive == name).count(),
+                    (*name).clone(),
+                )
+            })
+            .map(|(name, h)| (name.clone(), h.url.clone()));
+        match target {
+            Some((hive, hive_url)) => {
+                if let Some(q) = st.queues.get_mut(model) {
+                    q.spawning = true;
+                }
+                Some(SpawnOrder {
+                    model: model.to_owned(),
+                    hive,
+                    hive_url,
+                })
+            }
+            None => {
+                fail_all(
+                    st,
+                    model,
+                    &ApiError::new(
+                        ErrorCode::NoCapacity,
+                        format!("no reachable hive can serve the model `{model}` now"),
+                    )
+                    .with_retry_after(5),
+                );
+                None
+            }
+        }
+    }
+
+    /// A spawn ended: its worker is in the view (`Ok`), or the hive refused
+    /// or the worker never became ready (`Err`), which fails the model's
+    /// waiters with `NO_CAPACITY` carrying the hive's reason.
+    pub fn spawn_finished(&self, model: &str, result: Result<(), ApiError>) {
+        let spawns = {
+            let mut st = self.lock();
+            if let Some(q) = st.queues.get_mut(model) {
+                q.spawning = false;
+            }
+            if let Err(e) = result {
+                let err = ApiError::new(
+                    ErrorCode::NoCapacity,
+                    format!(
+                        "no worker could be started for `{model}`: {}",
+                        e.body().error.message
+                    ),
+                )
+                .with_retry_after(5)
+                .with_details(serde_json::json!({ "cause": e.code().as_str() }));
+                fail_all(&mut st, model, &err);
+                Vec::new()
+            } else {
+                self.pump(&mut st, model)
+            }
+        };
+        self.start(spawns);
+    }
+
+    fn refresh_gauges(&self, st: &State) {
+        let reachable = st.hives.values().filter(|h| h.reachable).count();
+        self.inner
+            .metrics
+            .set_hives(reachable, st.hives.len() - reachable);
+        let mut by_state: HashMap<WorkerState, usize> = HashMap::new();
+        for slot in st.slots.values() {
+            if st.hives.get(&slot.hive).is_some_and(|h| h.reachable) {
+                *by_state.entry(slot.info.state).or_default() += 1;
+            }
+        }
+        self.inner.metrics.set_workers(&by_state);
+    }
+}
+
+fn can_serve(st: &State, model: &str) -> bool {
+    st.hives
+        .values()
+        .any(|h| h.reachable && h.models.contains(model))
+        || st.slots.values().any(|s| {
+            s.info.model_ref == model
+                && s.might_serve()
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+        })
+}
+
+/// The ready worker of `model` with the fewest outstanding requests and a
+/// free place; ties go round-robin.
+fn pick(st: &mut State, model: &str, exclude: Option<&str>) -> Option<String> {
+    let now = Instant::now();
+    let mut best: Vec<(&String, u32)> = st
+        .slots
+        .iter()
+        .filter(|(key, s)| {
+            s.info.model_ref == model
+                && s.ready()
+                && Some(key.as_str()) != exclude
+                && s.outstanding < s.info.slots_total.max(1)
+                && s.avoid_until.is_none_or(|t| t <= now)
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+        })
+        .map(|(key, s)| (key, s.outstanding))
+        .collect();
+    let least = best.iter().map(|(_, n)| *n).min()?;
+    best.retain(|(_, n)| *n == least);
+    best.sort();
+    let q = st.queues.entry(model.to_owned()).or_default();
+    let chosen = best[q.rr % best.len()].0.clone();
+    q.rr = q.rr.wrapping_add(1);
+    Some(chosen)
+}
+
+fn fail_all(st: &mut State, model: &str, err: &ApiError) {
+    if let Some(q) = st.queues.get_mut(model) {
+        for waiter in q.waiting.drain(..) {
+            let _ = waiter.tx.send(Err(err.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, model: &str, state: WorkerState, slots: u32) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: id.to_owned(),
+            pid: None,
+            port: None,
+            url: Some(format!("http://{id}")),
+            model_ref: model.to_owned(),
+            backend: rbee_api::worker::Backend::Cpu,
+            device: 0,
+            state,
+            restart_count: 0,
+            last_restart: None,
+            last_heartbeat: None,
+            failed_health_checks: 0,
+            started_at: String::new(),
+            slots_total: slots,
+            vram_bytes: 0,
+        }
+    }
+
+    fn sched(max_queue: usize) -> Scheduler {
+        let mut registry = prometheus_client::registry::Registry::default();
+        Scheduler::new(max_queue, QueenMetrics::register(&mut registry))
+    }
+
+    async fn granted(ticket: &mut Ticket) -> Lease {
+        tokio::time::timeout(Duration::from_secs(1), ticket.wait())
+            .await
+            .expect("granted in time")
+            .expect("a lease")
+    }
+
+    #[tokio::test]
+    async fn least_outstanding_wins_and_ties_go_round_robin() {
+        let s = sched(8);
+        s.hive_seen(
+            "h",
+            "http://h",
+            vec![
+                worker("a", "m", WorkerState::Idle, 4),
+                worker("b", "m", WorkerState::Idle, 4),
+            ],
+            vec!["m".into()],
+        );
+        let mut first = s.admit("m").unwrap();
+        let l1 = granted(&mut first).await;
+        let mut second = s.admit("m").unwrap();
+        let l2 = granted(&mut second).await;
+        assert_ne!(l1.key(), l2.key(), "the second goes to the idle worker");
+        let (k1, k2) = (l1.key().to_owned(), l2.key().to_owned());
+        drop(l1);
+        let mut third = s.admit("m").unwrap();
+        let l3 = granted(&mut third).await;
+        assert_eq!(l3.key(), k1, "the worker with fewer outstanding wins");
+        drop((l2, l3));
+        let picks: Vec<String> = futures_util::future::join_all((0..4).map(|_| async {
+            let mut t = s.admit("m").unwrap();
+            granted(&mut t).await.key().to_owned()
+        }))
+        .await;
+        assert!(picks.contains(&k1) && picks.contains(&k2), "{picks:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
+        let s = sched(2);
+        s.hive_seen(
+            "h",
+            "http://h",
+            vec![worker("a", "m", WorkerState::Busy, 1)],
+            vec!["m".into()],
+        );
+        let mut t0 = s.admit("m").unwrap();
+        let l0 = granted(&mut t0).await;
+        let mut t1 = s.admit("m").unwrap();
+        let mut t2 = s.admit("m").unwrap();
+        let err = s.admit("m").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::QueueFull);
+        drop(l0);
+        let l1 = granted(&mut t1).await;
+        assert!(t2.rx.try_recv().is_err(), "the second waiter still waits");
+        drop(l1);
+        let _l2 = granted(&mut t2).await;
+    }
+
+    #[tokio::test]
+    async fn unknown_models_are_404_and_unreachable_hives_are_503() {
+        let s = sched(2);
+        s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+        assert_eq!(s.admit("x").unwrap_err().code(), ErrorCode::ModelNotFound);
+        s.hive_unreachable("h", "http://h");
+        assert_eq!(s.admit("m").unwrap_err().code(), ErrorCode::NoCapacity);
+        assert_eq!(s.counts().hives_unreachable, 1);
+    }
+
+    #[tokio::test]
+    async fn waiters_without_a_worker_cause_exactly_one_spawn() {
+        let s = sched(8);
+        let orders = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&orders);
+        s.set_spawner(move |o: SpawnOrder| seen.lock().unwrap().push(o.hive));
+        s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+        let mut tickets: Vec<Ticket> = (0..3).map(|_| s.admit("m").unwrap()).collect();
+        assert_eq!(orders.lock().unwrap().as_slice(), ["h"]);
+        s.hive_seen(
+            "h",
+            "http://h",
+            vec![worker("a", "m", WorkerState::Idle, 3)],
+            vec!["m".into()],
+        );
+        s.spawn_finished("m", Ok(()));
+        for t in &mut tickets {
+            let _ = granted(t).await;
+        }
+        assert_eq!(orders.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
+        let s = sched(8);
+        s.set_spawner(|_| {});
+        s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+        let mut t = s.admit("m").unwrap();
+        s.spawn_finished(
+            "m",
+            Err(ApiError::new(ErrorCode::InsufficientRam, "not enough RAM")),
+        );
+        let err = t.wait().await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NoCapacity);
+        assert!(err.body().error.message.contains("not enough RAM"));
+    }
+
+    #[tokio::test]
+    async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
+        let s = sched(8);
+        s.hive_seen(
+            "h",
+            "http://h",
+            vec![
+                worker("a", "m", WorkerState::Idle, 1),
+                worker("b", "m", WorkerState::Idle, 1),
+            ],
+            vec!["m".into()],
+        );
+        let mut t = s.admit("m").unwrap();
+        let lease = granted(&mut t).await;
+        let failed = lease.key().to_owned();
+        let other = s.try_other("m", &failed).expect("the other worker");
+        assert_ne!(other.key(), failed);
+        assert!(
+            s.try_other("m", &failed).is_none(),
+            "no third place: both workers are full"
+        );
+        lease.busy();
+        let mut t = s.admit("m").unwrap();
+        assert!(
+            t.rx.try_recv().is_err(),
+            "a worker that said busy is avoided"
+        );
+        drop(other);
+        assert_ne!(granted(&mut t).await.key(), failed);
+    }
+}
