@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 
 pub mod fake_hub;
 pub mod hive;
+pub mod queen;
 
 /// The three daemons.
 pub const DAEMONS: [&str; 3] = ["queen-rbee", "rbee-hive", "llm-worker-rbee"];

@@ -206,6 +206,10 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     boot.stack = boot
         .stack
         .with_default_deadline(Duration::from_millis(config.default_deadline_ms));
+    let expired = metrics.clone();
+    boot.stack = boot.stack.on_deadline_expired(std::sync::Arc::new(move || {
+        expired.deadline_exceeded(metrics::Stage::Admission);
+    }));
     let token = boot.token.clone();
     let audit = boot.audit.clone();
     let cascade_hives = hives.clone();

@@ -118,10 +118,10 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
     };
     match api {
         Api::Chat => {
-            if !map
+            if map
                 .get("messages")
                 .and_then(Value::as_array)
-                .is_some_and(|m| !m.is_empty())
+                .is_none_or(Vec::is_empty)
             {
                 bad.push(FieldError::new(
                     "messages",
@@ -131,10 +131,10 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
             }
         }
         _ => {
-            if !map
+            if map
                 .get("prompt")
                 .and_then(Value::as_str)
-                .is_some_and(|p| !p.trim().is_empty())
+                .is_none_or(|p| p.trim().is_empty())
             {
                 bad.push(FieldError::new(
                     "prompt",

@@ -122,19 +122,17 @@ pub fn migrate(conn: &mut Connection, steps: &[&str]) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    enum E {
-        Db(rusqlite::Error),
-        Thread,
-    }
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct E(String);
     impl From<DbThreadError> for E {
-        fn from(_: DbThreadError) -> Self {
-            Self::Thread
+        fn from(e: DbThreadError) -> Self {
+            Self(e.to_string())
         }
     }
     impl From<rusqlite::Error> for E {
         fn from(e: rusqlite::Error) -> Self {
-            Self::Db(e)
+            Self(e.to_string())
         }
     }
 

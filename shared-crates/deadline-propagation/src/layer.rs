@@ -17,15 +17,28 @@ use crate::deadline::{Deadline, DeadlineExceeded, X_DEADLINE, X_TIMEOUT_MS};
 /// - otherwise the [`Deadline`] (or the configured default, if any) goes into
 ///   the request's extensions, and the request's headers are normalised to a
 ///   single absolute `X-Deadline`, ready to forward.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct DeadlineLayer {
     default: Option<Duration>,
+    on_expired: Option<OnExpired>,
+}
+
+/// Called for each request refused because its deadline had already passed.
+pub type OnExpired = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for DeadlineLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadlineLayer")
+            .field("default", &self.default)
+            .field("on_expired", &self.on_expired.is_some())
+            .finish()
+    }
 }
 
 impl DeadlineLayer {
     /// Requests without deadline headers get none.
     pub fn new() -> Self {
-        Self { default: None }
+        Self::default()
     }
 
     /// Requests without deadline headers get `default` from their arrival
@@ -33,7 +46,15 @@ impl DeadlineLayer {
     pub fn with_default(default: Duration) -> Self {
         Self {
             default: Some(default),
+            on_expired: None,
         }
+    }
+
+    /// Call `f` for each request refused as already expired (a daemon
+    /// counts them in its metrics).
+    pub fn on_expired(mut self, f: OnExpired) -> Self {
+        self.on_expired = Some(f);
+        self
     }
 }
 
@@ -44,15 +65,26 @@ impl<S> Layer<S> for DeadlineLayer {
         DeadlineService {
             inner,
             default: self.default,
+            on_expired: self.on_expired.clone(),
         }
     }
 }
 
 /// The service made by [`DeadlineLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeadlineService<S> {
     inner: S,
     default: Option<Duration>,
+    on_expired: Option<OnExpired>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for DeadlineService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadlineService")
+            .field("inner", &self.inner)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S, B> Service<Request<B>> for DeadlineService<S>
@@ -81,6 +113,9 @@ where
                     deadline_ms = deadline.epoch_ms(),
                     "request refused: deadline already passed on arrival"
                 );
+                if let Some(f) = &self.on_expired {
+                    f();
+                }
                 return Either::Left(futures_util::future::ready(Ok(
                     DeadlineExceeded.into_response()
                 )));

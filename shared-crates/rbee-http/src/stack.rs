@@ -57,6 +57,13 @@ impl HttpStack {
         self
     }
 
+    /// Call `f` for each request refused because its deadline had passed
+    /// on arrival. Set after [`with_default_deadline`](Self::with_default_deadline).
+    pub fn on_deadline_expired(mut self, f: deadline_propagation::OnExpired) -> Self {
+        self.deadline = self.deadline.on_expired(f);
+        self
+    }
+
     /// The HTTP metrics, for tests and for daemons that read them.
     pub fn http_metrics(&self) -> &HttpMetrics {
         &self.http_metrics
@@ -71,7 +78,7 @@ impl HttpStack {
             .fallback(crate::errors::not_found)
             .layer(DefaultBodyLimit::max(self.body_limit))
             .layer(RequestBodyLimitLayer::new(self.body_limit))
-            .layer(self.deadline)
+            .layer(self.deadline.clone())
             .layer(self.auth.clone())
             .layer(axum::middleware::from_fn(crate::errors::json_errors))
             .layer(axum::middleware::from_fn_with_state(

@@ -1,0 +1,71 @@
+"""Drive the queen with the official `openai` client; print what it parsed.
+
+Usage: python openai_client_check.py BASE_URL API_KEY MODEL
+Every call goes through the client's own response models, so a field the
+client needs and the queen does not send fails here.
+"""
+import json
+import sys
+
+import openai
+
+base_url, api_key, model = sys.argv[1:4]
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
+out = {}
+
+models = client.models.list()
+out["models"] = [m.id for m in models.data]
+
+chat = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_tokens=8,
+    temperature=0,
+)
+out["chat"] = {
+    "id": chat.id,
+    "object": chat.object,
+    "content": chat.choices[0].message.content,
+    "role": chat.choices[0].message.role,
+    "finish_reason": chat.choices[0].finish_reason,
+    "completion_tokens": chat.usage.completion_tokens,
+}
+
+pieces, finish, usage = [], None, None
+for chunk in client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Count to five."}],
+    max_tokens=8,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.usage is not None:
+        usage = chunk.usage.completion_tokens
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+out["chat_stream"] = {"text": "".join(pieces), "chunks": len(pieces), "finish_reason": finish, "completion_tokens": usage}
+
+completion = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0)
+out["completion"] = {
+    "object": completion.object,
+    "text": completion.choices[0].text,
+    "finish_reason": completion.choices[0].finish_reason,
+    "completion_tokens": completion.usage.completion_tokens,
+}
+
+texts = [c.choices[0].text for c in client.completions.create(
+    model=model, prompt="The sky is", max_tokens=5, temperature=0, stream=True
+) if c.choices]
+out["completion_stream"] = {"text": "".join(texts)}
+
+try:
+    client.chat.completions.create(model="hf:nobody/nothing", messages=[{"role": "user", "content": "hi"}])
+    out["unknown_model"] = "no error"
+except openai.NotFoundError as e:
+    out["unknown_model"] = {"status": e.status_code, "code": e.body.get("code") if isinstance(e.body, dict) else None}
+
+print(json.dumps(out))

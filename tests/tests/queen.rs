@@ -1,0 +1,718 @@
+//! The queen as users and operators meet it: the real `queen-rbee` in front
+//! of real `rbee-hive`s spawning real `llm-worker-rbee`s with the default
+//! model, over HTTP on loopback, with real signals.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rbee_system_tests::queen::{
+    client, default_ref, hive_with_model, long_request, metric_at, queen_spec, ready_queen, send,
+    wait_for, wait_ready_workers, EventStream,
+};
+use rbee_system_tests::{DaemonSpec, RunningDaemon, TEST_TOKEN};
+use serde_json::{json, Value};
+
+fn infer(queen: &RunningDaemon, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
+    send(client().post(queen.url("/v1/inference")).json(body))
+}
+
+fn stream(queen: &RunningDaemon, body: &Value) -> EventStream {
+    let s = EventStream::open(client().post(queen.url("/v1/inference")).json(body));
+    assert_eq!(s.status, 200);
+    s
+}
+
+fn worker_total(url: &str) -> f64 {
+    [
+        "ok",
+        "client_error",
+        "deadline_exceeded",
+        "cancelled",
+        "busy",
+        "error",
+    ]
+    .iter()
+    .filter_map(|o| {
+        metric_at(
+            url,
+            &format!("rbee_worker_requests_total{{outcome=\"{o}\"}}"),
+        )
+    })
+    .sum()
+}
+
+fn running(url: &str) -> f64 {
+    metric_at(url, "rbee_worker_requests_running").expect("running gauge")
+}
+
+fn queen_metric(queen: &RunningDaemon, name: &str) -> f64 {
+    metric_at(&queen.url(""), name).unwrap_or(0.0)
+}
+
+fn error_code(event: &Value) -> &str {
+    event["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_busy() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let queen = ready_queen(&queen_spec(&[&hive]), None);
+    wait_for(Duration::from_secs(10), "the hive to be reachable", || {
+        send(client().get(queen.url("/health/ready"))).0 == 200
+    });
+
+    // Three requests at once, no worker yet: one spawn serves them all.
+    let answers: Vec<(u16, Value, _)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let queen = &queen;
+                s.spawn(move || {
+                    infer(
+                        queen,
+                        &json!({"prompt": format!("Number {i} is"), "max_tokens": 4, "stream": false}),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for (status, body, headers) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["tokens_out"], 4);
+        assert_eq!(headers["x-job-id"].to_str().ok(), body["job_id"].as_str());
+    }
+    let (_, list, _) = send(client().get(hive.url("/v1/workers/list")));
+    assert_eq!(list["workers"].as_array().map(Vec::len), Some(1), "{list}");
+
+    // A second worker; two concurrent streams land on different workers.
+    let (status, _, _) = send(
+        client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(&json!({"model_ref": default_ref()})),
+    );
+    assert_eq!(status, 202);
+    let workers = wait_ready_workers(&queen, 2, None);
+    let urls: Vec<String> = workers
+        .iter()
+        .map(|w| w["url"].as_str().expect("worker url").to_owned())
+        .collect();
+    let mut a = stream(&queen, &long_request(40, true));
+    let mut b = stream(&queen, &long_request(40, true));
+    let first_a = a.until_token();
+    b.until_token();
+    assert_eq!(first_a[0]["type"], "started");
+    assert_eq!(first_a[1]["type"], "token");
+    for url in &urls {
+        assert_eq!(running(url), 1.0, "each worker runs exactly one stream");
+    }
+    let end = a.rest();
+    assert_eq!(end[end.len() - 2]["type"], "end", "{end:?}");
+    assert_eq!(end[end.len() - 1], "[DONE]");
+    b.rest();
+
+    let model = default_ref();
+    let ok = queen_metric(
+        &queen,
+        &format!("rbee_queen_requests_total{{model=\"{model}\",outcome=\"ok\"}}"),
+    );
+    assert_eq!(ok, 5.0);
+    let ttft = queen_metric(
+        &queen,
+        &format!("rbee_queen_time_to_first_token_seconds_count{{model=\"{model}\"}}"),
+    );
+    assert_eq!(ttft, 2.0);
+    assert_eq!(
+        queen_metric(&queen, "rbee_queen_hives{state=\"reachable\"}"),
+        1.0
+    );
+    assert!(queen_metric(&queen, "rbee_queen_workers{state=\"idle\"}") >= 1.0);
+
+    // `GET /v1/models` lists the model with where it is.
+    let (status, models, _) = send(client().get(queen.url("/v1/models")));
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], model.as_str());
+    assert_eq!(models["data"][0]["workers_ready"], 2);
+}
+
+#[test]
+fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive").with_token(), Some(TEST_TOKEN));
+    let queen = queen_spec(&[&hive]).with_token().spawn();
+    let c = client();
+    let auth = |r: reqwest::blocking::RequestBuilder| r.bearer_auth(TEST_TOKEN);
+
+    // Every protected route refuses a missing or wrong token.
+    let protected: [(&str, &str); 10] = [
+        ("POST", "/v1/inference"),
+        ("DELETE", "/v1/inference/j1"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+        ("POST", "/v2/hives/register"),
+        ("GET", "/v2/hives/list"),
+        ("POST", "/v2/hives/remove"),
+        ("GET", "/v2/workers/list"),
+        ("POST", "/v1/admin/shutdown"),
+    ];
+    for (method, path) in protected {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let (status, body, headers) = send(c.request(m.clone(), queen.url(path)));
+        assert_eq!(status, 401, "{method} {path}");
+        assert_eq!(body["error"]["code"], "MISSING_API_KEY");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let (status, body, _) = send(
+            c.request(m, queen.url(path))
+                .bearer_auth("wrong-token-0123456789"),
+        );
+        assert_eq!(status, 401, "{method} {path}");
+        assert_eq!(body["error"]["code"], "INVALID_API_KEY");
+    }
+    for path in ["/health", "/health/live", "/metrics"] {
+        assert_eq!(
+            c.get(queen.url(path)).send().expect("public").status(),
+            200,
+            "{path}"
+        );
+    }
+    // The queen reaches the authenticated hive with its token.
+    wait_for(Duration::from_secs(10), "the hive to be reachable", || {
+        send(c.get(queen.url("/health/ready"))).0 == 200
+    });
+
+    let (status, body, _) = send(auth(c.post(queen.url("/v1/inference"))).json(&json!({
+        "model": "hf:nobody/nothing", "prompt": "hi"
+    })));
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "MODEL_NOT_FOUND");
+
+    let (status, body, _) = send(auth(c.post(queen.url("/v1/inference"))).json(&json!({
+        "prompt": " ", "max_tokens": 0, "temperature": 5, "job_id": "../x"
+    })));
+    assert_eq!(status, 400);
+    let fields: Vec<&str> = body["error"]["details"]["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .filter_map(|f| f["field"].as_str())
+        .collect();
+    for f in ["prompt", "max_tokens", "temperature", "job_id"] {
+        assert!(fields.contains(&f), "{f} missing from {body}");
+    }
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v1/inference")))
+            .header("content-type", "application/json")
+            .body("{\"prompt\": "),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("INVALID_JSON"))
+    );
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v1/inference")))
+            .header("x-timeout-ms", "soon")
+            .json(&json!({"prompt": "hi"})),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("INVALID_DEADLINE"))
+    );
+
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v1/chat/completions")))
+            .json(&json!({"messages": [], "stream": "yes", "model": 3})),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"]["details"]["fields"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
+    let (status, _, _) =
+        send(auth(c.post(queen.url("/v1/completions"))).json(&json!({"max_tokens": 3})));
+    assert_eq!(status, 400);
+    let (status, _, _) = send(auth(c.post(queen.url("/v1/completions"))).json(&json!([1, 2])));
+    assert_eq!(status, 400);
+
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v2/hives/register")))
+            .json(&json!({"node_name": "bad name", "url": "ftp://x/y"})),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"]["details"]["fields"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v2/hives/register")))
+            .json(&json!({"node_name": "a", "url": "http://h:1", "extra": 1})),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body, _) =
+        send(auth(c.post(queen.url("/v2/hives/remove"))).json(&json!({"node_name": "ghost"})));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    let (status, _, _) = send(auth(c.delete(queen.url("/v1/inference/%2E%2E%2Fx%20y"))));
+    assert_eq!(status, 400);
+    let (status, body, _) = send(auth(c.delete(queen.url("/v1/inference/never-seen"))));
+    assert_eq!((status, body), (204, Value::Null));
+    let (status, _, _) = send(auth(c.get(queen.url("/v2/nothing"))));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn queue_limits_deadlines_cancellation_and_disconnects() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let queen = ready_queen(&queen_spec(&[&hive]).args(["--max-queue", "1"]), None);
+    let (status, body, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let worker = wait_ready_workers(&queen, 1, None)[0]["url"]
+        .as_str()
+        .expect("worker url")
+        .to_owned();
+
+    // Already expired at the queen: 504, and the worker never hears of it.
+    let before = worker_total(&worker);
+    let past = (std::time::SystemTime::now() - Duration::from_secs(5))
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_millis();
+    let (status, body, _) = send(
+        client()
+            .post(queen.url("/v1/inference"))
+            .header("x-deadline", past.to_string())
+            .json(&json!({"prompt": "Hi", "max_tokens": 2})),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("DEADLINE_EXCEEDED"))
+    );
+    assert_eq!(worker_total(&worker), before);
+    assert_eq!(
+        queen_metric(
+            &queen,
+            "rbee_queen_deadline_exceeded_total{stage=\"admission\"}"
+        ),
+        1.0
+    );
+
+    // One stream holds the only slot.
+    let mut holder = stream(
+        &queen,
+        &json!({"job_id": "holder", "prompt": "Tell a story", "max_tokens": 400, "ignore_eos": true}),
+    );
+    holder.until_token();
+
+    // A queued request whose deadline passes: 504 near its deadline.
+    let started = Instant::now();
+    let (status, body, _) = send(
+        client()
+            .post(queen.url("/v1/inference"))
+            .header("x-timeout-ms", "700")
+            .json(&json!({"prompt": "Hi", "max_tokens": 2, "stream": false})),
+    );
+    let waited = started.elapsed();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("DEADLINE_EXCEEDED"))
+    );
+    assert!(
+        waited >= Duration::from_millis(650) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert_eq!(
+        queen_metric(
+            &queen,
+            "rbee_queen_deadline_exceeded_total{stage=\"queued\"}"
+        ),
+        1.0
+    );
+
+    // One waits (the queue holds one), the next is refused with 429.
+    std::thread::scope(|s| {
+        let queen_ref = &queen;
+        let waiting = s.spawn(move || {
+            infer(
+                queen_ref,
+                &json!({"job_id": "waiter", "prompt": "Hi", "max_tokens": 2, "stream": false}),
+            )
+        });
+        let model = default_ref();
+        wait_for(Duration::from_secs(10), "one queued request", || {
+            queen_metric(
+                queen_ref,
+                &format!("rbee_queen_queue_size{{model=\"{model}\"}}"),
+            ) == 1.0
+        });
+        let (status, body, headers) = infer(queen_ref, &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (429, Some("QUEUE_FULL"))
+        );
+        assert!(headers.contains_key("retry-after"));
+        // DELETE takes the queued one out of the queue.
+        let (status, _, _) = send(client().delete(queen.url("/v1/inference/waiter")));
+        assert_eq!(status, 204);
+        let (status, body, _) = waiting.join().expect("thread");
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (409, Some("CANCELLED"))
+        );
+    });
+
+    // DELETE ends the running stream with CANCELLED and frees the slot.
+    let (status, _, _) = send(client().delete(queen.url("/v1/inference/holder")));
+    assert_eq!(status, 204);
+    let rest = holder.rest();
+    let error = rest
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("error event");
+    assert_eq!(error_code(error), "CANCELLED");
+    wait_for(
+        Duration::from_secs(5),
+        "the worker to free its slot",
+        || running(&worker) == 0.0,
+    );
+    assert_eq!(
+        send(client().delete(queen.url("/v1/inference/holder"))).0,
+        204
+    );
+
+    // A deadline during generation ends the stream with an error event.
+    let mut late = EventStream::open(
+        client()
+            .post(queen.url("/v1/inference"))
+            .header("x-timeout-ms", "1500")
+            .json(&long_request(400, true)),
+    );
+    let events = late.rest();
+    let tokens = events.iter().filter(|e| e["type"] == "token").count();
+    let last_error = events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "error")
+        .expect("error event");
+    assert_eq!(error_code(last_error), "DEADLINE_EXCEEDED", "{events:?}");
+    assert!(tokens > 0 && tokens < 400, "{tokens}");
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    wait_for(
+        Duration::from_secs(5),
+        "the worker to free its slot",
+        || running(&worker) == 0.0,
+    );
+
+    // A client that goes away stops the worker's generation.
+    let before = worker_total(&worker);
+    let mut gone = stream(&queen, &long_request(400, true));
+    gone.until_token();
+    assert_eq!(running(&worker), 1.0);
+    drop(gone);
+    wait_for(
+        Duration::from_secs(5),
+        "the worker to stop generating",
+        || running(&worker) == 0.0,
+    );
+    wait_for(Duration::from_secs(5), "the worker to count it", || {
+        worker_total(&worker) == before + 1.0
+    });
+    assert!(
+        metric_at(&worker, "rbee_worker_requests_total{outcome=\"cancelled\"}").unwrap_or(0.0)
+            >= 2.0,
+        "the DELETE and the disconnect both count as cancelled on the worker"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_stream_ends_the_stream_with_worker_failed() {
+    let hive = hive_with_model(
+        DaemonSpec::new("rbee-hive").args(["--restart-backoff-base-ms", "200"]),
+        None,
+    );
+    let queen = ready_queen(&queen_spec(&[&hive]), None);
+    let (status, _, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200);
+    let pid = wait_ready_workers(&queen, 1, None)[0]["pid"]
+        .as_i64()
+        .expect("worker pid");
+
+    let mut s = stream(&queen, &long_request(400, true));
+    s.until_token();
+    let killed = Instant::now();
+    kill(
+        Pid::from_raw(i32::try_from(pid).expect("pid")),
+        Signal::SIGKILL,
+    )
+    .expect("kill worker");
+    let rest = s.rest();
+    let elapsed = killed.elapsed();
+    let error = rest
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("an error event");
+    assert_eq!(error_code(error), "WORKER_FAILED", "{rest:?}");
+    assert_eq!(rest.last(), Some(&json!("[DONE]")));
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    let model = default_ref();
+    assert_eq!(
+        queen_metric(
+            &queen,
+            &format!("rbee_queen_requests_total{{model=\"{model}\",outcome=\"worker_failed\"}}")
+        ),
+        1.0
+    );
+
+    // The hive restarts the worker and the queen routes to it again.
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted worker to serve",
+        || {
+            infer(
+                &queen,
+                &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+            )
+            .0 == 200
+        },
+    );
+}
+
+#[test]
+fn a_hive_that_stops_answering_leaves_routing_and_comes_back() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let queen = queen_spec(&[&hive])
+        .args(["--hive-poll-timeout-ms", "300"])
+        .spawn();
+    let (status, _, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200);
+
+    hive.signal(Signal::SIGSTOP);
+    wait_for(
+        Duration::from_secs(10),
+        "the hive to be marked unreachable",
+        || send(client().get(queen.url("/health/ready"))).0 == 503,
+    );
+    let (_, ready, _) = send(client().get(queen.url("/health/ready")));
+    assert_eq!(ready["status"], "no_reachable_hive");
+    assert_eq!(
+        queen_metric(&queen, "rbee_queen_hives{state=\"unreachable\"}"),
+        1.0
+    );
+    let (status, body, _) = infer(&queen, &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("NO_CAPACITY")),
+        "{body}"
+    );
+    let (_, hives, _) = send(client().get(queen.url("/v2/hives/list")));
+    assert_eq!(hives["hives"][0]["state"], "unreachable");
+    assert!(hives["hives"][0]["consecutive_misses"].as_u64() >= Some(3));
+
+    hive.signal(Signal::SIGCONT);
+    wait_for(
+        Duration::from_secs(10),
+        "the hive to be reachable again",
+        || send(client().get(queen.url("/health/ready"))).0 == 200,
+    );
+    let (status, body, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn the_registry_survives_a_restart_and_hives_register_themselves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit");
+    let database = dir.path().join("queen.sqlite3");
+    let database_arg = database.display().to_string();
+    let spec = DaemonSpec::new("queen-rbee")
+        .args([
+            "--database",
+            database_arg.as_str(),
+            "--hive-poll-interval-ms",
+            "200",
+        ])
+        .env("LLORCH_AUDIT_MODE", "local")
+        .env("LLORCH_AUDIT_DIR", &audit.display().to_string());
+    let mut queen = spec.spawn();
+
+    // A hive started with --queen-url registers itself.
+    let hive = DaemonSpec::new("rbee-hive")
+        .args([
+            "--queen-url".to_owned(),
+            queen.url(""),
+            "--node-name".to_owned(),
+            "self-registered".to_owned(),
+        ])
+        .spawn();
+    wait_for(Duration::from_secs(15), "the hive to register", || {
+        let (_, body, _) = send(client().get(queen.url("/v2/hives/list")));
+        body["hives"].as_array().is_some_and(|h| {
+            h.iter()
+                .any(|h| h["node_name"] == "self-registered" && h["state"] == "reachable")
+        })
+    });
+    let (status, body, _) = send(
+        client()
+            .post(queen.url("/v2/hives/register"))
+            .json(&json!({"node_name": "manual", "url": "http://127.0.0.1:9/"})),
+    );
+    assert_eq!(
+        (status, body["url"].as_str()),
+        (201, Some("http://127.0.0.1:9"))
+    );
+    let (status, body, _) = send(
+        client()
+            .post(queen.url("/v2/hives/register"))
+            .json(&json!({"node_name": "manual", "url": "http://127.0.0.1:9"})),
+    );
+    assert_eq!((status, body["created"].as_bool()), (200, Some(false)));
+
+    queen.signal(Signal::SIGTERM);
+    assert!(queen
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let mut queen = spec.spawn();
+    let (_, body, _) = send(client().get(queen.url("/v2/hives/list")));
+    let names: Vec<&str> = body["hives"]
+        .as_array()
+        .expect("hives")
+        .iter()
+        .filter_map(|h| h["node_name"].as_str())
+        .collect();
+    assert_eq!(names, ["manual", "self-registered"], "{body}");
+    // The stored hive is polled again without re-registering.
+    wait_for(
+        Duration::from_secs(10),
+        "the stored hive to be reachable",
+        || send(client().get(queen.url("/health/ready"))).0 == 200,
+    );
+    let (status, _, _) = send(
+        client()
+            .post(queen.url("/v2/hives/remove"))
+            .json(&json!({"node_name": "manual"})),
+    );
+    assert_eq!(status, 200);
+    let (status, _, _) = send(
+        client()
+            .post(queen.url("/v2/hives/remove"))
+            .json(&json!({"node_name": "manual"})),
+    );
+    assert_eq!(status, 404);
+    queen.signal(Signal::SIGTERM);
+    assert!(queen
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    drop(hive);
+
+    let queen = spec.spawn();
+    let (_, body, _) = send(client().get(queen.url("/v2/hives/list")));
+    assert_eq!(body["hives"].as_array().map(Vec::len), Some(1), "{body}");
+    drop(queen);
+
+    // The audit trail holds the registry changes and verifies.
+    let trail: String = std::fs::read_dir(audit.join("queen-rbee"))
+        .expect("audit dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        .map(|e| std::fs::read_to_string(e.path()).expect("audit file"))
+        .collect();
+    assert_eq!(
+        trail.matches("\"hive_registered\"").count(),
+        2,
+        "registrations, not refreshes"
+    );
+    assert_eq!(trail.matches("\"hive_removed\"").count(), 1);
+    let verify = std::process::Command::new(rbee_system_tests::binary("rbee-audit"))
+        .arg("verify")
+        .arg(audit.join("queen-rbee"))
+        .output()
+        .expect("rbee-audit");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[test]
+fn sigterm_lets_streams_finish_and_cascade_stops_the_hives() {
+    let mut hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let mut queen = ready_queen(&queen_spec(&[&hive]).args(["--cascade-shutdown"]), None);
+    let (status, _, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200);
+    let mut s = stream(&queen, &long_request(30, true));
+    s.until_token();
+    queen.signal(Signal::SIGTERM);
+    let rest = s.rest();
+    assert_eq!(rest[rest.len() - 2]["type"], "end", "{rest:?}");
+    assert_eq!(rest.iter().filter(|e| e["type"] == "token").count(), 29);
+    let status = queen
+        .wait_exit(Duration::from_secs(15))
+        .expect("queen exits");
+    assert!(status.success(), "{status:?}");
+    let status = hive
+        .wait_exit(Duration::from_secs(30))
+        .expect("hive exits (cascade)");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn the_official_openai_python_client_parses_the_queens_answers() {
+    let python = rbee_system_tests::queen::openai_python();
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive").with_token(), Some(TEST_TOKEN));
+    let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
+    let model = default_ref();
+    let out = std::process::Command::new(python)
+        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_client_check.py"))
+        .arg(queen.url("/v1"))
+        .arg(TEST_TOKEN)
+        .arg(&model)
+        .output()
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    assert_eq!(r["models"], json!([model]));
+    assert_eq!(r["chat"]["object"], "chat.completion");
+    assert_eq!(r["chat"]["role"], "assistant");
+    assert_eq!(r["chat"]["completion_tokens"], 8);
+    assert!(
+        !r["chat"]["content"].as_str().unwrap_or("").is_empty(),
+        "{r}"
+    );
+    assert_eq!(r["chat_stream"]["finish_reason"], "length");
+    assert_eq!(r["chat_stream"]["completion_tokens"], 8);
+    assert!(r["chat_stream"]["chunks"].as_u64() >= Some(2), "{r}");
+    assert_eq!(r["completion"]["object"], "text_completion");
+    assert_eq!(r["completion"]["completion_tokens"], 5);
+    assert_eq!(
+        r["completion_stream"]["text"], r["completion"]["text"],
+        "greedy streaming and non-streaming agree"
+    );
+    assert_eq!(r["unknown_model"]["status"], 404, "{r}");
+    assert_eq!(r["unknown_model"]["code"], "MODEL_NOT_FOUND", "{r}");
+}
