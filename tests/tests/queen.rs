@@ -100,11 +100,25 @@ fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_
         .iter()
         .map(|w| w["url"].as_str().expect("worker url").to_owned())
         .collect();
-    let mut a = stream(&queen, &long_request(40, true));
+    let mut a = EventStream::open(
+        client()
+            .post(queen.url("/v1/inference"))
+            .header("x-request-id", "trace-me-0001")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .json(&long_request(40, true)),
+    );
+    assert_eq!(a.headers["x-request-id"], "trace-me-0001");
     let mut b = stream(&queen, &long_request(40, true));
     let first_a = a.until_token();
     b.until_token();
     assert_eq!(first_a[0]["type"], "started");
+    assert_eq!(
+        first_a[0]["request_id"], "trace-me-0001",
+        "the worker got the request id"
+    );
     assert_eq!(first_a[1]["type"], "token");
     for url in &urls {
         assert_eq!(running(url), 1.0, "each worker runs exactly one stream");
@@ -129,7 +143,9 @@ fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_
         queen_metric(&queen, "rbee_queen_hives{state=\"reachable\"}"),
         1.0
     );
-    assert!(queen_metric(&queen, "rbee_queen_workers{state=\"idle\"}") >= 1.0);
+    let serving = queen_metric(&queen, "rbee_queen_workers{state=\"idle\"}")
+        + queen_metric(&queen, "rbee_queen_workers{state=\"busy\"}");
+    assert_eq!(serving, 2.0);
 
     // `GET /v1/models` lists the model with where it is.
     let (status, models, _) = send(client().get(queen.url("/v1/models")));
@@ -306,6 +322,29 @@ fn queue_limits_deadlines_cancellation_and_disconnects() {
         1.0
     );
 
+    // A worker that is busy with work the queen did not send answers 503;
+    // the queen puts its request back in the queue instead of failing it.
+    let busy_before =
+        metric_at(&worker, "rbee_worker_requests_total{outcome=\"busy\"}").unwrap_or(0.0);
+    let mut direct = EventStream::open(
+        client()
+            .post(format!("{worker}/v1/inference"))
+            .json(&long_request(30, true)),
+    );
+    assert_eq!(direct.status, 200);
+    direct.until_token();
+    let (status, body, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(direct.rest().iter().any(|e| e["type"] == "end"));
+    assert!(
+        metric_at(&worker, "rbee_worker_requests_total{outcome=\"busy\"}").unwrap_or(0.0)
+            > busy_before,
+        "the worker turned the queen away at least once"
+    );
+
     // One stream holds the only slot.
     let mut holder = stream(
         &queen,
@@ -338,6 +377,25 @@ fn queue_limits_deadlines_cancellation_and_disconnects() {
         1.0
     );
 
+    // A queued request whose client gives up leaves the queue.
+    let model = default_ref();
+    let quitter = client()
+        .post(queen.url("/v1/inference"))
+        .timeout(Duration::from_millis(500))
+        .json(&json!({"prompt": "Hi", "max_tokens": 2, "stream": false}))
+        .send();
+    assert!(quitter.is_err_and(|e| e.is_timeout()));
+    wait_for(
+        Duration::from_secs(5),
+        "the abandoned request to leave the queue",
+        || {
+            queen_metric(
+                &queen,
+                &format!("rbee_queen_queue_size{{model=\"{model}\"}}"),
+            ) == 0.0
+        },
+    );
+
     // One waits (the queue holds one), the next is refused with 429.
     std::thread::scope(|s| {
         let queen_ref = &queen;
@@ -347,7 +405,7 @@ fn queue_limits_deadlines_cancellation_and_disconnects() {
                 &json!({"job_id": "waiter", "prompt": "Hi", "max_tokens": 2, "stream": false}),
             )
         });
-        let model = default_ref();
+        let model = &model;
         wait_for(Duration::from_secs(10), "one queued request", || {
             queen_metric(
                 queen_ref,
@@ -681,7 +739,14 @@ fn sigterm_lets_streams_finish_and_cascade_stops_the_hives() {
 fn the_official_openai_python_client_parses_the_queens_answers() {
     let python = rbee_system_tests::queen::openai_python();
     let hive = hive_with_model(DaemonSpec::new("rbee-hive").with_token(), Some(TEST_TOKEN));
-    let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
+    let audit = tempfile::tempdir().expect("audit dir");
+    let queen = ready_queen(
+        &queen_spec(&[&hive])
+            .with_token()
+            .env("LLORCH_AUDIT_MODE", "local")
+            .env("LLORCH_AUDIT_DIR", &audit.path().display().to_string()),
+        Some(TEST_TOKEN),
+    );
     let model = default_ref();
     let out = std::process::Command::new(python)
         .arg(rbee_system_tests::workspace_root().join("tests/python/openai_client_check.py"))
@@ -715,4 +780,117 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     );
     assert_eq!(r["unknown_model"]["status"], 404, "{r}");
     assert_eq!(r["unknown_model"]["code"], "MODEL_NOT_FOUND", "{r}");
+
+    // Each request is in the audit trail: admitted and finished, or
+    // rejected; sizes and outcomes, never the text.
+    let mut queen = queen;
+    queen.signal(Signal::SIGTERM);
+    assert!(queen
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let trail: String = std::fs::read_dir(audit.path().join("queen-rbee"))
+        .expect("audit dir")
+        .filter_map(|e| e.ok())
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        trail.matches("\"inference_admitted\"").count(),
+        4,
+        "{trail}"
+    );
+    assert_eq!(trail.matches("\"inference_finished\"").count(), 4);
+    assert_eq!(trail.matches("\"inference_rejected\"").count(), 1);
+    assert!(
+        !trail.contains("Say hello"),
+        "no prompt text in the audit trail"
+    );
+    assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 4);
+}
+
+/// A hive whose workers crash after `tokens` generated tokens (the
+/// worker's fault-injection build), with its worker started.
+fn crashing_hive(tokens: &str) -> RunningDaemon {
+    let hive = hive_with_model(
+        DaemonSpec::new("rbee-hive")
+            .env("RBEE_FAULT_EXIT_AFTER_TOKENS", tokens)
+            .args([
+                "--worker-binary",
+                rbee_system_tests::binary(rbee_system_tests::FAULT_INJECTION_WORKER)
+                    .to_str()
+                    .expect("UTF-8"),
+            ]),
+        None,
+    );
+    let (status, _, _) = send(
+        client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(&json!({"model_ref": default_ref()})),
+    );
+    assert_eq!(status, 202);
+    hive
+}
+
+fn healthy_hive() -> RunningDaemon {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let (status, _, _) = send(
+        client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(&json!({"model_ref": default_ref()})),
+    );
+    assert_eq!(status, 202);
+    hive
+}
+
+#[test]
+fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() {
+    // Crash before any token reached the client: the client never notices.
+    let bad = crashing_hive("1");
+    let good = healthy_hive();
+    let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
+    wait_ready_workers(&queen, 2, None);
+    for _ in 0..2 {
+        let events = stream(&queen, &long_request(6, true)).rest();
+        assert_eq!(
+            events.iter().filter(|e| e["type"] == "started").count(),
+            1,
+            "{events:?}"
+        );
+        assert_eq!(
+            events.iter().filter(|e| e["type"] == "token").count(),
+            6,
+            "{events:?}"
+        );
+        assert_eq!(events[events.len() - 2]["type"], "end", "{events:?}");
+    }
+    assert!(queen.wait_for_log("retrying once on another worker", Duration::from_secs(5)));
+    drop((queen, bad, good));
+
+    // Crash after tokens reached the client: an error event, no retry.
+    let bad = crashing_hive("3");
+    let good = healthy_hive();
+    let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
+    wait_ready_workers(&queen, 2, None);
+    let outcomes: Vec<Vec<Value>> = (0..2)
+        .map(|_| stream(&queen, &long_request(6, true)).rest())
+        .collect();
+    let failed: Vec<&Vec<Value>> = outcomes
+        .iter()
+        .filter(|events| events.iter().any(|e| e["type"] == "error"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{outcomes:?}");
+    let events = failed[0];
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "token").count(),
+        2,
+        "{events:?}"
+    );
+    let error = events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("error event");
+    assert_eq!(error_code(error), "WORKER_FAILED");
+    assert!(!queen
+        .logs()
+        .iter()
+        .any(|l| l.contains("retrying once on another worker")));
 }

@@ -41,7 +41,7 @@ pub struct HiveSummary {
     pub node_name: String,
     /// Base URL.
     pub url: String,
-    /// `flag`, `config` or `registered`.
+    /// `config` (`--hive` or the settings file) or `registered`.
     pub source: String,
     /// `unknown`, `reachable` or `unreachable`.
     pub state: &'static str,
@@ -181,14 +181,14 @@ impl Hives {
     }
 
     /// Start polling every stored hive, then add the `--hive` URLs (already
-    /// normalised) as `flag` hives.
+    /// normalised) as `config` hives.
     pub async fn load(&self, flag_urls: &[String]) -> Result<(), ApiError> {
         let stored = self.inner.store.list().await.map_err(internal)?;
         for hive in stored {
             self.track(hive);
         }
         for url in flag_urls {
-            self.register(&node_name_of(url), url, "flag").await?;
+            self.register(&node_name_of(url), url, "config").await?;
         }
         Ok(())
     }

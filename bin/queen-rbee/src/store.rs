@@ -41,7 +41,7 @@ pub struct StoredHive {
     pub node_name: String,
     /// Base URL.
     pub url: String,
-    /// `flag`, `config` or `registered`.
+    /// `config` (`--hive` or the settings file) or `registered`.
     pub source: String,
     /// RFC 3339.
     pub registered_at: String,
