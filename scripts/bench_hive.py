@@ -23,39 +23,14 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import request, start  # noqa: E402
+
 MODEL = os.path.join(
     os.environ.get("RBEE_CACHE_DIR", os.path.expanduser("~/.cache/rbee")),
     "models",
     "SmolLM2-135M-Instruct.Q4_1.gguf",
 )
-
-
-def request(method, url, body=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
-def start(argv, env=None):
-    """Start a daemon with JSON logs; return (process, base URL)."""
-    proc = subprocess.Popen(
-        argv + ["--addr", "127.0.0.1:0", "--log-format", "json"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        text=True,
-    )
-    for line in proc.stderr:
-        m = re.search(r'listening","addr":"([^"]+)"', line)
-        if m:
-            return proc, "http://" + m.group(1)
-    raise SystemExit(f"{argv[0]} did not start")
 
 
 def wait(predicate, timeout=60):

@@ -550,9 +550,10 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_worker_failed() {
 #[test]
 fn a_hive_that_stops_answering_leaves_routing_and_comes_back() {
     let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
-    let queen = queen_spec(&[&hive])
-        .args(["--hive-poll-timeout-ms", "300"])
-        .spawn();
+    let queen = ready_queen(
+        &queen_spec(&[&hive]).args(["--hive-poll-timeout-ms", "300"]),
+        None,
+    );
     let (status, _, _) = infer(
         &queen,
         &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),

@@ -23,7 +23,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use rbee_api::{ApiError, ErrorCode, Outcome};
 use rbee_http::{Propagate, RequestContext};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -70,8 +69,8 @@ pub struct Prepared {
     pub job_id: String,
     /// SSE or one JSON answer.
     pub stream: bool,
-    /// The body to forward.
-    pub body: serde_json::Value,
+    /// The body to forward, serialized once.
+    pub body: Bytes,
     /// For the audit trail.
     pub max_tokens: u32,
 }
@@ -163,17 +162,16 @@ impl Finish {
         self.state
             .metrics
             .finished(&self.model, outcome, elapsed.as_secs_f64());
-        self.state.audit.emit(
-            Some(&self.request_id),
-            AuditEvent::InferenceFinished {
+        self.state
+            .audit
+            .emit_with(Some(&self.request_id), || AuditEvent::InferenceFinished {
                 job_id: self.job_id.clone(),
                 model: self.model.clone(),
                 tokens_in,
                 tokens_out,
                 outcome,
                 duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            },
-        );
+            });
         tracing::info!(job_id = %self.job_id, model = %self.model, outcome = outcome.as_str(), tokens_in, tokens_out, duration_ms = elapsed.as_millis() as u64, "inference finished");
     }
 }
@@ -203,14 +201,13 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
     let arrived = Instant::now();
     let request_id = ctx.request_id.as_str().to_owned();
     let reject = |e: ApiError| {
-        state.audit.emit(
-            Some(&request_id),
-            AuditEvent::InferenceRejected {
+        state
+            .audit
+            .emit_with(Some(&request_id), || AuditEvent::InferenceRejected {
                 job_id: Some(prep.job_id.clone()),
                 model: Some(prep.model.clone()),
                 code: e.code(),
-            },
-        );
+            });
         state.metrics.finished(
             &prep.model,
             outcome_of(e.code()),
@@ -232,14 +229,13 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         Ok(t) => t,
         Err(e) => return reject(e),
     };
-    state.audit.emit(
-        Some(&request_id),
-        AuditEvent::InferenceAdmitted {
+    state
+        .audit
+        .emit_with(Some(&request_id), || AuditEvent::InferenceAdmitted {
             job_id: prep.job_id.clone(),
             model: prep.model.clone(),
             max_tokens: prep.max_tokens,
-        },
-    );
+        });
     let finish = Finish {
         state: state.clone(),
         model: prep.model.clone(),
@@ -404,7 +400,8 @@ impl Call {
             .post(format!("{}{}", lease.url, self.prep.api.path()))
             .propagate(&self.ctx)
             .with_bearer(self.state.token.as_ref())
-            .json(&self.prep.body);
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(self.prep.body.clone());
         if let Some(d) = self.deadline {
             request = request
                 .timeout(d.saturating_duration_since(tokio::time::Instant::now()) + DEADLINE_GRACE);
@@ -482,17 +479,32 @@ impl Call {
         }
     }
 
-    /// Relay an SSE answer from a task that forwards each event as it
-    /// arrives.
+    /// Relay an SSE answer: the client's body pulls from the worker's, so
+    /// each batch of events is written as soon as it arrives, and a client
+    /// that goes away drops the call to the worker with the body.
     fn stream(self, lease: Lease, response: reqwest::Response, retried: bool) -> Response {
-        let (tx, rx) = mpsc::channel::<Bytes>(32);
         let job_id = self.prep.job_id.clone();
-        tokio::spawn(
-            self.relay(lease, response, retried, tx)
-                .instrument(tracing::Span::current()),
-        );
-        let body = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        let deadline = self
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep_until(d + DEADLINE_GRACE)));
+        let relay = Relay {
+            openai: self.prep.api != Api::Native,
+            call: self,
+            lease,
+            upstream: response,
+            retried,
+            sse: SseState::default(),
+            deadline,
+            finished: false,
+            span: tracing::Span::current(),
+        };
+        let body = futures_util::stream::unfold(relay, |mut relay| async move {
+            let span = relay.span.clone();
+            relay
+                .next()
+                .instrument(span)
+                .await
+                .map(|b| (Ok::<_, Infallible>(b), relay))
         });
         let mut response = Response::new(Body::from_stream(body));
         let headers = response.headers_mut();
@@ -506,61 +518,85 @@ impl Call {
         }
         response
     }
+}
 
-    async fn relay(
-        mut self,
-        mut lease: Lease,
-        mut upstream: reqwest::Response,
-        mut retried: bool,
-        tx: mpsc::Sender<Bytes>,
-    ) {
-        let openai = self.prep.api != Api::Native;
-        let mut sse = SseState::default();
+/// One stream being relayed.
+struct Relay {
+    call: Call,
+    lease: Lease,
+    upstream: reqwest::Response,
+    retried: bool,
+    sse: SseState,
+    openai: bool,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    finished: bool,
+    span: tracing::Span,
+}
+
+impl Relay {
+    /// End the stream with an `error` event and `[DONE]`.
+    fn end_with(&mut self, code: ErrorCode, message: &str, outcome: Outcome) -> Option<Bytes> {
+        self.finished = true;
+        self.call
+            .finish
+            .record(outcome, self.sse.tokens_in, self.sse.tokens_out);
+        let mut out = error_event(self.openai, code, message).to_vec();
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Some(Bytes::from(out))
+    }
+
+    /// The next bytes for the client: every complete event the worker has
+    /// sent since the last call, in one write; `None` once the stream is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
         loop {
-            let cancel = self.guard.cancel.clone();
-            let deadline = self.deadline.map(|d| d + DEADLINE_GRACE);
-            let chunk = tokio::select! {
-                () = tx.closed() => {
-                    self.finish.record(Outcome::Cancelled, sse.tokens_in, sse.tokens_out);
-                    return;
+            let chunk = {
+                let cancel = self.call.guard.cancel.cancelled();
+                let deadline = async {
+                    match self.deadline.as_mut() {
+                        Some(d) => d.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = cancel => {
+                        cancel_on_worker(&self.call.state, &self.lease, &self.call.prep);
+                        return self.end_with(ErrorCode::Cancelled, "the request was cancelled", Outcome::Cancelled);
+                    }
+                    () = deadline => Err("deadline".to_owned()),
+                    c = self.upstream.chunk() => c.map_err(|e| e.to_string()),
                 }
-                () = cancel.cancelled() => {
-                    cancel_on_worker(&self.state, &lease, &self.prep);
-                    let _ = tx.send(error_event(openai, ErrorCode::Cancelled, "the request was cancelled")).await;
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    self.finish.record(Outcome::Cancelled, sse.tokens_in, sse.tokens_out);
-                    return;
-                }
-                () = Self::wait_deadline(deadline) => Err("deadline".to_owned()),
-                c = upstream.chunk() => c.map_err(|e| e.to_string()),
             };
             let failure = match chunk {
                 Ok(Some(bytes)) => {
-                    for event in sse.feed(&bytes, openai) {
+                    let mut out: Vec<u8> = Vec::new();
+                    for event in self.sse.feed(&bytes, self.openai) {
                         if event.first_token {
-                            self.state.metrics.first_token(
-                                &self.prep.model,
-                                self.arrived.elapsed().as_secs_f64(),
+                            self.call.state.metrics.first_token(
+                                &self.call.prep.model,
+                                self.call.arrived.elapsed().as_secs_f64(),
                             );
                         }
-                        for out in event.out {
-                            if tx.send(out).await.is_err() {
-                                self.finish.record(
-                                    Outcome::Cancelled,
-                                    sse.tokens_in,
-                                    sse.tokens_out,
-                                );
-                                return;
-                            }
+                        for b in event.out {
+                            out.extend_from_slice(&b);
                         }
                     }
-                    if sse.done {
-                        if sse.outcome == Outcome::DeadlineExceeded {
-                            self.state.metrics.deadline_exceeded(Stage::Streaming);
+                    if self.sse.done {
+                        self.finished = true;
+                        if self.sse.outcome == Outcome::DeadlineExceeded {
+                            self.call.state.metrics.deadline_exceeded(Stage::Streaming);
                         }
-                        self.finish
-                            .record(sse.outcome, sse.tokens_in, sse.tokens_out);
-                        return;
+                        self.call
+                            .finish
+                            .record(self.sse.outcome, self.sse.tokens_in, self.sse.tokens_out);
+                    }
+                    if !out.is_empty() {
+                        return Some(Bytes::from(out));
+                    }
+                    if self.finished {
+                        return None;
                     }
                     continue;
                 }
@@ -568,44 +604,34 @@ impl Call {
                 Err(e) => e,
             };
             // The worker failed, timed out, or went away.
-            if self.expired_now() {
-                self.state.metrics.deadline_exceeded(Stage::Streaming);
-                let _ = tx
-                    .send(error_event(
-                        openai,
-                        ErrorCode::DeadlineExceeded,
-                        "the deadline passed while the worker generated",
-                    ))
-                    .await;
-                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                self.finish
-                    .record(Outcome::DeadlineExceeded, sse.tokens_in, sse.tokens_out);
-                return;
+            if self.call.expired_now() {
+                self.call.state.metrics.deadline_exceeded(Stage::Streaming);
+                return self.end_with(
+                    ErrorCode::DeadlineExceeded,
+                    "the deadline passed while the worker generated",
+                    Outcome::DeadlineExceeded,
+                );
             }
-            let key = lease.key().to_owned();
-            tracing::warn!(worker = %key, error = %failure, tokens_relayed = sse.relayed_tokens, "worker failed mid-stream");
-            lease.failed();
-            if !sse.started_relay {
-                if let Some(next) = self.retry(&key, &mut retried) {
-                    lease = next;
-                    if let Sent::Ok(r) = self.send(&lease).await {
-                        upstream = r;
-                        sse = SseState::default();
+            let key = self.lease.key().to_owned();
+            tracing::warn!(worker = %key, error = %failure, tokens_relayed = self.sse.relayed_tokens, "worker failed mid-stream");
+            if !self.sse.started_relay {
+                if let Some(next) = self.call.retry(&key, &mut self.retried) {
+                    let failed = std::mem::replace(&mut self.lease, next);
+                    failed.failed();
+                    if let Sent::Ok(r) = self.call.send(&self.lease).await {
+                        self.upstream = r;
+                        self.sse = SseState::default();
                         continue;
                     }
                 }
             }
-            let _ = tx
-                .send(error_event(
-                    openai,
-                    ErrorCode::WorkerFailed,
-                    "the worker failed while generating",
-                ))
-                .await;
-            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-            self.finish
-                .record(Outcome::WorkerFailed, sse.tokens_in, sse.tokens_out);
-            return;
+            // Pass the failed worker over; the placeholder lease holds nothing.
+            self.lease.mark_failed();
+            return self.end_with(
+                ErrorCode::WorkerFailed,
+                "the worker failed while generating",
+                Outcome::WorkerFailed,
+            );
         }
     }
 }
@@ -691,6 +717,16 @@ async fn passthrough(response: reqwest::Response) -> Response {
     }
 }
 
+/// The fields of a native stream event the queen reads.
+#[derive(serde::Deserialize)]
+struct NativeEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    tokens_in: Option<u32>,
+    tokens_out: Option<u32>,
+    code: Option<ErrorCode>,
+}
+
 /// Parser state of one relayed SSE stream.
 #[derive(Debug)]
 struct SseState {
@@ -740,12 +776,24 @@ impl SseState {
 
     fn classify(&mut self, event: Bytes, openai: bool) -> Relayed {
         let text = std::str::from_utf8(&event).unwrap_or("");
-        let data = text
+        let mut data_lines = text
             .lines()
             .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim_start)
-            .collect::<Vec<_>>()
-            .join("\n");
+            .map(str::trim_start);
+        // One `data:` line is the common case; join only when there are more.
+        let first = data_lines.next().unwrap_or("");
+        let joined;
+        let data = match data_lines.next() {
+            None => first,
+            Some(second) => {
+                joined = [first, second]
+                    .into_iter()
+                    .chain(data_lines)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                joined.as_str()
+            }
+        };
         let mut first_token = false;
         let mut is_started = false;
         if data == "[DONE]" {
@@ -753,8 +801,8 @@ impl SseState {
         } else if !openai && data.contains("\"type\":\"token\"") {
             first_token = self.relayed_tokens == 0;
             self.relayed_tokens += 1;
-        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&data) {
-            if openai {
+        } else if openai {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
                 if let Some(code) = v.get("error").and_then(|e| e.get("code")) {
                     self.set_error(code);
                 } else if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
@@ -765,21 +813,19 @@ impl SseState {
                     first_token = self.relayed_tokens == 0;
                     self.relayed_tokens += 1;
                 }
-            } else {
-                match v.get("type").and_then(serde_json::Value::as_str) {
-                    Some("started") => is_started = true,
-                    Some("end") => {
-                        self.tokens_in = count(v.get("tokens_in"));
-                        self.tokens_out = count(v.get("tokens_out"));
-                        self.outcome = Outcome::Ok;
-                    }
-                    Some("error") => {
-                        if let Some(code) = v.get("code") {
-                            self.set_error(code);
-                        }
-                    }
-                    _ => {}
+            }
+        } else if let Ok(e) = serde_json::from_str::<NativeEvent<'_>>(data) {
+            match e.kind.as_ref() {
+                "started" => is_started = true,
+                "end" => {
+                    self.tokens_in = e.tokens_in.unwrap_or(0);
+                    self.tokens_out = e.tokens_out.unwrap_or(0);
+                    self.outcome = Outcome::Ok;
                 }
+                "error" => {
+                    self.outcome = e.code.map_or(Outcome::Error, outcome_of);
+                }
+                _ => {}
             }
         }
         if is_started && !self.started_relay {

@@ -65,8 +65,8 @@ async fn inference(
         model: Some(model.clone()),
         ..request
     };
-    let body = match serde_json::to_value(&body) {
-        Ok(v) => v,
+    let body = match serde_json::to_vec(&body) {
+        Ok(v) => bytes::Bytes::from(v),
         Err(_) => {
             return ApiError::new(ErrorCode::Internal, "cannot encode the request").into_response()
         }
@@ -153,12 +153,14 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
         return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
     }
     let model = resolve_model(state, model)?;
+    let body = serde_json::to_vec(&body)
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the request"))?;
     Ok(Prepared {
         api,
         model,
         job_id: mint_job_id(),
         stream,
-        body,
+        body: bytes::Bytes::from(body),
         max_tokens,
     })
 }

@@ -144,6 +144,12 @@ impl Lease {
         self.release(Some(FAILED_AVOID));
     }
 
+    /// Give the place back now and pass the worker over for a while,
+    /// keeping the lease value (already released) in place.
+    pub fn mark_failed(&mut self) {
+        self.release(Some(FAILED_AVOID));
+    }
+
     /// The worker's key (`hive/worker_id`).
     pub fn key(&self) -> &str {
         &self.key
@@ -437,7 +443,12 @@ impl Scheduler {
             let max_queue = self.inner.max_queue;
             let id = st.next_id;
             st.next_id += 1;
-            let q = st.queues.entry(model.to_owned()).or_default();
+            if !st.queues.contains_key(model) {
+                st.queues.insert(model.to_owned(), ModelQueue::default());
+            }
+            let Some(q) = st.queues.get_mut(model) else {
+                return Err(ApiError::new(ErrorCode::Internal, "the model's queue vanished"));
+            };
             q.waiting.retain(|w| !w.tx.is_closed());
             if !front && q.waiting.len() >= max_queue {
                 return Err(ApiError::new(
@@ -676,9 +687,11 @@ fn pick(st: &mut State, model: &str, exclude: Option<&str>) -> Option<String> {
     let least = best.iter().map(|(_, n)| *n).min()?;
     best.retain(|(_, n)| *n == least);
     best.sort();
-    let q = st.queues.entry(model.to_owned()).or_default();
-    let chosen = best[q.rr % best.len()].0.clone();
-    q.rr = q.rr.wrapping_add(1);
+    let rr = st.queues.get(model).map_or(0, |q| q.rr);
+    let chosen = best[rr % best.len()].0.clone();
+    if let Some(q) = st.queues.get_mut(model) {
+        q.rr = q.rr.wrapping_add(1);
+    }
     Some(chosen)
 }
 

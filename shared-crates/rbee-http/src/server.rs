@@ -198,8 +198,16 @@ impl Daemon {
         let signals = SignalHandlers::install();
         tokio::spawn(signals.cancel_on_signal(self.shutdown.clone()));
         tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
+        // Streams are many small writes (one SSE event per token); without
+        // TCP_NODELAY, Nagle's algorithm holds each write until the previous
+        // one is acknowledged, and a delayed ACK makes that up to 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
