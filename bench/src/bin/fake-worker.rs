@@ -113,7 +113,10 @@ async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Re
                 json!({"type": "started", "job_id": job_id, "request_id": "", "model": model, "started_at": ""}).to_string()
             } else if i <= max_tokens {
                 // The first token at once, then one every interval.
-                tokio::time::sleep_until(started + interval * u32::try_from(i - 1).unwrap_or(u32::MAX)).await;
+                tokio::time::sleep_until(
+                    started + interval * u32::try_from(i - 1).unwrap_or(u32::MAX),
+                )
+                .await;
                 json!({"type": "token", "t": "tok", "i": i - 1}).to_string()
             } else if i == max_tokens + 1 {
                 json!({"type": "end", "tokens_in": 4, "tokens_out": max_tokens, "decode_time_ms": 0, "stop_reason": "max_tokens"}).to_string()
@@ -122,7 +125,10 @@ async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Re
             } else {
                 return None;
             };
-            Some((Ok::<_, Infallible>(Bytes::from(format!("data: {event}\n\n"))), i + 1))
+            Some((
+                Ok::<_, Infallible>(Bytes::from(format!("data: {event}\n\n"))),
+                i + 1,
+            ))
         }
     });
     let guarded = futures_util::StreamExt::map(events, move |e| {
@@ -163,9 +169,13 @@ async fn report(args: Args, url: String, token: Option<String>) {
     };
     let callback = json!({"worker_id": args.worker_id, "url": url, "model_ref": args.model_ref, "backend": "cpu", "device": 0, "slots_total": args.slots, "vram_bytes": 0});
     loop {
-        let sent = auth(client.post(format!("{hive}/v1/workers/ready")).json(&callback))
-            .send()
-            .await;
+        let sent = auth(
+            client
+                .post(format!("{hive}/v1/workers/ready"))
+                .json(&callback),
+        )
+        .send()
+        .await;
         if sent.is_ok_and(|r| r.status().is_success()) {
             break;
         }
@@ -174,9 +184,13 @@ async fn report(args: Args, url: String, token: Option<String>) {
     loop {
         tokio::time::sleep(Duration::from_secs(args.heartbeat_s)).await;
         let beat = json!({"worker_id": args.worker_id, "timestamp": "1970-01-01T00:00:00Z", "state": "idle"});
-        let _ = auth(client.post(format!("{hive}/v1/workers/heartbeat")).json(&beat))
-            .send()
-            .await;
+        let _ = auth(
+            client
+                .post(format!("{hive}/v1/workers/heartbeat"))
+                .json(&beat),
+        )
+        .send()
+        .await;
     }
 }
 
@@ -199,10 +213,15 @@ async fn main() -> std::io::Result<()> {
         interval,
         model_ref: args.model_ref.clone(),
     });
-    let ok = || async { Json(json!({"status": "ok", "ready": true, "state": "idle", "model_loaded": true})) };
+    let ok = || async {
+        Json(json!({"status": "ok", "ready": true, "state": "idle", "model_loaded": true}))
+    };
     let app = Router::new()
         .route("/v1/inference", post(inference))
-        .route("/v1/inference/{job_id}", delete(|| async { StatusCode::NO_CONTENT }))
+        .route(
+            "/v1/inference/{job_id}",
+            delete(|| async { StatusCode::NO_CONTENT }),
+        )
         .route("/health/ready", get(ok))
         .route("/health/live", get(ok))
         .route("/health", get(ok))

@@ -16,7 +16,10 @@ use rbee_bench::percentile;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "rbee-loadgen", about = "Streaming load generator for rbee benchmarks")]
+#[command(
+    name = "rbee-loadgen",
+    about = "Streaming load generator for rbee benchmarks"
+)]
 struct Args {
     /// Full URL of the inference route.
     #[arg(long)]
@@ -175,7 +178,10 @@ async fn main() {
         .ok()
         .and_then(|s| *s)
         .map_or(0.0, |s| s.elapsed().as_secs_f64());
-    let mut s = samples.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
+    let mut s = samples
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default();
     s.ttft.sort_by(f64::total_cmp);
     s.itl.sort_by(f64::total_cmp);
     let ok = s.ttft.len() as f64;

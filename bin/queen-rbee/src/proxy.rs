@@ -588,9 +588,11 @@ impl Relay {
                         if self.sse.outcome == Outcome::DeadlineExceeded {
                             self.call.state.metrics.deadline_exceeded(Stage::Streaming);
                         }
-                        self.call
-                            .finish
-                            .record(self.sse.outcome, self.sse.tokens_in, self.sse.tokens_out);
+                        self.call.finish.record(
+                            self.sse.outcome,
+                            self.sse.tokens_in,
+                            self.sse.tokens_out,
+                        );
                     }
                     if !out.is_empty() {
                         return Some(Bytes::from(out));

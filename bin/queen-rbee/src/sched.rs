@@ -447,7 +447,10 @@ impl Scheduler {
                 st.queues.insert(model.to_owned(), ModelQueue::default());
             }
             let Some(q) = st.queues.get_mut(model) else {
-                return Err(ApiError::new(ErrorCode::Internal, "the model's queue vanished"));
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "the model's queue vanished",
+                ));
             };
             q.waiting.retain(|w| !w.tx.is_closed());
             if !front && q.waiting.len() >= max_queue {
