@@ -3,54 +3,13 @@
 //! daemon by URL.
 
 use std::io::{BufRead, BufReader, Lines};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
-use crate::{default_model, DaemonSpec, RunningDaemon};
-
-/// A blocking client with a 60 s timeout.
-pub fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("http client")
-}
-
-/// Send `request`: status, JSON body (`Null` when empty), headers.
-pub fn send(request: RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap) {
-    let response = request.send().expect("request");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body, got {text:?}"))
-    };
-    (status, body, headers)
-}
-
-/// The default model's reference as the hive catalogs it.
-pub fn default_ref() -> String {
-    format!(
-        "file:{}",
-        default_model()
-            .canonicalize()
-            .expect("default model")
-            .display()
-    )
-}
-
-/// Poll `done` every 50 ms until it holds; panics after `timeout`.
-pub fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use crate::http::{client, default_ref, send, wait_for};
+use crate::{DaemonSpec, RunningDaemon};
 
 /// Start `spec` (a hive) and provision the default model on it.
 pub fn hive_with_model(spec: DaemonSpec, token: Option<&str>) -> RunningDaemon {

@@ -8,37 +8,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rbee_system_tests::http::{client, default_ref, send, wait_for};
 use rbee_system_tests::{
     binary, default_model, DaemonSpec, FakeHive, RunningDaemon, FAULT_INJECTION_WORKER, TEST_TOKEN,
 };
-use reqwest::blocking::Client;
 use serde_json::{json, Value};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("http client")
-}
-
-fn send(request: reqwest::blocking::RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap) {
-    let response = request.send().expect("request");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().expect("body");
-    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body, got {text:?}"));
-    (status, body, headers)
-}
-
-fn default_ref() -> String {
-    format!(
-        "file:{}",
-        default_model()
-            .canonicalize()
-            .expect("default model")
-            .display()
-    )
-}
 
 /// Provision `model_ref` on `hive` and wait until it is in the catalog.
 fn provision(hive: &RunningDaemon, model_ref: &str) {
@@ -69,14 +43,6 @@ fn worker(hive: &RunningDaemon, id: &str) -> Option<Value> {
     list["workers"]
         .as_array()
         .and_then(|w| w.iter().find(|w| w["worker_id"] == id).cloned())
-}
-
-fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Wait until worker `id` is idle; returns its record.
@@ -368,7 +334,7 @@ fn a_stalled_engine_fails_its_health_checks_and_is_restarted() {
     let url = w["url"].as_str().expect("url").to_owned();
     // Wedge the engine; the request itself never finishes.
     std::thread::spawn(move || {
-        let _ = Client::builder()
+        let _ = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client")

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use db_thread::{DbThread, DbThreadError};
 use rbee_api::models::ModelEntry;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 
 /// The catalog's file name inside the models directory.
 pub const CATALOG_FILE: &str = "catalog.sqlite3";
@@ -54,12 +54,22 @@ pub struct CatalogRecord {
     pub files: Vec<StoredFile>,
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
-
 /// A handle to the catalog thread; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    jobs: mpsc::Sender<Job>,
+    db: DbThread,
+}
+
+impl From<DbThreadError> for CatalogError {
+    fn from(e: DbThreadError) -> Self {
+        match e {
+            DbThreadError::Open { path, source } => Self::Open { path, source },
+            DbThreadError::Spawn(e) => {
+                Self::Corrupt(format!("cannot start the catalog thread: {e}"))
+            }
+            DbThreadError::Closed => Self::Closed,
+        }
+    }
 }
 
 impl Catalog {
@@ -67,32 +77,8 @@ impl Catalog {
     /// connection until every handle is dropped.
     pub async fn open(dir: &Path) -> Result<Self, CatalogError> {
         let path = dir.join(CATALOG_FILE);
-        let (jobs, mut queue) = mpsc::channel::<Job>(64);
-        let (opened_tx, opened) = oneshot::channel();
-        let thread_path = path.clone();
-        std::thread::Builder::new()
-            .name("model-catalog".to_owned())
-            .spawn(move || {
-                let mut conn = match open_connection(&thread_path) {
-                    Ok(conn) => {
-                        let _ = opened_tx.send(Ok(()));
-                        conn
-                    }
-                    Err(source) => {
-                        let _ = opened_tx.send(Err(source));
-                        return;
-                    }
-                };
-                while let Some(job) = queue.blocking_recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|e| CatalogError::Corrupt(format!("cannot start the catalog thread: {e}")))?;
-        match opened.await {
-            Ok(Ok(())) => Ok(Self { jobs }),
-            Ok(Err(source)) => Err(CatalogError::Open { path, source }),
-            Err(_) => Err(CatalogError::Closed),
-        }
+        let db = DbThread::open(&path, "model-catalog", open_connection).await?;
+        Ok(Self { db })
     }
 
     /// Run `f` on the catalog thread and return its result.
@@ -101,15 +87,7 @@ impl Catalog {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, CatalogError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ = tx.send(f(conn));
-        });
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| CatalogError::Closed)?;
-        rx.await.map_err(|_| CatalogError::Closed)?
+        self.db.call(f).await
     }
 
     /// Every provisioned model, ordered by reference.
