@@ -70,7 +70,7 @@ fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_
                 s.spawn(move || {
                     infer(
                         queen,
-                        &json!({"prompt": format!("Number {i} is"), "max_tokens": 4, "stream": false}),
+                        &json!({"prompt": format!("Number {i} is"), "max_tokens": 4, "ignore_eos": true, "stream": false}),
                     )
                 })
             })
