@@ -97,7 +97,14 @@ impl SseState {
             .filter_map(|l| l.strip_prefix("data:"))
             .map(str::trim_start);
         // One `data:` line is the common case; join only when there are more.
-        let first = data_lines.next().unwrap_or("");
+        let Some(first) = data_lines.next() else {
+            // A comment (the worker's keep-alive during a long prefill):
+            // pass it on; it is not the answer starting.
+            return Relayed {
+                out: vec![event],
+                first_token: false,
+            };
+        };
         let joined;
         let data = match data_lines.next() {
             None => first,
@@ -200,6 +207,7 @@ mod tests {
         );
         assert!(texts(&r).is_empty(), "started is held");
         assert!(!s.started_relay);
+
         let r = s.feed(b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n", false);
         let out = texts(&r);
         assert_eq!(out.len(), 2);
@@ -212,6 +220,15 @@ mod tests {
         assert_eq!(texts(&r).len(), 2);
         assert!(s.done);
         assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 5, 1));
+    }
+
+    #[test]
+    fn keep_alive_comments_pass_through_without_releasing_started() {
+        let mut s = SseState::default();
+        assert!(texts(&s.feed(b"data: {\"type\":\"started\"}\n\n", false)).is_empty());
+        let r = s.feed(b":\n\n", false);
+        assert_eq!(texts(&r), [":\n\n"]);
+        assert!(!s.started_relay, "a failure now could still be retried");
     }
 
     #[test]
