@@ -357,6 +357,35 @@ impl Drop for RunningDaemon {
     }
 }
 
+/// One service's audit trail: its `.jsonl` files under `dir`, in name
+/// order, concatenated.
+pub fn read_trail(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("audit dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("trail"))
+        .collect()
+}
+
+/// `rbee-audit verify dir`; panics with its report when a link is broken.
+pub fn verify_trail(dir: &Path) {
+    let out = Command::new(binary("rbee-audit"))
+        .arg("verify")
+        .arg(dir)
+        .output()
+        .expect("run rbee-audit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// `token:<first 6 hex of sha256>`, computed with the system's `sha256sum`,
 /// independently of the project's own code.
 pub fn token_fingerprint(token: &str) -> String {

@@ -184,3 +184,50 @@ pub fn openai_python() -> std::path::PathBuf {
         })
         .clone()
 }
+
+/// `POST /v1/inference` to the queen.
+pub fn infer(queen: &RunningDaemon, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
+    send(client().post(queen.url("/v1/inference")).json(body))
+}
+
+/// `POST /v1/inference` as a stream; asserts 200.
+pub fn stream(queen: &RunningDaemon, body: &Value) -> EventStream {
+    let s = EventStream::open(client().post(queen.url("/v1/inference")).json(body));
+    assert_eq!(s.status, 200);
+    s
+}
+
+/// A worker's `rbee_worker_requests_total`, summed over outcomes.
+pub fn worker_total(url: &str) -> f64 {
+    [
+        "ok",
+        "client_error",
+        "deadline_exceeded",
+        "cancelled",
+        "busy",
+        "error",
+    ]
+    .iter()
+    .filter_map(|o| {
+        metric_at(
+            url,
+            &format!("rbee_worker_requests_total{{outcome=\"{o}\"}}"),
+        )
+    })
+    .sum()
+}
+
+/// A worker's `rbee_worker_requests_running`.
+pub fn running(url: &str) -> f64 {
+    metric_at(url, "rbee_worker_requests_running").expect("running gauge")
+}
+
+/// A queen metric's value, 0 when absent.
+pub fn queen_metric(queen: &RunningDaemon, name: &str) -> f64 {
+    metric_at(&queen.url(""), name).unwrap_or(0.0)
+}
+
+/// The `code` of an error event.
+pub fn error_code(event: &Value) -> &str {
+    event["code"].as_str().unwrap_or("")
+}

@@ -11,7 +11,7 @@ use rbee_system_tests::fake_hub::{sha256_hex, FakeHub, HubFile};
 use rbee_system_tests::hive::{
     client, follow, follow_until, list, metric, provision, provision_to_end, send,
 };
-use rbee_system_tests::{binary, DaemonSpec, RunningDaemon};
+use rbee_system_tests::{read_trail, verify_trail, DaemonSpec, RunningDaemon};
 use serde_json::{json, Value};
 
 /// `hf-hub` commits downloads in chunks of this many bytes.
@@ -513,12 +513,7 @@ fn evicting_deletes_downloaded_files_and_every_step_is_audited() {
     hive.signal(Signal::SIGTERM);
     hive.wait_exit(Duration::from_secs(30));
     let service = audit.path().join("rbee-hive");
-    let trail: String = std::fs::read_dir(&service)
-        .expect("audit dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .map(|p| std::fs::read_to_string(p).expect("trail"))
-        .collect();
+    let trail = read_trail(&service);
     for event in [
         "model_provisioned",
         "model_provision_failed",
@@ -530,16 +525,7 @@ fn evicting_deletes_downloaded_files_and_every_step_is_audited() {
         );
     }
     assert!(trail.contains("\"code\":\"MODEL_NOT_FOUND\""));
-    let verify = std::process::Command::new(binary("rbee-audit"))
-        .arg("verify")
-        .arg(&service)
-        .output()
-        .expect("rbee-audit");
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    verify_trail(&service);
 }
 
 #[test]

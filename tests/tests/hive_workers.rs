@@ -184,12 +184,7 @@ fn a_spawned_worker_calls_back_serves_and_is_restarted_after_sigkill() {
         1.0
     );
 
-    let trail: String = std::fs::read_dir(audit.path().join("rbee-hive"))
-        .expect("hive audit dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .map(|p| std::fs::read_to_string(p).expect("trail"))
-        .collect();
+    let trail = rbee_system_tests::read_trail(&audit.path().join("rbee-hive"));
     for event in [
         "worker_spawned",
         "worker_ready",

@@ -4,55 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rbee_system_tests::queen::{
-    client, default_ref, hive_with_model, long_request, metric_at, queen_spec, ready_queen, send,
-    wait_for, wait_ready_workers, EventStream,
+    client, default_ref, error_code, hive_with_model, infer, long_request, metric_at, queen_metric,
+    queen_spec, ready_queen, running, send, stream, wait_for, wait_ready_workers, worker_total,
+    EventStream,
 };
-use rbee_system_tests::{DaemonSpec, RunningDaemon, TEST_TOKEN};
+use rbee_system_tests::{DaemonSpec, TEST_TOKEN};
 use serde_json::{json, Value};
-
-fn infer(queen: &RunningDaemon, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
-    send(client().post(queen.url("/v1/inference")).json(body))
-}
-
-fn stream(queen: &RunningDaemon, body: &Value) -> EventStream {
-    let s = EventStream::open(client().post(queen.url("/v1/inference")).json(body));
-    assert_eq!(s.status, 200);
-    s
-}
-
-fn worker_total(url: &str) -> f64 {
-    [
-        "ok",
-        "client_error",
-        "deadline_exceeded",
-        "cancelled",
-        "busy",
-        "error",
-    ]
-    .iter()
-    .filter_map(|o| {
-        metric_at(
-            url,
-            &format!("rbee_worker_requests_total{{outcome=\"{o}\"}}"),
-        )
-    })
-    .sum()
-}
-
-fn running(url: &str) -> f64 {
-    metric_at(url, "rbee_worker_requests_running").expect("running gauge")
-}
-
-fn queen_metric(queen: &RunningDaemon, name: &str) -> f64 {
-    metric_at(&queen.url(""), name).unwrap_or(0.0)
-}
-
-fn error_code(event: &Value) -> &str {
-    event["code"].as_str().unwrap_or("")
-}
 
 #[test]
 fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_busy() {
@@ -492,110 +451,6 @@ fn queue_limits_deadlines_cancellation_and_disconnects() {
 }
 
 #[test]
-fn a_worker_killed_mid_stream_ends_the_stream_with_worker_failed() {
-    let hive = hive_with_model(
-        DaemonSpec::new("rbee-hive").args(["--restart-backoff-base-ms", "200"]),
-        None,
-    );
-    let queen = ready_queen(&queen_spec(&[&hive]), None);
-    let (status, _, _) = infer(
-        &queen,
-        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
-    );
-    assert_eq!(status, 200);
-    let pid = wait_ready_workers(&queen, 1, None)[0]["pid"]
-        .as_i64()
-        .expect("worker pid");
-
-    let mut s = stream(&queen, &long_request(400, true));
-    s.until_token();
-    let killed = Instant::now();
-    kill(
-        Pid::from_raw(i32::try_from(pid).expect("pid")),
-        Signal::SIGKILL,
-    )
-    .expect("kill worker");
-    let rest = s.rest();
-    let elapsed = killed.elapsed();
-    let error = rest
-        .iter()
-        .find(|e| e["type"] == "error")
-        .expect("an error event");
-    assert_eq!(error_code(error), "WORKER_FAILED", "{rest:?}");
-    assert_eq!(rest.last(), Some(&json!("[DONE]")));
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-    let model = default_ref();
-    assert_eq!(
-        queen_metric(
-            &queen,
-            &format!("rbee_queen_requests_total{{model=\"{model}\",outcome=\"worker_failed\"}}")
-        ),
-        1.0
-    );
-
-    // The hive restarts the worker and the queen routes to it again.
-    wait_for(
-        Duration::from_secs(30),
-        "the restarted worker to serve",
-        || {
-            infer(
-                &queen,
-                &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
-            )
-            .0 == 200
-        },
-    );
-}
-
-#[test]
-fn a_hive_that_stops_answering_leaves_routing_and_comes_back() {
-    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
-    let queen = ready_queen(
-        &queen_spec(&[&hive]).args(["--hive-poll-timeout-ms", "300"]),
-        None,
-    );
-    let (status, _, _) = infer(
-        &queen,
-        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
-    );
-    assert_eq!(status, 200);
-
-    hive.signal(Signal::SIGSTOP);
-    wait_for(
-        Duration::from_secs(10),
-        "the hive to be marked unreachable",
-        || send(client().get(queen.url("/health/ready"))).0 == 503,
-    );
-    let (_, ready, _) = send(client().get(queen.url("/health/ready")));
-    assert_eq!(ready["status"], "no_reachable_hive");
-    assert_eq!(
-        queen_metric(&queen, "rbee_queen_hives{state=\"unreachable\"}"),
-        1.0
-    );
-    let (status, body, _) = infer(&queen, &json!({"prompt": "Hi", "max_tokens": 2}));
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (503, Some("NO_CAPACITY")),
-        "{body}"
-    );
-    let (_, hives, _) = send(client().get(queen.url("/v2/hives/list")));
-    assert_eq!(hives["hives"][0]["state"], "unreachable");
-    assert!(hives["hives"][0]["consecutive_misses"].as_u64() >= Some(3));
-
-    hive.signal(Signal::SIGCONT);
-    wait_for(
-        Duration::from_secs(10),
-        "the hive to be reachable again",
-        || send(client().get(queen.url("/health/ready"))).0 == 200,
-    );
-    let (status, body, _) = infer(
-        &queen,
-        &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
-    );
-    assert_eq!(status, 200, "{body}");
-}
-
-#[test]
 fn the_registry_survives_a_restart_and_hives_register_themselves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let audit = dir.path().join("audit");
@@ -687,28 +542,14 @@ fn the_registry_survives_a_restart_and_hives_register_themselves() {
     drop(queen);
 
     // The audit trail holds the registry changes and verifies.
-    let trail: String = std::fs::read_dir(audit.join("queen-rbee"))
-        .expect("audit dir")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-        .map(|e| std::fs::read_to_string(e.path()).expect("audit file"))
-        .collect();
+    let trail = rbee_system_tests::read_trail(&audit.join("queen-rbee"));
     assert_eq!(
         trail.matches("\"hive_registered\"").count(),
         2,
         "registrations, not refreshes"
     );
     assert_eq!(trail.matches("\"hive_removed\"").count(), 1);
-    let verify = std::process::Command::new(rbee_system_tests::binary("rbee-audit"))
-        .arg("verify")
-        .arg(audit.join("queen-rbee"))
-        .output()
-        .expect("rbee-audit");
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    rbee_system_tests::verify_trail(&audit.join("queen-rbee"));
 }
 
 #[test]
@@ -789,11 +630,7 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     assert!(queen
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
-    let trail: String = std::fs::read_dir(audit.path().join("queen-rbee"))
-        .expect("audit dir")
-        .filter_map(|e| e.ok())
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let trail = rbee_system_tests::read_trail(&audit.path().join("queen-rbee"));
     assert_eq!(
         trail.matches("\"inference_admitted\"").count(),
         4,
@@ -806,92 +643,4 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
         "no prompt text in the audit trail"
     );
     assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 4);
-}
-
-/// A hive whose workers crash after `tokens` generated tokens (the
-/// worker's fault-injection build), with its worker started.
-fn crashing_hive(tokens: &str) -> RunningDaemon {
-    let hive = hive_with_model(
-        DaemonSpec::new("rbee-hive")
-            .env("RBEE_FAULT_EXIT_AFTER_TOKENS", tokens)
-            .args([
-                "--worker-binary",
-                rbee_system_tests::binary(rbee_system_tests::FAULT_INJECTION_WORKER)
-                    .to_str()
-                    .expect("UTF-8"),
-            ]),
-        None,
-    );
-    let (status, _, _) = send(
-        client()
-            .post(hive.url("/v1/workers/spawn"))
-            .json(&json!({"model_ref": default_ref()})),
-    );
-    assert_eq!(status, 202);
-    hive
-}
-
-fn healthy_hive() -> RunningDaemon {
-    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
-    let (status, _, _) = send(
-        client()
-            .post(hive.url("/v1/workers/spawn"))
-            .json(&json!({"model_ref": default_ref()})),
-    );
-    assert_eq!(status, 202);
-    hive
-}
-
-#[test]
-fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() {
-    // Crash before any token reached the client: the client never notices.
-    let bad = crashing_hive("1");
-    let good = healthy_hive();
-    let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
-    wait_ready_workers(&queen, 2, None);
-    for _ in 0..2 {
-        let events = stream(&queen, &long_request(6, true)).rest();
-        assert_eq!(
-            events.iter().filter(|e| e["type"] == "started").count(),
-            1,
-            "{events:?}"
-        );
-        assert_eq!(
-            events.iter().filter(|e| e["type"] == "token").count(),
-            6,
-            "{events:?}"
-        );
-        assert_eq!(events[events.len() - 2]["type"], "end", "{events:?}");
-    }
-    assert!(queen.wait_for_log("retrying once on another worker", Duration::from_secs(5)));
-    drop((queen, bad, good));
-
-    // Crash after tokens reached the client: an error event, no retry.
-    let bad = crashing_hive("3");
-    let good = healthy_hive();
-    let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
-    wait_ready_workers(&queen, 2, None);
-    let outcomes: Vec<Vec<Value>> = (0..2)
-        .map(|_| stream(&queen, &long_request(6, true)).rest())
-        .collect();
-    let failed: Vec<&Vec<Value>> = outcomes
-        .iter()
-        .filter(|events| events.iter().any(|e| e["type"] == "error"))
-        .collect();
-    assert_eq!(failed.len(), 1, "{outcomes:?}");
-    let events = failed[0];
-    assert_eq!(
-        events.iter().filter(|e| e["type"] == "token").count(),
-        2,
-        "{events:?}"
-    );
-    let error = events
-        .iter()
-        .find(|e| e["type"] == "error")
-        .expect("error event");
-    assert_eq!(error_code(error), "WORKER_FAILED");
-    assert!(!queen
-        .logs()
-        .iter()
-        .any(|l| l.contains("retrying once on another worker")));
 }

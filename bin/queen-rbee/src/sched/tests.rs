@@ -1,0 +1,162 @@
+//! The scheduler on its own: no HTTP, no hives, a paused view.
+use super::*;
+
+fn worker(id: &str, model: &str, state: WorkerState, slots: u32) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: id.to_owned(),
+        pid: None,
+        port: None,
+        url: Some(format!("http://{id}")),
+        model_ref: model.to_owned(),
+        backend: rbee_api::worker::Backend::Cpu,
+        device: 0,
+        state,
+        restart_count: 0,
+        last_restart: None,
+        last_heartbeat: None,
+        failed_health_checks: 0,
+        started_at: String::new(),
+        slots_total: slots,
+        vram_bytes: 0,
+    }
+}
+
+fn sched(max_queue: usize) -> Scheduler {
+    let mut registry = prometheus_client::registry::Registry::default();
+    Scheduler::new(max_queue, QueenMetrics::register(&mut registry))
+}
+
+/// Hive `h` with model `m` and idle workers `a` and `b` of `slots` each.
+fn two_idle_workers(s: &Scheduler, slots: u32) {
+    s.hive_seen(
+        "h",
+        "http://h",
+        vec![
+            worker("a", "m", WorkerState::Idle, slots),
+            worker("b", "m", WorkerState::Idle, slots),
+        ],
+        vec!["m".into()],
+    );
+}
+
+async fn granted(ticket: &mut Ticket) -> Lease {
+    tokio::time::timeout(Duration::from_secs(1), ticket.wait())
+        .await
+        .expect("granted in time")
+        .expect("a lease")
+}
+
+#[tokio::test]
+async fn least_outstanding_wins_and_ties_go_round_robin() {
+    let s = sched(8);
+    two_idle_workers(&s, 4);
+    let mut first = s.admit("m").unwrap();
+    let l1 = granted(&mut first).await;
+    let mut second = s.admit("m").unwrap();
+    let l2 = granted(&mut second).await;
+    assert_ne!(l1.key(), l2.key(), "the second goes to the idle worker");
+    let (k1, k2) = (l1.key().to_owned(), l2.key().to_owned());
+    drop(l1);
+    let mut third = s.admit("m").unwrap();
+    let l3 = granted(&mut third).await;
+    assert_eq!(l3.key(), k1, "the worker with fewer outstanding wins");
+    drop((l2, l3));
+    let picks: Vec<String> = futures_util::future::join_all((0..4).map(|_| async {
+        let mut t = s.admit("m").unwrap();
+        granted(&mut t).await.key().to_owned()
+    }))
+    .await;
+    assert!(picks.contains(&k1) && picks.contains(&k2), "{picks:?}");
+}
+
+#[tokio::test]
+async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
+    let s = sched(2);
+    s.hive_seen(
+        "h",
+        "http://h",
+        vec![worker("a", "m", WorkerState::Busy, 1)],
+        vec!["m".into()],
+    );
+    let mut t0 = s.admit("m").unwrap();
+    let l0 = granted(&mut t0).await;
+    let mut t1 = s.admit("m").unwrap();
+    let mut t2 = s.admit("m").unwrap();
+    let err = s.admit("m").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::QueueFull);
+    drop(l0);
+    let l1 = granted(&mut t1).await;
+    assert!(t2.rx.try_recv().is_err(), "the second waiter still waits");
+    drop(l1);
+    let _l2 = granted(&mut t2).await;
+}
+
+#[tokio::test]
+async fn unknown_models_are_404_and_unreachable_hives_are_503() {
+    let s = sched(2);
+    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    assert_eq!(s.admit("x").unwrap_err().code(), ErrorCode::ModelNotFound);
+    s.hive_unreachable("h", "http://h");
+    assert_eq!(s.admit("m").unwrap_err().code(), ErrorCode::NoCapacity);
+    assert_eq!(s.counts().hives_unreachable, 1);
+}
+
+#[tokio::test]
+async fn waiters_without_a_worker_cause_exactly_one_spawn() {
+    let s = sched(8);
+    let orders = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&orders);
+    s.set_spawner(move |o: SpawnOrder| seen.lock().unwrap().push(o.hive));
+    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    let mut tickets: Vec<Ticket> = (0..3).map(|_| s.admit("m").unwrap()).collect();
+    assert_eq!(orders.lock().unwrap().as_slice(), ["h"]);
+    s.hive_seen(
+        "h",
+        "http://h",
+        vec![worker("a", "m", WorkerState::Idle, 3)],
+        vec!["m".into()],
+    );
+    s.spawn_finished("m", Ok(()));
+    for t in &mut tickets {
+        let _ = granted(t).await;
+    }
+    assert_eq!(orders.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
+    let s = sched(8);
+    s.set_spawner(|_| {});
+    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    let mut t = s.admit("m").unwrap();
+    s.spawn_finished(
+        "m",
+        Err(ApiError::new(ErrorCode::InsufficientRam, "not enough RAM")),
+    );
+    let err = t.wait().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoCapacity);
+    assert!(err.body().error.message.contains("not enough RAM"));
+}
+
+#[tokio::test]
+async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
+    let s = sched(8);
+    two_idle_workers(&s, 1);
+    let mut t = s.admit("m").unwrap();
+    let lease = granted(&mut t).await;
+    let failed = lease.key().to_owned();
+    let other = s.try_other("m", &failed).expect("the other worker");
+    assert_ne!(other.key(), failed);
+    assert!(
+        s.try_other("m", &failed).is_none(),
+        "no third place: both workers are full"
+    );
+    lease.busy();
+    let mut t = s.admit("m").unwrap();
+    assert!(
+        t.rx.try_recv().is_err(),
+        "a worker that said busy is avoided"
+    );
+    drop(other);
+    assert_ne!(granted(&mut t).await.key(), failed);
+}
