@@ -407,10 +407,14 @@ impl Hives {
             worker_id: None,
             slots: None,
         };
-        let response = self
+        let mut request = self
             .inner
             .client
-            .post(format!("{}/v1/workers/spawn", order.hive_url))
+            .post(format!("{}/v1/workers/spawn", order.hive_url));
+        if let Some(id) = &order.request_id {
+            request = request.header(rbee_http::X_REQUEST_ID, id.as_ref());
+        }
+        let response = request
             .timeout(Duration::from_secs(30))
             .with_bearer(self.inner.token.as_ref())
             .json(&body)

@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sched;
 pub mod store;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -124,9 +125,22 @@ impl Config {
     }
 }
 
-/// State shared by `queen-rbee`'s handlers.
+/// State shared by `queen-rbee`'s handlers: one allocation, so that a
+/// handler's copy is one reference count.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct Shared {
     core: CoreState,
     sched: Scheduler,
     hives: Hives,
@@ -134,6 +148,7 @@ pub struct AppState {
     metrics: QueenMetrics,
     audit: AuditSink,
     client: reqwest::Client,
+    upstream: std::sync::Arc<upstream::Upstream>,
     token: Option<ApiToken>,
 }
 
@@ -215,21 +230,43 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let cascade_hives = hives.clone();
     let cascade_token = boot.token.clone();
     let mut daemon = boot
-        .bind(routes::router(), |core| AppState {
-            core,
-            sched,
-            hives,
-            jobs: Jobs::default(),
-            metrics,
-            audit,
-            client: reqwest::Client::new(),
-            token,
+        .bind(routes::router(), |core| {
+            AppState(std::sync::Arc::new(Shared {
+                core,
+                sched,
+                hives,
+                jobs: Jobs::default(),
+                metrics,
+                audit,
+                client: reqwest::Client::new(),
+                upstream: upstream_pool(),
+                token,
+            }))
         })
         .await?;
     if config.cascade_shutdown {
         daemon.on_drain(cascade(cascade_hives, cascade_token));
     }
     Ok(daemon)
+}
+
+/// The worker connection pool, with a task that closes its stale
+/// connections (the task ends with the runtime).
+fn upstream_pool() -> std::sync::Arc<upstream::Upstream> {
+    let pool = std::sync::Arc::new(upstream::Upstream::default());
+    let weak = std::sync::Arc::downgrade(&pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(upstream::IDLE_MAX / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(pool) => pool.prune(),
+                None => return,
+            }
+        }
+    });
+    pool
 }
 
 /// Ask every reachable hive to shut down (`--cascade-shutdown`).

@@ -22,14 +22,15 @@ use auth_min::WithBearer;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use rbee_api::{ApiError, ErrorCode, Outcome};
-use rbee_http::{Propagate, RequestContext};
+use rbee_http::RequestContext;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::Stage;
 use crate::sched::{Lease, Ticket};
+use crate::upstream::{Exchange, Outgoing};
 use crate::AppState;
 use sse::{error_event, usage_of, SseState};
 
@@ -228,7 +229,7 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         Ok(g) => g,
         Err(e) => return reject(e),
     };
-    let ticket = match state.sched.admit(&prep.model) {
+    let ticket = match state.sched.admit(&prep.model, &request_id) {
         Ok(t) => t,
         Err(e) => return reject(e),
     };
@@ -251,9 +252,24 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         .deadline
         .as_ref()
         .map(|d| tokio::time::Instant::now() + d.remaining());
+    let mut headers = HeaderMap::new();
+    ctx.forward_headers(&mut headers);
+    if let Some(token) = state.token.as_ref() {
+        headers.insert(header::AUTHORIZATION, token.bearer_header());
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let outgoing = Outgoing {
+        method: Method::POST,
+        path: prep.api.path().to_owned(),
+        headers,
+        body: prep.body.clone(),
+    };
     let call = Call {
         state,
-        ctx,
+        outgoing,
         prep,
         guard,
         finish,
@@ -265,7 +281,8 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
 
 struct Call {
     state: AppState,
-    ctx: RequestContext,
+    /// The request as the worker gets it.
+    outgoing: Outgoing,
     prep: Prepared,
     guard: JobGuard,
     finish: Finish,
@@ -273,14 +290,17 @@ struct Call {
     arrived: Instant,
 }
 
+/// A worker's answer: its head, and its body still to read.
+type Answer = (http::response::Parts, Exchange);
+
 /// How a call to a worker went, before any of its answer reached the client.
 enum Sent {
     /// 2xx: relay it.
-    Ok(reqwest::Response),
+    Ok(Answer),
     /// The worker cannot take it now (503): queue again.
     Busy,
     /// The worker refused the request itself (4xx): pass it on.
-    Refused(reqwest::Response),
+    Refused(Answer),
     /// The worker failed or could not be reached.
     Failed(String),
     /// The deadline ran out.
@@ -335,14 +355,18 @@ impl Call {
             match self.send(&lease).await {
                 Sent::Ok(response) => {
                     return if self.prep.stream {
-                        self.stream(lease, response, retried)
+                        self.stream(lease, response.1, retried).await
                     } else {
                         self.whole(lease, response, &mut retried).await
                     };
                 }
                 Sent::Busy => {
                     lease.busy();
-                    let ticket = match self.state.sched.requeue(&self.prep.model) {
+                    let ticket = match self
+                        .state
+                        .sched
+                        .requeue(&self.prep.model, &self.finish.request_id)
+                    {
                         Ok(t) => t,
                         Err(e) => return self.fail(e),
                     };
@@ -353,7 +377,7 @@ impl Call {
                 }
                 Sent::Refused(response) => {
                     self.finish.record(Outcome::ClientError, 0, 0);
-                    return passthrough(response).await;
+                    return passthrough(response, self.deadline).await;
                 }
                 Sent::Failed(why) => {
                     let key = lease.key().to_owned();
@@ -397,49 +421,47 @@ impl Call {
     }
 
     async fn send(&self, lease: &Lease) -> Sent {
-        let mut request = self
-            .state
-            .client
-            .post(format!("{}{}", lease.url, self.prep.api.path()))
-            .propagate(&self.ctx)
-            .with_bearer(self.state.token.as_ref())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(self.prep.body.clone());
-        if let Some(d) = self.deadline {
-            request = request
-                .timeout(d.saturating_duration_since(tokio::time::Instant::now()) + DEADLINE_GRACE);
-        }
+        let call = self.state.upstream.send(&lease.url, &self.outgoing);
         let cancel = self.guard.cancel.clone();
+        let limit = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d + DEADLINE_GRACE).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
-            r = request.send() => r,
+            r = call => r,
             () = cancel.cancelled() => return Sent::Cancelled,
+            () = limit => return Sent::Expired,
         };
         match result {
-            Ok(r) if r.status().is_success() => Sent::Ok(r),
-            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => Sent::Busy,
-            Ok(r) if r.status() == StatusCode::GATEWAY_TIMEOUT || self.expired_now() => {
+            Ok(r) if r.0.status.is_success() => Sent::Ok(r),
+            Ok(r) if r.0.status == StatusCode::SERVICE_UNAVAILABLE => Sent::Busy,
+            Ok(r) if r.0.status == StatusCode::GATEWAY_TIMEOUT || self.expired_now() => {
                 Sent::Expired
             }
-            Ok(r) if r.status().is_client_error() => Sent::Refused(r),
-            Ok(r) => Sent::Failed(format!("HTTP {}", r.status().as_u16())),
+            Ok(r) if r.0.status.is_client_error() => Sent::Refused(r),
+            Ok(r) => Sent::Failed(format!("HTTP {}", r.0.status.as_u16())),
             Err(_) if self.expired_now() => Sent::Expired,
             Err(e) => Sent::Failed(e.to_string()),
         }
     }
 
     /// A non-streaming answer: read it whole, then pass it on.
-    async fn whole(
-        mut self,
-        mut lease: Lease,
-        first: reqwest::Response,
-        retried: &mut bool,
-    ) -> Response {
-        let mut response = first;
+    async fn whole(mut self, mut lease: Lease, first: Answer, retried: &mut bool) -> Response {
+        let (mut head, mut exchange) = first;
         loop {
-            let status = response.status();
+            let status = head.status;
             let cancel = self.guard.cancel.clone();
+            let limit = async {
+                match self.deadline {
+                    Some(d) => tokio::time::sleep_until(d + DEADLINE_GRACE).await,
+                    None => std::future::pending().await,
+                }
+            };
             let body = tokio::select! {
-                b = response.bytes() => b,
+                b = exchange.bytes() => b,
+                () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
                 () = cancel.cancelled() => {
                     cancel_on_worker(&self.state, &lease, &self.prep);
                     return self.fail(ApiError::new(ErrorCode::Cancelled, "the request was cancelled"));
@@ -469,7 +491,7 @@ impl Call {
                     };
                     lease = next;
                     match self.send(&lease).await {
-                        Sent::Ok(r) => response = r,
+                        Sent::Ok(r) => (head, exchange) = r,
                         _ => {
                             return self.fail(ApiError::new(
                                 ErrorCode::WorkerFailed,
@@ -485,23 +507,29 @@ impl Call {
     /// Relay an SSE answer: the client's body pulls from the worker's, so
     /// each batch of events is written as soon as it arrives, and a client
     /// that goes away drops the call to the worker with the body.
-    fn stream(self, lease: Lease, response: reqwest::Response, retried: bool) -> Response {
+    ///
+    /// The response goes out with the first batch (the `started` event and
+    /// the first token, or an error), so that its head and first events are
+    /// one write.
+    async fn stream(self, lease: Lease, upstream: Exchange, retried: bool) -> Response {
         let job_id = self.prep.job_id.clone();
         let deadline = self
             .deadline
             .map(|d| Box::pin(tokio::time::sleep_until(d + DEADLINE_GRACE)));
-        let relay = Relay {
+        let mut relay = Relay {
             openai: self.prep.api != Api::Native,
             call: self,
             lease,
-            upstream: response,
+            upstream,
             retried,
             sse: SseState::default(),
             deadline,
             finished: false,
             span: tracing::Span::current(),
         };
-        let body = futures_util::stream::unfold(relay, |mut relay| async move {
+        let span = relay.span.clone();
+        let first = relay.next().instrument(span).await;
+        let rest = futures_util::stream::unfold(relay, |mut relay| async move {
             let span = relay.span.clone();
             relay
                 .next()
@@ -509,6 +537,10 @@ impl Call {
                 .await
                 .map(|b| (Ok::<_, Infallible>(b), relay))
         });
+        let body = futures_util::StreamExt::chain(
+            futures_util::stream::iter(first.map(Ok::<_, Infallible>)),
+            rest,
+        );
         let mut response = Response::new(Body::from_stream(body));
         let headers = response.headers_mut();
         headers.insert(
@@ -527,7 +559,7 @@ impl Call {
 struct Relay {
     call: Call,
     lease: Lease,
-    upstream: reqwest::Response,
+    upstream: Exchange,
     retried: bool,
     sse: SseState,
     openai: bool,
@@ -624,7 +656,7 @@ impl Relay {
                     let failed = std::mem::replace(&mut self.lease, next);
                     failed.failed();
                     if let Sent::Ok(r) = self.call.send(&self.lease).await {
-                        self.upstream = r;
+                        self.upstream = r.1;
                         self.sse = SseState::default();
                         continue;
                     }
@@ -657,9 +689,9 @@ fn cancel_on_worker(state: &AppState, lease: &Lease, prep: &Prepared) {
     });
 }
 
-fn json_response(status: reqwest::StatusCode, body: Bytes, job_id: &str) -> Response {
+fn json_response(status: StatusCode, body: Bytes, job_id: &str) -> Response {
     let mut response = Response::new(Body::from(body));
-    *response.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -672,20 +704,30 @@ fn json_response(status: reqwest::StatusCode, body: Bytes, job_id: &str) -> Resp
 }
 
 /// A worker's own refusal (4xx), passed on unchanged.
-async fn passthrough(response: reqwest::Response) -> Response {
-    let status = response.status();
-    let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-    match response.bytes().await {
+async fn passthrough(
+    (head, mut exchange): Answer,
+    deadline: Option<tokio::time::Instant>,
+) -> Response {
+    let limit = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d + DEADLINE_GRACE).await,
+            None => std::future::pending().await,
+        }
+    };
+    let body = tokio::select! {
+        b = exchange.bytes() => b,
+        () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
+    };
+    match body {
         Ok(body) => {
             let mut out = Response::new(Body::from(body));
-            *out.status_mut() =
-                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+            *out.status_mut() = head.status;
             out.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            if let Some(v) = retry_after {
-                out.headers_mut().insert(header::RETRY_AFTER, v);
+            if let Some(v) = head.headers.get(header::RETRY_AFTER) {
+                out.headers_mut().insert(header::RETRY_AFTER, v.clone());
             }
             out
         }

@@ -65,6 +65,8 @@ impl Slot {
 struct Waiter {
     id: u64,
     tx: oneshot::Sender<Grant>,
+    /// The request's id, given to a spawn this request starts.
+    request_id: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +94,9 @@ pub struct SpawnOrder {
     pub hive: String,
     /// The hive's URL.
     pub hive_url: String,
+    /// The request whose wait started the spawn (sent to the hive as
+    /// `X-Request-Id`, so a cold start can be followed across the logs).
+    pub request_id: Option<Arc<str>>,
 }
 
 type SpawnFn = Arc<dyn Fn(SpawnOrder) + Send + Sync>;
@@ -411,17 +416,17 @@ impl Scheduler {
     /// Admit a request for `model`: 404 for a model no hive knows, 503 when
     /// no reachable hive can serve it, 429 when its queue is full; else a
     /// place in the queue (often granted at once).
-    pub fn admit(&self, model: &str) -> Result<Ticket, ApiError> {
-        self.enqueue(model, false)
+    pub fn admit(&self, model: &str, request_id: &str) -> Result<Ticket, ApiError> {
+        self.enqueue(model, request_id, false)
     }
 
     /// Put a request that a worker turned away back at the head of the
     /// queue; the queue limit does not apply to it.
-    pub fn requeue(&self, model: &str) -> Result<Ticket, ApiError> {
-        self.enqueue(model, true)
+    pub fn requeue(&self, model: &str, request_id: &str) -> Result<Ticket, ApiError> {
+        self.enqueue(model, request_id, true)
     }
 
-    fn enqueue(&self, model: &str, front: bool) -> Result<Ticket, ApiError> {
+    fn enqueue(&self, model: &str, request_id: &str, front: bool) -> Result<Ticket, ApiError> {
         let (ticket, spawns) = {
             let mut st = self.lock();
             let known = st.hives.values().any(|h| h.models.contains(model))
@@ -462,7 +467,11 @@ impl Scheduler {
                 .with_details(serde_json::json!({ "max_queue": max_queue })));
             }
             let (tx, rx) = oneshot::channel();
-            let waiter = Waiter { id, tx };
+            let waiter = Waiter {
+                id,
+                tx,
+                request_id: Arc::from(request_id),
+            };
             if front {
                 q.waiting.push_front(waiter);
             } else {
@@ -595,10 +604,16 @@ impl Scheduler {
                 if let Some(q) = st.queues.get_mut(model) {
                     q.spawning = true;
                 }
+                let request_id = st
+                    .queues
+                    .get(model)
+                    .and_then(|q| q.waiting.front())
+                    .map(|w| Arc::clone(&w.request_id));
                 Some(SpawnOrder {
                     model: model.to_owned(),
                     hive,
                     hive_url,
+                    request_id,
                 })
             }
             None => {

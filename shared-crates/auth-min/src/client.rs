@@ -19,7 +19,7 @@ pub trait WithBearer {
 impl WithBearer for reqwest::RequestBuilder {
     fn with_bearer(self, token: Option<&ApiToken>) -> Self {
         match token {
-            Some(token) => self.bearer_auth(token.expose()),
+            Some(token) => self.header(http::header::AUTHORIZATION, token.bearer_header()),
             None => self,
         }
     }

@@ -50,6 +50,15 @@ impl ApiToken {
         &self.fingerprint
     }
 
+    /// `Authorization: Bearer <token>`, marked sensitive so that it is never
+    /// logged, for clients that build their own requests.
+    pub fn bearer_header(&self) -> http::HeaderValue {
+        let mut value = http::HeaderValue::try_from(format!("Bearer {}", self.expose()))
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        value
+    }
+
     /// The raw secret, for the places that must send or hash it.
     pub(crate) fn expose(&self) -> &str {
         self.secret.expose_secret()

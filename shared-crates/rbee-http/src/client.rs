@@ -25,6 +25,21 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// Add `X-Request-Id`, `traceparent` and `X-Deadline` to `headers`, for
+    /// a client that builds its own requests (bound the call by
+    /// [`Deadline::remaining`] yourself).
+    pub fn forward_headers(&self, headers: &mut http::HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(self.request_id.as_str()) {
+            headers.insert(X_REQUEST_ID, v);
+        }
+        if let Some(tp) = &self.traceparent {
+            headers.insert(TRACEPARENT, tp.clone());
+        }
+        if let Some(deadline) = &self.deadline {
+            headers.insert(X_DEADLINE, deadline.header_value());
+        }
+    }
+
     /// A context for work the daemon starts itself (no client request).
     pub fn background(deadline: Option<Deadline>) -> Self {
         Self {
@@ -66,15 +81,12 @@ pub trait Propagate {
 
 impl Propagate for reqwest::RequestBuilder {
     fn propagate(self, ctx: &RequestContext) -> Self {
-        let mut builder = self.header(X_REQUEST_ID, ctx.request_id.as_str());
-        if let Some(tp) = &ctx.traceparent {
-            builder = builder.header(TRACEPARENT, tp.clone());
+        let mut headers = http::HeaderMap::new();
+        ctx.forward_headers(&mut headers);
+        let builder = self.headers(headers);
+        match &ctx.deadline {
+            Some(deadline) => builder.timeout(deadline.remaining().max(Duration::from_millis(1))),
+            None => builder,
         }
-        if let Some(deadline) = &ctx.deadline {
-            builder = builder
-                .header(X_DEADLINE, deadline.header_value())
-                .timeout(deadline.remaining().max(Duration::from_millis(1)));
-        }
-        builder
     }
 }
