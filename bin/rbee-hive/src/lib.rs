@@ -351,6 +351,7 @@ fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
             .clone()
             .unwrap_or_else(|| config.models_dir.join("run")),
         bind_host: config.addr.ip(),
+        advertise_host: config.advertise_url.as_deref().and_then(workers::url_host),
         heartbeat_interval: Duration::from_secs(config.worker_heartbeat_interval_s),
         heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_s),
         health_interval: Duration::from_secs(config.health_interval_s),

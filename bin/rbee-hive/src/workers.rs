@@ -49,6 +49,9 @@ pub struct WorkerSettings {
     pub run_dir: PathBuf,
     /// Host workers listen on (the hive's bind host).
     pub bind_host: IpAddr,
+    /// The host part of `--advertise-url`: how other hosts reach this one.
+    /// A worker bound to every interface (`0.0.0.0`) is listed under it.
+    pub advertise_host: Option<String>,
     /// Heartbeat interval given to workers.
     pub heartbeat_interval: Duration,
     /// A ready worker silent for this long is declared dead.
@@ -501,7 +504,13 @@ impl Workers {
                 format!("no worker with id {:?}", cb.worker_id),
             )
         })?;
-        self.inner.registry.on_ready(cb, Instant::now())?;
+        let url = reachable_url(&cb.url, self.inner.settings.advertise_host.as_deref());
+        if url == cb.url {
+            self.inner.registry.on_ready(cb, Instant::now())?;
+        } else {
+            let cb = ReadyCallback { url, ..cb.clone() };
+            self.inner.registry.on_ready(&cb, Instant::now())?;
+        }
         let transition = {
             let mut breakers = self
                 .inner
@@ -593,5 +602,64 @@ impl Workers {
                 process::signal_group(pid, Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// The host of a base URL (`http://gpu-01:9200/` gives `gpu-01`, IPv6 keeps
+/// its brackets).
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if !port.contains(']') => h,
+        _ => authority,
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// A worker bound to every interface reports `http://0.0.0.0:PORT`, which
+/// only works from its own host; list it under the hive's advertised host.
+fn reachable_url(url: &str, advertise_host: Option<&str>) -> String {
+    let Some(host) = advertise_host else {
+        return url.to_owned();
+    };
+    for unspecified in ["http://0.0.0.0:", "http://[::]:"] {
+        if let Some(port) = url.strip_prefix(unspecified) {
+            return format!("http://{host}:{port}");
+        }
+    }
+    url.to_owned()
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn workers_on_every_interface_are_listed_under_the_advertised_host() {
+        assert_eq!(url_host("http://gpu-01:9200/").as_deref(), Some("gpu-01"));
+        assert_eq!(
+            url_host("http://[fd00::1]:9200").as_deref(),
+            Some("[fd00::1]")
+        );
+        assert_eq!(url_host("http://gpu-02").as_deref(), Some("gpu-02"));
+        assert_eq!(url_host("http://:9200"), None);
+        assert_eq!(
+            reachable_url("http://0.0.0.0:41234", Some("gpu-01")),
+            "http://gpu-01:41234"
+        );
+        assert_eq!(
+            reachable_url("http://[::]:41234", Some("[fd00::1]")),
+            "http://[fd00::1]:41234"
+        );
+        assert_eq!(
+            reachable_url("http://10.0.0.5:41234", Some("gpu-01")),
+            "http://10.0.0.5:41234",
+            "a worker on a specific address keeps it"
+        );
+        assert_eq!(
+            reachable_url("http://0.0.0.0:41234", None),
+            "http://0.0.0.0:41234"
+        );
     }
 }
