@@ -10,7 +10,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rbee_system_tests::http::{client, default_ref, send, wait_for};
 use rbee_system_tests::{
-    binary, default_model, DaemonSpec, FakeHive, RunningDaemon, FAULT_INJECTION_WORKER, TEST_TOKEN,
+    alive, binary, default_model, DaemonSpec, FakeHive, RunningDaemon, FAULT_INJECTION_WORKER,
+    TEST_TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -60,18 +61,6 @@ fn spawn_idle(hive: &RunningDaemon, model_ref: &str, id: &str) -> Value {
     let (status, body, _) = spawn(hive, json!({ "model_ref": model_ref, "worker_id": id }));
     assert_eq!(status, 202, "{body}");
     wait_idle(hive, id, Duration::from_secs(60))
-}
-
-/// True while `pid` exists and is not a zombie.
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|rest| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 fn metric(hive: &RunningDaemon, line_start: &str) -> f64 {

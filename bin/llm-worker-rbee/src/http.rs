@@ -12,13 +12,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::Stream;
 use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
 use rbee_api::{ApiError, ErrorCode, Outcome};
-use rbee_http::{ApiJson, RequestContext};
+use rbee_http::{ApiJson, RequestContext, Routes};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -27,15 +26,15 @@ use crate::engine::{Job, JobEvent};
 use crate::AppState;
 
 /// The worker's own routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/inference", post(inference))
-        .route("/v1/inference/{job_id}", delete(cancel))
-        .route("/v1/ready", get(ready))
-        .route("/health/ready", get(health_ready))
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/v1/inference", inference)
+        .delete("/v1/inference/{job_id}", cancel)
+        .get("/v1/ready", ready)
+        .get("/health/ready", health_ready)
+        .get("/v1/models", models)
+        .post("/v1/chat/completions", openai::chat_completions)
+        .post("/v1/completions", openai::completions)
 }
 
 /// Running jobs by id, for `DELETE`.

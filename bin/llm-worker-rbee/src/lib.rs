@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use audit_logging::ConfigSetting;
 use axum::extract::FromRef;
-use axum::Router;
 use rbee_api::worker::Backend;
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
@@ -121,6 +120,10 @@ impl DaemonConfig for Config {
     fn common(&self) -> &CommonArgs {
         &self.common
     }
+
+    fn routes() -> Vec<rbee_http::RouteEntry> {
+        router().table().to_vec()
+    }
 }
 
 /// The loaded model as the HTTP side sees it.
@@ -155,7 +158,7 @@ impl FromRef<AppState> for CoreState {
 }
 
 /// `llm-worker-rbee`'s own routes (the shared ones are added by [`Bootstrap::bind`]).
-pub fn router() -> Router<AppState> {
+pub fn router() -> rbee_http::Routes<AppState> {
     http::routes()
 }
 

@@ -104,6 +104,10 @@ impl DaemonConfig for Config {
         &self.common
     }
 
+    fn routes() -> Vec<rbee_http::RouteEntry> {
+        routes::router().table().to_vec()
+    }
+
     fn load() -> Self {
         rbee_http::config_file::parse_with_file(
             "queen-rbee",

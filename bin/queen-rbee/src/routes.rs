@@ -3,12 +3,11 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use http::StatusCode;
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
 use rbee_api::{ApiError, ErrorCode, FieldError};
-use rbee_http::{ApiJson, CoreState, RequestContext};
+use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -17,18 +16,18 @@ use crate::proxy::{self, Api, Prepared};
 use crate::AppState;
 
 /// The queen's own routes (the shared ones are added by the bootstrap).
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/inference", post(inference))
-        .route("/v1/inference/{job_id}", delete(cancel))
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
-        .route("/v2/hives/register", post(register))
-        .route("/v2/hives/list", get(list_hives))
-        .route("/v2/hives/remove", post(remove))
-        .route("/v2/workers/list", get(list_workers))
-        .route("/health/ready", get(ready))
+pub fn router() -> Routes<AppState> {
+    Routes::new()
+        .post("/v1/inference", inference)
+        .delete("/v1/inference/{job_id}", cancel)
+        .post("/v1/chat/completions", chat)
+        .post("/v1/completions", completions)
+        .get("/v1/models", models)
+        .post("/v2/hives/register", register)
+        .get("/v2/hives/list", list_hives)
+        .post("/v2/hives/remove", remove)
+        .get("/v2/workers/list", list_workers)
+        .get("/health/ready", ready)
 }
 
 fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiError> {

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use audit_logging::ConfigSetting;
 use axum::extract::FromRef;
-use axum::Router;
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 use secrecy::SecretString;
 
@@ -164,6 +163,10 @@ impl DaemonConfig for Config {
         &self.common
     }
 
+    fn routes() -> Vec<rbee_http::RouteEntry> {
+        router().table().to_vec()
+    }
+
     fn load() -> Self {
         rbee_http::config_file::parse_with_file(
             "rbee-hive",
@@ -210,7 +213,7 @@ impl FromRef<AppState> for CoreState {
 ///
 /// Worker routes join here; the backend label of `rbee_build_info` names
 /// the backends this build can spawn.
-pub fn router() -> Router<AppState> {
+pub fn router() -> rbee_http::Routes<AppState> {
     models::routes::router().merge(workers::routes::router())
 }
 

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 async fn evict(models: &Models, model_ref: &str) -> (u16, serde_json::Value) {
-    let app = rbee_hive::models::routes::router::<Models>().with_state(models.clone());
+    let app = rbee_hive::models::routes::router::<Models>()
+        .into_router()
+        .with_state(models.clone());
     let request = axum::http::Request::delete("/v1/models/evict")
         .header("content-type", "application/json")
         .body(Body::from(

@@ -24,7 +24,8 @@ pub mod config_file;
 pub mod errors;
 pub mod metrics;
 pub mod request_id;
-pub mod routes;
+pub mod route_table;
+mod routes;
 pub mod server;
 pub mod stack;
 pub mod telemetry;
@@ -33,6 +34,7 @@ pub use client::{Propagate, RequestContext};
 pub use errors::ApiJson;
 pub use metrics::{register_build_info, HttpMetrics};
 pub use request_id::{RequestId, X_REQUEST_ID};
+pub use route_table::{RouteEntry, Routes};
 pub use routes::{core_routes, CoreState};
 pub use server::{
     main_entry, Bootstrap, CommonArgs, Daemon, DaemonConfig, FatalHandle, Identity, StartupError,

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRef, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use http::{header, StatusCode};
 use prometheus_client::registry::Registry;
 use rbee_api::health::{HealthResponse, LiveResponse};
@@ -50,16 +49,16 @@ impl CoreState {
 }
 
 /// The shared routes, for a daemon state `S` that contains a [`CoreState`].
-pub fn core_routes<S>() -> Router<S>
+pub fn core_routes<S>() -> crate::Routes<S>
 where
     S: Clone + Send + Sync + 'static,
     CoreState: FromRef<S>,
 {
-    Router::new()
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/metrics", get(metrics))
-        .route("/v1/admin/shutdown", post(admin_shutdown))
+    crate::Routes::new()
+        .get("/health", health)
+        .get("/health/live", live)
+        .get("/metrics", metrics)
+        .post("/v1/admin/shutdown", admin_shutdown)
 }
 
 async fn health(State(core): State<CoreState>) -> Json<HealthResponse> {

@@ -30,6 +30,11 @@ pub struct CommonArgs {
     /// `POST /v1/admin/shutdown` before closing them.
     #[arg(long, env = "LLORCH_SHUTDOWN_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_timeout_s: u64,
+
+    /// Print every route this daemon serves (method, path, whether it needs
+    /// the token) as JSON lines, and exit.
+    #[arg(long)]
+    pub routes: bool,
 }
 
 /// Why a daemon could not start. Displays as one line; the process exits 1.
@@ -316,6 +321,10 @@ pub trait DaemonConfig: clap::Parser {
     fn load() -> Self {
         Self::parse()
     }
+
+    /// The daemon's own routes, as its router has them (`--routes`; the
+    /// shared routes are added by [`main_entry`]).
+    fn routes() -> Vec<crate::RouteEntry>;
 }
 
 /// The usual `main`: parse flags, start logging, build a multi-threaded
@@ -328,6 +337,19 @@ where
     Fut: std::future::Future<Output = Result<(), StartupError>>,
 {
     let config = C::load();
+    if config.common().routes {
+        let shared = crate::Routes::<crate::CoreState>::new().merge(crate::core_routes());
+        for route in C::routes().iter().chain(shared.table()) {
+            match serde_json::to_string(route) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("{name}: error: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
     crate::telemetry::init_tracing(config.common().log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -454,7 +476,7 @@ impl Bootstrap {
     /// everything in the stack and bind the socket.
     pub async fn bind<S>(
         self,
-        routes: Router<S>,
+        routes: crate::Routes<S>,
         make_state: impl FnOnce(crate::CoreState) -> S,
     ) -> Result<Daemon, StartupError>
     where
@@ -468,6 +490,7 @@ impl Bootstrap {
         );
         let router = routes
             .merge(crate::core_routes())
+            .into_router()
             .with_state(make_state(core));
         let mut daemon = Daemon::bind(
             self.name,

@@ -62,7 +62,7 @@ fn app(token: Option<&str>) -> (Router, HttpStack) {
         .route("/v1/echo", post(echo))
         .route("/v1/items/{id}", get(item))
         .route("/v1/forward", get(forward))
-        .merge(rbee_http::core_routes())
+        .merge(rbee_http::core_routes().into_router())
         .with_state(core);
     (stack.apply(router), stack)
 }
@@ -210,7 +210,7 @@ async fn admin_shutdown_cancels_the_token() {
     let stack = HttpStack::new(&mut registry, "rbee_test", Authenticator::open());
     let shutdown = CancellationToken::new();
     let core = CoreState::new(registry, shutdown.clone(), "1");
-    let router = stack.apply(rbee_http::core_routes().with_state(core));
+    let router = stack.apply(rbee_http::core_routes().into_router().with_state(core));
     let request = Request::post("/v1/admin/shutdown")
         .body(Body::empty())
         .unwrap();

@@ -7,30 +7,29 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::Stream;
 use rbee_api::models::{EvictRequest, ProvisionRequest};
 use rbee_api::{ApiError, ErrorCode, FieldError};
-use rbee_http::{ApiJson, RequestContext};
+use rbee_http::{ApiJson, RequestContext, Routes};
 use serde::Deserialize;
 
 use super::downloads::Phase;
 use super::Models;
 
 /// The model routes, for a state that yields [`Models`].
-pub fn router<S>() -> Router<S>
+pub fn router<S>() -> Routes<S>
 where
     S: Clone + Send + Sync + 'static,
     Models: axum::extract::FromRef<S>,
 {
-    Router::new()
-        .route("/v1/models/provision", post(provision))
-        .route("/v1/models/download", post(provision))
-        .route("/v1/models/download/progress", get(progress))
-        .route("/v1/models/list", get(list))
-        .route("/v1/models/catalog", get(catalog))
-        .route("/v1/models/evict", delete(evict))
+    Routes::new()
+        .post("/v1/models/provision", provision)
+        .post("/v1/models/download", provision)
+        .get("/v1/models/download/progress", progress)
+        .get("/v1/models/list", list)
+        .get("/v1/models/catalog", catalog)
+        .delete("/v1/models/evict", evict)
 }
 
 async fn provision(

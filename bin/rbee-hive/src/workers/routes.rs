@@ -5,12 +5,11 @@ use std::time::Instant;
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use rbee_api::health::HealthResponse;
 use rbee_api::worker::{Heartbeat, ReadyCallback, ShutdownWorkerRequest, SpawnRequest, WorkerList};
 use rbee_api::ApiError;
-use rbee_http::{ApiJson, CoreState, RequestContext};
+use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde_json::json;
 
 use super::Workers;
@@ -22,7 +21,7 @@ use crate::models::Models;
 pub struct ReadyRequiresWorker(pub bool);
 
 /// The worker, status and probe routes.
-pub fn router<S>() -> Router<S>
+pub fn router<S>() -> Routes<S>
 where
     S: Clone + Send + Sync + 'static,
     Workers: FromRef<S>,
@@ -30,16 +29,16 @@ where
     CoreState: FromRef<S>,
     ReadyRequiresWorker: FromRef<S>,
 {
-    Router::new()
-        .route("/v1/workers/spawn", post(spawn))
-        .route("/v1/workers/list", get(list))
-        .route("/v1/workers/health", get(health))
-        .route("/v1/workers/ready", post(ready))
-        .route("/v1/workers/heartbeat", post(heartbeat))
-        .route("/v1/workers/shutdown", post(shutdown))
-        .route("/v1/status", get(status))
-        .route("/health/ready", get(readiness))
-        .route("/v1/health", get(simple_health))
+    Routes::new()
+        .post("/v1/workers/spawn", spawn)
+        .get("/v1/workers/list", list)
+        .get("/v1/workers/health", health)
+        .post("/v1/workers/ready", ready)
+        .post("/v1/workers/heartbeat", heartbeat)
+        .post("/v1/workers/shutdown", shutdown)
+        .get("/v1/status", status)
+        .get("/health/ready", readiness)
+        .get("/v1/health", simple_health)
 }
 
 async fn spawn(
