@@ -30,6 +30,35 @@ fn chat_body(stream: bool) -> Value {
     })
 }
 
+/// The quickstart script and the stack it started: on drop (a failed
+/// assertion included) the script is asked to stop the stack, and whatever
+/// still runs from the state dir after that is killed.
+struct Quickstart {
+    child: std::process::Child,
+    state: String,
+}
+
+impl Drop for Quickstart {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let until = Instant::now() + Duration::from_secs(60);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for pid in processes_mentioning(&self.state) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn the_quickstart_answers_paris_and_ctrl_c_leaves_no_process() {
     let state = tempfile::tempdir().expect("state dir");
@@ -37,7 +66,7 @@ fn the_quickstart_answers_paris_and_ctrl_c_leaves_no_process() {
         .parent()
         .expect("the binaries' directory")
         .to_path_buf();
-    let mut child = Command::new("python3")
+    let child = Command::new("python3")
         .arg(workspace_root().join("scripts/quickstart.py"))
         .arg("--bin-dir")
         .arg(&bin_dir)
@@ -50,6 +79,11 @@ fn the_quickstart_answers_paris_and_ctrl_c_leaves_no_process() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run the quickstart");
+    let mut run = Quickstart {
+        child,
+        state: state.path().display().to_string(),
+    };
+    let child = &mut run.child;
     // Wait for the serving banner, then press Ctrl-C (SIGINT to the script).
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -73,7 +107,6 @@ fn the_quickstart_answers_paris_and_ctrl_c_leaves_no_process() {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if started.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
             panic!("the quickstart did not serve in 300 s:\n{}", out.join("\n"));
         }
     }
