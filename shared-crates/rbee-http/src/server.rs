@@ -203,6 +203,9 @@ impl Daemon {
         let signals = SignalHandlers::install();
         tokio::spawn(signals.cancel_on_signal(self.shutdown.clone()));
         tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
+        // Under systemd (`Type=notify`) the unit becomes active now, once
+        // the socket accepts; without NOTIFY_SOCKET this does nothing.
+        notify_service_manager(&[sd_notify::NotifyState::Ready]);
         // Streams are many small writes (one SSE event per token); without
         // TCP_NODELAY, Nagle's algorithm holds each write until the previous
         // one is acknowledged, and a delayed ACK makes that up to 40 ms.
@@ -236,6 +239,7 @@ impl Daemon {
         tokio::spawn(async move {
             watch.cancelled().await;
             let _ = started.set(tokio::time::Instant::now());
+            notify_service_manager(&[sd_notify::NotifyState::Stopping]);
         });
         let result = tokio::select! {
             result = server => {
@@ -274,6 +278,14 @@ impl Daemon {
             Some(message) => Err(StartupError::Fatal(message)),
             None => result,
         }
+    }
+}
+
+/// Tell systemd (the socket in `NOTIFY_SOCKET`) about a state change; a
+/// daemon not started by systemd has no socket and nothing is sent.
+pub fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
     }
 }
 

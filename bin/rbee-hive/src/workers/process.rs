@@ -32,8 +32,10 @@ pub struct LaunchSpec {
     pub log: PathBuf,
 }
 
-/// Variables never passed on to a worker: the hive's own credentials.
+/// Variables never passed on to a worker: the hive's own credentials, and
+/// systemd's notification socket (the unit's readiness is the hive's).
 const SCRUBBED_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
     "LLORCH_API_TOKEN",
     "LLORCH_API_TOKEN_FILE",
     "CREDENTIALS_DIRECTORY",
