@@ -33,6 +33,7 @@ where
         .post("/v1/workers/spawn", spawn)
         .get("/v1/workers/list", list)
         .get("/v1/workers/health", health)
+        .get("/v1/workers/metrics-targets", metrics_targets)
         .post("/v1/workers/ready", ready)
         .post("/v1/workers/heartbeat", heartbeat)
         .post("/v1/workers/shutdown", shutdown)
@@ -54,6 +55,32 @@ async fn list(State(workers): State<Workers>) -> Json<WorkerList> {
     Json(WorkerList {
         workers: workers.registry().list(),
     })
+}
+
+/// The workers' `/metrics` endpoints in Prometheus's HTTP service-discovery
+/// format (`http_sd_configs`): one target group per worker that has an
+/// address, labelled with its id, model, backend and device.
+async fn metrics_targets(State(workers): State<Workers>) -> Response {
+    let groups: Vec<_> = workers
+        .registry()
+        .list()
+        .into_iter()
+        .filter_map(|w| {
+            let url = w.url.as_deref()?;
+            let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+            let target = authority.split('/').next().unwrap_or(authority);
+            Some(json!({
+                "targets": [target],
+                "labels": {
+                    "worker_id": w.worker_id,
+                    "model": w.model_ref,
+                    "backend": w.backend,
+                    "device": w.device.to_string(),
+                },
+            }))
+        })
+        .collect();
+    Json(groups).into_response()
 }
 
 async fn health(State(workers): State<Workers>) -> Response {
