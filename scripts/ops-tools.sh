@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Make sure the tools the deployment-file tests run are here, and print the
-# python of a virtualenv holding `kubernetes-validate` (from PyPI):
+# Make sure the tools the deployment-file tests run are here, and print
+# where the installed ones are, as `python=PATH` (a virtualenv holding
+# `kubernetes-validate`, from PyPI) and `node_modules=DIR` (the Prometheus
+# Operator's CRD schemas and js-yaml, from npm, for scripts/validate-crds.mjs):
 #   systemd-analyze      Debian's systemd (verifies the units)
 #   promtool, prometheus Debian's prometheus (rule checks, rule unit tests,
 #                        and a real server scraping the stack)
@@ -11,6 +13,8 @@
 set -euo pipefail
 
 KUBERNETES_VALIDATE_VERSION=1.34.1
+PROMETHEUS_OPERATOR_MODELS_VERSION=6.0.0
+JS_YAML_VERSION=4.1.1
 
 missing=()
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
@@ -29,18 +33,33 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 cache="${RBEE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rbee}"
-venv="$cache/venv-kubernetes-validate-$KUBERNETES_VALIDATE_VERSION"
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null; then
-  echo "$venv/bin/python"
-  exit 0
-fi
 mkdir -p "$cache"
-rm -rf "$venv.part"
-echo "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION from PyPI into $venv" >&2
-python3 -m venv "$venv.part" >&2
-"$venv.part/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2
-rm -rf "$venv"
-mv "$venv.part" "$venv"
-python3 -m venv --upgrade "$venv" >&2
-echo "$venv/bin/python"
+
+npm_dir="$cache/npm-prometheus-operator-$PROMETHEUS_OPERATOR_MODELS_VERSION"
+if [ ! -f "$npm_dir/node_modules/@kubernetes-models/prometheus-operator/package.json" ] ||
+  [ ! -f "$npm_dir/node_modules/js-yaml/dist/js-yaml.mjs" ]; then
+  echo "installing @kubernetes-models/prometheus-operator@$PROMETHEUS_OPERATOR_MODELS_VERSION from npm into $npm_dir" >&2
+  rm -rf "$npm_dir.part"
+  mkdir -p "$npm_dir.part"
+  (cd "$npm_dir.part" && echo '{"private":true}' > package.json &&
+    npm install --silent --no-audit --no-fund \
+      "@kubernetes-models/prometheus-operator@$PROMETHEUS_OPERATOR_MODELS_VERSION" \
+      "js-yaml@$JS_YAML_VERSION" >&2)
+  rm -rf "$npm_dir"
+  mv "$npm_dir.part" "$npm_dir"
+fi
+
+venv="$cache/venv-kubernetes-validate-$KUBERNETES_VALIDATE_VERSION"
+if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null; }; then
+  rm -rf "$venv.part"
+  echo "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION from PyPI into $venv" >&2
+  python3 -m venv "$venv.part" >&2
+  "$venv.part/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2
+  rm -rf "$venv"
+  mv "$venv.part" "$venv"
+  python3 -m venv --upgrade "$venv" >&2
+fi
+
+echo "python=$venv/bin/python"
+echo "node_modules=$npm_dir/node_modules"

@@ -19,21 +19,35 @@ use rbee_system_tests::queen::{
 use rbee_system_tests::{binary, workspace_root, DaemonSpec, TEST_TOKEN};
 use serde_json::json;
 
-/// Runs `scripts/ops-tools.sh` once; returns the python that has
-/// `kubernetes-validate`.
-fn ops_python() -> PathBuf {
-    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let out = Command::new("bash")
-                .arg(workspace_root().join("scripts/ops-tools.sh"))
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .expect("run scripts/ops-tools.sh");
-            assert!(out.status.success(), "installing the ops tools failed");
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        })
-        .clone()
+/// What `scripts/ops-tools.sh` installed (it runs once per test binary).
+struct OpsTools {
+    /// A python with `kubernetes-validate`.
+    python: PathBuf,
+    /// npm modules for `scripts/validate-crds.mjs`.
+    node_modules: PathBuf,
+}
+
+fn ops_tools() -> &'static OpsTools {
+    static TOOLS: std::sync::OnceLock<OpsTools> = std::sync::OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("scripts/ops-tools.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/ops-tools.sh");
+        assert!(out.status.success(), "installing the ops tools failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("ops-tools.sh printed no {key}: {text}"))
+        };
+        OpsTools {
+            python: field("python="),
+            node_modules: field("node_modules="),
+        }
+    })
 }
 
 fn deploy(path: &str) -> PathBuf {
@@ -142,7 +156,7 @@ fn units_for_verify(dir: &Path) -> Vec<String> {
 }
 
 fn systemd_analyze(dir: &Path, args: &[&str]) -> (bool, String) {
-    ops_python();
+    ops_tools();
     let out = Command::new("systemd-analyze")
         .args(args)
         .current_dir(dir)
@@ -329,7 +343,7 @@ impl Prometheus {
     /// The shipped `deploy/prometheus/prometheus.yml` with the example hosts
     /// replaced by `queen` and `hive`, 1 s intervals, and the shipped rules.
     fn scrape_stack(queen: &str, hive: &str, token: &str) -> Self {
-        ops_python();
+        ops_tools();
         let dir = tempfile::tempdir().expect("prometheus dir");
         let token_file = dir.path().join("rbee-api-token");
         std::fs::write(&token_file, token).expect("token file");
@@ -416,7 +430,7 @@ impl Prometheus {
 
 #[test]
 fn alert_and_recording_rules_pass_promtool_and_every_alert_has_a_test() {
-    ops_python();
+    ops_tools();
     let dir = deploy("prometheus");
     for args in [
         vec!["check", "rules", "rbee-rules.yml"],
@@ -568,6 +582,19 @@ fn prometheus_scrapes_the_running_stack_and_every_deployed_metric_name_exists() 
         .expect("worker slots");
     assert_eq!(worker_labels.len(), 1, "{worker_labels:?}");
     assert_eq!(worker_labels[0]["metric"]["model"], default_ref());
+    assert_eq!(worker_labels[0]["metric"]["hive"], hive.addr.to_string());
+    // The hive's own discovery route names the same worker.
+    let (status, groups, _) = send(
+        client()
+            .get(hive.url("/v1/workers/metrics-targets"))
+            .bearer_auth(TEST_TOKEN),
+    );
+    assert_eq!(status, 200, "{groups}");
+    assert_eq!(
+        groups[0]["targets"][0].as_str(),
+        worker_labels[0]["metric"]["instance"].as_str(),
+        "{groups}"
+    );
     // The requests came before the first scrape: their mean, not a rate.
     assert!(
         prom.value("sum(rbee_queen_time_to_first_token_seconds_count)") >= Some(3.0),
@@ -619,4 +646,151 @@ fn prometheus_scrapes_the_running_stack_and_every_deployed_metric_name_exists() 
         }
     }
     assert!(queries >= 20, "{queries} dashboard queries");
+}
+
+fn kubernetes_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes"))
+        .expect("deploy/kubernetes")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `kubernetes-validate --strict` (unknown fields are errors): its exit
+/// status and output.
+fn kubernetes_validate(files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(&ops_tools().python)
+        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.34.0"])
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn kubernetes_manifests_pass_the_api_schemas_and_the_operator_crds() {
+    let files = kubernetes_files();
+    assert!(files.len() >= 5, "{files:?}");
+    let (ok, report) = kubernetes_validate(&files);
+    assert!(ok, "kubernetes-validate:\n{report}");
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    for kind in [
+        "namespace/rbee",
+        "secret/rbee-api-token",
+        "deployment/queen-rbee",
+        "service/queen-rbee",
+        "poddisruptionbudget/queen-rbee",
+        "daemonset/rbee-hive",
+    ] {
+        assert!(
+            report.contains(&format!("passed for resource {kind} ")),
+            "{kind}:\n{report}"
+        );
+    }
+    // The only objects it has no schema for are the operator's; they are
+    // checked against the CRDs' schemas next, never skipped.
+    for line in report
+        .lines()
+        .filter(|l| l.contains("Couldn't find schema"))
+    {
+        assert!(line.contains("monitoring.coreos.com"), "{line}");
+    }
+
+    let crds = Command::new("node")
+        .arg(workspace_root().join("scripts/validate-crds.mjs"))
+        .arg(&ops_tools().node_modules)
+        .args(&files)
+        .output()
+        .expect("run node");
+    let crd_report =
+        String::from_utf8_lossy(&crds.stdout).into_owned() + &String::from_utf8_lossy(&crds.stderr);
+    assert!(crds.status.success(), "CRD validation:\n{crd_report}");
+    for object in [
+        "ServiceMonitor/queen-rbee",
+        "PodMonitor/rbee-hive",
+        "ScrapeConfig/llm-worker-rbee",
+    ] {
+        assert!(
+            crd_report.contains(&format!(
+                "ok {}: {object}",
+                deploy("kubernetes/monitoring.yaml").display()
+            )),
+            "{object}:\n{crd_report}"
+        );
+    }
+    let unchecked = report
+        .lines()
+        .filter(|l| l.contains("Couldn't find schema"))
+        .count();
+    assert_eq!(unchecked, 3, "{report}");
+    assert!(passed >= 7, "{report}");
+
+    // Both checks can fail: an unknown field, a wrongly typed CRD field.
+    let dir = tempfile::tempdir().expect("dir");
+    let queen = std::fs::read_to_string(deploy("kubernetes/queen.yaml")).expect("queen.yaml");
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        queen.replace(
+            "terminationGracePeriodSeconds",
+            "terminationGracePeriodSecond",
+        ),
+    )
+    .expect("write");
+    let (ok, report) = kubernetes_validate(&[typo]);
+    assert!(
+        !ok,
+        "kubernetes-validate accepted an unknown field:\n{report}"
+    );
+    let monitoring =
+        std::fs::read_to_string(deploy("kubernetes/monitoring.yaml")).expect("monitoring");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, monitoring.replace("interval: 15s", "interval: 15")).expect("write");
+    let crds = Command::new("node")
+        .arg(workspace_root().join("scripts/validate-crds.mjs"))
+        .arg(&ops_tools().node_modules)
+        .arg(&bad)
+        .output()
+        .expect("run node");
+    assert!(
+        !crds.status.success(),
+        "a numeric interval passed the CRD schema"
+    );
+
+    // What the issue asks of them, beyond being valid.
+    let hive = std::fs::read_to_string(deploy("kubernetes/hive.yaml")).expect("hive.yaml");
+    for (name, text) in [("queen.yaml", &queen), ("hive.yaml", &hive)] {
+        for required in [
+            "path: /health/live",
+            "path: /health/ready",
+            "preStop:",
+            "terminationGracePeriodSeconds:",
+            "secretName: rbee-api-token",
+            "defaultMode: 0400",
+            "LLORCH_API_TOKEN_FILE",
+            "runAsNonRoot: true",
+        ] {
+            assert!(text.contains(required), "{name} lacks {required}");
+        }
+    }
+    for required in [
+        "kind: DaemonSet",
+        "nvidia.com/gpu: 1",
+        "hostPath:",
+        "RBEE_QUEEN_URL",
+    ] {
+        assert!(hive.contains(required), "hive.yaml lacks {required}");
+    }
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::StatusCode;
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
+use rbee_api::worker::ScrapeTargetGroup;
 use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde::Deserialize;
@@ -27,6 +28,7 @@ pub fn router() -> Routes<AppState> {
         .get("/v2/hives/list", list_hives)
         .post("/v2/hives/remove", remove)
         .get("/v2/workers/list", list_workers)
+        .get("/v2/workers/metrics-targets", metrics_targets)
         .get("/health/ready", ready)
 }
 
@@ -307,6 +309,25 @@ async fn list_workers(State(state): State<AppState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "workers": workers }))
+}
+
+/// Every worker on a reachable hive as a Prometheus HTTP service-discovery
+/// target group, labelled with its hive too: one `http_sd_configs` entry
+/// at the queen scrapes the whole fleet's workers.
+async fn metrics_targets(State(state): State<AppState>) -> Json<Vec<ScrapeTargetGroup>> {
+    Json(
+        state
+            .sched
+            .workers()
+            .into_iter()
+            .filter(|(_, _, _, reachable)| *reachable)
+            .filter_map(|(hive, info, _, _)| {
+                let mut group = info.scrape_target()?;
+                group.labels.insert("hive".to_owned(), hive.to_string());
+                Some(group)
+            })
+            .collect(),
+    )
 }
 
 /// 200 when at least one hive answers and the queen is not draining.

@@ -189,6 +189,42 @@ pub struct WorkerInfo {
     pub vram_bytes: u64,
 }
 
+/// One target group of Prometheus's HTTP service discovery
+/// (`http_sd_configs`): addresses to scrape and the labels they get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrapeTargetGroup {
+    /// `host:port` of each `/metrics` endpoint.
+    pub targets: Vec<String>,
+    /// Labels added to every series scraped from them.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl WorkerInfo {
+    /// Its `/metrics` endpoint as a target group labelled `worker_id`,
+    /// `model`, `backend` and `device`; `None` until it has an address.
+    pub fn scrape_target(&self) -> Option<ScrapeTargetGroup> {
+        let url = self.url.as_deref()?;
+        let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = authority.split('/').next().unwrap_or(authority);
+        if authority.is_empty() {
+            return None;
+        }
+        let labels = [
+            ("worker_id", self.worker_id.clone()),
+            ("model", self.model_ref.clone()),
+            ("backend", self.backend.as_str().to_owned()),
+            ("device", self.device.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Some(ScrapeTargetGroup {
+            targets: vec![authority.to_owned()],
+            labels,
+        })
+    }
+}
+
 /// `GET /v1/workers/list` and `/v1/workers/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerList {
@@ -230,5 +266,32 @@ mod tests {
         assert_eq!("cuda".parse::<Backend>(), Ok(Backend::Cuda));
         assert!("CUDA".parse::<Backend>().is_err());
         assert!("rocm".parse::<Backend>().is_err());
+    }
+
+    #[test]
+    fn scrape_target_is_the_url_authority_with_the_worker_labels() {
+        let mut info: WorkerInfo = serde_json::from_value(serde_json::json!({
+            "worker_id": "w1", "pid": 7, "port": 4100, "url": "http://10.0.0.5:4100",
+            "model_ref": "hf:org/repo:q4.gguf", "backend": "cuda", "device": 1,
+            "state": "idle", "restart_count": 0, "last_restart": null,
+            "last_heartbeat": null, "failed_health_checks": 0,
+            "started_at": "2026-01-01T00:00:00Z", "slots_total": 1, "vram_bytes": 0
+        }))
+        .unwrap();
+        let group = info.scrape_target().unwrap();
+        assert_eq!(group.targets, vec!["10.0.0.5:4100".to_owned()]);
+        assert_eq!(group.labels["model"], "hf:org/repo:q4.gguf");
+        assert_eq!(group.labels["backend"], "cuda");
+        assert_eq!(group.labels["device"], "1");
+        assert_eq!(group.labels["worker_id"], "w1");
+        info.url = Some("http://[::1]:4100/".to_owned());
+        assert_eq!(
+            info.scrape_target().unwrap().targets,
+            vec!["[::1]:4100".to_owned()]
+        );
+        info.url = None;
+        assert_eq!(info.scrape_target(), None);
+        info.url = Some("http://".to_owned());
+        assert_eq!(info.scrape_target(), None);
     }
 }

@@ -7,7 +7,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rbee_api::health::HealthResponse;
-use rbee_api::worker::{Heartbeat, ReadyCallback, ShutdownWorkerRequest, SpawnRequest, WorkerList};
+use rbee_api::worker::{
+    Heartbeat, ReadyCallback, ScrapeTargetGroup, ShutdownWorkerRequest, SpawnRequest, WorkerInfo,
+    WorkerList,
+};
 use rbee_api::ApiError;
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde_json::json;
@@ -60,27 +63,15 @@ async fn list(State(workers): State<Workers>) -> Json<WorkerList> {
 /// The workers' `/metrics` endpoints in Prometheus's HTTP service-discovery
 /// format (`http_sd_configs`): one target group per worker that has an
 /// address, labelled with its id, model, backend and device.
-async fn metrics_targets(State(workers): State<Workers>) -> Response {
-    let groups: Vec<_> = workers
-        .registry()
-        .list()
-        .into_iter()
-        .filter_map(|w| {
-            let url = w.url.as_deref()?;
-            let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
-            let target = authority.split('/').next().unwrap_or(authority);
-            Some(json!({
-                "targets": [target],
-                "labels": {
-                    "worker_id": w.worker_id,
-                    "model": w.model_ref,
-                    "backend": w.backend,
-                    "device": w.device.to_string(),
-                },
-            }))
-        })
-        .collect();
-    Json(groups).into_response()
+async fn metrics_targets(State(workers): State<Workers>) -> Json<Vec<ScrapeTargetGroup>> {
+    Json(
+        workers
+            .registry()
+            .list()
+            .iter()
+            .filter_map(WorkerInfo::scrape_target)
+            .collect(),
+    )
 }
 
 async fn health(State(workers): State<Workers>) -> Response {
