@@ -118,6 +118,23 @@ fn every_daemon_tells_systemd_it_is_ready_and_when_it_drains() {
             assert_eq!(extra, None, "the worker notified the hive's socket");
         }
 
+        // SIGHUP (a reload request) neither stops the daemon nor drains it.
+        daemon.signal(Signal::SIGHUP);
+        assert!(
+            daemon.wait_for_log("SIGHUP received", Duration::from_secs(5)),
+            "{name}"
+        );
+        assert_eq!(notify.recv(Duration::from_millis(300)), None, "{name}");
+        assert_eq!(
+            client()
+                .get(daemon.url("/health/live"))
+                .send()
+                .map(|r| r.status().as_u16())
+                .ok(),
+            Some(200),
+            "{name} after SIGHUP"
+        );
+
         daemon.signal(Signal::SIGTERM);
         let stopping = notify.recv(Duration::from_secs(10));
         assert_eq!(stopping.as_deref(), Some("STOPPING=1\n"), "{name}");
@@ -225,7 +242,9 @@ fn systemd_units_verify_cleanly_and_are_hardened() {
     }
     for unit in ["queen-rbee.service", "rbee-hive.service"] {
         let text = std::fs::read_to_string(dir.path().join(unit)).expect("unit");
-        for required in ["StateDirectory=", "LogsDirectory=", "ExecReload="] {
+        // No ExecReload until the daemons re-read their settings on SIGHUP.
+        assert!(!text.contains("ExecReload="), "{unit}");
+        for required in ["StateDirectory=", "LogsDirectory="] {
             assert!(text.contains(required), "{unit} lacks {required}");
         }
     }

@@ -292,6 +292,7 @@ pub fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
 struct SignalHandlers {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl SignalHandlers {
@@ -304,9 +305,13 @@ impl SignalHandlers {
                 "cannot install SIGTERM/SIGINT handlers; only the admin route can stop the daemon gracefully"
             );
         }
+        // SIGHUP's default action ends the process; a daemon asked to
+        // reload must not die of it.
+        let hup = signal(SignalKind::hangup());
         Self {
             term: term.ok(),
             int: int.ok(),
+            hup: hup.ok(),
         }
     }
 
@@ -314,10 +319,27 @@ impl SignalHandlers {
         let (Some(mut term), Some(mut int)) = (self.term, self.int) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-            _ = int.recv() => tracing::info!("SIGINT received; draining"),
-            () = shutdown.cancelled() => return,
+        let mut hup = self.hup;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM received; draining");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT received; draining");
+                    break;
+                }
+                Some(()) = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => tracing::warn!(
+                    "SIGHUP received: reloading settings is not supported yet; running settings unchanged (restart to apply changes)"
+                ),
+                () = shutdown.cancelled() => return,
+            }
         }
         shutdown.cancel();
     }
