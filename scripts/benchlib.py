@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: JSON over HTTP and starting a
-daemon on a port the OS chooses."""
+"""Helpers shared by the benchmark scripts and the quickstart: JSON over
+HTTP and starting a daemon on a port the OS chooses."""
 
 import json
 import os
@@ -8,10 +8,13 @@ import subprocess
 import urllib.request
 
 
-def request(method, url, body=None, timeout=30):
-    """Send `body` as JSON; return (status, decoded JSON body)."""
+def request(method, url, body=None, timeout=30, token=None):
+    """Send `body` as JSON (with the bearer `token`, if any); return
+    (status, decoded JSON body)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
+    if token is not None:
+        req.add_header("authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("content-type", "application/json")
     try:

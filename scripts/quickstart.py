@@ -31,6 +31,8 @@ import time
 import urllib.error
 import urllib.request
 
+import benchlib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 
@@ -44,17 +46,8 @@ def on_signal(signum, _frame):
 
 
 def call(method, url, token, body=None, timeout=30):
-    """JSON over HTTP; returns (status, decoded body)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+    """JSON over HTTP with the run's token; returns (status, decoded body)."""
+    return benchlib.request(method, url, body, timeout, token=token)
 
 
 def wait_for(what, check, timeout, procs):

@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 pub mod fake_hub;
 pub mod hive;
 pub mod http;
+pub mod ops;
 pub mod queen;
 
 /// The three daemons.
