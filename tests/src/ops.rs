@@ -45,3 +45,20 @@ pub fn ops_tools() -> &'static OpsTools {
 pub fn deploy(path: &str) -> PathBuf {
     workspace_root().join("deploy").join(path)
 }
+
+/// Run a checking tool to its end (after [`ops_tools`] made it present):
+/// whether it succeeded, and its stdout and stderr together.
+pub fn run_tool(command: &mut Command) -> (bool, String) {
+    ops_tools();
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", command.get_program()));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use rbee_system_tests::ops::{deploy, ops_tools};
+use rbee_system_tests::ops::{deploy, ops_tools, run_tool};
 use rbee_system_tests::workspace_root;
 
 fn kubernetes_files() -> Vec<PathBuf> {
@@ -21,18 +21,20 @@ fn kubernetes_files() -> Vec<PathBuf> {
 /// `kubernetes-validate --strict` (unknown fields are errors): its exit
 /// status and output.
 fn kubernetes_validate(files: &[PathBuf]) -> (bool, String) {
-    let out = Command::new(&ops_tools().python)
-        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.34.0"])
-        .args(files)
-        .output()
-        .expect("run kubernetes-validate");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    run_tool(
+        Command::new(&ops_tools().python)
+            .args(["-m", "kubernetes_validate", "--strict", "-k", "1.34.0"])
+            .args(files),
+    )
+}
+
+/// `scripts/validate-crds.mjs` on `files`: exit status and output.
+fn validate_crds(files: &[PathBuf]) -> (bool, String) {
+    run_tool(
+        Command::new("node")
+            .arg(workspace_root().join("scripts/validate-crds.mjs"))
+            .arg(&ops_tools().node_modules)
+            .args(files),
     )
 }
 
@@ -68,15 +70,8 @@ fn kubernetes_manifests_pass_the_api_schemas_and_the_operator_crds() {
         assert!(line.contains("monitoring.coreos.com"), "{line}");
     }
 
-    let crds = Command::new("node")
-        .arg(workspace_root().join("scripts/validate-crds.mjs"))
-        .arg(&ops_tools().node_modules)
-        .args(&files)
-        .output()
-        .expect("run node");
-    let crd_report =
-        String::from_utf8_lossy(&crds.stdout).into_owned() + &String::from_utf8_lossy(&crds.stderr);
-    assert!(crds.status.success(), "CRD validation:\n{crd_report}");
+    let (ok, crd_report) = validate_crds(&files);
+    assert!(ok, "CRD validation:\n{crd_report}");
     for object in [
         "ServiceMonitor/queen-rbee",
         "PodMonitor/rbee-hive",
@@ -118,16 +113,8 @@ fn kubernetes_manifests_pass_the_api_schemas_and_the_operator_crds() {
         std::fs::read_to_string(deploy("kubernetes/monitoring.yaml")).expect("monitoring");
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, monitoring.replace("interval: 15s", "interval: 15")).expect("write");
-    let crds = Command::new("node")
-        .arg(workspace_root().join("scripts/validate-crds.mjs"))
-        .arg(&ops_tools().node_modules)
-        .arg(&bad)
-        .output()
-        .expect("run node");
-    assert!(
-        !crds.status.success(),
-        "a numeric interval passed the CRD schema"
-    );
+    let (ok, _) = validate_crds(&[bad]);
+    assert!(!ok, "a numeric interval passed the CRD schema");
 
     // What the issue asks of them, beyond being valid.
     let hive = std::fs::read_to_string(deploy("kubernetes/hive.yaml")).expect("hive.yaml");

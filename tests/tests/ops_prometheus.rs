@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rbee_system_tests::http::{client, default_ref, send, wait_for};
-use rbee_system_tests::ops::{deploy, ops_tools};
+use rbee_system_tests::ops::{deploy, ops_tools, run_tool};
 use rbee_system_tests::queen::{
     hive_with_model, queen_spec, ready_queen, wait_ready_workers, EventStream,
 };
@@ -147,16 +147,12 @@ impl Prometheus {
             .replace("interval: 30s", "interval: 1s");
         std::fs::write(dir.path().join("prometheus.yml"), config).expect("write config");
         std::fs::write(dir.path().join("rbee-rules.yml"), rules).expect("write rules");
-        let check = Command::new("promtool")
-            .args(["check", "config"])
-            .arg(dir.path().join("prometheus.yml"))
-            .output()
-            .expect("promtool check config");
-        assert!(
-            check.status.success(),
-            "{}",
-            String::from_utf8_lossy(&check.stdout)
+        let (ok, report) = run_tool(
+            Command::new("promtool")
+                .args(["check", "config"])
+                .arg(dir.path().join("prometheus.yml")),
         );
+        assert!(ok, "promtool check config:\n{report}");
         let port = rbee_system_tests::free_port();
         let child = Command::new("prometheus")
             .arg(format!(
@@ -213,23 +209,13 @@ impl Prometheus {
 
 #[test]
 fn alert_and_recording_rules_pass_promtool_and_every_alert_has_a_test() {
-    ops_tools();
     let dir = deploy("prometheus");
     for args in [
-        vec!["check", "rules", "rbee-rules.yml"],
-        vec!["test", "rules", "rbee-rules.test.yml"],
+        ["check", "rules", "rbee-rules.yml"],
+        ["test", "rules", "rbee-rules.test.yml"],
     ] {
-        let out = Command::new("promtool")
-            .args(&args)
-            .current_dir(&dir)
-            .output()
-            .expect("run promtool");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, report) = run_tool(Command::new("promtool").args(args).current_dir(&dir));
+        assert!(ok, "promtool {args:?}:\n{report}");
     }
     let rules = std::fs::read_to_string(dir.join("rbee-rules.yml")).expect("rules");
     let tests = std::fs::read_to_string(dir.join("rbee-rules.test.yml")).expect("tests");
@@ -271,15 +257,12 @@ fn alert_and_recording_rules_pass_promtool_and_every_alert_has_a_test() {
         tests.replace("value: 0.2485", "value: 0.5"),
     )
     .expect("write");
-    let out = Command::new("promtool")
-        .args(["test", "rules", "t.yml"])
-        .current_dir(broken.path())
-        .output()
-        .expect("run promtool");
-    assert!(
-        !out.status.success(),
-        "promtool accepted a wrong expectation"
+    let (ok, _) = run_tool(
+        Command::new("promtool")
+            .args(["test", "rules", "t.yml"])
+            .current_dir(broken.path()),
     );
+    assert!(!ok, "promtool accepted a wrong expectation");
 }
 
 #[test]

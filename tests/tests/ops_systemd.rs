@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use rbee_system_tests::http::{client, default_ref, send, wait_for};
-use rbee_system_tests::ops::{deploy, ops_tools};
+use rbee_system_tests::ops::{deploy, run_tool};
 use rbee_system_tests::queen::hive_with_model;
 use rbee_system_tests::{binary, DaemonSpec};
 use serde_json::json;
@@ -133,18 +133,7 @@ fn units_for_verify(dir: &Path) -> Vec<String> {
 }
 
 fn systemd_analyze(dir: &Path, args: &[&str]) -> (bool, String) {
-    ops_tools();
-    let out = Command::new("systemd-analyze")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_tool(Command::new("systemd-analyze").args(args).current_dir(dir))
 }
 
 #[test]
