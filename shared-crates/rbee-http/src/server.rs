@@ -283,7 +283,7 @@ impl Daemon {
 
 /// Tell systemd (the socket in `NOTIFY_SOCKET`) about a state change; a
 /// daemon not started by systemd has no socket and nothing is sent.
-pub fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
     }
