@@ -16,7 +16,8 @@ use crate::token::ApiToken;
 /// caller chooses otherwise.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(60);
 
-/// Checks presented credentials against the accepted token set.
+/// Checks presented credentials against the accepted token set, and holds
+/// the token this daemon sends to its peers.
 ///
 /// Tokens are compared as SHA-256 digests with [`subtle`], so the time taken
 /// depends neither on where the first differing byte is nor on the presented
@@ -37,6 +38,10 @@ struct TokenSet {
 struct Accepted {
     digest: [u8; 32],
     fingerprint: Fingerprint,
+    /// The token itself, for this daemon's own calls to its peers.
+    token: ApiToken,
+    /// `Bearer <token>`, built once (sensitive; cheap to clone).
+    bearer: HeaderValue,
 }
 
 impl Accepted {
@@ -44,6 +49,8 @@ impl Accepted {
         Self {
             digest: Sha256::digest(token.expose().as_bytes()).into(),
             fingerprint: token.fingerprint().clone(),
+            token: token.clone(),
+            bearer: token.bearer_header(),
         }
     }
 }
@@ -176,6 +183,29 @@ impl Authenticator {
         Err(AuthFailure::Rejected {
             fingerprint: Fingerprint::from_digest(&digest),
         })
+    }
+
+    /// The current token, for a daemon's calls to its peers (`None` in open
+    /// mode).
+    pub fn token(&self) -> Option<ApiToken> {
+        self.read().current.as_ref().map(|c| c.token.clone())
+    }
+
+    /// `Authorization: Bearer <current token>` for an outgoing call.
+    pub fn bearer(&self) -> Option<HeaderValue> {
+        self.read().current.as_ref().map(|c| c.bearer.clone())
+    }
+
+    /// The previous token's header while its grace window lasts: a peer that
+    /// has not reloaded yet still knows only that one, so a call it refuses
+    /// with 401 is sent again with this ([`crate::send_authenticated`]).
+    pub fn previous_bearer(&self) -> Option<HeaderValue> {
+        let now = Instant::now();
+        self.read()
+            .previous
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(p, _)| p.bearer.clone())
     }
 
     /// Replace the accepted token. The previous one stays accepted for

@@ -9,7 +9,9 @@
 //! - [`AuthLayer`]: the tower layer that guards every route except the public
 //!   probes, answering 401 in the contract's error shape.
 //! - [`check_bind_policy`]: refuses to serve a non-loopback address without a token.
-//! - [`WithBearer`]: adds the token to outgoing `reqwest` requests.
+//! - [`WithBearer`] and [`send_authenticated`]: the token on outgoing
+//!   `reqwest` requests; during a rotation's grace window a call refused
+//!   with 401 is sent again with the previous token.
 //!
 //! Logs and metrics only ever see the fingerprint ([`token_fp6`]), never the token.
 
@@ -24,7 +26,7 @@ mod token;
 pub use authenticator::{AuthFailure, AuthFailureKind, Authenticator, DEFAULT_ROTATION_GRACE};
 pub use bearer::{parse_bearer, BearerError, MAX_AUTHORIZATION_BYTES};
 pub use bind::{check_bind_policy, BindMode, BindPolicyError};
-pub use client::WithBearer;
+pub use client::{send_authenticated, WithBearer};
 pub use fingerprint::{token_fp6, Fingerprint};
 pub use layer::{
     AuthDecision, AuthLayer, AuthMetrics, AuthObserver, AuthService, Authenticated, PUBLIC_PATHS,

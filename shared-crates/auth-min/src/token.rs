@@ -64,20 +64,26 @@ impl ApiToken {
         self.secret.expose_secret()
     }
 
-    /// Write the token to a new file readable only by its owner (0600), for
-    /// a child process's `--api-token-file`. The token leaves this crate only
-    /// this way and in outgoing `Authorization` headers.
+    /// Write the token to a file readable only by its owner (0600), for a
+    /// child process's `--api-token-file`. The file is replaced whole (a
+    /// new file renamed over the old), so a reader never sees half a token.
+    /// The token leaves this crate only this way and in outgoing
+    /// `Authorization` headers.
     pub fn write_private_file(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(path);
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(".new");
+        let staging = std::path::PathBuf::from(staging);
+        let _ = std::fs::remove_file(&staging);
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)?;
+            .open(&staging)?;
         file.write_all(self.expose().as_bytes())?;
-        file.sync_all()
+        file.sync_all()?;
+        std::fs::rename(&staging, path)
     }
 }
 
@@ -211,6 +217,32 @@ mod tests {
         std::fs::write(&path, contents).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         path
+    }
+
+    #[test]
+    fn a_private_file_is_replaced_whole_and_stays_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api-token");
+        ApiToken::new("first-token-0123456789".into())
+            .unwrap()
+            .write_private_file(&path)
+            .unwrap();
+        ApiToken::new("second-token-0123456789".into())
+            .unwrap()
+            .write_private_file(&path)
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "second-token-0123456789"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["api-token"], "no staging file is left");
     }
 
     #[test]
