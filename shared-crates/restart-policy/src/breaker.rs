@@ -111,6 +111,17 @@ impl CircuitBreaker {
         &self.config
     }
 
+    /// Take new settings (a configuration reload) and keep the state: the
+    /// failures already counted are judged against the new threshold and
+    /// window from the next failure on, and an open breaker stays open until
+    /// the end of the cooldown it started with. Settings
+    /// [`try_new`](Self::try_new) would refuse are ignored.
+    pub fn reconfigure(&mut self, config: BreakerConfig) {
+        if config.validate().is_ok() {
+            self.config = config;
+        }
+    }
+
     /// The current status; an open breaker whose cooldown has ended reads as half-open.
     pub fn status(&self, now: Instant) -> BreakerStatus {
         match self.state {
@@ -227,6 +238,27 @@ mod tests {
         assert_eq!(b.status(t), BreakerStatus::Open);
         let refused = b.try_acquire(t).unwrap_err();
         assert_eq!(refused.retry_after, Duration::from_secs(59));
+    }
+
+    #[test]
+    fn a_reconfigured_breaker_keeps_its_failures_and_counts_against_the_new_threshold() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        assert_eq!(b.record_failure(t0), None);
+        assert_eq!(b.record_failure(t0), None);
+        b.reconfigure(BreakerConfig {
+            failure_threshold: 3,
+            ..BreakerConfig::default()
+        });
+        assert_eq!(b.config().failure_threshold, 3);
+        assert_eq!(b.record_failure(t0), Some(BreakerTransition::Opened));
+        // Invalid settings change nothing.
+        b.reconfigure(BreakerConfig {
+            failure_threshold: 0,
+            ..BreakerConfig::default()
+        });
+        assert_eq!(b.config().failure_threshold, 3);
+        assert_eq!(b.status(t0), BreakerStatus::Open);
     }
 
     #[test]
