@@ -258,6 +258,10 @@ pub enum AuditEvent {
     ConfigReloaded {
         /// The settings that changed.
         changed: Vec<ConfigSetting>,
+        /// Settings that differ in the configuration read again but take
+        /// effect only at the next start.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        restart_required: Vec<String>,
     },
     /// A hive joined the queen's registry.
     HiveRegistered {
