@@ -78,10 +78,22 @@ fn every_daemon_tells_systemd_it_is_ready_and_when_it_drains() {
             assert_eq!(extra, None, "the worker notified the hive's socket");
         }
 
-        // SIGHUP (a reload request) neither stops the daemon nor drains it.
+        // SIGHUP (`systemctl reload`) reloads: systemd is told the unit
+        // is reloading, then ready again; the daemon neither stops nor
+        // drains.
         daemon.signal(Signal::SIGHUP);
+        assert_eq!(
+            notify.recv(Duration::from_secs(10)).as_deref(),
+            Some("RELOADING=1\n"),
+            "{name}"
+        );
+        assert_eq!(
+            notify.recv(Duration::from_secs(10)).as_deref(),
+            Some("READY=1\n"),
+            "{name}"
+        );
         assert!(
-            daemon.wait_for_log("SIGHUP received", Duration::from_secs(5)),
+            daemon.wait_for_log("configuration reloaded", Duration::from_secs(5)),
             "{name}"
         );
         assert_eq!(notify.recv(Duration::from_millis(300)), None, "{name}");
@@ -170,6 +182,7 @@ fn systemd_units_verify_cleanly_and_are_hardened() {
             "PrivateTmp=yes",
             "LoadCredential=api-token:",
             "CacheDirectory=",
+            "ExecReload=/bin/kill -HUP $MAINPID",
         ] {
             assert!(text.contains(required), "{unit} lacks {required}");
         }
@@ -191,8 +204,6 @@ fn systemd_units_verify_cleanly_and_are_hardened() {
     }
     for unit in ["queen-rbee.service", "rbee-hive.service"] {
         let text = std::fs::read_to_string(dir.path().join(unit)).expect("unit");
-        // No ExecReload until the daemons re-read their settings on SIGHUP.
-        assert!(!text.contains("ExecReload="), "{unit}");
         for required in ["StateDirectory=", "LogsDirectory="] {
             assert!(text.contains(required), "{unit} lacks {required}");
         }

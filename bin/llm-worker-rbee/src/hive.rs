@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_min::{ApiToken, WithBearer};
+use auth_min::{send_authenticated, Authenticator};
 use rbee_api::worker::{Heartbeat, ReadyCallback, WorkerState};
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HiveReporter {
     /// The hive's base URL.
     pub hive_url: String,
-    /// Sent with every call.
-    pub token: Option<ApiToken>,
+    /// The token sent with every call (rotated in place by a reload).
+    pub auth: Authenticator,
     /// The ready callback's body.
     pub callback: ReadyCallback,
     /// Heartbeat period.
@@ -47,12 +47,13 @@ impl HiveReporter {
         let mut delay = FIRST_RETRY;
         let mut attempt = 1u32;
         loop {
-            let sent = client
-                .post(format!("{base}/v1/workers/ready"))
-                .with_bearer(self.token.as_ref())
-                .json(&self.callback)
-                .send()
-                .await;
+            let sent = send_authenticated(
+                client
+                    .post(format!("{base}/v1/workers/ready"))
+                    .json(&self.callback),
+                &self.auth,
+            )
+            .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     tracing::info!(hive = %base, attempt, "ready callback accepted by the hive");
@@ -94,12 +95,13 @@ impl HiveReporter {
                     .to_string(),
                 state,
             };
-            let sent = client
-                .post(format!("{base}/v1/workers/heartbeat"))
-                .with_bearer(self.token.as_ref())
-                .json(&beat)
-                .send()
-                .await;
+            let sent = send_authenticated(
+                client
+                    .post(format!("{base}/v1/workers/heartbeat"))
+                    .json(&beat),
+                &self.auth,
+            )
+            .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     if failing {

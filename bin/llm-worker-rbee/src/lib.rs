@@ -121,6 +121,10 @@ impl DaemonConfig for Config {
         &self.common
     }
 
+    fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
     fn routes() -> Vec<rbee_http::RouteEntry> {
         router().table().to_vec()
     }
@@ -162,6 +166,30 @@ pub fn router() -> rbee_http::Routes<AppState> {
     http::routes()
 }
 
+/// The worker's own settings, as audited at startup and compared on reload.
+fn settings(config: &Config) -> Vec<ConfigSetting> {
+    vec![
+        ConfigSetting::new("worker_id", &config.worker_id),
+        ConfigSetting::new("model", config.model.display()),
+        ConfigSetting::new("model_ref", model_ref(config)),
+        ConfigSetting::new("backend", config.backend),
+        ConfigSetting::new("device", config.device),
+        ConfigSetting::new("slots", config.slots),
+        ConfigSetting::new(
+            "requantize",
+            format!("{:?}", config.requantize).to_lowercase(),
+        ),
+    ]
+}
+
+/// `--model-ref`, else the model file as a `file:` reference.
+fn model_ref(config: &Config) -> String {
+    config
+        .model_ref
+        .clone()
+        .unwrap_or_else(|| format!("file:{}", config.model.display()))
+}
+
 /// Open the audit trail, check the token and bind policy, bind
 /// `config.addr`, then load the model in the background. A model that fails
 /// to load stops the daemon with exit code 1.
@@ -170,10 +198,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         exit_with_parent(parent)?;
     }
     let device = model::device(config.backend, config.device).map_err(StartupError::Config)?;
-    let model_ref = config
-        .model_ref
-        .clone()
-        .unwrap_or_else(|| format!("file:{}", config.model.display()));
+    let model_ref = model_ref(&config);
     let mut boot = Bootstrap::new(
         Identity {
             name: "llm-worker-rbee",
@@ -183,21 +208,18 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         },
         config.addr,
         &config.common,
-        vec![
-            ConfigSetting::new("worker_id", &config.worker_id),
-            ConfigSetting::new("model", config.model.display()),
-            ConfigSetting::new("model_ref", &model_ref),
-            ConfigSetting::new("backend", config.backend),
-            ConfigSetting::new("device", config.device),
-            ConfigSetting::new("slots", config.slots),
-            ConfigSetting::new(
-                "requantize",
-                format!("{:?}", config.requantize).to_lowercase(),
-            ),
-        ],
+        settings(&config),
     )?;
     let metrics = WorkerMetrics::register(&mut boot.registry);
-    let token = boot.token.clone();
+    let auth = boot.auth.clone();
+    // The hive rewrites the token file and sends SIGHUP when the token is
+    // rotated; nothing else of a worker's changes while it runs.
+    let reloader = Arc::new(rbee_http::Reloader::new(
+        config.clone(),
+        boot.auth.clone(),
+        settings,
+        &[],
+    ));
     let shutdown = boot.shutdown.clone();
     metrics.slots_total.set(i64::from(config.slots));
     let model = Arc::new(OnceLock::new());
@@ -205,7 +227,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let stall_timeout = Duration::from_secs(config.stall_timeout_s);
     let stalled: Arc<AtomicBool> = Arc::default();
     let state_stalled = Arc::clone(&stalled);
-    let daemon = boot
+    let mut daemon = boot
         .bind(router(), |core| AppState {
             core,
             model: state_model,
@@ -215,6 +237,14 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         })
         .await?;
 
+    daemon.on_reload(move || {
+        let reloader = Arc::clone(&reloader);
+        async move {
+            reloader
+                .reload(|_| Ok(()), |(), _| std::future::ready(()))
+                .await
+        }
+    });
     let fatal = daemon.fatal_handle();
     let advertise_url = config
         .advertise_url
@@ -222,14 +252,11 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .unwrap_or_else(|| format!("http://{}", daemon.local_addr()));
     let reporter = config.hive_url.clone().map(|hive_url| hive::HiveReporter {
         hive_url,
-        token,
+        auth,
         callback: rbee_api::worker::ReadyCallback {
             worker_id: config.worker_id.clone(),
             url: advertise_url,
-            model_ref: config
-                .model_ref
-                .clone()
-                .unwrap_or_else(|| format!("file:{}", config.model.display())),
+            model_ref: self::model_ref(&config),
             backend: config.backend,
             device: config.device,
             slots_total: u32::from(config.slots),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use audit_logging::{AuditEvent, AuditSink};
-use auth_min::{ApiToken, WithBearer};
+use auth_min::{send_authenticated, Authenticator};
 use rbee_api::models::ModelList;
 use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};
@@ -68,8 +68,8 @@ struct Inner {
     store: Store,
     sched: Scheduler,
     client: reqwest::Client,
-    token: Option<ApiToken>,
-    poll: PollSettings,
+    auth: Authenticator,
+    poll: Mutex<PollSettings>,
     audit: AuditSink,
     shutdown: CancellationToken,
 }
@@ -154,7 +154,7 @@ impl Hives {
     pub fn new(
         store: Store,
         sched: Scheduler,
-        token: Option<ApiToken>,
+        auth: Authenticator,
         poll: PollSettings,
         audit: AuditSink,
         shutdown: CancellationToken,
@@ -165,12 +165,31 @@ impl Hives {
                 store,
                 sched,
                 client: reqwest::Client::new(),
-                token,
-                poll,
+                auth,
+                poll: Mutex::new(poll),
                 audit,
                 shutdown,
             }),
         }
+    }
+
+    /// The polling settings in effect.
+    fn poll(&self) -> PollSettings {
+        *self
+            .inner
+            .poll
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Change the polling settings (a reload); pollers and spawn waits
+    /// use them from their next poll or check.
+    pub fn set_poll(&self, poll: PollSettings) {
+        *self
+            .inner
+            .poll
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = poll;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -188,9 +207,14 @@ impl Hives {
             self.track(hive);
         }
         for url in flag_urls {
-            self.register(&node_name_of(url), url, "config").await?;
+            self.add_configured(url).await?;
         }
         Ok(())
+    }
+
+    /// Add a `--hive` URL (already normalised) as a `config` hive.
+    pub async fn add_configured(&self, url: &str) -> Result<bool, ApiError> {
+        self.register(&node_name_of(url), url, "config").await
     }
 
     /// Add or update a hive; true when it is new. Registering again with
@@ -308,19 +332,21 @@ impl Hives {
             self.apply(&node_name, &url, &stop, result);
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(self.inner.poll.interval) => {}
+                () = tokio::time::sleep(self.poll().interval) => {}
             }
         }
     }
 
     async fn poll_once(&self, url: &str) -> Result<Snapshot, String> {
+        let timeout = self.poll().timeout;
         let get = |path: &str| {
-            self.inner
-                .client
-                .get(format!("{url}{path}"))
-                .timeout(self.inner.poll.timeout)
-                .with_bearer(self.inner.token.as_ref())
-                .send()
+            send_authenticated(
+                self.inner
+                    .client
+                    .get(format!("{url}{path}"))
+                    .timeout(timeout),
+                &self.inner.auth,
+            )
         };
         let (workers, models) = tokio::join!(get("/v1/workers/list"), get("/v1/models/list"));
         let workers = decode::<WorkerList>(workers).await?;
@@ -367,8 +393,7 @@ impl Hives {
             }
             Err(why) => {
                 s.consecutive_misses = s.consecutive_misses.saturating_add(1);
-                let flips =
-                    s.consecutive_misses >= self.inner.poll.misses && s.state != "unreachable";
+                let flips = s.consecutive_misses >= self.poll().misses && s.state != "unreachable";
                 tracing::debug!(node_name, url, error = %why, misses = s.consecutive_misses, "hive poll failed");
                 if flips {
                     s.state = "unreachable";
@@ -414,18 +439,17 @@ impl Hives {
         if let Some(id) = &order.request_id {
             request = request.header(rbee_http::X_REQUEST_ID, id.as_ref());
         }
-        let response = request
-            .timeout(Duration::from_secs(30))
-            .with_bearer(self.inner.token.as_ref())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::NoCapacity,
-                    format!("the hive did not answer: {e}"),
-                )
-            })?;
+        let response = send_authenticated(
+            request.timeout(Duration::from_secs(30)).json(&body),
+            &self.inner.auth,
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::NoCapacity,
+                format!("the hive did not answer: {e}"),
+            )
+        })?;
         if !response.status().is_success() {
             return Err(hive_error(response).await);
         }
@@ -436,7 +460,7 @@ impl Hives {
         let started = Instant::now();
         let stop = self.inner.shutdown.clone();
         loop {
-            if started.elapsed() > self.inner.poll.spawn_timeout {
+            if started.elapsed() > self.poll().spawn_timeout {
                 return Err(ApiError::new(
                     ErrorCode::NoCapacity,
                     format!("worker {} did not become ready in time", accepted.worker_id),

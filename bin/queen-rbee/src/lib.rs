@@ -22,8 +22,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use audit_logging::{AuditSink, ConfigSetting};
-use auth_min::{ApiToken, WithBearer};
+use auth_min::{send_authenticated, Authenticator};
 use axum::extract::FromRef;
+use deadline_propagation::DefaultDeadline;
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
 use hives::{normalize_url, Hives, PollSettings};
@@ -104,6 +105,10 @@ impl DaemonConfig for Config {
         &self.common
     }
 
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     fn routes() -> Vec<rbee_http::RouteEntry> {
         routes::router().table().to_vec()
     }
@@ -114,6 +119,68 @@ impl DaemonConfig for Config {
             "RBEE_QUEEN_CONFIG",
             std::env::args_os().collect(),
         )
+    }
+
+    fn try_load() -> Result<Self, Vec<String>> {
+        rbee_http::config_file::try_parse_with_file(
+            "RBEE_QUEEN_CONFIG",
+            std::env::args_os().collect(),
+        )
+    }
+}
+
+/// The settings a SIGHUP reload applies to the running queen (besides the
+/// API token). Hives new to the list are added; hives no longer listed stay
+/// registered until `POST /v2/hives/remove`. The others need a restart.
+const RELOADABLE: &[&str] = &[
+    "hives",
+    "max_queue",
+    "default_deadline_ms",
+    "hive_poll_interval_ms",
+    "hive_poll_timeout_ms",
+    "hive_misses",
+    "spawn_timeout_s",
+    "cascade_shutdown",
+];
+
+/// The queen's own settings, as audited at startup and compared on reload.
+fn settings(config: &Config) -> Vec<ConfigSetting> {
+    vec![
+        ConfigSetting::new("hives", config.hives.join(",")),
+        ConfigSetting::new("database", config.database_path().display()),
+        ConfigSetting::new("max_queue", config.max_queue),
+        ConfigSetting::new("default_deadline_ms", config.default_deadline_ms),
+        ConfigSetting::new("hive_poll_interval_ms", config.hive_poll_interval_ms),
+        ConfigSetting::new("hive_poll_timeout_ms", config.hive_poll_timeout_ms),
+        ConfigSetting::new("hive_misses", config.hive_misses),
+        ConfigSetting::new("spawn_timeout_s", config.spawn_timeout_s),
+        ConfigSetting::new("cascade_shutdown", config.cascade_shutdown),
+    ]
+}
+
+/// The hive URLs of `--hive`, normalised, or every bad one.
+fn hive_urls(config: &Config) -> Result<Vec<String>, Vec<String>> {
+    let mut urls = Vec::new();
+    let mut bad = Vec::new();
+    for url in &config.hives {
+        match normalize_url(url) {
+            Ok(u) => urls.push(u),
+            Err(e) => bad.push(format!("--hive {url}: {}", e.message)),
+        }
+    }
+    if bad.is_empty() {
+        Ok(urls)
+    } else {
+        Err(bad)
+    }
+}
+
+fn poll_settings(config: &Config) -> PollSettings {
+    PollSettings {
+        interval: Duration::from_millis(config.hive_poll_interval_ms),
+        timeout: Duration::from_millis(config.hive_poll_timeout_ms),
+        misses: config.hive_misses,
+        spawn_timeout: Duration::from_secs(config.spawn_timeout_s),
     }
 }
 
@@ -153,7 +220,7 @@ pub struct Shared {
     audit: AuditSink,
     client: reqwest::Client,
     upstream: std::sync::Arc<upstream::Upstream>,
-    token: Option<ApiToken>,
+    auth: Authenticator,
 }
 
 impl FromRef<AppState> for CoreState {
@@ -167,17 +234,7 @@ impl FromRef<AppState> for CoreState {
 /// daemon reports its bound address ([`Daemon::local_addr`]) and serves
 /// until SIGTERM/SIGINT or `POST /v1/admin/shutdown` ([`Daemon::run`]).
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
-    let mut flag_urls = Vec::new();
-    let mut bad = Vec::new();
-    for url in &config.hives {
-        match normalize_url(url) {
-            Ok(u) => flag_urls.push(u),
-            Err(e) => bad.push(format!("--hive {url}: {}", e.message)),
-        }
-    }
-    if !bad.is_empty() {
-        return Err(StartupError::Config(bad.join("; ")));
-    }
+    let flag_urls = hive_urls(&config).map_err(|bad| StartupError::Config(bad.join("; ")))?;
     let database = config.database_path();
     let mut boot = Bootstrap::new(
         Identity {
@@ -188,15 +245,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         },
         config.addr,
         &config.common,
-        vec![
-            ConfigSetting::new("hives", flag_urls.join(",")),
-            ConfigSetting::new("database", database.display()),
-            ConfigSetting::new("max_queue", config.max_queue),
-            ConfigSetting::new("default_deadline_ms", config.default_deadline_ms),
-            ConfigSetting::new("hive_poll_interval_ms", config.hive_poll_interval_ms),
-            ConfigSetting::new("hive_misses", config.hive_misses),
-            ConfigSetting::new("cascade_shutdown", config.cascade_shutdown),
-        ],
+        settings(&config),
     )?;
     let store = Store::open(&database)
         .await
@@ -206,13 +255,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let hives = Hives::new(
         store,
         sched.clone(),
-        boot.token.clone(),
-        PollSettings {
-            interval: Duration::from_millis(config.hive_poll_interval_ms),
-            timeout: Duration::from_millis(config.hive_poll_timeout_ms),
-            misses: config.hive_misses,
-            spawn_timeout: Duration::from_secs(config.spawn_timeout_s),
-        },
+        boot.auth.clone(),
+        poll_settings(&config),
         boot.audit.clone(),
         boot.shutdown.clone(),
     );
@@ -222,17 +266,27 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .load(&flag_urls)
         .await
         .map_err(|e| StartupError::Config(e.body().error.message.clone()))?;
-    boot.stack = boot
-        .stack
-        .with_default_deadline(Duration::from_millis(config.default_deadline_ms));
+    let default_deadline = DefaultDeadline::new(Duration::from_millis(config.default_deadline_ms));
+    boot.stack = boot.stack.with_default_deadline(default_deadline.clone());
     let expired = metrics.clone();
     boot.stack = boot.stack.on_deadline_expired(std::sync::Arc::new(move || {
         expired.deadline_exceeded(metrics::Stage::Admission);
     }));
-    let token = boot.token.clone();
+    let auth = boot.auth.clone();
     let audit = boot.audit.clone();
+    let reloader = std::sync::Arc::new(rbee_http::Reloader::new(
+        config.clone(),
+        boot.auth.clone(),
+        settings,
+        RELOADABLE,
+    ));
+    let cascade_on =
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(config.cascade_shutdown));
+    let reload_hives = hives.clone();
+    let reload_sched = sched.clone();
+    let reload_cascade = std::sync::Arc::clone(&cascade_on);
     let cascade_hives = hives.clone();
-    let cascade_token = boot.token.clone();
+    let cascade_auth = boot.auth.clone();
     let mut daemon = boot
         .bind(routes::router(), |core| {
             AppState(std::sync::Arc::new(Shared {
@@ -244,13 +298,40 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
                 audit,
                 client: reqwest::Client::new(),
                 upstream: upstream_pool(),
-                token,
+                auth,
             }))
         })
         .await?;
-    if config.cascade_shutdown {
-        daemon.on_drain(cascade(cascade_hives, cascade_token));
-    }
+    daemon.on_drain(async move {
+        if cascade_on.load(std::sync::atomic::Ordering::Relaxed) {
+            cascade(cascade_hives, cascade_auth).await;
+        }
+    });
+    daemon.on_reload(move || {
+        let reloader = std::sync::Arc::clone(&reloader);
+        let hives = reload_hives.clone();
+        let sched = reload_sched.clone();
+        let cascade = std::sync::Arc::clone(&reload_cascade);
+        let default_deadline = default_deadline.clone();
+        async move {
+            reloader
+                .reload(
+                    |new| Ok((hive_urls(new)?, new.clone())),
+                    |(urls, new), _| async move {
+                        sched.set_max_queue(new.max_queue as usize);
+                        default_deadline.set(Duration::from_millis(new.default_deadline_ms));
+                        hives.set_poll(poll_settings(&new));
+                        cascade.store(new.cascade_shutdown, std::sync::atomic::Ordering::Relaxed);
+                        for url in &urls {
+                            if let Err(e) = hives.add_configured(url).await {
+                                tracing::error!(hive = %url, error = %e.body().error.message, "cannot add the hive from the reloaded settings");
+                            }
+                        }
+                    },
+                )
+                .await
+        }
+    });
     Ok(daemon)
 }
 
@@ -274,15 +355,15 @@ fn upstream_pool() -> std::sync::Arc<upstream::Upstream> {
 }
 
 /// Ask every reachable hive to shut down (`--cascade-shutdown`).
-async fn cascade(hives: Hives, token: Option<ApiToken>) {
+async fn cascade(hives: Hives, auth: Authenticator) {
     let client = reqwest::Client::new();
     let calls = hives.reachable_urls().into_iter().map(|url| {
         let request = client
             .post(format!("{url}/v1/admin/shutdown"))
-            .timeout(Duration::from_secs(10))
-            .with_bearer(token.as_ref());
+            .timeout(Duration::from_secs(10));
+        let auth = auth.clone();
         async move {
-            match request.send().await {
+            match send_authenticated(request, &auth).await {
                 Ok(r) => tracing::info!(hive = %url, status = r.status().as_u16(), "asked the hive to shut down"),
                 Err(e) => tracing::warn!(hive = %url, error = %e, "could not ask the hive to shut down"),
             }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use audit_logging::AuditEvent;
-use auth_min::WithBearer;
+use auth_min::send_authenticated;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -254,8 +254,8 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         .map(|d| tokio::time::Instant::now() + d.remaining());
     let mut headers = HeaderMap::new();
     ctx.forward_headers(&mut headers);
-    if let Some(token) = state.token.as_ref() {
-        headers.insert(header::AUTHORIZATION, token.bearer_header());
+    if let Some(bearer) = state.auth.bearer() {
+        headers.insert(header::AUTHORIZATION, bearer);
     }
     headers.insert(
         header::CONTENT_TYPE,
@@ -421,7 +421,27 @@ impl Call {
     }
 
     async fn send(&self, lease: &Lease) -> Sent {
-        let call = self.state.upstream.send(&lease.url, &self.outgoing);
+        let refused_token = |sent: &Sent| matches!(sent, Sent::Refused(a) if a.0.status == StatusCode::UNAUTHORIZED);
+        let mut sent = self.send_as(lease, &self.outgoing).await;
+        // The worker refused our token: during a rotation's grace window it
+        // may not have reloaded yet, so it still knows only the previous one.
+        if refused_token(&sent) {
+            if let Some(previous) = self.state.auth.previous_bearer() {
+                let mut again = self.outgoing.clone();
+                again.headers.insert(header::AUTHORIZATION, previous);
+                sent = self.send_as(lease, &again).await;
+            }
+        }
+        // The client's token was good (the queen checked it); a worker that
+        // refuses the queen's is a fault between daemons, not the client's.
+        if refused_token(&sent) {
+            return Sent::Failed("the worker refused the queen's API token".to_owned());
+        }
+        sent
+    }
+
+    async fn send_as(&self, lease: &Lease, outgoing: &Outgoing) -> Sent {
+        let call = self.state.upstream.send(&lease.url, outgoing);
         let cancel = self.guard.cancel.clone();
         let limit = async {
             match self.deadline {
@@ -682,10 +702,10 @@ fn cancel_on_worker(state: &AppState, lease: &Lease, prep: &Prepared) {
     let request = state
         .client
         .delete(format!("{}/v1/inference/{}", lease.url, prep.job_id))
-        .timeout(Duration::from_secs(5))
-        .with_bearer(state.token.as_ref());
+        .timeout(Duration::from_secs(5));
+    let auth = state.auth.clone();
     tokio::spawn(async move {
-        let _ = request.send().await;
+        let _ = send_authenticated(request, &auth).await;
     });
 }
 

@@ -103,7 +103,7 @@ type SpawnFn = Arc<dyn Fn(SpawnOrder) + Send + Sync>;
 
 struct Inner {
     state: Mutex<State>,
-    max_queue: usize,
+    max_queue: std::sync::atomic::AtomicUsize,
     metrics: QueenMetrics,
     spawner: std::sync::OnceLock<SpawnFn>,
 }
@@ -117,7 +117,7 @@ pub struct Scheduler {
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
-            .field("max_queue", &self.inner.max_queue)
+            .field("max_queue", &self.max_queue())
             .finish_non_exhaustive()
     }
 }
@@ -241,11 +241,26 @@ impl Scheduler {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                max_queue,
+                max_queue: max_queue.into(),
                 metrics,
                 spawner: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Waiting requests allowed per model.
+    pub fn max_queue(&self) -> usize {
+        self.inner
+            .max_queue
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Change the bound (a reload). Requests already waiting keep their
+    /// place; a smaller bound refuses new ones until the queue is below it.
+    pub fn set_max_queue(&self, max_queue: usize) {
+        self.inner
+            .max_queue
+            .store(max_queue, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Install what starts spawns (set once, at startup).
@@ -445,7 +460,7 @@ impl Scheduler {
                 )
                 .with_retry_after(5));
             }
-            let max_queue = self.inner.max_queue;
+            let max_queue = self.max_queue();
             let id = st.next_id;
             st.next_id += 1;
             if !st.queues.contains_key(model) {

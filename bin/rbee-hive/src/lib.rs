@@ -163,6 +163,10 @@ impl DaemonConfig for Config {
         &self.common
     }
 
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     fn routes() -> Vec<rbee_http::RouteEntry> {
         router().table().to_vec()
     }
@@ -174,6 +178,76 @@ impl DaemonConfig for Config {
             std::env::args_os().collect(),
         )
     }
+
+    fn try_load() -> Result<Self, Vec<String>> {
+        rbee_http::config_file::try_parse_with_file(
+            "RBEE_HIVE_CONFIG",
+            std::env::args_os().collect(),
+        )
+    }
+}
+
+/// The settings a SIGHUP reload applies to the running hive (besides the
+/// API token): supervision limits, the restart policy, the circuit breaker
+/// and the readiness rule. The others need a restart.
+const RELOADABLE: &[&str] = &[
+    "worker_heartbeat_interval_s",
+    "heartbeat_timeout_s",
+    "health_interval_s",
+    "health_failures",
+    "load_timeout_s",
+    "worker_stop_grace_s",
+    "restart_backoff_base_ms",
+    "restart_backoff_cap_ms",
+    "restart_max_attempts",
+    "restart_stable_uptime_s",
+    "breaker_threshold",
+    "breaker_window_s",
+    "breaker_cooldown_s",
+    "ready_requires_worker",
+];
+
+/// The hive's own settings, as audited at startup and compared on reload.
+fn settings(config: &Config) -> Vec<ConfigSetting> {
+    let path = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map_or_else(|| "none".to_owned(), |p| p.display().to_string())
+    };
+    let text = |t: &Option<String>| t.clone().unwrap_or_else(|| "none".to_owned());
+    vec![
+        ConfigSetting::new("models_dir", config.models_dir.display()),
+        ConfigSetting::new("hf_endpoint", &config.hf_endpoint),
+        ConfigSetting::new("hf_token_file", path(&config.hf_token_file)),
+        ConfigSetting::new("disk_reserve_mib", config.disk_reserve_mib),
+        ConfigSetting::new("download_attempts", config.download_attempts),
+        ConfigSetting::new("download_retention_s", config.download_retention_s),
+        ConfigSetting::new("worker_binary", path(&config.worker_binary)),
+        ConfigSetting::new("run_dir", path(&config.run_dir)),
+        ConfigSetting::new(
+            "worker_heartbeat_interval_s",
+            config.worker_heartbeat_interval_s,
+        ),
+        ConfigSetting::new("heartbeat_timeout_s", config.heartbeat_timeout_s),
+        ConfigSetting::new("health_interval_s", config.health_interval_s),
+        ConfigSetting::new("health_failures", config.health_failures),
+        ConfigSetting::new("load_timeout_s", config.load_timeout_s),
+        ConfigSetting::new("worker_stop_grace_s", config.worker_stop_grace_s),
+        ConfigSetting::new("restart_backoff_base_ms", config.restart_backoff_base_ms),
+        ConfigSetting::new("restart_backoff_cap_ms", config.restart_backoff_cap_ms),
+        ConfigSetting::new("restart_max_attempts", config.restart_max_attempts),
+        ConfigSetting::new("restart_stable_uptime_s", config.restart_stable_uptime_s),
+        ConfigSetting::new("breaker_threshold", config.breaker_threshold),
+        ConfigSetting::new("breaker_window_s", config.breaker_window_s),
+        ConfigSetting::new("breaker_cooldown_s", config.breaker_cooldown_s),
+        ConfigSetting::new("ready_requires_worker", config.ready_requires_worker),
+        ConfigSetting::new("queen_url", text(&config.queen_url)),
+        ConfigSetting::new("node_name", text(&config.node_name)),
+        ConfigSetting::new("advertise_url", text(&config.advertise_url)),
+        ConfigSetting::new(
+            "queen_register_interval_s",
+            config.queen_register_interval_s,
+        ),
+    ]
 }
 
 /// State shared by `rbee-hive`'s handlers.
@@ -193,7 +267,7 @@ impl FromRef<AppState> for Workers {
 
 impl FromRef<AppState> for ReadyRequiresWorker {
     fn from_ref(state: &AppState) -> Self {
-        state.ready_requires_worker
+        state.ready_requires_worker.clone()
     }
 }
 
@@ -248,22 +322,8 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
     let hf_token_fp = hf_token
         .as_ref()
         .map(|t| auth_min::Fingerprint::of(secrecy::ExposeSecret::expose_secret(t)));
-    let settings = vec![
-        ConfigSetting::new("models_dir", config.models_dir.display()),
-        ConfigSetting::new("hf_endpoint", &config.hf_endpoint),
-        ConfigSetting::secret("hf_token", hf_token_fp.as_ref()),
-        ConfigSetting::new("disk_reserve_mib", config.disk_reserve_mib),
-        ConfigSetting::new("download_attempts", config.download_attempts),
-        ConfigSetting::new("download_retention_s", config.download_retention_s),
-        ConfigSetting::new("load_timeout_s", config.load_timeout_s),
-        ConfigSetting::new("heartbeat_timeout_s", config.heartbeat_timeout_s),
-        ConfigSetting::new("health_interval_s", config.health_interval_s),
-        ConfigSetting::new("health_failures", config.health_failures),
-        ConfigSetting::new("restart_max_attempts", config.restart_max_attempts),
-        ConfigSetting::new("breaker_threshold", config.breaker_threshold),
-        ConfigSetting::new("ready_requires_worker", config.ready_requires_worker),
-        ConfigSetting::new("queen_url", config.queen_url.as_deref().unwrap_or("none")),
-    ];
+    let mut all = settings(&config);
+    all.push(ConfigSetting::secret("hf_token", hf_token_fp.as_ref()));
     let mut boot = Bootstrap::new(
         Identity {
             name: "rbee-hive",
@@ -273,7 +333,7 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
         },
         config.addr,
         &config.common,
-        settings,
+        all,
     )?;
     let models = Models::open(
         ModelSettings {
@@ -290,29 +350,70 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
     )
     .await
     .map_err(|e| StartupError::Config(e.to_string()))?;
-    let worker_settings = worker_settings(&config)?;
     let workers = Workers::start(
-        worker_settings,
+        worker_settings(&config)?,
         models.clone(),
         boot.audit.clone(),
-        boot.token.clone(),
+        boot.auth.clone(),
         &mut boot.registry,
         boot.shutdown.clone(),
     )
     .await
     .map_err(StartupError::Config)?;
     let shutdown = boot.shutdown.clone();
-    let token = boot.token.clone();
-    let ready_requires_worker = ReadyRequiresWorker(config.ready_requires_worker);
+    let auth = boot.auth.clone();
+    let ready_requires_worker = ReadyRequiresWorker::new(config.ready_requires_worker);
+    let reloader = std::sync::Arc::new(rbee_http::Reloader::new(
+        config.clone(),
+        boot.auth.clone(),
+        settings,
+        RELOADABLE,
+    ));
     let state_workers = workers.clone();
+    let state_ready = ready_requires_worker.clone();
     let mut daemon = boot
         .bind(router(), |core| AppState {
             core,
             models,
             workers: state_workers,
-            ready_requires_worker,
+            ready_requires_worker: state_ready,
         })
         .await?;
+    let reload_workers = workers.clone();
+    daemon.on_reload(move || {
+        let reloader = std::sync::Arc::clone(&reloader);
+        let workers = reload_workers.clone();
+        let ready = ready_requires_worker.clone();
+        async move {
+            reloader
+                .reload(
+                    |new| {
+                        let mut errors = Vec::new();
+                        if let Err(e) = check_model_flags(new) {
+                            errors.push(e.to_string());
+                        }
+                        let tuning = worker_settings(new)
+                            .map_err(|e| e.to_string())
+                            .and_then(workers::Tuning::try_new)
+                            .map_err(|e| errors.push(e))
+                            .ok();
+                        match tuning {
+                            Some(t) if errors.is_empty() => Ok((t, new.ready_requires_worker)),
+                            _ => Err(errors),
+                        }
+                    },
+                    |(tuning, requires), token| {
+                        workers.retune(tuning);
+                        ready.set(requires);
+                        if let Some(new) = token.new_token() {
+                            workers.forward_token(new);
+                        }
+                        std::future::ready(())
+                    },
+                )
+                .await
+        }
+    });
     let local = daemon.local_addr();
     let callback_host = if local.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
@@ -334,7 +435,7 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
             }),
             interval: Duration::from_secs(config.queen_register_interval_s),
         };
-        tokio::spawn(queen::keep_registered(registration, token, shutdown));
+        tokio::spawn(queen::keep_registered(registration, auth, shutdown));
     }
     Ok(Hive { daemon, workers })
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use auth_min::{ApiToken, WithBearer};
+use auth_min::{send_authenticated, Authenticator};
 use tokio_util::sync::CancellationToken;
 
 /// Where and how to register.
@@ -25,11 +25,7 @@ pub struct Registration {
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Register until `shutdown`; never returns early.
-pub async fn keep_registered(
-    reg: Registration,
-    token: Option<ApiToken>,
-    shutdown: CancellationToken,
-) {
+pub async fn keep_registered(reg: Registration, auth: Authenticator, shutdown: CancellationToken) {
     let client = reqwest::Client::new();
     let body = serde_json::json!({ "node_name": reg.node_name, "url": reg.url });
     let mut retry = Duration::from_secs(1);
@@ -38,9 +34,8 @@ pub async fn keep_registered(
         let request = client
             .post(format!("{}/v2/hives/register", reg.queen_url))
             .timeout(Duration::from_secs(10))
-            .json(&body)
-            .with_bearer(token.as_ref());
-        let wait = match request.send().await {
+            .json(&body);
+        let wait = match send_authenticated(request, &auth).await {
             Ok(r) if r.status().is_success() => {
                 if !registered {
                     tracing::info!(queen = %reg.queen_url, node_name = %reg.node_name, url = %reg.url, "registered with the queen");

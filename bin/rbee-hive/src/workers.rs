@@ -18,11 +18,11 @@ mod supervisor;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use audit_logging::{AuditEvent, AuditSink, CrashCause, ExitInfo};
-use auth_min::ApiToken;
+use auth_min::{ApiToken, Authenticator};
 use nix::sys::signal::Signal;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -77,17 +77,39 @@ struct Metrics {
     activations: Family<Vec<(String, String)>, Counter>,
 }
 
-struct Inner {
+/// The supervision settings in effect with the policy and breaker template
+/// built from them; a reload swaps the whole of it.
+#[derive(Debug)]
+pub struct Tuning {
     settings: WorkerSettings,
     policy: RestartPolicy,
+    breaker_template: CircuitBreaker,
+}
+
+impl Tuning {
+    /// Check `settings` (restart policy, circuit breaker).
+    pub fn try_new(settings: WorkerSettings) -> Result<Self, String> {
+        let policy =
+            RestartPolicy::try_new(settings.restart).map_err(|e| format!("restart policy: {e}"))?;
+        let breaker_template = CircuitBreaker::try_new(settings.breaker)
+            .map_err(|e| format!("circuit breaker: {e}"))?;
+        Ok(Self {
+            settings,
+            policy,
+            breaker_template,
+        })
+    }
+}
+
+struct Inner {
+    tuning: RwLock<Arc<Tuning>>,
     registry: Registry,
     launcher: Launcher,
     models: Models,
     audit: AuditSink,
-    token: Option<ApiToken>,
+    auth: Authenticator,
     hive_url: OnceLock<String>,
     breakers: Mutex<HashMap<(String, u32), CircuitBreaker>>,
-    breaker_template: CircuitBreaker,
     preflight: Mutex<()>,
     stops: Mutex<HashMap<String, CancellationToken>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -96,6 +118,13 @@ struct Inner {
     draining: CancellationToken,
     metrics: Metrics,
     http: reqwest::Client,
+}
+
+impl Inner {
+    /// The supervision settings in effect now.
+    fn tuning(&self) -> Arc<Tuning> {
+        Arc::clone(&self.tuning.read().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// The worker service; cheap to clone.
@@ -123,20 +152,68 @@ enum Ended {
 }
 
 impl Workers {
+    /// Apply reloaded supervision settings: restart policy, breaker
+    /// thresholds (existing breakers keep their state and count under the
+    /// new ones), health, heartbeat, load and stop limits. Where workers
+    /// come from and go to (binary, run directory, hosts) stays as started.
+    pub fn retune(&self, tuning: Tuning) {
+        let mut tuning = tuning;
+        let mut slot = self
+            .inner
+            .tuning
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let fixed = &slot.settings;
+        tuning.settings.worker_binary = fixed.worker_binary.clone();
+        tuning.settings.run_dir = fixed.run_dir.clone();
+        tuning.settings.bind_host = fixed.bind_host;
+        tuning.settings.advertise_host = fixed.advertise_host.clone();
+        let breaker = tuning.settings.breaker;
+        *slot = Arc::new(tuning);
+        drop(slot);
+        for existing in self
+            .inner
+            .breakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values_mut()
+        {
+            existing.reconfigure(breaker);
+        }
+    }
+
+    /// Hand a rotated API token to every running worker: replace its token
+    /// file, then send it SIGHUP so it reads the file again. The hive has
+    /// already rotated its own token, and keeps accepting the old one for
+    /// the grace window, so calls between the two never fail.
+    pub fn forward_token(&self, token: &ApiToken) {
+        let run_dir = self.inner.tuning().settings.run_dir.clone();
+        for (id, pid) in self.inner.registry.pids() {
+            let path = run_dir.join(&id).join("api-token");
+            if let Err(e) = token.write_private_file(&path) {
+                tracing::error!(worker_id = %id, path = %path.display(), error = %e, "cannot hand the rotated token to the worker");
+                continue;
+            }
+            if process::signal_pid(pid, Signal::SIGHUP) {
+                tracing::info!(worker_id = %id, pid, "rotated token handed to the worker (SIGHUP)");
+            } else {
+                tracing::warn!(worker_id = %id, pid, "cannot signal the worker; it reads the new token when it restarts");
+            }
+        }
+    }
+
     /// Start the launcher thread, learn which backends the worker binary and
     /// the host support, and register the worker metrics.
     pub async fn start(
         settings: WorkerSettings,
         models: Models,
         audit: AuditSink,
-        token: Option<ApiToken>,
+        auth: Authenticator,
         registry: &mut MetricsRegistry,
         draining: CancellationToken,
     ) -> Result<Self, String> {
-        let policy =
-            RestartPolicy::try_new(settings.restart).map_err(|e| format!("restart policy: {e}"))?;
-        let breaker_template = CircuitBreaker::try_new(settings.breaker)
-            .map_err(|e| format!("circuit breaker: {e}"))?;
+        let tuning = Tuning::try_new(settings)?;
+        let settings = &tuning.settings;
         let launcher =
             Launcher::start().map_err(|e| format!("cannot start the launcher thread: {e}"))?;
         let version = launcher
@@ -193,15 +270,14 @@ impl Workers {
         );
         let workers = Self {
             inner: Arc::new(Inner {
-                policy,
+                tuning: RwLock::new(Arc::new(tuning)),
                 registry: Registry::default(),
                 launcher,
                 models,
                 audit,
-                token,
+                auth,
                 hive_url: OnceLock::new(),
                 breakers: Mutex::default(),
-                breaker_template,
                 preflight: Mutex::default(),
                 stops: Mutex::default(),
                 tasks: Mutex::default(),
@@ -210,7 +286,6 @@ impl Workers {
                 draining,
                 metrics,
                 http: reqwest::Client::new(),
-                settings,
             }),
         };
         registry.register_collector(Box::new(metrics::Collector(workers.clone())));
@@ -493,7 +568,7 @@ impl Workers {
     ) -> &'a mut CircuitBreaker {
         breakers
             .entry((model_ref.to_owned(), device))
-            .or_insert_with(|| self.inner.breaker_template.clone())
+            .or_insert_with(|| self.inner.tuning().breaker_template.clone())
     }
 
     /// A ready callback arrived.
@@ -504,7 +579,10 @@ impl Workers {
                 format!("no worker with id {:?}", cb.worker_id),
             )
         })?;
-        let url = reachable_url(&cb.url, self.inner.settings.advertise_host.as_deref());
+        let url = reachable_url(
+            &cb.url,
+            self.inner.tuning().settings.advertise_host.as_deref(),
+        );
         if url == cb.url {
             self.inner.registry.on_ready(cb, Instant::now())?;
         } else {
@@ -566,7 +644,8 @@ impl Workers {
             ));
         };
         stop.cancel();
-        let deadline = Instant::now() + self.inner.settings.stop_grace * 3 + Duration::from_secs(5);
+        let deadline =
+            Instant::now() + self.inner.tuning().settings.stop_grace * 3 + Duration::from_secs(5);
         while self.inner.registry.get(worker_id).is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

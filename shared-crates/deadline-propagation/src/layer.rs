@@ -1,5 +1,6 @@
 //! The layer that reads a request's deadline before any handler runs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,8 +20,34 @@ use crate::deadline::{Deadline, DeadlineExceeded, X_DEADLINE, X_TIMEOUT_MS};
 ///   single absolute `X-Deadline`, ready to forward.
 #[derive(Clone, Default)]
 pub struct DeadlineLayer {
-    default: Option<Duration>,
+    default: Option<DefaultDeadline>,
     on_expired: Option<OnExpired>,
+}
+
+/// The deadline given to requests without deadline headers. Clones share
+/// the value, so a daemon can change it while it serves (a reload).
+#[derive(Debug, Clone)]
+pub struct DefaultDeadline(std::sync::Arc<AtomicU64>);
+
+impl DefaultDeadline {
+    /// Starting at `default` (whole milliseconds).
+    pub fn new(default: Duration) -> Self {
+        Self(std::sync::Arc::new(AtomicU64::new(millis(default))))
+    }
+
+    /// The value now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Change it for the requests that arrive from now on.
+    pub fn set(&self, default: Duration) {
+        self.0.store(millis(default), Ordering::Relaxed);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Called for each request refused because its deadline had already passed.
@@ -44,6 +71,12 @@ impl DeadlineLayer {
     /// Requests without deadline headers get `default` from their arrival
     /// (the queen's `--default-deadline-ms`).
     pub fn with_default(default: Duration) -> Self {
+        Self::with_shared_default(DefaultDeadline::new(default))
+    }
+
+    /// [`with_default`](Self::with_default) with a value the caller can
+    /// change later.
+    pub fn with_shared_default(default: DefaultDeadline) -> Self {
         Self {
             default: Some(default),
             on_expired: None,
@@ -64,7 +97,7 @@ impl<S> Layer<S> for DeadlineLayer {
     fn layer(&self, inner: S) -> Self::Service {
         DeadlineService {
             inner,
-            default: self.default,
+            default: self.default.clone(),
             on_expired: self.on_expired.clone(),
         }
     }
@@ -74,7 +107,7 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Clone)]
 pub struct DeadlineService<S> {
     inner: S,
-    default: Option<Duration>,
+    default: Option<DefaultDeadline>,
     on_expired: Option<OnExpired>,
 }
 
@@ -101,7 +134,7 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let deadline = match Deadline::from_headers(request.headers()) {
-            Ok(found) => found.or_else(|| self.default.map(Deadline::after)),
+            Ok(found) => found.or_else(|| self.default.as_ref().map(|d| Deadline::after(d.get()))),
             Err(err) => {
                 tracing::debug!(error = %err, "invalid deadline header");
                 return Either::Left(futures_util::future::ready(Ok(err.into_response())));

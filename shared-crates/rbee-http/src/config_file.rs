@@ -22,19 +22,61 @@ pub fn parse_with_file<C: CommandFactory + FromArgMatches>(
     args: Vec<OsString>,
 ) -> C {
     let command = C::command();
+    let merged = match merged_args(&command, env_var, args) {
+        Ok(merged) => merged,
+        Err((path, problems)) => {
+            eprintln!("{name}: error: {}: {}", path.display(), problems.join("; "));
+            std::process::exit(2);
+        }
+    };
+    let matches = command.get_matches_from(merged);
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse_with_file`] for a running daemon (a reload): every problem is
+/// returned instead of ending the process.
+pub fn try_parse_with_file<C: CommandFactory + FromArgMatches>(
+    env_var: &str,
+    args: Vec<OsString>,
+) -> Result<C, Vec<String>> {
+    let command = C::command();
+    let merged = merged_args(&command, env_var, args).map_err(|(path, problems)| {
+        problems
+            .into_iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect::<Vec<_>>()
+    })?;
+    let matches = command
+        .try_get_matches_from(merged)
+        .map_err(|e| vec![clap_message(&e)])?;
+    C::from_arg_matches(&matches).map_err(|e| vec![clap_message(&e)])
+}
+
+/// clap's message without its usage lines and help hint.
+pub(crate) fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned()
+}
+
+/// The arguments with the settings file's merged in.
+fn merged_args(
+    command: &clap::Command,
+    env_var: &str,
+    args: Vec<OsString>,
+) -> Result<Vec<OsString>, (std::path::PathBuf, Vec<String>)> {
     let file = config_path(&args, env_var);
     let mut merged = args;
     if let Some(path) = file {
-        match file_args(&command, &path, &merged) {
+        match file_args(command, &path, &merged) {
             Ok(extra) => merged.extend(extra),
-            Err(problems) => {
-                eprintln!("{name}: error: {}: {}", path.display(), problems.join("; "));
-                std::process::exit(2);
-            }
+            Err(problems) => return Err((path, problems)),
         }
     }
-    let matches = command.get_matches_from(merged);
-    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    Ok(merged)
 }
 
 fn config_path(args: &[OsString], env_var: &str) -> Option<std::path::PathBuf> {
@@ -191,6 +233,33 @@ mod tests {
         std::fs::write(&path, "hive = [1]\nmodels_dir = [\"/m\"]\n").unwrap();
         let problems = file_args(&Config::command(), &path, &args(&["queen"])).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn a_reload_reports_every_problem_instead_of_exiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hive.toml");
+        std::fs::write(&path, "load_timeout_s = 9\n").unwrap();
+        let argv = || {
+            let mut a = args(&["hive", "--config"]);
+            a.push(path.clone().into());
+            a
+        };
+        let ok: Config = try_parse_with_file("RBEE_TEST_UNSET_CONFIG", argv()).unwrap();
+        assert_eq!(ok.load_timeout_s, Some(9));
+
+        std::fs::write(&path, "load_timeout_s = \"soon\"\n").unwrap();
+        let bad = try_parse_with_file::<Config>("RBEE_TEST_UNSET_CONFIG", argv()).unwrap_err();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].contains("soon"), "{bad:?}");
+
+        std::fs::write(&path, "bogus = 1\nrestart = [1]\n").unwrap();
+        let bad = try_parse_with_file::<Config>("RBEE_TEST_UNSET_CONFIG", argv()).unwrap_err();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad.iter().all(|p| p.contains("hive.toml")), "{bad:?}");
+
+        std::fs::write(&path, "load_timeout_s = [").unwrap();
+        assert!(try_parse_with_file::<Config>("RBEE_TEST_UNSET_CONFIG", argv()).is_err());
     }
 
     #[test]

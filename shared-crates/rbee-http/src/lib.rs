@@ -14,7 +14,8 @@
 //!
 //! [`core_routes`] gives `/health`, `/health/live`, `/metrics` and
 //! `POST /v1/admin/shutdown`; [`server`] binds, checks the bind policy,
-//! waits for SIGTERM/SIGINT and drains with a bound; [`telemetry`] sets up
+//! waits for SIGTERM/SIGINT and drains with a bound; [`reload`] re-reads
+//! settings on SIGHUP; [`telemetry`] sets up
 //! logging; [`client`] forwards request id, `traceparent` and deadline on
 //! outgoing calls.
 
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config_file;
 pub mod errors;
 pub mod metrics;
+pub mod reload;
 pub mod request_id;
 pub mod route_table;
 mod routes;
@@ -33,6 +35,7 @@ pub mod telemetry;
 pub use client::{Propagate, RequestContext};
 pub use errors::ApiJson;
 pub use metrics::{register_build_info, HttpMetrics};
+pub use reload::{ReloadResult, Reloaded, Reloader, TokenChange};
 pub use request_id::{RequestId, X_REQUEST_ID};
 pub use route_table::{RouteEntry, Routes};
 pub use routes::{core_routes, CoreState};

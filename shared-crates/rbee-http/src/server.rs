@@ -131,6 +131,8 @@ pub struct Daemon {
     audit: Option<AuditLogger>,
     fatal: FatalHandle,
     drain_hooks: Vec<DrainHook>,
+    reload: Option<crate::reload::ReloadHook>,
+    reload_metrics: crate::reload::ReloadMetrics,
 }
 
 /// Work to do while draining, awaited (within the drain bound) before
@@ -144,6 +146,7 @@ impl std::fmt::Debug for Daemon {
             .field("local_addr", &self.local_addr)
             .field("drain", &self.drain)
             .field("drain_hooks", &self.drain_hooks.len())
+            .field("reload", &self.reload.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -176,7 +179,20 @@ impl Daemon {
             drain,
             audit: None,
             drain_hooks: Vec::new(),
+            reload: None,
+            reload_metrics: crate::reload::ReloadMetrics::default(),
         })
+    }
+
+    /// Run `hook` on SIGHUP: it reads the configuration again, checks it
+    /// whole and applies it, or returns every problem and changes nothing.
+    /// Without a hook SIGHUP is logged and ignored. See [`crate::reload`].
+    pub fn on_reload<F, Fut>(&mut self, hook: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = crate::reload::ReloadResult> + Send + 'static,
+    {
+        self.reload = Some(std::sync::Arc::new(move || Box::pin(hook())));
     }
 
     /// Run `hook` once draining starts, alongside the server's own drain;
@@ -201,7 +217,13 @@ impl Daemon {
         // Register the handlers before announcing the address: a SIGTERM that
         // arrives right after the listening line must drain, not kill.
         let signals = SignalHandlers::install();
-        tokio::spawn(signals.cancel_on_signal(self.shutdown.clone()));
+        let reload = self.reload.map(|hook| Reload {
+            name: self.name,
+            hook,
+            audit: self.audit.as_ref().map(AuditLogger::sink),
+            metrics: self.reload_metrics,
+        });
+        tokio::spawn(signals.cancel_on_signal(self.shutdown.clone(), reload));
         tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
         // Under systemd (`Type=notify`) the unit becomes active now, once
         // the socket accepts; without NOTIFY_SOCKET this does nothing.
@@ -289,6 +311,14 @@ fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// What SIGHUP runs.
+struct Reload {
+    name: &'static str,
+    hook: crate::reload::ReloadHook,
+    audit: Option<AuditSink>,
+    metrics: crate::reload::ReloadMetrics,
+}
+
 struct SignalHandlers {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
@@ -306,7 +336,7 @@ impl SignalHandlers {
             );
         }
         // SIGHUP's default action ends the process; a daemon asked to
-        // reload must not die of it.
+        // reload must not die of it, even one that cannot reload.
         let hup = signal(SignalKind::hangup());
         Self {
             term: term.ok(),
@@ -315,7 +345,7 @@ impl SignalHandlers {
         }
     }
 
-    async fn cancel_on_signal(self, shutdown: CancellationToken) {
+    async fn cancel_on_signal(self, shutdown: CancellationToken, reload: Option<Reload>) {
         let (Some(mut term), Some(mut int)) = (self.term, self.int) else {
             return;
         };
@@ -335,9 +365,19 @@ impl SignalHandlers {
                         Some(h) => h.recv().await,
                         None => std::future::pending().await,
                     }
-                } => tracing::warn!(
-                    "SIGHUP received: reloading settings is not supported yet; running settings unchanged (restart to apply changes)"
-                ),
+                } => match &reload {
+                    // One reload at a time, in the order the signals came;
+                    // a drain signal waits for the reload in progress.
+                    Some(r) => {
+                        // systemd shows the unit as reloading until READY=1.
+                        notify_service_manager(&[sd_notify::NotifyState::Reloading]);
+                        crate::reload::run(r.name, &r.hook, r.audit.as_ref(), &r.metrics).await;
+                        notify_service_manager(&[sd_notify::NotifyState::Ready]);
+                    }
+                    None => tracing::warn!(
+                        "SIGHUP received: this daemon has no settings to reload; running settings unchanged"
+                    ),
+                },
                 () = shutdown.cancelled() => return,
             }
         }
@@ -350,10 +390,20 @@ pub trait DaemonConfig: clap::Parser {
     /// The shared flags.
     fn common(&self) -> &CommonArgs;
 
+    /// The address to listen on.
+    fn addr(&self) -> SocketAddr;
+
     /// Read the configuration from the process's arguments and environment
     /// (a daemon with a settings file merges it here).
     fn load() -> Self {
         Self::parse()
+    }
+
+    /// [`load`](Self::load) again while running (SIGHUP): the same
+    /// arguments, environment and settings file, with every problem
+    /// returned instead of ending the process.
+    fn try_load() -> Result<Self, Vec<String>> {
+        Self::try_parse().map_err(|e| vec![crate::config_file::clap_message(&e)])
     }
 
     /// The daemon's own routes, as its router has them (`--routes`; the
@@ -395,7 +445,15 @@ where
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(async {
+        // SIGHUP's default action ends the process. Catch it from here on
+        // (tokio's handler stays installed for the life of the process), so
+        // one that arrives before the daemon serves, such as a hive handing
+        // a rotated token to a worker that is just starting, is harmless.
+        let early_hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        drop(early_hup);
+        serve(config).await
+    }) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: error: {e}");
@@ -426,10 +484,13 @@ pub struct Bootstrap {
     addr: SocketAddr,
     drain: Duration,
     audit_logger: AuditLogger,
+    reload_metrics: crate::reload::ReloadMetrics,
     /// Emits audit events (a no-op when audit is disabled).
     pub audit: AuditSink,
-    /// The token for outgoing calls.
-    pub token: Option<ApiToken>,
+    /// The accepted token set, shared with the auth layer, and the token
+    /// for outgoing calls ([`auth_min::send_authenticated`]); a reload
+    /// rotates it in place.
+    pub auth: Authenticator,
     /// Register the daemon's own metrics here before [`bind`](Self::bind).
     pub registry: prometheus_client::registry::Registry,
     /// Cancelled when draining starts.
@@ -465,16 +526,11 @@ impl Bootstrap {
                 return Err(e);
             }
         };
-        let mut all = vec![
-            ConfigSetting::new("addr", addr),
-            ConfigSetting::secret("api_token", auth.token.as_ref().map(ApiToken::fingerprint)),
-            ConfigSetting::new(
-                "log_format",
-                format!("{:?}", common.log_format).to_lowercase(),
-            ),
-            ConfigSetting::new("shutdown_timeout_s", common.shutdown_timeout_s),
-            ConfigSetting::new("audit_flush", format!("{:?}", audit_config.flush)),
-        ];
+        let mut all = crate::reload::common_settings(addr, common, auth.token.as_ref());
+        all.push(ConfigSetting::new(
+            "audit_flush",
+            format!("{:?}", audit_config.flush),
+        ));
         all.extend(settings);
         audit.emit(None, AuditEvent::ConfigLoaded { settings: all });
 
@@ -485,8 +541,12 @@ impl Bootstrap {
             identity.backend,
         );
         audit.register_metrics(&mut registry);
-        let mut stack =
-            crate::HttpStack::new(&mut registry, identity.metric_prefix, auth.authenticator);
+        let reload_metrics = crate::reload::ReloadMetrics::register(&mut registry);
+        let mut stack = crate::HttpStack::new(
+            &mut registry,
+            identity.metric_prefix,
+            auth.authenticator.clone(),
+        );
         if audit.is_enabled() {
             stack = stack.with_auth_observer(std::sync::Arc::new(
                 crate::audit::AuditAuthObserver::new(audit.clone()),
@@ -498,7 +558,8 @@ impl Bootstrap {
             drain: Duration::from_secs(common.shutdown_timeout_s),
             audit_logger,
             audit,
-            token: auth.token,
+            auth: auth.authenticator,
+            reload_metrics,
             registry,
             shutdown: CancellationToken::new(),
             stack,
@@ -535,6 +596,7 @@ impl Bootstrap {
         )
         .await?;
         daemon.audit = Some(self.audit_logger);
+        daemon.reload_metrics = self.reload_metrics;
         Ok(daemon)
     }
 }

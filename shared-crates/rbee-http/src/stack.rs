@@ -1,7 +1,5 @@
 //! The layer stack every daemon's router gets.
 
-use std::time::Duration;
-
 use auth_min::{AuthLayer, AuthMetrics, Authenticator};
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
@@ -51,9 +49,10 @@ impl HttpStack {
         self
     }
 
-    /// Give requests without deadline headers this deadline (the queen's default).
-    pub fn with_default_deadline(mut self, default: Duration) -> Self {
-        self.deadline = DeadlineLayer::with_default(default);
+    /// Give requests without deadline headers this deadline (the queen's
+    /// default); the caller keeps a clone to change it while serving.
+    pub fn with_default_deadline(mut self, default: deadline_propagation::DefaultDeadline) -> Self {
+        self.deadline = DeadlineLayer::with_shared_default(default);
         self
     }
 

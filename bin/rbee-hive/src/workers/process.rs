@@ -171,6 +171,13 @@ fn probe(program: &PathBuf, args: &[String]) -> Option<String> {
     Some(out)
 }
 
+/// Send `signal` to the process `pid` alone (not its group); true when sent.
+pub fn signal_pid(pid: u32, signal: Signal) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .is_some_and(|pid| nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok())
+}
+
 /// Send `signal` to the process group led by `pid`.
 pub fn signal_group(pid: u32, signal: Signal) -> bool {
     i32::try_from(pid)

@@ -114,6 +114,14 @@ impl Registry {
         self.lock().get(id).cloned()
     }
 
+    /// Every worker with a running process: (id, pid).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.lock()
+            .values()
+            .filter_map(|r| Some((r.id.clone(), r.pid?)))
+            .collect()
+    }
+
     /// Change one record; `None` when the id is unknown.
     pub fn update<T>(&self, id: &str, f: impl FnOnce(&mut WorkerRecord) -> T) -> Option<T> {
         self.lock().get_mut(id).map(f)

@@ -19,9 +19,27 @@ use super::Workers;
 use crate::host;
 use crate::models::Models;
 
-/// Whether `/health/ready` also needs a ready worker (`--ready-requires-worker`).
-#[derive(Debug, Clone, Copy)]
-pub struct ReadyRequiresWorker(pub bool);
+/// Whether `/health/ready` also needs a ready worker
+/// (`--ready-requires-worker`); shared, so a reload can change it.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyRequiresWorker(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ReadyRequiresWorker {
+    /// Starting at `value`.
+    pub fn new(value: bool) -> Self {
+        Self(std::sync::Arc::new(value.into()))
+    }
+
+    /// The setting now.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Change it (reload).
+    pub fn set(&self, value: bool) {
+        self.0.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// The worker, status and probe routes.
 pub fn router<S>() -> Routes<S>
@@ -156,7 +174,7 @@ async fn readiness(
     let stats = workers.registry().stats();
     let (ok, status) = if core.is_draining() {
         (false, "draining")
-    } else if requires.0 && stats.ready() == 0 {
+    } else if requires.get() && stats.ready() == 0 {
         (false, "no_ready_worker")
     } else {
         (true, "ready")

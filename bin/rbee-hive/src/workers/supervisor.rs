@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use audit_logging::{AuditEvent, CrashCause, ExitInfo, StopCause, WorkerFailureReason};
-use auth_min::WithBearer;
+use auth_min::send_authenticated;
 use nix::sys::signal::Signal;
 use rand::SeedableRng;
 use rbee_api::worker::WorkerState;
@@ -90,6 +90,7 @@ impl Workers {
                 let mut breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
                 let breaker = self.breaker_entry(&mut breakers, &spec.model_ref, spec.device);
                 inner
+                    .tuning()
                     .policy
                     .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
             };
@@ -221,7 +222,8 @@ impl Workers {
     }
 
     fn launch_spec(&self, spec: &Spec) -> LaunchSpec {
-        let s = &self.inner.settings;
+        let tuning = self.inner.tuning();
+        let s = &tuning.settings;
         let dir = s.run_dir.join(&spec.id);
         let mut args = vec![
             "--addr".to_owned(),
@@ -249,7 +251,7 @@ impl Workers {
             args.push("--hive-url".to_owned());
             args.push(url.clone());
         }
-        if let Some(token) = &self.inner.token {
+        if let Some(token) = self.inner.auth.token() {
             let path = dir.join("api-token");
             if std::fs::create_dir_all(&dir).is_ok() && token.write_private_file(&path).is_ok() {
                 args.push("--api-token-file".to_owned());
@@ -272,11 +274,10 @@ impl Workers {
         mut child: tokio::process::Child,
         stop: &CancellationToken,
     ) -> Ended {
-        let s = &self.inner.settings;
         let pid = child.id().unwrap_or(0);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_check = Instant::now() + s.health_interval;
+        let mut next_check = Instant::now() + self.inner.tuning().settings.health_interval;
         loop {
             tokio::select! {
                 status = child.wait() => {
@@ -295,6 +296,9 @@ impl Workers {
             let Some(record) = self.inner.registry.get(&spec.id) else {
                 continue;
             };
+            // Read each tick: a reload changes the limits of running workers.
+            let tuning = self.inner.tuning();
+            let s = &tuning.settings;
             let now = Instant::now();
             let dead = match record.state {
                 WorkerState::Loading => (now.duration_since(record.started) > s.load_timeout)
@@ -341,6 +345,7 @@ impl Workers {
         };
         let timeout = self
             .inner
+            .tuning()
             .settings
             .health_interval
             .min(Duration::from_secs(5));
@@ -348,27 +353,24 @@ impl Workers {
             .inner
             .http
             .get(format!("{url}/health/ready"))
-            .timeout(timeout)
-            .with_bearer(self.inner.token.as_ref());
-        matches!(request.send().await, Ok(r) if r.status().is_success())
+            .timeout(timeout);
+        matches!(send_authenticated(request, &self.inner.auth).await, Ok(r) if r.status().is_success())
     }
 
     /// HTTP shutdown, then SIGTERM, then SIGKILL, each after the grace.
     async fn stop_process(&self, spec: &Spec, child: &mut tokio::process::Child) {
-        let grace = self.inner.settings.stop_grace;
+        let grace = self.inner.tuning().settings.stop_grace;
         let pid = child.id().unwrap_or(0);
         self.inner
             .registry
             .update(&spec.id, |r| r.state = WorkerState::Draining);
         if let Some(url) = self.inner.registry.get(&spec.id).and_then(|r| r.url) {
-            let _ = self
+            let request = self
                 .inner
                 .http
                 .post(format!("{url}/v1/admin/shutdown"))
-                .timeout(grace.min(Duration::from_secs(5)))
-                .with_bearer(self.inner.token.as_ref())
-                .send()
-                .await;
+                .timeout(grace.min(Duration::from_secs(5)));
+            let _ = send_authenticated(request, &self.inner.auth).await;
             if tokio::time::timeout(grace, child.wait()).await.is_ok() {
                 return;
             }
