@@ -101,6 +101,8 @@ pub struct Config {
 }
 
 impl DaemonConfig for Config {
+    const SETTINGS_FILE_ENV: Option<&'static str> = Some("RBEE_QUEEN_CONFIG");
+
     fn common(&self) -> &CommonArgs {
         &self.common
     }
@@ -111,21 +113,6 @@ impl DaemonConfig for Config {
 
     fn routes() -> Vec<rbee_http::RouteEntry> {
         routes::router().table().to_vec()
-    }
-
-    fn load() -> Self {
-        rbee_http::config_file::parse_with_file(
-            "queen-rbee",
-            "RBEE_QUEEN_CONFIG",
-            std::env::args_os().collect(),
-        )
-    }
-
-    fn try_load() -> Result<Self, Vec<String>> {
-        rbee_http::config_file::try_parse_with_file(
-            "RBEE_QUEEN_CONFIG",
-            std::env::args_os().collect(),
-        )
     }
 }
 

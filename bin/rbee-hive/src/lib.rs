@@ -159,6 +159,8 @@ pub struct Config {
 }
 
 impl DaemonConfig for Config {
+    const SETTINGS_FILE_ENV: Option<&'static str> = Some("RBEE_HIVE_CONFIG");
+
     fn common(&self) -> &CommonArgs {
         &self.common
     }
@@ -169,21 +171,6 @@ impl DaemonConfig for Config {
 
     fn routes() -> Vec<rbee_http::RouteEntry> {
         router().table().to_vec()
-    }
-
-    fn load() -> Self {
-        rbee_http::config_file::parse_with_file(
-            "rbee-hive",
-            "RBEE_HIVE_CONFIG",
-            std::env::args_os().collect(),
-        )
-    }
-
-    fn try_load() -> Result<Self, Vec<String>> {
-        rbee_http::config_file::try_parse_with_file(
-            "RBEE_HIVE_CONFIG",
-            std::env::args_os().collect(),
-        )
     }
 }
 

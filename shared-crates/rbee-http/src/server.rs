@@ -393,17 +393,34 @@ pub trait DaemonConfig: clap::Parser {
     /// The address to listen on.
     fn addr(&self) -> SocketAddr;
 
-    /// Read the configuration from the process's arguments and environment
-    /// (a daemon with a settings file merges it here).
+    /// The environment variable that, like `--config`, names the daemon's
+    /// TOML settings file; `None` for a daemon without one.
+    const SETTINGS_FILE_ENV: Option<&'static str> = None;
+
+    /// Read the configuration from the process's arguments and environment,
+    /// merging the settings file if the daemon has one; exits like clap on
+    /// errors.
     fn load() -> Self {
-        Self::parse()
+        match Self::SETTINGS_FILE_ENV {
+            Some(env) => crate::config_file::parse_with_file(
+                Self::command().get_name(),
+                env,
+                std::env::args_os().collect(),
+            ),
+            None => Self::parse(),
+        }
     }
 
     /// [`load`](Self::load) again while running (SIGHUP): the same
     /// arguments, environment and settings file, with every problem
     /// returned instead of ending the process.
     fn try_load() -> Result<Self, Vec<String>> {
-        Self::try_parse().map_err(|e| vec![crate::config_file::clap_message(&e)])
+        match Self::SETTINGS_FILE_ENV {
+            Some(env) => {
+                crate::config_file::try_parse_with_file(env, std::env::args_os().collect())
+            }
+            None => Self::try_parse().map_err(|e| vec![crate::config_file::clap_message(&e)]),
+        }
     }
 
     /// The daemon's own routes, as its router has them (`--routes`; the
