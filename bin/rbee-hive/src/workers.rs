@@ -86,6 +86,18 @@ pub struct Tuning {
     breaker_template: CircuitBreaker,
 }
 
+impl WorkerSettings {
+    /// A worker's working directory (its log, its token file).
+    fn worker_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join(id)
+    }
+
+    /// The token file a worker reads (`--api-token-file`).
+    fn token_file(&self, id: &str) -> PathBuf {
+        self.worker_dir(id).join("api-token")
+    }
+}
+
 impl Tuning {
     /// Check `settings` (restart policy, circuit breaker).
     pub fn try_new(settings: WorkerSettings) -> Result<Self, String> {
@@ -187,9 +199,9 @@ impl Workers {
     /// already rotated its own token, and keeps accepting the old one for
     /// the grace window, so calls between the two never fail.
     pub fn forward_token(&self, token: &ApiToken) {
-        let run_dir = self.inner.tuning().settings.run_dir.clone();
+        let tuning = self.inner.tuning();
         for (id, pid) in self.inner.registry.pids() {
-            let path = run_dir.join(&id).join("api-token");
+            let path = tuning.settings.token_file(&id);
             if let Err(e) = token.write_private_file(&path) {
                 tracing::error!(worker_id = %id, path = %path.display(), error = %e, "cannot hand the rotated token to the worker");
                 continue;

@@ -17,9 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use audit_logging::{AuditEvent, AuditSink, ConfigSetting};
-use auth_min::{
-    check_bind_policy, load_token, ApiToken, Authenticator, TokenSources, DEFAULT_ROTATION_GRACE,
-};
+use auth_min::{ApiToken, Authenticator, DEFAULT_ROTATION_GRACE};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -57,16 +55,10 @@ impl TokenChange {
     /// Read the token again from `common`'s sources and check it as at
     /// startup. A reload may rotate the token, but neither remove it from a
     /// daemon that has one nor give one to a daemon started without (both
-    /// would fail every request of one side at once; restart instead).
-    pub fn check(
-        addr: SocketAddr,
-        common: &CommonArgs,
-        auth: &Authenticator,
-    ) -> Result<Self, String> {
-        let token = load_token(&TokenSources::from_process_env(
-            common.api_token_file.clone(),
-        ))
-        .map_err(|e| e.to_string())?;
+    /// would fail every request of one side at once; restart instead). With
+    /// a token on both sides the bind policy holds for any address.
+    pub fn check(common: &CommonArgs, auth: &Authenticator) -> Result<Self, String> {
+        let token = crate::server::configured_token(common).map_err(|e| e.to_string())?;
         let current = auth.token();
         match (token, current) {
             (None, None) => Ok(Self::Same),
@@ -79,7 +71,6 @@ impl TokenChange {
                     .to_owned(),
             ),
             (Some(new), Some(current)) => {
-                check_bind_policy(addr, Some(&new)).map_err(|e| e.to_string())?;
                 if new.fingerprint() == current.fingerprint() {
                     Ok(Self::Same)
                 } else {
@@ -184,7 +175,7 @@ impl<C: DaemonConfig + Clone> Reloader<C> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let token = TokenChange::check(old.addr(), new.common(), &self.auth);
+        let token = TokenChange::check(new.common(), &self.auth);
         let plan = check(&new);
         let (token, plan) = match (token, plan) {
             (Ok(token), Ok(plan)) => (token, plan),
@@ -250,51 +241,63 @@ impl ReloadMetrics {
     }
 }
 
-/// Run one reload and report it: log line, audit event, counter.
-pub(crate) async fn run(
-    name: &str,
-    hook: &ReloadHook,
-    audit: Option<&AuditSink>,
-    metrics: &ReloadMetrics,
-) {
-    tracing::info!("SIGHUP received; reloading the configuration");
-    match hook().await {
-        Ok(reloaded) => {
-            let changed: Vec<&str> = reloaded.changed.iter().map(|s| s.name.as_str()).collect();
-            if !reloaded.restart_required.is_empty() {
-                tracing::warn!(
-                    settings = ?reloaded.restart_required,
-                    "these settings changed but take effect only when {name} restarts"
-                );
+/// What SIGHUP runs: a daemon's hook, and where its outcome is reported.
+pub(crate) struct Reload {
+    pub(crate) name: &'static str,
+    pub(crate) hook: ReloadHook,
+    pub(crate) audit: Option<AuditSink>,
+    pub(crate) metrics: ReloadMetrics,
+}
+
+impl Reload {
+    /// Run one reload and report it: log line, audit event, counter.
+    pub(crate) async fn run(&self) {
+        let Self {
+            name,
+            hook,
+            audit,
+            metrics,
+        } = self;
+        let audit = audit.as_ref();
+        tracing::info!("SIGHUP received; reloading the configuration");
+        match hook().await {
+            Ok(reloaded) => {
+                let changed: Vec<&str> = reloaded.changed.iter().map(|s| s.name.as_str()).collect();
+                if !reloaded.restart_required.is_empty() {
+                    tracing::warn!(
+                        settings = ?reloaded.restart_required,
+                        "these settings changed but take effect only when {name} restarts"
+                    );
+                }
+                tracing::info!(changed = ?changed, "configuration reloaded");
+                metrics
+                    .reloads
+                    .get_or_create(&OutcomeLabel { outcome: "applied" })
+                    .inc();
+                if let Some(audit) = audit {
+                    audit.emit(
+                        None,
+                        AuditEvent::ConfigReloaded {
+                            changed: reloaded.changed,
+                            restart_required: reloaded.restart_required,
+                        },
+                    );
+                }
             }
-            tracing::info!(changed = ?changed, "configuration reloaded");
-            metrics
-                .reloads
-                .get_or_create(&OutcomeLabel { outcome: "applied" })
-                .inc();
-            if let Some(audit) = audit {
-                audit.emit(
-                    None,
-                    AuditEvent::ConfigReloaded {
-                        changed: reloaded.changed,
-                        restart_required: reloaded.restart_required,
-                    },
+            Err(errors) => {
+                tracing::error!(
+                    errors = ?errors,
+                    "configuration rejected; the running settings stay as they were"
                 );
-            }
-        }
-        Err(errors) => {
-            tracing::error!(
-                errors = ?errors,
-                "configuration rejected; the running settings stay as they were"
-            );
-            metrics
-                .reloads
-                .get_or_create(&OutcomeLabel {
-                    outcome: "rejected",
-                })
-                .inc();
-            if let Some(audit) = audit {
-                audit.emit(None, AuditEvent::ConfigInvalid { errors });
+                metrics
+                    .reloads
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "rejected",
+                    })
+                    .inc();
+                if let Some(audit) = audit {
+                    audit.emit(None, AuditEvent::ConfigInvalid { errors });
+                }
             }
         }
     }
@@ -336,16 +339,15 @@ mod tests {
             std::fs::write(&path, text).expect("write token");
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         };
-        let addr: SocketAddr = "0.0.0.0:1".parse().expect("addr");
         let old = ApiToken::new("old-token-0123456789".into()).expect("token");
         let auth = Authenticator::new(&old);
 
         write("old-token-0123456789\n");
-        let change = TokenChange::check(addr, &common(Some(path.clone())), &auth).expect("same");
+        let change = TokenChange::check(&common(Some(path.clone())), &auth).expect("same");
         assert!(change.new_token().is_none());
 
         write("new-token-0123456789");
-        let change = TokenChange::check(addr, &common(Some(path.clone())), &auth).expect("new");
+        let change = TokenChange::check(&common(Some(path.clone())), &auth).expect("new");
         assert_eq!(
             change.new_token().map(|t| t.fingerprint().clone()),
             Some(auth_min::Fingerprint::of("new-token-0123456789"))
@@ -361,16 +363,16 @@ mod tests {
         );
 
         write("short");
-        let refused = TokenChange::check(addr, &common(Some(path.clone())), &auth);
+        let refused = TokenChange::check(&common(Some(path.clone())), &auth);
         assert!(refused.is_err(), "a too-short token is refused");
 
-        let removed = TokenChange::check(addr, &common(None), &auth);
+        let removed = TokenChange::check(&common(None), &auth);
         assert!(
             removed.is_err_and(|e| e.contains("cannot be removed")),
             "removing the token is refused"
         );
         write("new-token-0123456789");
-        let added = TokenChange::check(addr, &common(Some(path.clone())), &Authenticator::open());
+        let added = TokenChange::check(&common(Some(path.clone())), &Authenticator::open());
         assert!(added.is_err_and(|e| e.contains("started without")));
     }
 }

@@ -88,21 +88,21 @@ impl FatalHandle {
     }
 }
 
-/// The result of the token and bind-policy checks.
-#[derive(Debug, Clone)]
-pub struct AuthSetup {
-    /// For the [`crate::HttpStack`].
-    pub authenticator: Authenticator,
-    /// For outgoing calls ([`auth_min::WithBearer`]).
-    pub token: Option<ApiToken>,
+/// The token `common`'s sources name (`--api-token-file`, the credentials
+/// directory, `LLORCH_API_TOKEN`), checked: at startup and on every reload.
+pub(crate) fn configured_token(
+    common: &CommonArgs,
+) -> Result<Option<ApiToken>, auth_min::TokenError> {
+    load_token(&TokenSources::from_process_env(
+        common.api_token_file.clone(),
+    ))
 }
 
-/// Load the token and apply the bind policy for `addr`. Warns once when
-/// serving open on loopback.
-pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<AuthSetup, StartupError> {
-    let token = load_token(&TokenSources::from_process_env(
-        common.api_token_file.clone(),
-    ))?;
+/// Load the token and apply the bind policy for `addr`; the authenticator
+/// checks incoming requests and holds the token for outgoing calls. Warns
+/// once when serving open on loopback.
+pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<Authenticator, StartupError> {
+    let token = configured_token(common)?;
     match check_bind_policy(addr, token.as_ref())? {
         BindMode::OpenLoopback => tracing::warn!(
             %addr,
@@ -114,10 +114,7 @@ pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<AuthSetup, 
             }
         }
     }
-    Ok(AuthSetup {
-        authenticator: Authenticator::from_config(token.as_ref()),
-        token,
-    })
+    Ok(Authenticator::from_config(token.as_ref()))
 }
 
 /// A bound, not yet serving daemon.
@@ -217,7 +214,7 @@ impl Daemon {
         // Register the handlers before announcing the address: a SIGTERM that
         // arrives right after the listening line must drain, not kill.
         let signals = SignalHandlers::install();
-        let reload = self.reload.map(|hook| Reload {
+        let reload = self.reload.map(|hook| crate::reload::Reload {
             name: self.name,
             hook,
             audit: self.audit.as_ref().map(AuditLogger::sink),
@@ -311,14 +308,6 @@ fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// What SIGHUP runs.
-struct Reload {
-    name: &'static str,
-    hook: crate::reload::ReloadHook,
-    audit: Option<AuditSink>,
-    metrics: crate::reload::ReloadMetrics,
-}
-
 struct SignalHandlers {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
@@ -345,7 +334,11 @@ impl SignalHandlers {
         }
     }
 
-    async fn cancel_on_signal(self, shutdown: CancellationToken, reload: Option<Reload>) {
+    async fn cancel_on_signal(
+        self,
+        shutdown: CancellationToken,
+        reload: Option<crate::reload::Reload>,
+    ) {
         let (Some(mut term), Some(mut int)) = (self.term, self.int) else {
             return;
         };
@@ -371,7 +364,7 @@ impl SignalHandlers {
                     Some(r) => {
                         // systemd shows the unit as reloading until READY=1.
                         notify_service_manager(&[sd_notify::NotifyState::Reloading]);
-                        crate::reload::run(r.name, &r.hook, r.audit.as_ref(), &r.metrics).await;
+                        r.run().await;
                         notify_service_manager(&[sd_notify::NotifyState::Ready]);
                     }
                     None => tracing::warn!(
@@ -543,7 +536,7 @@ impl Bootstrap {
                 return Err(e);
             }
         };
-        let mut all = crate::reload::common_settings(addr, common, auth.token.as_ref());
+        let mut all = crate::reload::common_settings(addr, common, auth.token().as_ref());
         all.push(ConfigSetting::new(
             "audit_flush",
             format!("{:?}", audit_config.flush),
@@ -559,11 +552,7 @@ impl Bootstrap {
         );
         audit.register_metrics(&mut registry);
         let reload_metrics = crate::reload::ReloadMetrics::register(&mut registry);
-        let mut stack = crate::HttpStack::new(
-            &mut registry,
-            identity.metric_prefix,
-            auth.authenticator.clone(),
-        );
+        let mut stack = crate::HttpStack::new(&mut registry, identity.metric_prefix, auth.clone());
         if audit.is_enabled() {
             stack = stack.with_auth_observer(std::sync::Arc::new(
                 crate::audit::AuditAuthObserver::new(audit.clone()),
@@ -575,7 +564,7 @@ impl Bootstrap {
             drain: Duration::from_secs(common.shutdown_timeout_s),
             audit_logger,
             audit,
-            auth: auth.authenticator,
+            auth,
             reload_metrics,
             registry,
             shutdown: CancellationToken::new(),

@@ -224,7 +224,7 @@ impl Workers {
     fn launch_spec(&self, spec: &Spec) -> LaunchSpec {
         let tuning = self.inner.tuning();
         let s = &tuning.settings;
-        let dir = s.run_dir.join(&spec.id);
+        let dir = s.worker_dir(&spec.id);
         let mut args = vec![
             "--addr".to_owned(),
             format!("{}", std::net::SocketAddr::new(s.bind_host, 0)),
@@ -252,7 +252,7 @@ impl Workers {
             args.push(url.clone());
         }
         if let Some(token) = self.inner.auth.token() {
-            let path = dir.join("api-token");
+            let path = s.token_file(&spec.id);
             if std::fs::create_dir_all(&dir).is_ok() && token.write_private_file(&path).is_ok() {
                 args.push("--api-token-file".to_owned());
                 args.push(path.display().to_string());
