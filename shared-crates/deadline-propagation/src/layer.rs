@@ -244,4 +244,23 @@ mod tests {
         let (_, body) = run(DeadlineLayer::new(), None).await;
         assert_eq!(body, "0||false");
     }
+
+    #[tokio::test]
+    async fn a_shared_default_changes_for_later_requests() {
+        let deadline_ms = |body: &str| -> u64 { body.split('|').next().unwrap().parse().unwrap() };
+        let default = DefaultDeadline::new(Duration::from_secs(60));
+        let layer = DeadlineLayer::with_shared_default(default.clone());
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let (_, long) = run(layer.clone(), None).await;
+        default.set(Duration::from_secs(5));
+        assert_eq!(default.get(), Duration::from_secs(5));
+        let (_, short) = run(layer, None).await;
+        let long = deadline_ms(&long) - before;
+        let short = deadline_ms(&short) - before;
+        assert!((59_000..=61_000).contains(&long), "{long}");
+        assert!((4_000..=6_000).contains(&short), "{short}");
+    }
 }

@@ -92,6 +92,33 @@ async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
 }
 
 #[tokio::test]
+async fn a_reloaded_queue_bound_applies_to_the_next_request() {
+    let s = sched(1);
+    s.hive_seen(
+        "h",
+        "http://h",
+        vec![worker("a", "m", WorkerState::Busy, 1)],
+        vec!["m".into()],
+    );
+    let mut t0 = s.admit("m", "req").unwrap();
+    let _l0 = granted(&mut t0).await;
+    let _t1 = s.admit("m", "req").unwrap();
+    assert_eq!(
+        s.admit("m", "req").unwrap_err().code(),
+        ErrorCode::QueueFull
+    );
+    s.set_max_queue(2);
+    assert_eq!(s.max_queue(), 2);
+    let _t2 = s.admit("m", "req").expect("room under the larger bound");
+    s.set_max_queue(1);
+    // The two already waiting keep their places; a new one is refused.
+    assert_eq!(
+        s.admit("m", "req").unwrap_err().code(),
+        ErrorCode::QueueFull
+    );
+}
+
+#[tokio::test]
 async fn unknown_models_are_404_and_unreachable_hives_are_503() {
     let s = sched(2);
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
