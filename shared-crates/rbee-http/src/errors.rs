@@ -3,9 +3,8 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{header, StatusCode};
+use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
 use rbee_api::{ApiError, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -61,7 +60,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
-fn payload_too_large() -> ApiError {
+pub(crate) fn payload_too_large() -> ApiError {
     ApiError::new(
         ErrorCode::PayloadTooLarge,
         "the request body is larger than this server accepts",
@@ -76,13 +75,10 @@ pub async fn not_found(request: Request) -> ApiError {
     )
 }
 
-/// Middleware: rewrite any error response that is not already JSON (axum's
-/// 405, tower-http's 413, a plain-text rejection) into the envelope, keeping
-/// its status and headers such as `Allow`.
-pub async fn json_errors(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
+/// Rewrite an error response that is not already JSON (axum's 405, a
+/// plain-text rejection) into the envelope, keeping its status and headers
+/// such as `Allow`. `method` and `path` are the request's, for the message.
+pub(crate) async fn to_envelope(method: &Method, path: &str, response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) || is_json(&response) {
         return response;

@@ -1,11 +1,9 @@
 //! Prometheus metrics kept in the daemon's own registry: HTTP requests per
 //! matched route template, and `rbee_build_info`.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,8 +34,22 @@ type HistogramFamily = Family<Route, Histogram, fn() -> Histogram>;
 /// route template (never the raw path), `unmatched` for unknown routes.
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     requests: Family<RouteStatus, Counter>,
     duration: HistogramFamily,
+    /// The series already used, by route: counting a request is then a
+    /// lookup, not a label set built, hashed and dropped per request.
+    seen: RwLock<HashMap<Box<str>, RouteSeries>>,
+}
+
+#[derive(Debug, Clone)]
+struct RouteSeries {
+    duration: Histogram,
+    by_status: Vec<(u16, Counter)>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -48,59 +60,82 @@ impl HttpMetrics {
     /// Register under `prefix` (`rbee_hive` gives the contract's
     /// `rbee_hive_requests_total`).
     pub fn register(registry: &mut Registry, prefix: &str) -> Self {
-        let metrics = Self {
+        let inner = Inner {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
+            seen: RwLock::default(),
         };
         registry.register(
             format!("{prefix}_requests"),
             "HTTP requests by matched route template and status",
-            metrics.requests.clone(),
+            inner.requests.clone(),
         );
         registry.register(
             format!("{prefix}_request_duration_seconds"),
             "HTTP request latency to the response head, by matched route template",
-            metrics.duration.clone(),
+            inner.duration.clone(),
         );
-        metrics
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Requests counted so far for `route` with `status`.
     pub fn count(&self, route: &str, status: u16) -> u64 {
-        self.requests
+        self.inner
+            .requests
             .get_or_create(&RouteStatus {
                 route: route.to_owned(),
                 status,
             })
             .get()
     }
-}
 
-/// Middleware counting and timing each request.
-pub async fn middleware(
-    State(metrics): State<HttpMetrics>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    metrics
-        .requests
-        .get_or_create(&RouteStatus {
-            route: route.clone(),
-            status: response.status().as_u16(),
-        })
-        .inc();
-    metrics
-        .duration
-        .get_or_create(&Route { route })
-        .observe(elapsed);
-    response
+    /// Count one request to `route` answered with `status` after `seconds`.
+    pub fn observe(&self, route: &str, status: u16, seconds: f64) {
+        {
+            let seen = self
+                .inner
+                .seen
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(series) = seen.get(route) {
+                if let Some((_, counter)) = series.by_status.iter().find(|(s, _)| *s == status) {
+                    counter.inc();
+                    series.duration.observe(seconds);
+                    return;
+                }
+            }
+        }
+        let counter = self
+            .inner
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route.to_owned(),
+                status,
+            })
+            .clone();
+        let mut seen = self
+            .inner
+            .seen
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let series = seen.entry(route.into()).or_insert_with(|| RouteSeries {
+            duration: self
+                .inner
+                .duration
+                .get_or_create(&Route {
+                    route: route.to_owned(),
+                })
+                .clone(),
+            by_status: Vec::new(),
+        });
+        if !series.by_status.iter().any(|(s, _)| *s == status) {
+            series.by_status.push((status, counter.clone()));
+        }
+        counter.inc();
+        series.duration.observe(seconds);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -1,13 +1,8 @@
 //! `X-Request-Id`: accepted or minted, echoed, and carried by the request's span.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::extract::Request;
-use axum::middleware::Next;
-use axum::response::Response;
 use http::{HeaderName, HeaderValue};
-use tracing::Instrument;
 
 /// The request id header.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -42,9 +37,10 @@ impl std::fmt::Display for RequestId {
     }
 }
 
-/// Middleware: take or mint the id, run the rest of the stack inside a span
-/// that carries it, echo it on the response, and log one access line.
-pub async fn middleware(mut request: Request, next: Next) -> Response {
+/// Take the client's id or mint one; put it into the request's headers (for
+/// handlers that forward them) and extensions. Returns the id and its header
+/// value, to echo on the response.
+pub(crate) fn assign<B>(request: &mut http::Request<B>) -> (RequestId, HeaderValue) {
     let supplied = request.headers().get(&X_REQUEST_ID);
     let id = supplied
         .and_then(RequestId::accept)
@@ -56,23 +52,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         HeaderValue::from_str(id.as_str()).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     request.headers_mut().insert(X_REQUEST_ID, header.clone());
     request.extensions_mut().insert(id.clone());
-
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %id, %method, %path);
-    let started = Instant::now();
-    let mut response = next.run(request).instrument(span.clone()).await;
-    response.headers_mut().insert(X_REQUEST_ID, header);
-
-    let _entered = span.enter();
-    let status = response.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    if auth_min::PUBLIC_PATHS.contains(&path.as_str()) {
-        tracing::debug!(status, latency_ms, "request finished");
-    } else {
-        tracing::info!(status, latency_ms, "request finished");
-    }
-    response
+    (id, header)
 }
 
 #[cfg(test)]

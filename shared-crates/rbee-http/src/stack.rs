@@ -1,13 +1,24 @@
 //! The layer stack every daemon's router gets.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
 use auth_min::{AuthLayer, AuthMetrics, Authenticator};
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use deadline_propagation::DeadlineLayer;
+use futures_util::future::{ready, Either, Ready};
+use http::header;
 use prometheus_client::registry::Registry;
-use tower_http::limit::RequestBodyLimitLayer;
+use tower::{Layer, Service};
+use tracing::Instrument;
 
 use crate::metrics::HttpMetrics;
+use crate::request_id::X_REQUEST_ID;
 
 /// Default request body limit: 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
@@ -70,20 +81,147 @@ impl HttpStack {
 
     /// Wrap `router` (state already applied) in the whole stack, with the
     /// JSON 404 fallback.
+    ///
+    /// The layers are composed into one before they reach the router:
+    /// `Router::layer` boxes each layer it is given around every route, so
+    /// seven layers added one by one cost seven boxed services and futures
+    /// per request, where one composed stack costs one.
     pub fn apply(&self, router: Router) -> Router {
-        // `Router::layer` wraps each route and the fallback; the last layer
-        // added is the outermost.
-        router
-            .fallback(crate::errors::not_found)
-            .layer(DefaultBodyLimit::max(self.body_limit))
-            .layer(RequestBodyLimitLayer::new(self.body_limit))
-            .layer(self.deadline.clone())
+        let stack = tower::ServiceBuilder::new()
+            .layer(EdgeLayer {
+                metrics: self.http_metrics.clone(),
+            })
             .layer(self.auth.clone())
-            .layer(axum::middleware::from_fn(crate::errors::json_errors))
-            .layer(axum::middleware::from_fn_with_state(
-                self.http_metrics.clone(),
-                crate::metrics::middleware,
-            ))
-            .layer(axum::middleware::from_fn(crate::request_id::middleware))
+            .layer(self.deadline.clone())
+            .layer(BodyLimitLayer(self.body_limit))
+            .layer(DefaultBodyLimit::max(self.body_limit));
+        router.fallback(crate::errors::not_found).layer(stack)
+    }
+}
+
+/// The outermost layer, in one service: the request id (taken or minted,
+/// echoed, carried by the request's span, one access line), the HTTP
+/// metrics, and the JSON envelope for any error answered in another shape.
+#[derive(Debug, Clone)]
+struct EdgeLayer {
+    metrics: HttpMetrics,
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Edge<S> {
+    inner: S,
+    metrics: HttpMetrics,
+}
+
+impl<S> Service<Request> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let started = Instant::now();
+        let (id, echo) = crate::request_id::assign(&mut request);
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let span = tracing::info_span!("request", request_id = %id, %method, path = %uri.path());
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let response = match inner.instrument(span.clone()).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            let path = uri.path();
+            let mut response = crate::errors::to_envelope(&method, path, response).await;
+            let status = response.status().as_u16();
+            let elapsed = started.elapsed();
+            metrics.observe(
+                route.as_ref().map_or("unmatched", MatchedPath::as_str),
+                status,
+                elapsed.as_secs_f64(),
+            );
+            response.headers_mut().insert(X_REQUEST_ID, echo);
+            let _entered = span.enter();
+            let latency_ms = elapsed.as_secs_f64() * 1e3;
+            if auth_min::PUBLIC_PATHS.contains(&path) {
+                tracing::debug!(status, latency_ms, "request finished");
+            } else {
+                tracing::info!(status, latency_ms, "request finished");
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Refuses a request that declares a body longer than the limit before a
+/// byte of it is read. Bodies without a length are bounded while they are
+/// read (`DefaultBodyLimit`, inside).
+#[derive(Debug, Clone, Copy)]
+struct BodyLimitLayer(usize);
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+
+    fn layer(&self, inner: S) -> BodyLimit<S> {
+        BodyLimit {
+            inner,
+            limit: self.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BodyLimit<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> Service<Request> for BodyLimit<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limit as u64) {
+            return Either::Left(ready(
+                Ok(crate::errors::payload_too_large().into_response()),
+            ));
+        }
+        Either::Right(self.inner.call(request))
     }
 }
