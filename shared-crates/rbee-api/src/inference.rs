@@ -30,31 +30,31 @@ pub struct InferenceRequest {
     /// The prompt text.
     pub prompt: String,
     /// Tokens to generate at most.
-    #[serde(default = "default_max_tokens")]
+    #[serde(default = "default_max_tokens", skip_serializing_if = "is_default_max_tokens")]
     pub max_tokens: u32,
     /// 0 is greedy.
-    #[serde(default = "default_temperature")]
+    #[serde(default = "default_temperature", skip_serializing_if = "is_default_temperature")]
     pub temperature: f32,
     /// Nucleus sampling mass.
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub top_p: f32,
     /// 0 disables top-k.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub top_k: u32,
     /// Minimum probability relative to the most likely token; 0 disables.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
     pub min_p: f32,
     /// 1 disables.
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub repetition_penalty: f32,
     /// Fixed seed for reproducible sampling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Stop sequences, never emitted.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
     /// SSE stream (true) or one JSON answer (false).
-    #[serde(default = "yes")]
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub stream: bool,
     /// Keep generating past the end-of-sequence token, up to `max_tokens`
     /// (benchmarks and load tests that need a fixed output length).
@@ -73,6 +73,29 @@ fn one() -> f32 {
 }
 fn yes() -> bool {
     true
+}
+
+// A field at its default is left out when the request is serialized (the
+// queen forwards it to a worker): the reader fills in the same default, and
+// the body it parses is shorter.
+fn is_default_max_tokens(v: &u32) -> bool {
+    *v == default_max_tokens()
+}
+// Exact comparison is the point: only the value the default produces is left out.
+fn is_default_temperature(v: &f32) -> bool {
+    v.to_bits() == default_temperature().to_bits()
+}
+fn is_one(v: &f32) -> bool {
+    v.to_bits() == one().to_bits()
+}
+fn is_zero_f32(v: &f32) -> bool {
+    v.to_bits() == 0f32.to_bits()
+}
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// An inference request whose every field is within the contract's limits.
