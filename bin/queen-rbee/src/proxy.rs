@@ -626,17 +626,12 @@ impl Relay {
             };
             let failure = match chunk {
                 Ok(Some(bytes)) => {
-                    let mut out: Vec<u8> = Vec::new();
-                    for event in self.sse.feed(&bytes, self.openai) {
-                        if event.first_token {
-                            self.call.state.metrics.first_token(
-                                &self.call.prep.model,
-                                self.call.arrived.elapsed().as_secs_f64(),
-                            );
-                        }
-                        for b in event.out {
-                            out.extend_from_slice(&b);
-                        }
+                    let mut out = Vec::with_capacity(bytes.len() + self.sse.held.len());
+                    if self.sse.feed(&bytes, self.openai, &mut out) {
+                        self.call.state.metrics.first_token(
+                            &self.call.prep.model,
+                            self.call.arrived.elapsed().as_secs_f64(),
+                        );
                     }
                     if self.sse.done {
                         self.finished = true;

@@ -30,10 +30,16 @@ pub struct InferenceRequest {
     /// The prompt text.
     pub prompt: String,
     /// Tokens to generate at most.
-    #[serde(default = "default_max_tokens", skip_serializing_if = "is_default_max_tokens")]
+    #[serde(
+        default = "default_max_tokens",
+        skip_serializing_if = "is_default_max_tokens"
+    )]
     pub max_tokens: u32,
     /// 0 is greedy.
-    #[serde(default = "default_temperature", skip_serializing_if = "is_default_temperature")]
+    #[serde(
+        default = "default_temperature",
+        skip_serializing_if = "is_default_temperature"
+    )]
     pub temperature: f32,
     /// Nucleus sampling mass.
     #[serde(default = "one", skip_serializing_if = "is_one")]

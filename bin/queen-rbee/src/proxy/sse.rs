@@ -46,8 +46,10 @@ struct NativeEvent<'a> {
 /// Parser state of one relayed SSE stream.
 #[derive(Debug)]
 pub(super) struct SseState {
+    /// The start of an event whose end has not arrived yet.
     pub(super) buf: Vec<u8>,
-    pub(super) held: Vec<Bytes>,
+    /// `started` events held back until the first token.
+    pub(super) held: Vec<u8>,
     /// An event other than `started` has gone to the client.
     pub(super) started_relay: bool,
     pub(super) relayed_tokens: u32,
@@ -72,26 +74,41 @@ impl Default for SseState {
     }
 }
 
-/// What to send for one complete upstream event.
-pub(super) struct Relayed {
-    pub(super) out: Vec<Bytes>,
-    pub(super) first_token: bool,
-}
-
 impl SseState {
-    /// Split complete events out of `bytes` and decide what each sends.
-    pub(super) fn feed(&mut self, bytes: &[u8], openai: bool) -> Vec<Relayed> {
-        self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.buf) {
-            let event: Vec<u8> = self.buf.drain(..end).collect();
-            out.push(self.classify(Bytes::from(event), openai));
+    /// Take the complete events out of `bytes` (after what an earlier call
+    /// left incomplete), append what they send to `out`, and keep the rest
+    /// for the next call. True when the stream's first token was among them.
+    pub(super) fn feed(&mut self, bytes: &[u8], openai: bool, out: &mut Vec<u8>) -> bool {
+        if self.buf.is_empty() {
+            // The common case: the batch starts where an event starts, and
+            // is read where it lies.
+            let (used, first) = self.events(bytes, openai, out);
+            self.buf.extend_from_slice(&bytes[used..]);
+            return first;
         }
-        out
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(bytes);
+        let (used, first) = self.events(&buf, openai, out);
+        buf.drain(..used);
+        self.buf = buf;
+        first
     }
 
-    fn classify(&mut self, event: Bytes, openai: bool) -> Relayed {
-        let text = std::str::from_utf8(&event).unwrap_or("");
+    /// Classify each complete event in `data`: how many bytes they took, and
+    /// whether the first token was among them.
+    fn events(&mut self, data: &[u8], openai: bool, out: &mut Vec<u8>) -> (usize, bool) {
+        let mut at = 0;
+        let mut first = false;
+        while let Some(len) = find_event_end(&data[at..]) {
+            first |= self.classify(&data[at..at + len], openai, out);
+            at += len;
+        }
+        (at, first)
+    }
+
+    /// Decide what one event sends; true when it is the first token.
+    fn classify(&mut self, event: &[u8], openai: bool, out: &mut Vec<u8>) -> bool {
+        let text = std::str::from_utf8(event).unwrap_or("");
         let mut data_lines = text
             .lines()
             .filter_map(|l| l.strip_prefix("data:"))
@@ -100,10 +117,8 @@ impl SseState {
         let Some(first) = data_lines.next() else {
             // A comment (the worker's keep-alive during a long prefill):
             // pass it on; it is not the answer starting.
-            return Relayed {
-                out: vec![event],
-                first_token: false,
-            };
+            out.extend_from_slice(event);
+            return false;
         };
         let joined;
         let data = match data_lines.next() {
@@ -152,16 +167,13 @@ impl SseState {
             }
         }
         if is_started && !self.started_relay {
-            self.held.push(event);
-            return Relayed {
-                out: Vec::new(),
-                first_token: false,
-            };
+            self.held.extend_from_slice(event);
+            return false;
         }
         self.started_relay = true;
-        let mut out = std::mem::take(&mut self.held);
-        out.push(event);
-        Relayed { out, first_token }
+        out.append(&mut self.held);
+        out.extend_from_slice(event);
+        first_token
     }
 
     fn set_error(&mut self, code: &serde_json::Value) {
@@ -177,77 +189,107 @@ fn count(v: Option<&serde_json::Value>) -> u32 {
         .unwrap_or(0)
 }
 
-/// The end (exclusive) of the first complete event: after a blank line.
+/// The length of the first complete event in `buf`, up to and including
+/// the blank line that ends it (`\n\n`, or a `\n` followed by `\r\n`).
 fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    let mut from = 0;
+    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + p;
+        match buf.get(lf + 1) {
+            Some(b'\n') => return Some(lf + 2),
+            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
+            _ => from = lf + 1,
+        }
     }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn texts(r: &[Relayed]) -> Vec<String> {
-        r.iter()
-            .flat_map(|r| r.out.iter())
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect()
+    /// Feed `bytes`; what goes to the client, and whether the first token
+    /// was in it.
+    fn feed(s: &mut SseState, bytes: &[u8], openai: bool) -> (String, bool) {
+        let mut out = Vec::new();
+        let first = s.feed(bytes, openai, &mut out);
+        (String::from_utf8(out).expect("utf-8"), first)
     }
 
     #[test]
     fn started_is_held_until_the_first_token_and_split_events_are_joined() {
         let mut s = SseState::default();
-        let r = s.feed(
+        let (out, _) = feed(
+            &mut s,
             b"data: {\"type\":\"started\",\"job_id\":\"j\"}\n\ndata: {\"ty",
             false,
         );
-        assert!(texts(&r).is_empty(), "started is held");
+        assert!(out.is_empty(), "started is held");
         assert!(!s.started_relay);
 
-        let r = s.feed(b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n", false);
-        let out = texts(&r);
-        assert_eq!(out.len(), 2);
-        assert!(out[0].contains("started") && out[1].contains("Hi"));
-        assert!(r[0].first_token);
-        let r = s.feed(
-            b"data: {\"type\":\"end\",\"tokens_in\":5,\"tokens_out\":1,\"decode_time_ms\":3,\"stop_reason\":\"eos\"}\n\ndata: [DONE]\n\n",
-            false,
+        let (out, first) = feed(&mut s, b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n", false);
+        assert_eq!(
+            out,
+            "data: {\"type\":\"started\",\"job_id\":\"j\"}\n\ndata: {\"type\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n"
         );
-        assert_eq!(texts(&r).len(), 2);
+        assert!(first);
+        let end = "data: {\"type\":\"end\",\"tokens_in\":5,\"tokens_out\":1,\"decode_time_ms\":3,\"stop_reason\":\"eos\"}\n\ndata: [DONE]\n\n";
+        let (out, first) = feed(&mut s, end.as_bytes(), false);
+        assert_eq!(out, end);
+        assert!(!first);
         assert!(s.done);
         assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 5, 1));
+        assert!(s.buf.is_empty());
+    }
+
+    #[test]
+    fn an_event_split_anywhere_comes_out_whole_and_once() {
+        let stream: &[u8] = b"data: {\"type\":\"started\"}\r\n\r\ndata: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\ndata: {\"type\":\"token\",\"t\":\"b\",\"i\":1}\n\n: keep-alive\n\ndata: [DONE]\n\n";
+        for cut in 0..=stream.len() {
+            let mut s = SseState::default();
+            let mut out = Vec::new();
+            let mut firsts = 0;
+            for part in [&stream[..cut], &stream[cut..]] {
+                firsts += usize::from(s.feed(part, false, &mut out));
+            }
+            assert_eq!(out, stream, "cut at {cut}");
+            assert_eq!(firsts, 1, "cut at {cut}");
+            assert_eq!(s.relayed_tokens, 2);
+            assert!(s.done && s.buf.is_empty(), "cut at {cut}");
+        }
     }
 
     #[test]
     fn keep_alive_comments_pass_through_without_releasing_started() {
         let mut s = SseState::default();
-        assert!(texts(&s.feed(b"data: {\"type\":\"started\"}\n\n", false)).is_empty());
-        let r = s.feed(b":\n\n", false);
-        assert_eq!(texts(&r), [":\n\n"]);
+        assert!(feed(&mut s, b"data: {\"type\":\"started\"}\n\n", false)
+            .0
+            .is_empty());
+        let (out, _) = feed(&mut s, b":\n\n", false);
+        assert_eq!(out, ":\n\n");
         assert!(!s.started_relay, "a failure now could still be retried");
     }
 
     #[test]
     fn errors_and_openai_usage_set_the_outcome() {
         let mut s = SseState::default();
-        s.feed(
+        feed(
+            &mut s,
             b"data: {\"type\":\"error\",\"code\":\"DEADLINE_EXCEEDED\",\"message\":\"m\"}\n\n",
             false,
         );
         assert_eq!(s.outcome, Outcome::DeadlineExceeded);
         let mut s = SseState::default();
-        let r = s.feed(
+        let (_, first) = feed(
+            &mut s,
             b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n",
             true,
         );
-        assert!(r[0].first_token);
-        s.feed(b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n", true);
+        assert!(first);
+        feed(&mut s, b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n", true);
         assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 4, 2));
-        s.feed(
+        feed(
+            &mut s,
             b"data: {\"error\":{\"code\":\"CANCELLED\",\"message\":\"m\"}}\n\n",
             true,
         );
