@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::metrics::Stage;
 use crate::sched::{Lease, Ticket};
-use crate::upstream::{Exchange, Outgoing};
+use crate::upstream::{Exchange, Head, Outgoing};
 use crate::AppState;
 use sse::{error_event, usage_of, SseState};
 
@@ -291,7 +291,7 @@ struct Call {
 }
 
 /// A worker's answer: its head, and its body still to read.
-type Answer = (http::response::Parts, Exchange);
+type Answer = (Head, Exchange);
 
 /// How a call to a worker went, before any of its answer reached the client.
 enum Sent {

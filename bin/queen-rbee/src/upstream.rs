@@ -1,33 +1,35 @@
 //! The queen's HTTP/1.1 client for calls to workers.
 //!
 //! Every inference request is one exchange with a worker, so this path is
-//! the queen's hot loop. A general-purpose client (reqwest over hyper-util's
-//! pool) runs each connection as its own task and hands the answer's body
-//! across a channel one chunk at a time: every SSE event then costs a task
-//! wake-up and its own write to the client. Here the connection is driven
-//! by whoever reads the answer, inside the same poll, and everything the
+//! the queen's hot loop. A general-purpose client (reqwest, or hyper's
+//! connection and its dispatcher) hands the request to the connection over
+//! a channel, the answer's head back over another, and its body one chunk
+//! at a time over a third. Here the connection belongs to whoever makes
+//! the call: the request goes out in one write, the answer's head is parsed
+//! from the same read buffer its body is decoded from, and everything the
 //! worker has sent so far comes back as one batch, so a batch of events is
 //! one write to the client.
 //!
+//! Only what workers speak is read: HTTP/1.1 answers whose body is chunked,
+//! has a `Content-Length`, or ends with the connection; anything else is an
+//! error naming what was wrong, and that connection is never reused.
+//!
 //! Connections are kept per worker address and reused (newest first). One
 //! found closed when it is taken is dropped; a request that a reused
-//! connection could not deliver (the worker had closed it) is sent once more
-//! on a fresh connection, because the worker never saw it. Idle connections
-//! older than [`IDLE_MAX`] are closed by [`Upstream::prune`].
+//! connection could not deliver (the worker closed it before answering a
+//! byte) is sent once more on a fresh connection, because the worker never
+//! saw it. Idle connections older than [`IDLE_MAX`] are closed by
+//! [`Upstream::prune`].
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request};
-use http_body_util::Full;
-use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Idle connections older than this are closed.
@@ -39,40 +41,63 @@ const MAX_IDLE_PER_HOST: usize = 256;
 /// Time allowed to open a TCP connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
+/// Longest answer head (status line and headers) accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// A connection to one worker, with its driver.
-struct Link {
-    sender: SendRequest<Full<Bytes>>,
-    /// `None` once the connection has ended.
-    conn: Option<Conn>,
-    /// Why the connection ended, when it ended with an error.
-    ended: Option<String>,
+/// Most headers in an answer head.
+const MAX_HEADERS: usize = 64;
+
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE_BYTES: usize = 4096;
+
+/// Bytes read from a worker's socket at a time.
+const READ_BYTES: usize = 16 * 1024;
+
+/// One connection to a worker, with what has been read from it and not
+/// consumed yet.
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
 }
 
-impl Link {
-    /// Drive the connection's I/O; true while it is still open.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(conn) = self.conn.as_mut() {
-            if let Poll::Ready(result) = Pin::new(conn).poll(cx) {
-                self.conn = None;
-                if let Err(e) = result {
-                    self.ended = Some(e.to_string());
-                }
-            }
-        }
-        self.conn.is_some()
-    }
-
-    /// True when the connection is still open, without waiting.
+impl Conn {
+    /// True when an idle connection is still open: it has nothing to read,
+    /// while one the worker closed reads as its end.
     fn alive(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.drive(&mut cx) && !self.sender.is_closed()
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Read what the socket has into `buf`; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        loop {
+            match self.io.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            self.buf.reserve(READ_BYTES);
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(cx)).await
     }
 }
 
 struct Idle {
-    link: Link,
+    conn: Conn,
     since: Instant,
 }
 
@@ -97,6 +122,15 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     /// The body, sent as it is.
     pub body: Bytes,
+}
+
+/// The head of a worker's answer.
+#[derive(Debug)]
+pub struct Head {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: HeaderMap,
 }
 
 /// The pool of worker connections.
@@ -127,6 +161,15 @@ fn authority(base_url: &str) -> Result<&str, UpstreamError> {
     Ok(authority)
 }
 
+/// How a call on one connection failed.
+enum Failed {
+    /// The connection ended before a byte of the answer: the worker may
+    /// never have seen the request.
+    Unanswered(String),
+    /// Anything else.
+    Other(String),
+}
+
 impl Upstream {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
@@ -140,156 +183,375 @@ impl Upstream {
     /// Close idle connections older than [`IDLE_MAX`].
     pub fn prune(&self) {
         let mut idle = self.lock();
-        for links in idle.values_mut() {
-            links.retain(|l| l.since.elapsed() < IDLE_MAX);
+        for conns in idle.values_mut() {
+            conns.retain(|c| c.since.elapsed() < IDLE_MAX);
         }
-        idle.retain(|_, links| !links.is_empty());
+        idle.retain(|_, conns| !conns.is_empty());
     }
 
     /// The newest idle connection to `authority` that is still open.
-    fn checkout(&self, authority: &str) -> Option<Link> {
+    fn checkout(&self, authority: &str) -> Option<Conn> {
         let mut idle = self.lock();
-        let links = idle.get_mut(authority)?;
-        while let Some(mut idle) = links.pop() {
+        let conns = idle.get_mut(authority)?;
+        while let Some(mut idle) = conns.pop() {
             if idle.since.elapsed() >= IDLE_MAX {
                 // Everything below is older still.
-                links.clear();
+                conns.clear();
                 return None;
             }
-            if idle.link.alive() {
-                return Some(idle.link);
+            if idle.conn.alive() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, authority: &str, link: Link) {
+    fn checkin(&self, authority: &str, conn: Conn) {
         let mut idle = self.lock();
-        let links = idle.entry(authority.to_owned()).or_default();
-        if links.len() >= MAX_IDLE_PER_HOST {
-            links.remove(0);
+        let conns = match idle.get_mut(authority) {
+            Some(c) => c,
+            None => idle.entry(authority.to_owned()).or_default(),
+        };
+        if conns.len() >= MAX_IDLE_PER_HOST {
+            conns.remove(0);
         }
-        links.push(Idle {
-            link,
+        conns.push(Idle {
+            conn,
             since: Instant::now(),
         });
     }
 
-    async fn connect(authority: &str) -> Result<Link, UpstreamError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+    async fn connect(authority: &str) -> Result<Conn, UpstreamError> {
+        let io = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
             .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
             .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
         // Small SSE writes must not wait for delayed ACKs.
-        stream
-            .set_nodelay(true)
+        io.set_nodelay(true)
             .map_err(|e| UpstreamError(format!("cannot set TCP_NODELAY: {e}")))?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError(format!("HTTP handshake with {authority}: {e}")))?;
-        Ok(Link {
-            sender,
-            conn: Some(conn),
-            ended: None,
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
         })
     }
 
     /// Send `outgoing` to the worker at `base_url` (`http://host:port`) and
     /// wait for the head of its answer. The body is read from the returned
-    /// [`Exchange`], which drives the connection and gives it back to the
-    /// pool once the body is read to its end.
+    /// [`Exchange`], which gives the connection back to the pool once the
+    /// body is read to its end.
     pub async fn send(
         self: &Arc<Self>,
         base_url: &str,
         outgoing: &Outgoing,
-    ) -> Result<(http::response::Parts, Exchange), UpstreamError> {
+    ) -> Result<(Head, Exchange), UpstreamError> {
         let authority = authority(base_url)?;
+        let request = encode(authority, outgoing)?;
         let mut fresh_only = false;
         loop {
-            let (mut link, reused) = match (!fresh_only).then(|| self.checkout(authority)).flatten()
+            let (mut conn, reused) = match (!fresh_only).then(|| self.checkout(authority)).flatten()
             {
-                Some(link) => (link, true),
+                Some(conn) => (conn, true),
                 None => (Self::connect(authority).await?, false),
             };
-            let request = build(authority, outgoing)?;
-            match exchange(&mut link, request).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
+            match exchange(&mut conn, &request, &outgoing.method).await {
+                Ok((head, body, keep_alive)) => {
                     let exchange = Exchange {
-                        link: Some(link),
+                        conn: Some(conn),
                         body,
+                        keep_alive,
                         pending_error: None,
                         done: false,
                         authority: authority.to_owned(),
                         pool: Arc::clone(self),
                     };
-                    return Ok((parts, exchange));
+                    return Ok((head, exchange));
                 }
                 // The worker closed an idle connection as the request went
                 // out on it: it never saw the request, so send it again once.
-                Err(e) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
-                    tracing::debug!(worker = %authority, error = %e, "a reused connection was closed; sending again");
+                Err(Failed::Unanswered(why)) if reused => {
+                    tracing::debug!(worker = %authority, error = %why, "a reused connection was closed; sending again");
                     fresh_only = true;
                 }
-                Err(e) => {
-                    return Err(UpstreamError(match link.ended.take() {
-                        Some(why) => format!("{e} ({why})"),
-                        None => e.to_string(),
-                    }))
+                Err(Failed::Unanswered(why) | Failed::Other(why)) => {
+                    return Err(UpstreamError(format!("{authority}: {why}")))
                 }
             }
         }
     }
 }
 
-fn build(authority: &str, outgoing: &Outgoing) -> Result<Request<Full<Bytes>>, UpstreamError> {
-    let mut request = Request::builder()
-        .method(outgoing.method.clone())
-        .uri(outgoing.path.as_str())
-        .body(Full::new(outgoing.body.clone()))
-        .map_err(|e| UpstreamError(format!("cannot build the request: {e}")))?;
-    let headers = request.headers_mut();
-    headers.clone_from(&outgoing.headers);
-    let host = http::HeaderValue::from_str(authority)
-        .map_err(|_| UpstreamError(format!("`{authority}` is not a valid host")))?;
-    headers.insert(http::header::HOST, host);
-    Ok(request)
+/// The request line, headers and body, ready for one write.
+fn encode(authority: &str, outgoing: &Outgoing) -> Result<Vec<u8>, UpstreamError> {
+    if outgoing.path.bytes().any(|b| b <= b' ' || b == 0x7f) || !outgoing.path.starts_with('/') {
+        return Err(UpstreamError(format!(
+            "`{}` is not a request path",
+            outgoing.path
+        )));
+    }
+    if authority.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(UpstreamError(format!("`{authority}` is not a valid host")));
+    }
+    let mut out = Vec::with_capacity(256 + outgoing.body.len());
+    out.extend_from_slice(outgoing.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(outgoing.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(outgoing.body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &outgoing.headers {
+        if name == http::header::HOST
+            || name == http::header::CONTENT_LENGTH
+            || name == http::header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        // Header values cannot hold CR or LF (`HeaderValue` refuses them).
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&outgoing.body);
+    Ok(out)
 }
 
-/// Wait until the connection can take a request, send it, and wait for the
-/// answer's head, driving the connection all along.
+/// Send `request` on `conn` and read the answer's head: the head, how its
+/// body is framed, and whether the connection may be reused after it.
 async fn exchange(
-    link: &mut Link,
-    request: Request<Full<Bytes>>,
-) -> Result<http::Response<Incoming>, hyper::Error> {
-    let ready = poll_fn(|cx| {
-        let open = link.drive(cx);
-        match link.sender.poll_ready(cx) {
-            Poll::Pending if !open => Poll::Ready(Err(None)),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => Poll::Ready(r.map_err(Some)),
-        }
-    })
-    .await;
-    match ready {
-        Ok(()) => {}
-        Err(Some(e)) => return Err(e),
-        // The connection ended without the sender noticing yet: sending
-        // reports it as canceled or closed.
-        Err(None) => {}
+    conn: &mut Conn,
+    request: &[u8],
+    method: &Method,
+) -> Result<(Head, Framing, bool), Failed> {
+    if let Err(e) = conn.io.write_all(request).await {
+        return Err(Failed::Unanswered(format!("sending the request: {e}")));
     }
-    let mut response = std::pin::pin!(link.sender.send_request(request));
-    poll_fn(|cx| {
-        link.drive(cx);
-        response.as_mut().poll(cx)
-    })
-    .await
+    loop {
+        if let Some(parsed) = parse_head(&mut conn.buf, method).map_err(Failed::Other)? {
+            return Ok(parsed);
+        }
+        if conn.buf.len() > MAX_HEAD_BYTES {
+            return Err(Failed::Other(format!(
+                "the answer's head is longer than {MAX_HEAD_BYTES} bytes"
+            )));
+        }
+        let answered = !conn.buf.is_empty();
+        match conn.fill().await {
+            Ok(0) if answered => {
+                return Err(Failed::Other(
+                    "the connection closed in the answer's head".to_owned(),
+                ))
+            }
+            Ok(0) => {
+                return Err(Failed::Unanswered(
+                    "the connection closed before an answer".to_owned(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if answered => return Err(Failed::Other(format!("reading the answer: {e}"))),
+            Err(e) => return Err(Failed::Unanswered(format!("reading the answer: {e}"))),
+        }
+    }
+}
+
+/// Parse a complete head at the start of `buf` (consuming it), skipping
+/// interim (1xx) answers; `None` while it is incomplete.
+fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<(Head, Framing, bool)>, String> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut slots);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("the answer is not HTTP/1.1: {e}")),
+        };
+        let code = response.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| format!("status {code} is not valid"))?;
+        if response.version != Some(1) {
+            return Err("the answer is not HTTP/1.1".to_owned());
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let mut headers = HeaderMap::with_capacity(response.headers.len());
+        let mut chunked = false;
+        let mut length: Option<u64> = None;
+        let mut keep_alive = true;
+        for h in response.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("header name `{}` is not valid", h.name))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| format!("the value of `{name}` is not valid"))?;
+            if name == http::header::TRANSFER_ENCODING {
+                // Only `chunked` is spoken, and it must come last.
+                let text = value.to_str().unwrap_or("");
+                let last = text.rsplit(',').next().unwrap_or("").trim();
+                if !last.eq_ignore_ascii_case("chunked") || text.split(',').count() > 1 {
+                    return Err(format!("transfer encoding `{text}` is not spoken here"));
+                }
+                chunked = true;
+            } else if name == http::header::CONTENT_LENGTH {
+                let n = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| "Content-Length is not a number".to_owned())?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("two different Content-Length headers".to_owned());
+                }
+                length = Some(n);
+            } else if name == http::header::CONNECTION {
+                keep_alive &= !value
+                    .to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("close"));
+            }
+            headers.append(name, value);
+        }
+        buf.advance(len);
+        let framing = if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Length(0)
+        } else if chunked {
+            if length.is_some() {
+                // Both framings at once is how requests get smuggled.
+                return Err("the answer is both chunked and has a Content-Length".to_owned());
+            }
+            Framing::Chunked(Chunk::Size)
+        } else if let Some(n) = length {
+            Framing::Length(n)
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        };
+        return Ok(Some((Head { status, headers }, framing, keep_alive)));
+    }
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked, in this state.
+    Chunked(Chunk),
+    /// When the worker closes the connection.
+    UntilClose,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, with this many bytes to go.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section, after the last chunk.
+    Trailers,
+}
+
+/// The position of the first CRLF in `buf`.
+fn line_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Decode what `buf` holds of the body into `out`. True at the body's end.
+fn decode(framing: &mut Framing, buf: &mut BytesMut, out: &mut BytesMut) -> Result<bool, String> {
+    match framing {
+        Framing::Length(n) => {
+            let take = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+            out.extend_from_slice(&buf[..take]);
+            buf.advance(take);
+            *n -= take as u64;
+            Ok(*n == 0)
+        }
+        Framing::UntilClose => {
+            out.extend_from_slice(buf);
+            buf.clear();
+            Ok(false)
+        }
+        Framing::Chunked(state) => loop {
+            match state {
+                Chunk::Size => {
+                    let Some(end) = line_end(buf) else {
+                        return short_line(buf, "chunk-size");
+                    };
+                    let line = std::str::from_utf8(&buf[..end]).unwrap_or("");
+                    let hex = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(hex, 16)
+                        .map_err(|_| format!("chunk size `{hex}` is not hexadecimal"))?;
+                    buf.advance(end + 2);
+                    *state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(n) => {
+                    if buf.is_empty() {
+                        return Ok(false);
+                    }
+                    let take = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+                    out.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    *n -= take as u64;
+                    if *n == 0 {
+                        *state = Chunk::DataEnd;
+                    }
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(false);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("a chunk does not end with CRLF".to_owned());
+                    }
+                    buf.advance(2);
+                    *state = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let Some(end) = line_end(buf) else {
+                        return short_line(buf, "trailer");
+                    };
+                    buf.advance(end + 2);
+                    if end == 0 {
+                        return Ok(true);
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// An incomplete line: wait for more, unless it is already too long.
+fn short_line(buf: &[u8], what: &str) -> Result<bool, String> {
+    if buf.len() > MAX_LINE_BYTES {
+        Err(format!(
+            "a {what} line is longer than {MAX_LINE_BYTES} bytes"
+        ))
+    } else {
+        Ok(false)
+    }
 }
 
 /// The body of a worker's answer, read batch by batch.
 pub struct Exchange {
-    link: Option<Link>,
-    body: Incoming,
+    /// `None` once the body has ended or failed.
+    conn: Option<Conn>,
+    body: Framing,
+    keep_alive: bool,
     /// An error seen after data that was returned first.
     pending_error: Option<String>,
     done: bool,
@@ -320,61 +582,53 @@ impl Exchange {
         if self.done {
             return Poll::Ready(Ok(None));
         }
-        let mut first: Option<Bytes> = None;
-        let mut more: Option<BytesMut> = None;
-        let batch = |first: Option<Bytes>, more: Option<BytesMut>| match more {
-            Some(m) => Some(m.freeze()),
-            None => first,
-        };
+        let mut out = BytesMut::new();
         loop {
-            if let Some(link) = self.link.as_mut() {
-                link.drive(cx);
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(Err(UpstreamError("the connection has ended".to_owned())));
+            };
+            let ended = match decode(&mut self.body, &mut conn.buf, &mut out) {
+                Ok(ended) => ended,
+                Err(why) => {
+                    let why = format!("{}: {why}", self.authority);
+                    return Poll::Ready(self.fail(out, why));
+                }
+            };
+            if ended {
+                self.done = true;
+                self.give_back();
+                return Poll::Ready(Ok((!out.is_empty()).then(|| out.freeze())));
             }
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers: nothing to relay
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    match (&mut more, first.take()) {
-                        (Some(m), _) => m.extend_from_slice(&data),
-                        (None, None) => first = Some(data),
-                        (None, Some(f)) => {
-                            let mut m = BytesMut::with_capacity(f.len() + data.len());
-                            m.extend_from_slice(&f);
-                            m.extend_from_slice(&data);
-                            more = Some(m);
-                        }
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    let why = match self.link.as_mut().and_then(|l| l.ended.take()) {
-                        Some(ended) => format!("{e} ({ended})"),
-                        None => e.to_string(),
-                    };
-                    self.link = None; // never reused
-                    return match batch(first, more) {
-                        Some(b) => {
-                            self.pending_error = Some(why);
-                            Poll::Ready(Ok(Some(b)))
-                        }
-                        None => Poll::Ready(Err(UpstreamError(why))),
-                    };
-                }
-                Poll::Ready(None) => {
+            if !out.is_empty() {
+                return Poll::Ready(Ok(Some(out.freeze())));
+            }
+            let why = match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if self.body == Framing::UntilClose => {
                     self.done = true;
-                    self.give_back();
-                    return Poll::Ready(Ok(batch(first, more)));
+                    self.conn = None;
+                    return Poll::Ready(Ok(None));
                 }
-                Poll::Pending => {
-                    return match batch(first, more) {
-                        Some(b) => Poll::Ready(Ok(Some(b))),
-                        None => Poll::Pending,
-                    };
+                Poll::Ready(Ok(0)) => {
+                    "the connection closed before the end of the answer".to_owned()
                 }
-            }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => format!("reading the answer: {e}"),
+            };
+            let why = format!("{}: {why}", self.authority);
+            return Poll::Ready(self.fail(out, why));
+        }
+    }
+
+    /// End the exchange with an error, after handing out `out` if it holds
+    /// data. The connection is closed, never reused.
+    fn fail(&mut self, out: BytesMut, why: String) -> Result<Option<Bytes>, UpstreamError> {
+        self.conn = None;
+        if out.is_empty() {
+            Err(UpstreamError(why))
+        } else {
+            self.pending_error = Some(why);
+            Ok(Some(out.freeze()))
         }
     }
 
@@ -388,11 +642,12 @@ impl Exchange {
     }
 
     /// A body read to its end leaves the connection ready for the next
-    /// request: keep it.
+    /// request: keep it, unless the worker said it would close it or sent
+    /// more than the answer.
     fn give_back(&mut self) {
-        if let Some(mut link) = self.link.take() {
-            if link.alive() {
-                self.pool.checkin(&self.authority, link);
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                self.pool.checkin(&self.authority, conn);
             }
         }
     }
@@ -420,6 +675,106 @@ mod tests {
         );
         assert!(authority("https://host:1").is_err());
         assert!(authority("http://").is_err());
+    }
+
+    /// Decode `wire` (a whole body) fed in two parts split at `cut`.
+    fn decode_split(framing: Framing, wire: &[u8], cut: usize) -> Result<(Vec<u8>, bool), String> {
+        let mut framing = framing;
+        let mut buf = BytesMut::new();
+        let mut out = BytesMut::new();
+        let mut ended = false;
+        for part in [&wire[..cut], &wire[cut..]] {
+            if ended {
+                assert!(part.is_empty(), "the body ended before its last byte");
+                break;
+            }
+            buf.extend_from_slice(part);
+            ended = decode(&mut framing, &mut buf, &mut out)?;
+        }
+        assert!(buf.is_empty() || ended, "undecoded bytes left: {buf:?}");
+        Ok((out.to_vec(), ended))
+    }
+
+    #[test]
+    fn a_chunked_body_split_anywhere_decodes_the_same() {
+        let wire =
+            b"9\r\ndata: a\n\n\r\n10;ext=1\r\ndata: [DONE]\n\n\r\n\r\n0\r\nx-trailer: t\r\n\r\n";
+        for cut in 0..=wire.len() {
+            let (body, ended) =
+                decode_split(Framing::Chunked(Chunk::Size), wire, cut).expect("valid");
+            assert_eq!(body, b"data: a\n\ndata: [DONE]\n\n\r\n", "cut at {cut}");
+            assert!(ended, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_length_body_ends_at_its_length_and_a_close_delimited_one_never_does() {
+        for cut in 0..=5 {
+            assert_eq!(
+                decode_split(Framing::Length(5), b"hello", cut).expect("valid"),
+                (b"hello".to_vec(), true)
+            );
+        }
+        assert_eq!(
+            decode_split(Framing::UntilClose, b"hello", 2).expect("valid"),
+            (b"hello".to_vec(), false)
+        );
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for wire in [
+            &b"zz\r\nabc\r\n"[..],
+            b"3\r\nabcXY",
+            &[b'1'; MAX_LINE_BYTES + 10],
+        ] {
+            let mut framing = Framing::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(wire);
+            let mut out = BytesMut::new();
+            assert!(
+                decode(&mut framing, &mut buf, &mut out).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[test]
+    fn heads_are_parsed_with_their_framing_and_bad_ones_refused() {
+        let parse = |text: &str| parse_head(&mut BytesMut::from(text), &Method::POST);
+        let (head, framing, keep) = parse(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(head.headers.get("retry-after").expect("kept"), "1");
+        assert_eq!((framing, keep), (Framing::Length(2), true));
+
+        let (_, framing, keep) =
+            parse("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                .expect("valid")
+                .expect("complete");
+        assert_eq!((framing, keep), (Framing::Chunked(Chunk::Size), false));
+
+        let (_, framing, keep) = parse("HTTP/1.1 200 OK\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!((framing, keep), (Framing::UntilClose, false));
+
+        assert!(parse("HTTP/1.1 200 OK\r\ncontent-le")
+            .expect("valid")
+            .is_none());
+        for bad in [
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.0 200 OK\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     /// How the test server treats a connection after its first answer.
