@@ -1,6 +1,7 @@
 //! The queen's metrics, with the contract's names (`rbee_queen_*`).
 
 use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -77,6 +78,20 @@ pub struct QueenMetrics {
     hives: Family<StateLabel, Gauge>,
     workers: Family<StateLabel, Gauge>,
     deadline: Family<StageLabel, Counter>,
+    /// Each model's series, looked up once: a request then counts itself
+    /// without building, hashing and dropping a label set per metric.
+    by_model: Arc<RwLock<HashMap<Box<str>, Arc<ModelSeries>>>>,
+}
+
+/// One model's series.
+#[derive(Debug)]
+struct ModelSeries {
+    duration: Histogram,
+    queue_time: Histogram,
+    queue_size: Gauge,
+    ttft: Histogram,
+    /// By outcome, filled as outcomes happen.
+    requests: RwLock<Vec<(&'static str, Counter)>>,
 }
 
 impl QueenMetrics {
@@ -91,6 +106,7 @@ impl QueenMetrics {
             hives: Family::default(),
             workers: Family::default(),
             deadline: Family::default(),
+            by_model: Arc::default(),
         };
         registry.register(
             "rbee_queen_requests",
@@ -137,37 +153,73 @@ impl QueenMetrics {
         m
     }
 
+    /// `model`'s series, created on first use.
+    fn series(&self, model: &str) -> Arc<ModelSeries> {
+        if let Some(series) = self
+            .by_model
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+        {
+            return Arc::clone(series);
+        }
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
+        let series = Arc::new(ModelSeries {
+            duration: self.duration.get_or_create(&label).clone(),
+            queue_time: self.queue_time.get_or_create(&label).clone(),
+            queue_size: self.queue_size.get_or_create(&label).clone(),
+            ttft: self.ttft.get_or_create(&label).clone(),
+            requests: RwLock::default(),
+        });
+        Arc::clone(
+            self.by_model
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(model.into())
+                .or_insert(series),
+        )
+    }
+
     /// A request ended.
     pub fn finished(&self, model: &str, outcome: Outcome, seconds: f64) {
-        self.requests
-            .get_or_create(&ModelOutcome {
-                model: model.to_owned(),
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        self.duration
-            .get_or_create(&ModelLabel {
-                model: model.to_owned(),
-            })
-            .observe(seconds);
+        let series = self.series(model);
+        series.duration.observe(seconds);
+        let outcome = outcome.as_str();
+        let known = series
+            .requests
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(o, _)| *o == outcome)
+            .map(|(_, c)| c.clone());
+        let counter = known.unwrap_or_else(|| {
+            let counter = self
+                .requests
+                .get_or_create(&ModelOutcome {
+                    model: model.to_owned(),
+                    outcome,
+                })
+                .clone();
+            series
+                .requests
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((outcome, counter.clone()));
+            counter
+        });
+        counter.inc();
     }
 
     /// A request got its worker after `seconds` in the queue.
     pub fn queued(&self, model: &str, seconds: f64) {
-        self.queue_time
-            .get_or_create(&ModelLabel {
-                model: model.to_owned(),
-            })
-            .observe(seconds);
+        self.series(model).queue_time.observe(seconds);
     }
 
     /// The first token reached the client `seconds` after arrival.
     pub fn first_token(&self, model: &str, seconds: f64) {
-        self.ttft
-            .get_or_create(&ModelLabel {
-                model: model.to_owned(),
-            })
-            .observe(seconds);
+        self.series(model).ttft.observe(seconds);
     }
 
     /// A deadline ran out at `stage`.
@@ -180,11 +232,7 @@ impl QueenMetrics {
     }
 
     pub(crate) fn set_queue_size(&self, model: &str, n: usize) {
-        self.queue_size
-            .get_or_create(&ModelLabel {
-                model: model.to_owned(),
-            })
-            .set(n as i64);
+        self.series(model).queue_size.set(n as i64);
     }
 
     pub(crate) fn set_hives(&self, reachable: usize, unreachable: usize) {

@@ -4,6 +4,7 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
 use rbee_api::{ApiError, ErrorCode};
@@ -26,9 +27,28 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        let plain_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/json"));
+        if !plain_json {
+            // Parameters, `+json` types and wrong types: axum decides.
+            return match axum::Json::<T>::from_request(request, state).await {
+                Ok(axum::Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            };
+        }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|e| json_rejection(e.into()))?;
+        // A body that parses is parsed once; one that does not is parsed
+        // again by axum, whose message names the field at fault.
+        match serde_json::from_slice::<T>(&bytes) {
+            Ok(value) => Ok(Self(value)),
+            Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
+                Ok(axum::Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            },
         }
     }
 }
