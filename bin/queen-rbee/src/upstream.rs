@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -76,19 +77,13 @@ impl Conn {
     }
 
     /// Read what the socket has into `buf`; 0 at the end of the stream.
+    ///
+    /// Through `AsyncRead`, which forgets the socket's readiness when a read
+    /// comes back short: the next wait then costs no read that can only
+    /// answer "nothing yet", and an idle connection looks idle.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        loop {
-            match self.io.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            self.buf.reserve(READ_BYTES);
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                done => return Poll::Ready(done),
-            }
-        }
+        self.buf.reserve(READ_BYTES);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     async fn fill(&mut self) -> std::io::Result<usize> {
