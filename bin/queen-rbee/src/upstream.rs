@@ -321,8 +321,18 @@ async fn exchange(
     method: &Method,
 ) -> Result<(Head, Framing, bool), Failed> {
     if let Err(e) = conn.io.write_all(request).await {
-        return Err(Failed::Unanswered(format!("sending the request: {e}")));
+        // A worker may answer before it has read the whole request (a
+        // refusal) and close: what it said is still there to read.
+        return match read_head(conn, method).await {
+            Ok((head, framing, _)) => Ok((head, framing, false)),
+            Err(_) => Err(Failed::Unanswered(format!("sending the request: {e}"))),
+        };
     }
+    read_head(conn, method).await
+}
+
+/// Read the answer's head from `conn`.
+async fn read_head(conn: &mut Conn, method: &Method) -> Result<(Head, Framing, bool), Failed> {
     loop {
         if let Some(parsed) = parse_head(&mut conn.buf, method).map_err(Failed::Other)? {
             return Ok(parsed);
