@@ -929,6 +929,52 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// A server that reads one request and answers `answer` as raw bytes,
+    /// then closes.
+    async fn raw_server(answer: &'static [u8]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut chunk = [0u8; 4096];
+                let _ = socket.read(&mut chunk).await;
+                let _ = socket.write_all(answer).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_http_is_an_error_and_its_connection_is_dropped() {
+        let url = raw_server(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+        let pool = Arc::new(Upstream::default());
+        let err = pool.send(&url, &outgoing()).await.expect_err("not HTTP");
+        assert!(err.0.contains("not HTTP/1.1"), "{err}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_hands_out_what_came_then_an_error() {
+        let url = raw_server(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: a\n\n\r\n20\r\ndata: b",
+        )
+        .await;
+        let pool = Arc::new(Upstream::default());
+        let (head, mut exchange) = pool.send(&url, &outgoing()).await.expect("head");
+        assert_eq!(head.status, 200);
+        let mut got = Vec::new();
+        let err = loop {
+            match exchange.chunk().await {
+                Ok(Some(b)) => got.extend_from_slice(&b),
+                Ok(None) => panic!("a cut body must not end cleanly"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, b"data: a\n\ndata: b");
+        assert!(err.0.contains("closed before the end"), "{err}");
+        assert_eq!(pool.idle_count(), 0, "a cut connection is never reused");
+    }
+
     #[tokio::test]
     async fn an_unreachable_worker_is_an_error_naming_it() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
