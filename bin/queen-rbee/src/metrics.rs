@@ -80,7 +80,7 @@ pub struct QueenMetrics {
     deadline: Family<StageLabel, Counter>,
     /// Each model's series, looked up once: a request then counts itself
     /// without building, hashing and dropping a label set per metric.
-    by_model: Arc<RwLock<HashMap<Box<str>, Arc<ModelSeries>>>>,
+    by_model: Arc<RwLock<HashMap<Box<str>, Arc<ModelSeries>, ahash::RandomState>>>,
 }
 
 /// One model's series.

@@ -82,7 +82,7 @@ pub struct Prepared {
 /// Running and queued jobs by id, for `DELETE /v1/inference/{job_id}`.
 #[derive(Debug, Clone, Default)]
 pub struct Jobs {
-    map: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    map: Arc<Mutex<HashMap<String, CancellationToken, ahash::RandomState>>>,
 }
 
 /// Removes its job from [`Jobs`] when the request ends.
@@ -101,7 +101,9 @@ impl Drop for JobGuard {
 }
 
 impl Jobs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken, ahash::RandomState>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -14,6 +14,11 @@
 //! requests wait.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+/// The scheduler's maps are looked up several times per request with model
+/// refs and worker keys as keys: a keyed hash faster than SipHash on them.
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+type Set<K> = HashSet<K, ahash::RandomState>;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,7 +41,7 @@ pub type Grant = Result<Lease, ApiError>;
 struct HiveView {
     url: String,
     reachable: bool,
-    models: HashSet<String>,
+    models: Set<String>,
 }
 
 /// One worker as the scheduler sees it.
@@ -78,10 +83,10 @@ struct ModelQueue {
 
 #[derive(Debug, Default)]
 struct State {
-    hives: HashMap<String, HiveView>,
+    hives: Map<String, HiveView>,
     /// Keyed by `hive/worker_id`.
-    slots: HashMap<String, Slot>,
-    queues: HashMap<String, ModelQueue>,
+    slots: Map<String, Slot>,
+    queues: Map<String, ModelQueue>,
     next_id: u64,
 }
 

@@ -131,7 +131,7 @@ pub struct Head {
 /// The pool of worker connections.
 #[derive(Default)]
 pub struct Upstream {
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    idle: Mutex<HashMap<String, Vec<Idle>, ahash::RandomState>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -166,7 +166,7 @@ enum Failed {
 }
 
 impl Upstream {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>, ahash::RandomState>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
