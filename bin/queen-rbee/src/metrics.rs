@@ -80,8 +80,10 @@ pub struct QueenMetrics {
     deadline: Family<StageLabel, Counter>,
     /// Each model's series, looked up once: a request then counts itself
     /// without building, hashing and dropping a label set per metric.
-    by_model: Arc<RwLock<HashMap<Box<str>, Arc<ModelSeries>, ahash::RandomState>>>,
+    by_model: Arc<RwLock<SeriesByModel>>,
 }
+
+type SeriesByModel = HashMap<Box<str>, Arc<ModelSeries>, ahash::RandomState>;
 
 /// One model's series.
 #[derive(Debug)]
