@@ -104,6 +104,9 @@ pub struct DaemonSpec {
     args: Vec<String>,
     env: Vec<(String, String)>,
     scratch: Option<Arc<tempfile::TempDir>>,
+    /// Run under `taskset -c CPU`: the process, and what it starts, may use
+    /// that one CPU.
+    cpu: Option<u32>,
 }
 
 impl DaemonSpec {
@@ -122,6 +125,7 @@ impl DaemonSpec {
             env: vec![("RUST_LOG".into(), "info".into())],
             scratch: (name == "rbee-hive" || name == "queen-rbee")
                 .then(|| Arc::new(tempfile::tempdir().expect("a scratch directory"))),
+            cpu: None,
         }
     }
 
@@ -154,6 +158,13 @@ impl DaemonSpec {
         self.env("LLORCH_API_TOKEN", TEST_TOKEN)
     }
 
+    /// Allow the daemon, and the processes it starts, CPU `cpu` only (as a
+    /// container's CPU limit or `taskset` would), through `taskset`.
+    pub fn on_one_cpu(mut self, cpu: u32) -> Self {
+        self.cpu = Some(cpu);
+        self
+    }
+
     /// Run the `fault-injection` build of the worker instead.
     pub fn fault_injection(mut self) -> Self {
         self.binary = Some(FAULT_INJECTION_WORKER.to_owned());
@@ -161,7 +172,15 @@ impl DaemonSpec {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(binary(self.binary.as_deref().unwrap_or(&self.name)));
+        let program = binary(self.binary.as_deref().unwrap_or(&self.name));
+        let mut cmd = match self.cpu {
+            Some(cpu) => {
+                let mut taskset = Command::new("taskset");
+                taskset.arg("-c").arg(cpu.to_string()).arg(program);
+                taskset
+            }
+            None => Command::new(program),
+        };
         cmd.arg("--addr").arg(&self.addr);
         if let Some(model) = &self.model {
             cmd.arg("--model").arg(model);

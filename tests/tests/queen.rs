@@ -577,6 +577,63 @@ fn sigterm_lets_streams_finish_and_cascade_stops_the_hives() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Each process's allowed CPUs, from /proc.
+fn cpus_allowed(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("process status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_owned()
+}
+
+/// A stack allowed one CPU (a container's limit, `taskset`): each daemon
+/// then runs its async work on one thread, and everything else behaves as
+/// on many: a cold start, a stream and an answer, a graceful stop.
+#[test]
+fn a_stack_allowed_one_cpu_streams_answers_and_stops() {
+    let mut hive = hive_with_model(DaemonSpec::new("rbee-hive").on_one_cpu(0), None);
+    let mut queen = ready_queen(
+        &queen_spec(&[&hive])
+            .on_one_cpu(0)
+            .args(["--cascade-shutdown"]),
+        None,
+    );
+    assert_eq!(cpus_allowed(queen.pid()), "0");
+    assert_eq!(cpus_allowed(hive.pid()), "0");
+    let mut s = stream(&queen, &long_request(8, true));
+    let events = s.rest();
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "token").count(),
+        8,
+        "{events:?}"
+    );
+    assert_eq!(events[events.len() - 2]["type"], "end", "{events:?}");
+    let workers = wait_ready_workers(&queen, 1, None);
+    let worker_pid = workers[0]["pid"].as_u64().expect("the worker's pid");
+    assert_eq!(
+        cpus_allowed(u32::try_from(worker_pid).expect("a pid")),
+        "0",
+        "the worker the hive started inherits the limit"
+    );
+    let (status, body, _) = infer(
+        &queen,
+        &json!({"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": false}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens_out"], 3, "{body}");
+    queen.signal(Signal::SIGTERM);
+    let status = queen
+        .wait_exit(Duration::from_secs(15))
+        .expect("queen exits");
+    assert!(status.success(), "{status:?}");
+    let status = hive
+        .wait_exit(Duration::from_secs(30))
+        .expect("hive exits (cascade)");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn the_official_openai_python_client_parses_the_queens_answers() {
     let python = rbee_system_tests::queen::openai_python();

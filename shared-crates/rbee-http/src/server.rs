@@ -445,10 +445,7 @@ where
         return std::process::ExitCode::SUCCESS;
     }
     crate::telemetry::init_tracing(config.common().log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: error: cannot start the async runtime: {e}");
@@ -469,6 +466,19 @@ where
             eprintln!("{name}: error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The async runtime for a daemon: work-stealing across threads when the
+/// process may use several CPUs; one thread when it may use one (a
+/// container's limit, `taskset`), where stealing has no one to steal from
+/// and its bookkeeping is pure cost on every wake-up.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     }
 }
 
