@@ -68,4 +68,17 @@ try:
 except openai.NotFoundError as e:
     out["unknown_model"] = {"status": e.status_code, "code": e.body.get("code") if isinstance(e.body, dict) else None}
 
+try:
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], temperature=-1, max_tokens=0
+    )
+    out["bad_request"] = "no error"
+except openai.BadRequestError as e:
+    body = e.body if isinstance(e.body, dict) else {}
+    out["bad_request"] = {
+        "status": e.status_code,
+        "code": body.get("code"),
+        "fields": [f.get("field") for f in body.get("details", {}).get("fields", [])],
+    }
+
 print(json.dumps(out))

@@ -29,6 +29,15 @@ pub fn send(request: RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap)
     (status, body, headers)
 }
 
+/// The `field` of each entry in an error body's `details.fields`, in order
+/// (empty when there are none).
+pub fn field_names(body: &Value) -> Vec<&str> {
+    body["error"]["details"]["fields"]
+        .as_array()
+        .map(|fields| fields.iter().filter_map(|f| f["field"].as_str()).collect())
+        .unwrap_or_default()
+}
+
 /// The default model's reference as the hive catalogs it.
 pub fn default_ref() -> String {
     format!(

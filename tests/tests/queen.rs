@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use rbee_system_tests::http::field_names;
 use rbee_system_tests::queen::{
     client, default_ref, error_code, hive_with_model, infer, long_request, metric_at, queen_metric,
     queen_spec, ready_queen, running, send, stream, wait_for, wait_ready_workers, worker_total,
@@ -169,12 +170,7 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
         "prompt": " ", "max_tokens": 0, "temperature": 5, "job_id": "../x"
     })));
     assert_eq!(status, 400);
-    let fields: Vec<&str> = body["error"]["details"]["fields"]
-        .as_array()
-        .expect("fields")
-        .iter()
-        .filter_map(|f| f["field"].as_str())
-        .collect();
+    let fields = field_names(&body);
     for f in ["prompt", "max_tokens", "temperature", "job_id"] {
         assert!(fields.contains(&f), "{f} missing from {body}");
     }
@@ -197,15 +193,14 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
         (400, Some("INVALID_DEADLINE"))
     );
 
-    let (status, body, _) = send(
-        auth(c.post(queen.url("/v1/chat/completions")))
-            .json(&json!({"messages": [], "stream": "yes", "model": 3})),
-    );
+    let (status, body, _) = send(auth(c.post(queen.url("/v1/chat/completions"))).json(
+        &json!({"messages": [], "stream": "yes", "model": 3, "temperature": -1, "max_tokens": 0}),
+    ));
     assert_eq!(status, 400);
     assert_eq!(
-        body["error"]["details"]["fields"].as_array().map(Vec::len),
-        Some(3),
-        "{body}"
+        field_names(&body),
+        ["messages", "model", "stream", "max_tokens", "temperature"],
+        "every bad field, types and ranges together: {body}"
     );
     let (status, _, _) =
         send(auth(c.post(queen.url("/v1/completions"))).json(&json!({"max_tokens": 3})));
@@ -679,6 +674,11 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     );
     assert_eq!(r["unknown_model"]["status"], 404, "{r}");
     assert_eq!(r["unknown_model"]["code"], "MODEL_NOT_FOUND", "{r}");
+    assert_eq!(
+        r["bad_request"],
+        json!({"status": 400, "code": "INVALID_REQUEST", "fields": ["max_tokens", "temperature"]}),
+        "the client sees every bad field"
+    );
 
     // Each request is in the audit trail: admitted and finished, or
     // rejected; sizes and outcomes, never the text.

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use rbee_system_tests::http::field_names;
 use rbee_system_tests::{DaemonSpec, RunningDaemon};
 use reqwest::blocking::{Client, Response};
 use reqwest::StatusCode;
@@ -292,14 +293,8 @@ fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().expect("JSON");
     assert_eq!(body["error"]["code"], "INVALID_REQUEST");
-    let fields: Vec<&str> = body["error"]["details"]["fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["field"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        fields,
+        field_names(&body),
         ["prompt", "max_tokens", "temperature", "top_p", "stop"]
     );
 
@@ -324,8 +319,23 @@ fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
         "{body}"
     );
 
-    let response = post(&w, "/v1/chat/completions", json!({"messages": []}));
+    let response = post(
+        &w,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "wizard", "content": "hi"}], "temperature": -1, "max_completion_tokens": 0, "stream": "yes"}),
+    );
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(
+        field_names(&body),
+        [
+            "messages[0].role",
+            "stream",
+            "max_completion_tokens",
+            "temperature"
+        ],
+        "{body}"
+    );
     let response = post(
         &w,
         "/v1/chat/completions",

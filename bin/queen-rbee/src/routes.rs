@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::StatusCode;
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
+use rbee_api::openai::{OpenAiRequest, Route};
 use rbee_api::worker::ScrapeTargetGroup;
 use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
@@ -87,82 +88,27 @@ async fn inference(
     .await
 }
 
-/// Check the fields the queen needs from an OpenAI body; the worker checks
-/// the rest (sampling ranges, message roles) and its refusal is passed on.
+/// Check an OpenAI body whole (the worker's checks, from the same code) and
+/// route it. The body is forwarded as the client sent it, so fields the
+/// worker reads and the queen does not are kept.
 fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError> {
-    let Value::Object(map) = &body else {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "the body must be a JSON object",
-        ));
+    let route = match api {
+        Api::Chat => Route::Chat,
+        _ => Route::Completions,
     };
-    let mut bad = Vec::new();
-    let model = match map.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => {
-            bad.push(FieldError::new("model", "type", "model must be a string"));
-            None
-        }
-    };
-    let stream = match map.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            bad.push(FieldError::new(
-                "stream",
-                "type",
-                "stream must be a boolean",
-            ));
-            false
-        }
-    };
-    match api {
-        Api::Chat => {
-            if map
-                .get("messages")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
-            {
-                bad.push(FieldError::new(
-                    "messages",
-                    "required",
-                    "messages must be a non-empty array",
-                ));
-            }
-        }
-        _ => {
-            if map
-                .get("prompt")
-                .and_then(Value::as_str)
-                .is_none_or(|p| p.trim().is_empty())
-            {
-                bad.push(FieldError::new(
-                    "prompt",
-                    "required",
-                    "prompt must be a non-empty string",
-                ));
-            }
-        }
-    }
-    let max_tokens = map
-        .get("max_tokens")
-        .or_else(|| map.get("max_completion_tokens"))
-        .and_then(Value::as_u64)
-        .map_or(128, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    if !bad.is_empty() {
-        return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
-    }
-    let model = resolve_model(state, model)?;
+    let request = OpenAiRequest::parse(route, &body)
+        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
+        .request;
+    let model = resolve_model(state, request.model)?;
     let body = serde_json::to_vec(&body)
         .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the request"))?;
     Ok(Prepared {
         api,
         model,
         job_id: mint_job_id(),
-        stream,
+        stream: request.stream,
         body: bytes::Bytes::from(body),
-        max_tokens,
+        max_tokens: request.max_tokens,
     })
 }
 

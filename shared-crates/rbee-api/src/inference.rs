@@ -136,6 +136,29 @@ impl InferenceRequest {
                 "prompt must not be empty",
             ));
         }
+        self.check_generation(&mut bad);
+        if let Some(id) = &self.job_id {
+            if !is_valid_id(id, MAX_JOB_ID_BYTES) {
+                bad.push(FieldError::new(
+                    "job_id",
+                    "format",
+                    format!(
+                        "job_id must be 1 to {MAX_JOB_ID_BYTES} characters of A-Z a-z 0-9 . _ : -"
+                    ),
+                ));
+            }
+        }
+        if bad.is_empty() {
+            Ok(ValidInferenceRequest(self))
+        } else {
+            Err(bad)
+        }
+    }
+
+    /// Check the generation settings (`max_tokens`, sampling, `stop`) against
+    /// the contract's limits, adding one entry to `bad` per bad field. Shared
+    /// with the OpenAI-compatible routes, which carry the same settings.
+    pub fn check_generation(&self, bad: &mut Vec<FieldError>) {
         if !(1..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
             bad.push(FieldError::new(
                 "max_tokens",
@@ -143,9 +166,9 @@ impl InferenceRequest {
                 format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
             ));
         }
-        check_unit_range(&mut bad, "temperature", self.temperature, 2.0);
-        check_unit_range(&mut bad, "top_p", self.top_p, 1.0);
-        check_unit_range(&mut bad, "min_p", self.min_p, 1.0);
+        check_unit_range(bad, "temperature", self.temperature, 2.0);
+        check_unit_range(bad, "top_p", self.top_p, 1.0);
+        check_unit_range(bad, "min_p", self.min_p, 1.0);
         if !(self.repetition_penalty.is_finite()
             && self.repetition_penalty > 0.0
             && self.repetition_penalty <= 10.0)
@@ -171,22 +194,6 @@ impl InferenceRequest {
                     format!("stop sequences must be 1 to {MAX_STOP_SEQUENCE_BYTES} bytes"),
                 ));
             }
-        }
-        if let Some(id) = &self.job_id {
-            if !is_valid_id(id, MAX_JOB_ID_BYTES) {
-                bad.push(FieldError::new(
-                    "job_id",
-                    "format",
-                    format!(
-                        "job_id must be 1 to {MAX_JOB_ID_BYTES} characters of A-Z a-z 0-9 . _ : -"
-                    ),
-                ));
-            }
-        }
-        if bad.is_empty() {
-            Ok(ValidInferenceRequest(self))
-        } else {
-            Err(bad)
         }
     }
 }

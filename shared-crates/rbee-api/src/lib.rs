@@ -10,6 +10,7 @@ pub mod health;
 pub mod inference;
 pub mod model_ref;
 pub mod models;
+pub mod openai;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};

@@ -1,10 +1,10 @@
 //! OpenAI-compatible `/v1/chat/completions` and `/v1/completions`.
 //!
-//! Requests are turned into the native [`InferenceRequest`] (chat messages
-//! through the model's chat template) and go through the same admission,
-//! validation and engine as `/v1/inference`. Fields OpenAI clients commonly
-//! send but that have no effect here (`user`, `logit_bias`, zero penalties)
-//! are accepted and ignored; `n` above 1 is refused.
+//! Bodies are read and checked by [`rbee_api::openai`] (the same code the
+//! queen uses, so both name the same bad fields) and turned into the native
+//! [`InferenceRequest`]: chat messages through the model's chat template.
+//! From there they go through the same admission, validation and engine as
+//! `/v1/inference`.
 
 use std::convert::Infallible;
 
@@ -14,184 +14,21 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
 use rbee_api::inference::{InferenceRequest, StopReason};
-use rbee_api::{ApiError, ErrorCode, FieldError};
+use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
+use rbee_api::{ApiError, ErrorCode};
 use rbee_http::{ApiJson, RequestContext};
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::{admit, Admitted};
 use crate::engine::JobEvent;
-use crate::model::chat::ChatMessage;
 use crate::AppState;
 
-/// Generated tokens when a request names no `max_tokens`.
-pub const DEFAULT_MAX_TOKENS: u32 = 512;
-
-/// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    /// One.
-    One(String),
-    /// Several.
-    Many(Vec<String>),
+fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, ApiError> {
+    OpenAiRequest::parse(route, body)
+        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))
 }
 
-/// Message content: a string or a list of text parts.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    /// Plain text.
-    Text(String),
-    /// `[{"type":"text","text":"..."}]`.
-    Parts(Vec<ContentPart>),
-}
-
-/// One part of a message's content.
-#[derive(Debug, Deserialize)]
-pub struct ContentPart {
-    /// Only `text` is supported; other kinds (images, audio) are refused.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The text.
-    #[serde(default)]
-    pub text: String,
-}
-
-/// A chat message as OpenAI clients send it.
-#[derive(Debug, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`.
-    pub role: String,
-    /// The content.
-    pub content: Content,
-}
-
-/// Sampling fields shared by both routes.
-#[derive(Debug, Deserialize)]
-pub struct Sampling {
-    /// Model name; informational (the worker serves one model).
-    pub model: Option<String>,
-    /// Generated tokens at most.
-    pub max_tokens: Option<u32>,
-    /// Newer name for `max_tokens`.
-    pub max_completion_tokens: Option<u32>,
-    /// Default 1.
-    pub temperature: Option<f32>,
-    /// Default 1.
-    pub top_p: Option<f32>,
-    /// Extension: default 0 (off).
-    pub top_k: Option<u32>,
-    /// Extension: default 0 (off).
-    pub min_p: Option<f32>,
-    /// Extension: default 1 (off).
-    pub repetition_penalty: Option<f32>,
-    /// Reproducible sampling.
-    pub seed: Option<u64>,
-    /// Stop sequences.
-    pub stop: Option<Stop>,
-    /// SSE.
-    #[serde(default)]
-    pub stream: bool,
-    /// Choices; only 1.
-    pub n: Option<u32>,
-    /// Extension: generate past end-of-sequence, up to `max_tokens`.
-    #[serde(default)]
-    pub ignore_eos: bool,
-}
-
-/// `POST /v1/chat/completions`.
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    /// The conversation.
-    pub messages: Vec<Message>,
-    /// Sampling.
-    #[serde(flatten)]
-    pub sampling: Sampling,
-}
-
-/// `POST /v1/completions`.
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    /// The prompt text.
-    pub prompt: String,
-    /// Sampling.
-    #[serde(flatten)]
-    pub sampling: Sampling,
-}
-
-fn native(prompt: String, s: &Sampling) -> Result<InferenceRequest, ApiError> {
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_fields(
-            ErrorCode::InvalidRequest,
-            vec![FieldError::new("n", "range", "only n=1 is supported")],
-        ));
-    }
-    Ok(InferenceRequest {
-        job_id: None,
-        model: s.model.clone(),
-        prompt,
-        max_tokens: s
-            .max_completion_tokens
-            .or(s.max_tokens)
-            .unwrap_or(DEFAULT_MAX_TOKENS),
-        temperature: s.temperature.unwrap_or(1.0),
-        top_p: s.top_p.unwrap_or(1.0),
-        top_k: s.top_k.unwrap_or(0),
-        min_p: s.min_p.unwrap_or(0.0),
-        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
-        seed: s.seed,
-        stop: match &s.stop {
-            None => Vec::new(),
-            Some(Stop::One(one)) => vec![one.clone()],
-            Some(Stop::Many(many)) => many.clone(),
-        },
-        stream: s.stream,
-        ignore_eos: s.ignore_eos,
-    })
-}
-
-fn chat_prompt(state: &AppState, messages: Vec<Message>) -> Result<String, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid_fields(
-            ErrorCode::InvalidRequest,
-            vec![FieldError::new(
-                "messages",
-                "required",
-                "messages must not be empty",
-            )],
-        ));
-    }
-    let mut bad = Vec::new();
-    let mut turns = Vec::with_capacity(messages.len());
-    for (i, m) in messages.into_iter().enumerate() {
-        let content = match m.content {
-            Content::Text(t) => t,
-            Content::Parts(parts) => {
-                if let Some(other) = parts.iter().find(|p| p.kind != "text") {
-                    bad.push(FieldError::new(
-                        format!("messages[{i}].content"),
-                        "type",
-                        format!(
-                            "content part type `{}` is not supported: this model reads text only",
-                            other.kind
-                        ),
-                    ));
-                }
-                parts
-                    .into_iter()
-                    .map(|p| p.text)
-                    .collect::<Vec<_>>()
-                    .join("")
-            }
-        };
-        turns.push(ChatMessage {
-            role: m.role,
-            content,
-        });
-    }
-    if !bad.is_empty() {
-        return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, bad));
-    }
+fn chat_prompt(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
     let Some(model) = state.model.get() else {
         return Err(
             ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
@@ -200,7 +37,7 @@ fn chat_prompt(state: &AppState, messages: Vec<Message>) -> Result<String, ApiEr
     };
     model
         .chat_template
-        .render(&turns)
+        .render(messages)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))
 }
 
@@ -227,21 +64,24 @@ enum Kind {
 pub async fn chat_completions(
     State(state): State<AppState>,
     ctx: RequestContext,
-    ApiJson(request): ApiJson<ChatRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let prompt = chat_prompt(&state, request.messages)?;
-    let native = native(prompt, &request.sampling)?;
-    respond(state, ctx, native, Kind::Chat).await
+    let OpenAiRequest {
+        messages,
+        mut request,
+    } = parse(Route::Chat, &body)?;
+    request.prompt = chat_prompt(&state, &messages)?;
+    respond(state, ctx, request, Kind::Chat).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
     ctx: RequestContext,
-    ApiJson(request): ApiJson<CompletionRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let native = native(request.prompt, &request.sampling)?;
-    respond(state, ctx, native, Kind::Text).await
+    let request = parse(Route::Completions, &body)?.request;
+    respond(state, ctx, request, Kind::Text).await
 }
 
 async fn respond(

@@ -2,19 +2,10 @@
 //! metadata), rendered with minijinja, or a documented ChatML default.
 
 use candle_core::quantized::gguf_file::Content;
-use serde::{Deserialize, Serialize};
+pub use rbee_api::openai::ChatMessage;
 
 /// The template used when a model carries none: ChatML.
 pub const DEFAULT_CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
 
 /// A compiled chat template.
 #[derive(Debug)]

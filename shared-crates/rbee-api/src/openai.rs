@@ -1,0 +1,488 @@
+//! The bodies of the OpenAI-compatible routes (`POST /v1/chat/completions`,
+//! `POST /v1/completions`) and their checks.
+//!
+//! The queen and the worker read these bodies with the same code, so both
+//! refuse the same requests with the same fields named. Every bad field is
+//! reported at once, wrong types included, as the contract asks of every
+//! route. Fields that OpenAI clients commonly send but that have no effect
+//! here (`user`, `logit_bias`, `stream_options`, zero penalties) are
+//! accepted and ignored; `n` other than 1 and content other than text are
+//! refused.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::FieldError;
+use crate::inference::{InferenceRequest, MAX_TOKENS_LIMIT};
+
+/// Generated tokens when an OpenAI request names no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+
+/// Message roles a chat request may use.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Which OpenAI route a body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/chat/completions`: `messages`.
+    Chat,
+    /// `POST /v1/completions`: `prompt`.
+    Completions,
+}
+
+/// One chat message, its content flattened to text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// One of [`ROLES`].
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A checked OpenAI body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiRequest {
+    /// The conversation (chat route); empty for the completions route.
+    pub messages: Vec<ChatMessage>,
+    /// The same request in native form. Its `prompt` is the completion
+    /// prompt, or empty for a chat until the worker renders the messages
+    /// through the model's chat template.
+    pub request: InferenceRequest,
+}
+
+impl OpenAiRequest {
+    /// Read and check `body` as sent to `route`, naming every bad field.
+    pub fn parse(route: Route, body: &Value) -> Result<Self, Vec<FieldError>> {
+        let Value::Object(map) = body else {
+            return Err(vec![FieldError::new(
+                "body",
+                "type",
+                "the body must be a JSON object",
+            )]);
+        };
+        let mut r = Reader {
+            map,
+            bad: Vec::new(),
+        };
+        let mut messages = Vec::new();
+        let mut prompt = String::new();
+        match route {
+            Route::Chat => messages = r.messages(),
+            Route::Completions => prompt = r.prompt(),
+        }
+        let model = r.string("model").map(str::to_owned);
+        let max_tokens = r.uint("max_tokens", "an integer");
+        let max_completion_tokens = r.uint("max_completion_tokens", "an integer");
+        let temperature = r.number("temperature");
+        let top_p = r.number("top_p");
+        let top_k = r.uint("top_k", "a non-negative integer");
+        let min_p = r.number("min_p");
+        let repetition_penalty = r.number("repetition_penalty");
+        let seed = r.uint("seed", "a non-negative integer");
+        let stop = r.stop();
+        let stream = r.boolean("stream");
+        let ignore_eos = r.boolean("ignore_eos");
+        if r.uint("n", "1").is_some_and(|n| n != 1) {
+            r.bad
+                .push(FieldError::new("n", "range", "only n=1 is supported"));
+        }
+        let request = InferenceRequest {
+            job_id: None,
+            model,
+            prompt,
+            max_tokens: max_completion_tokens
+                .or(max_tokens)
+                .map_or(DEFAULT_MAX_TOKENS, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            temperature: temperature.unwrap_or(1.0),
+            top_p: top_p.unwrap_or(1.0),
+            top_k: top_k.map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX)),
+            min_p: min_p.unwrap_or(0.0),
+            repetition_penalty: repetition_penalty.unwrap_or(1.0),
+            seed,
+            stop,
+            stream: stream.unwrap_or(false),
+            ignore_eos: ignore_eos.unwrap_or(false),
+        };
+        let mut ranges = Vec::new();
+        request.check_generation(&mut ranges);
+        for mut e in ranges {
+            if e.field == "max_tokens" && max_completion_tokens.is_some() {
+                "max_completion_tokens".clone_into(&mut e.field);
+                e.message =
+                    format!("max_completion_tokens must be between 1 and {MAX_TOKENS_LIMIT}");
+            }
+            r.bad.push(e);
+        }
+        if r.bad.is_empty() {
+            Ok(Self { messages, request })
+        } else {
+            Err(r.bad)
+        }
+    }
+}
+
+/// Reads fields out of a body, collecting what is wrong with them.
+struct Reader<'a> {
+    map: &'a Map<String, Value>,
+    bad: Vec<FieldError>,
+}
+
+impl<'a> Reader<'a> {
+    /// The field's value; `null` counts as absent, as OpenAI's API has it.
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    fn wrong_type(&mut self, field: impl Into<String>, expected: &str) {
+        let field = field.into();
+        let message = format!("{field} must be {expected}");
+        self.bad.push(FieldError::new(field, "type", message));
+    }
+
+    fn string(&mut self, name: &str) -> Option<&'a str> {
+        match self.get(name)? {
+            Value::String(s) => Some(s),
+            _ => {
+                self.wrong_type(name, "a string");
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, name: &str) -> Option<bool> {
+        match self.get(name)? {
+            Value::Bool(b) => Some(*b),
+            _ => {
+                self.wrong_type(name, "a boolean");
+                None
+            }
+        }
+    }
+
+    /// Sampling settings are f32 on the wire types: a number beyond f32's
+    /// range reads as infinite and is then refused by the range check.
+    fn number(&mut self, name: &str) -> Option<f32> {
+        match f32::deserialize(self.get(name)?) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.wrong_type(name, "a number");
+                None
+            }
+        }
+    }
+
+    /// A non-negative integer. A negative one reads as 0 when `expected`
+    /// names a range the range check reports on (`max_tokens`), and as a
+    /// wrong type otherwise.
+    fn uint(&mut self, name: &str, expected: &str) -> Option<u64> {
+        let value = self.get(name)?;
+        if let Some(n) = value.as_u64() {
+            return Some(n);
+        }
+        if value.is_i64() && expected == "an integer" {
+            return Some(0);
+        }
+        self.wrong_type(name, expected);
+        None
+    }
+
+    fn stop(&mut self) -> Vec<String> {
+        match self.get("stop") {
+            None => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => {
+                let mut stop = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => stop.push(s.clone()),
+                        _ => self.wrong_type(format!("stop[{i}]"), "a string"),
+                    }
+                }
+                stop
+            }
+            Some(_) => {
+                self.wrong_type("stop", "a string or an array of strings");
+                Vec::new()
+            }
+        }
+    }
+
+    fn prompt(&mut self) -> String {
+        let prompt = match self.get("prompt") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(Value::Array(items)) if items.len() > 1 => {
+                self.bad.push(FieldError::new(
+                    "prompt",
+                    "max_items",
+                    "only one prompt per request is supported",
+                ));
+                return String::new();
+            }
+            Some(Value::Array(items)) => match items.first() {
+                Some(Value::String(s)) => s.as_str(),
+                _ => "",
+            },
+            None => "",
+            Some(_) => {
+                self.wrong_type("prompt", "a string");
+                return String::new();
+            }
+        };
+        if prompt.trim().is_empty() {
+            self.bad.push(FieldError::new(
+                "prompt",
+                "required",
+                "prompt must be a non-empty string",
+            ));
+        }
+        prompt.to_owned()
+    }
+
+    fn messages(&mut self) -> Vec<ChatMessage> {
+        let items = match self.get("messages") {
+            Some(Value::Array(items)) if !items.is_empty() => items,
+            Some(Value::Array(_)) | None => {
+                self.bad.push(FieldError::new(
+                    "messages",
+                    "required",
+                    "messages must be a non-empty array",
+                ));
+                return Vec::new();
+            }
+            Some(_) => {
+                self.wrong_type("messages", "a non-empty array of messages");
+                return Vec::new();
+            }
+        };
+        let mut messages = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Value::Object(message) = item else {
+                self.wrong_type(
+                    format!("messages[{i}]"),
+                    "an object with `role` and `content`",
+                );
+                continue;
+            };
+            let role = self.role(i, message.get("role"));
+            let content = self.content(i, &role, message.get("content"));
+            messages.push(ChatMessage { role, content });
+        }
+        messages
+    }
+
+    fn role(&mut self, i: usize, role: Option<&Value>) -> String {
+        let field = format!("messages[{i}].role");
+        match role {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
+            Some(Value::String(r)) => {
+                let message = format!("role `{r}` is not one of {}", ROLES.join(", "));
+                self.bad.push(FieldError::new(field, "enum", message));
+                String::new()
+            }
+            None | Some(Value::Null) => {
+                self.bad.push(FieldError::new(
+                    field,
+                    "required",
+                    "each message needs a role",
+                ));
+                String::new()
+            }
+            Some(_) => {
+                self.wrong_type(field, "a string");
+                String::new()
+            }
+        }
+    }
+
+    /// Text, or a list of text parts joined; absent only for an assistant
+    /// turn (one that carried tool calls).
+    fn content(&mut self, i: usize, role: &str, content: Option<&Value>) -> String {
+        let field = format!("messages[{i}].content");
+        match content {
+            Some(Value::String(text)) => text.clone(),
+            None | Some(Value::Null) if role == "assistant" => String::new(),
+            None | Some(Value::Null) => {
+                self.bad.push(FieldError::new(
+                    field,
+                    "required",
+                    "each message needs content",
+                ));
+                String::new()
+            }
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let kind = part.get("type").and_then(Value::as_str);
+                    match (kind, part.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                        (Some("text"), _) => {
+                            self.wrong_type(format!("{field}[{j}].text"), "a string");
+                        }
+                        (Some(other), _) => {
+                            let message = format!(
+                                "content part type `{other}` is not supported: this model reads text only"
+                            );
+                            self.bad.push(FieldError::new(
+                                format!("{field}[{j}].type"),
+                                "enum",
+                                message,
+                            ));
+                        }
+                        (None, _) => self.wrong_type(
+                            format!("{field}[{j}]"),
+                            "an object with `type` and `text`",
+                        ),
+                    }
+                }
+                text
+            }
+            Some(_) => {
+                self.wrong_type(field, "a string or an array of text parts");
+                String::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(route: Route, body: Value) -> Vec<String> {
+        OpenAiRequest::parse(route, &body)
+            .expect_err("refused")
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_good_chat_becomes_messages_and_native_settings() {
+        let body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": null},
+            ],
+            "max_completion_tokens": 7,
+            "temperature": 0,
+            "stop": "\n",
+            "stream": true,
+            "n": 1,
+            "user": "ignored",
+            "logit_bias": {"1": 2},
+        });
+        let parsed = OpenAiRequest::parse(Route::Chat, &body).unwrap();
+        assert_eq!(parsed.messages.len(), 3);
+        assert_eq!(parsed.messages[1].content, "Hi there");
+        assert_eq!(parsed.messages[2].content, "");
+        let r = parsed.request;
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert_eq!((r.max_tokens, r.temperature, r.stream), (7, 0.0, true));
+        assert_eq!(r.stop, ["\n"]);
+        assert!(r.prompt.is_empty());
+    }
+
+    #[test]
+    fn defaults_follow_openai_not_the_native_route() {
+        let parsed = OpenAiRequest::parse(Route::Completions, &json!({"prompt": "x"})).unwrap();
+        let r = parsed.request;
+        assert_eq!(r.prompt, "x");
+        assert_eq!(
+            (r.max_tokens, r.temperature, r.top_p, r.stream),
+            (DEFAULT_MAX_TOKENS, 1.0, 1.0, false)
+        );
+        let one = OpenAiRequest::parse(Route::Completions, &json!({"prompt": ["y"]})).unwrap();
+        assert_eq!(one.request.prompt, "y");
+    }
+
+    #[test]
+    fn every_bad_field_is_named_types_and_ranges_together() {
+        let got = fields(
+            Route::Chat,
+            json!({
+                "messages": [],
+                "temperature": -1,
+                "max_tokens": 0,
+                "top_p": "high",
+                "stream": "yes",
+                "model": 3,
+                "n": 2,
+                "stop": ["a", 1],
+            }),
+        );
+        assert_eq!(
+            got,
+            [
+                "messages",
+                "model",
+                "top_p",
+                "stop[1]",
+                "stream",
+                "n",
+                "max_tokens",
+                "temperature"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_message_is_checked_with_its_index() {
+        let got = fields(
+            Route::Chat,
+            json!({"messages": [
+                {"role": "wizard", "content": "x"},
+                {"content": "x"},
+                {"role": "user"},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {}}, {"type": "text"}]},
+                "hello",
+                {"role": "user", "content": 5},
+            ]}),
+        );
+        assert_eq!(
+            got,
+            [
+                "messages[0].role",
+                "messages[1].role",
+                "messages[2].content",
+                "messages[3].content[0].type",
+                "messages[3].content[1].text",
+                "messages[4]",
+                "messages[5].content",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_prompt_and_max_completion_tokens_are_named_as_sent() {
+        let got = fields(
+            Route::Completions,
+            json!({"prompt": "  ", "max_completion_tokens": 5000, "max_tokens": 3}),
+        );
+        assert_eq!(got, ["prompt", "max_completion_tokens"]);
+        assert_eq!(
+            fields(Route::Completions, json!({"prompt": ["a", "b"]})),
+            ["prompt"]
+        );
+        assert_eq!(fields(Route::Completions, json!({"prompt": 7})), ["prompt"]);
+        assert_eq!(fields(Route::Completions, json!([1, 2])), ["body"]);
+        assert_eq!(
+            fields(
+                Route::Completions,
+                json!({"prompt": "x", "max_tokens": -3, "seed": -1})
+            ),
+            ["seed", "max_tokens"]
+        );
+    }
+
+    #[test]
+    fn huge_numbers_are_refused_not_wrapped() {
+        let got = fields(
+            Route::Completions,
+            json!({"prompt": "x", "max_tokens": 1u64 << 40, "temperature": 1e300, "top_k": 1u64 << 40}),
+        );
+        assert_eq!(got, ["max_tokens", "temperature"]);
+    }
+}
