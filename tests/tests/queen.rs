@@ -208,6 +208,45 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
     let (status, _, _) = send(auth(c.post(queen.url("/v1/completions"))).json(&json!([1, 2])));
     assert_eq!(status, 400);
 
+    // Bodies within the limit that outgrow it as the queen forwards them
+    // (the native body gains the job id and model; numbers are written out
+    // again) are refused by the queen before queueing, in the envelope.
+    let model = default_ref();
+    let near_limit = |room: usize| {
+        let skeleton = json!({"model": model, "prompt": ""}).to_string();
+        json!({"model": model, "prompt": "x".repeat(1024 * 1024 - skeleton.len() - room)})
+            .to_string()
+    };
+    let numbers = format!(
+        "{{\"prompt\": \"x\", \"logit_bias_like\": [{}1]}}",
+        "1e9,".repeat(200_000)
+    );
+    for (path, body) in [
+        ("/v1/inference", near_limit(8)),
+        ("/v1/completions", numbers),
+    ] {
+        assert!(
+            body.len() <= 1024 * 1024,
+            "{path}: within the limit as sent"
+        );
+        let (status, answer, _) = send(
+            auth(c.post(queen.url(path)))
+                .header("content-type", "application/json")
+                .body(body),
+        );
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (413, Some("PAYLOAD_TOO_LARGE")),
+            "{path}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("as forwarded to a worker")),
+            "{answer}"
+        );
+    }
+
     let (status, body, _) = send(
         auth(c.post(queen.url("/v2/hives/register")))
             .json(&json!({"node_name": "bad name", "url": "ftp://x/y"})),

@@ -9,7 +9,7 @@ use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
 use rbee_api::openai::{OpenAiRequest, Route};
 use rbee_api::worker::ScrapeTargetGroup;
 use rbee_api::{ApiError, ErrorCode, FieldError};
-use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
+use rbee_http::{ApiJson, CoreState, RequestContext, Routes, DEFAULT_BODY_LIMIT};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -40,6 +40,26 @@ fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiE
     }
 }
 
+/// The body the worker gets. It is encoded again (the native body gains the
+/// job id and the model; numbers may be written longer than the client
+/// wrote them), so it can outgrow the body limit every daemon shares even
+/// though the client's body was within it: that is refused here, before
+/// queueing, rather than by the worker after a worker has been found.
+fn forwarded(body: &impl serde::Serialize) -> Result<bytes::Bytes, ApiError> {
+    let bytes = serde_json::to_vec(body)
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the request"))?;
+    if bytes.len() > DEFAULT_BODY_LIMIT {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request as forwarded to a worker (with the job id and model the queen adds) is {} bytes, over the {DEFAULT_BODY_LIMIT}-byte body limit",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes::Bytes::from(bytes))
+}
+
 fn mint_job_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -67,11 +87,9 @@ async fn inference(
         model: Some(model.clone()),
         ..request
     };
-    let body = match serde_json::to_vec(&body) {
-        Ok(v) => bytes::Bytes::from(v),
-        Err(_) => {
-            return ApiError::new(ErrorCode::Internal, "cannot encode the request").into_response()
-        }
+    let body = match forwarded(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     proxy::run(
         state,
@@ -100,14 +118,13 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
         .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
         .request;
     let model = resolve_model(state, request.model)?;
-    let body = serde_json::to_vec(&body)
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the request"))?;
+    let body = forwarded(&body)?;
     Ok(Prepared {
         api,
         model,
         job_id: mint_job_id(),
         stream: request.stream,
-        body: bytes::Bytes::from(body),
+        body,
         max_tokens: request.max_tokens,
     })
 }
