@@ -139,6 +139,10 @@ impl<'a> Reader<'a> {
         self.bad.push(FieldError::new(field, "type", message));
     }
 
+    fn missing(&mut self, field: impl Into<String>, message: &str) {
+        self.bad.push(FieldError::new(field, "required", message));
+    }
+
     fn string(&mut self, name: &str) -> Option<&'a str> {
         match self.get(name)? {
             Value::String(s) => Some(s),
@@ -229,11 +233,7 @@ impl<'a> Reader<'a> {
             }
         };
         if prompt.trim().is_empty() {
-            self.bad.push(FieldError::new(
-                "prompt",
-                "required",
-                "prompt must be a non-empty string",
-            ));
+            self.missing("prompt", "prompt must be a non-empty string");
         }
         prompt.to_owned()
     }
@@ -242,11 +242,7 @@ impl<'a> Reader<'a> {
         let items = match self.get("messages") {
             Some(Value::Array(items)) if !items.is_empty() => items,
             Some(Value::Array(_)) | None => {
-                self.bad.push(FieldError::new(
-                    "messages",
-                    "required",
-                    "messages must be a non-empty array",
-                ));
+                self.missing("messages", "messages must be a non-empty array");
                 return Vec::new();
             }
             Some(_) => {
@@ -280,11 +276,7 @@ impl<'a> Reader<'a> {
                 String::new()
             }
             None | Some(Value::Null) => {
-                self.bad.push(FieldError::new(
-                    field,
-                    "required",
-                    "each message needs a role",
-                ));
+                self.missing(field, "each message needs a role");
                 String::new()
             }
             Some(_) => {
@@ -302,11 +294,7 @@ impl<'a> Reader<'a> {
             Some(Value::String(text)) => text.clone(),
             None | Some(Value::Null) if role == "assistant" => String::new(),
             None | Some(Value::Null) => {
-                self.bad.push(FieldError::new(
-                    field,
-                    "required",
-                    "each message needs content",
-                ));
+                self.missing(field, "each message needs content");
                 String::new()
             }
             Some(Value::Array(parts)) => {
