@@ -52,7 +52,7 @@ fn forwarded(body: &impl serde::Serialize) -> Result<bytes::Bytes, ApiError> {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!(
-                "the request as forwarded to a worker (with the job id and model the queen adds) is {} bytes, over the {DEFAULT_BODY_LIMIT}-byte body limit",
+                "the request as forwarded to a worker (encoded again by the queen) is {} bytes, over the {DEFAULT_BODY_LIMIT}-byte body limit",
                 bytes.len()
             ),
         ));

@@ -71,8 +71,8 @@ impl OpenAiRequest {
             Route::Completions => prompt = r.prompt(),
         }
         let model = r.string("model").map(str::to_owned);
-        let max_tokens = r.uint("max_tokens", "an integer");
-        let max_completion_tokens = r.uint("max_completion_tokens", "an integer");
+        let max_tokens = r.token_count("max_tokens");
+        let max_completion_tokens = r.token_count("max_completion_tokens");
         let temperature = r.number("temperature");
         let top_p = r.number("top_p");
         let top_k = r.uint("top_k", "a non-negative integer");
@@ -175,19 +175,23 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A non-negative integer. A negative one reads as 0 when `expected`
-    /// names a range the range check reports on (`max_tokens`), and as a
-    /// wrong type otherwise.
+    /// A non-negative integer; anything else is a wrong type.
     fn uint(&mut self, name: &str, expected: &str) -> Option<u64> {
-        let value = self.get(name)?;
-        if let Some(n) = value.as_u64() {
-            return Some(n);
+        let value = self.get(name)?.as_u64();
+        if value.is_none() {
+            self.wrong_type(name, expected);
         }
-        if value.is_i64() && expected == "an integer" {
+        value
+    }
+
+    /// A token count: any integer, a negative one read as 0 so that the
+    /// range check names the field with its limits.
+    fn token_count(&mut self, name: &str) -> Option<u64> {
+        let value = self.get(name)?;
+        if value.is_i64() && value.as_u64().is_none() {
             return Some(0);
         }
-        self.wrong_type(name, expected);
-        None
+        self.uint(name, "an integer")
     }
 
     fn stop(&mut self) -> Vec<String> {
