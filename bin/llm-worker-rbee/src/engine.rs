@@ -1,12 +1,14 @@
-//! The inference engine: one thread that owns the weights and runs every
-//! active sequence a token step at a time, so the async runtime never waits
-//! on the model and probes answer while a generation runs.
+//! The inference engine: one thread that owns the model and runs every
+//! active sequence a step at a time, so the async runtime never waits on
+//! the model and probes answer while a generation runs.
 //!
-//! Each sequence holds a slot: a clone of the weights (tensors shared, its
-//! own KV cache). [`Engine::try_reserve`] hands out slots without blocking;
-//! when all are taken the HTTP side answers 503 `ALL_SLOTS_BUSY`. Between
-//! steps the engine checks each sequence's cancellation and deadline, so a
-//! disconnect, a `DELETE` or an expired deadline stops it within one step.
+//! Each sequence holds a slot: one of the model's KV cache regions.
+//! [`Engine::try_reserve`] hands out slots without blocking; when all are
+//! taken the HTTP side answers 503 `ALL_SLOTS_BUSY`. A step is one forward
+//! pass: a chunk of up to [`PREFILL_CHUNK`] prompt tokens, or one generated
+//! token. Between steps the engine checks each sequence's cancellation and
+//! deadline, so a disconnect, a `DELETE` or an expired deadline stops it
+//! within one step, and a long prompt shows progress chunk by chunk.
 
 pub mod detokenizer;
 #[cfg(feature = "fault-injection")]
@@ -20,8 +22,6 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
-
 use rbee_api::inference::{StopReason, StreamEvent};
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
@@ -31,7 +31,8 @@ use self::detokenizer::Detokenizer;
 use self::metrics::WorkerMetrics;
 use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
-use crate::model::{LoadedModel, Weights};
+use crate::model::llama::{Forward, Row};
+use crate::model::PREFILL_CHUNK;
 
 /// What a running job reports, in order: `Token`s, then one `End` or
 /// `Error` (the wire's stream events; the HTTP side adds `Started`).
@@ -96,13 +97,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Start the engine thread with `slots` sequences at most.
+    /// Start the engine thread over `model`, with as many slots as the
+    /// model has sequences.
     pub fn start(
-        model: &LoadedModel,
-        slots: usize,
+        model: Box<dyn Forward>,
+        tokenizer: tokenizers::Tokenizer,
+        eos: Vec<u32>,
         metrics: WorkerMetrics,
     ) -> std::io::Result<Self> {
-        let slots = slots.max(1);
+        let limits = model.limits();
+        let slots = limits.sequences.max(1);
         let shared = Arc::new(Shared {
             slots,
             active: AtomicUsize::new(0),
@@ -112,16 +116,14 @@ impl Engine {
             abort: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(slots);
-        let pool = (0..slots)
-            .map(|_| model.weights.fork())
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let worker = Worker {
-            device: model.device.clone(),
-            pool,
-            tokenizer: model.tokenizer.clone(),
-            eos: model.eos_token_ids.clone(),
-            context_length: model.context_length,
+            model,
+            free: (0..slots).rev().collect(),
+            rows: Vec::with_capacity(PREFILL_CHUNK),
+            logits: Vec::with_capacity(limits.vocab),
+            tokenizer,
+            eos,
+            context_length: limits.context,
             shared: Arc::clone(&shared),
         };
         std::thread::Builder::new()
@@ -192,8 +194,13 @@ impl Engine {
 }
 
 struct Worker {
-    device: Device,
-    pool: Vec<Weights>,
+    model: Box<dyn Forward>,
+    /// Sequence slots (KV regions) not in use.
+    free: Vec<usize>,
+    /// The batch of the current step, reused.
+    rows: Vec<Row>,
+    /// The logits being sampled, reused.
+    logits: Vec<f32>,
     tokenizer: tokenizers::Tokenizer,
     eos: Vec<u32>,
     context_length: usize,
@@ -203,12 +210,15 @@ struct Worker {
 struct Sequence {
     job: Job,
     _permit: SlotPermit,
-    weights: Weights,
+    /// The model's KV region this sequence uses.
+    slot: usize,
     sampler: Sampler,
     detokenizer: Detokenizer,
     stop: StopMatcher,
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Tokens whose K/V rows are in the cache.
+    fed: usize,
     generated: u32,
     admitted: Instant,
     first_step: Option<Instant>,
@@ -248,17 +258,12 @@ impl Worker {
                         let Sequence {
                             job,
                             _permit: permit,
-                            mut weights,
+                            slot,
                             ..
                         } = seq;
-                        match weights.reset() {
-                            Ok(()) => self.pool.push(weights),
-                            // Without its slot the worker serves with one fewer;
-                            // say so rather than reuse a dirty cache.
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot reset a slot's cache; slot dropped")
-                            }
-                        }
+                        // The next sequence overwrites the region from
+                        // position 0 and never reads past what it wrote.
+                        self.free.push(slot);
                         drop(permit);
                         let _ = job.events.send(last);
                     }
@@ -273,7 +278,7 @@ impl Worker {
     }
 
     fn admit(&mut self, active: &mut Vec<Sequence>, job: Job, permit: SlotPermit) {
-        let Some(weights) = self.pool.pop() else {
+        let Some(slot) = self.free.pop() else {
             // Cannot happen: permits are bounded by the pool size.
             let _ = job.events.send(JobEvent::Error {
                 code: ErrorCode::AllSlotsBusy,
@@ -294,7 +299,8 @@ impl Worker {
             tokens,
             job,
             _permit: permit,
-            weights,
+            slot,
+            fed: 0,
             detokenizer: Detokenizer::new(),
             generated: 0,
             admitted: Instant::now(),
@@ -303,7 +309,7 @@ impl Worker {
         });
     }
 
-    fn step(&self, seq: &mut Sequence) -> Step {
+    fn step(&mut self, seq: &mut Sequence) -> Step {
         if seq.job.cancel.is_cancelled() || seq.job.events.is_closed() {
             return Step::Done(
                 Outcome::Cancelled,
@@ -335,7 +341,9 @@ impl Worker {
             );
         }
         let next = match self.forward_and_sample(seq) {
-            Ok(next) => next,
+            // A prompt chunk that does not reach the prompt's end.
+            Ok(None) => return Step::Running,
+            Ok(Some(next)) => next,
             Err(e) => {
                 tracing::error!(
                     job_id = %seq.job.job_id,
@@ -390,20 +398,33 @@ impl Worker {
         }
     }
 
-    fn forward_and_sample(&self, seq: &mut Sequence) -> candle_core::Result<u32> {
-        let first = seq.first_step.is_none();
-        if first {
+    /// One forward pass for `seq`: the next chunk of its prompt, or its
+    /// last token. Returns the sampled token once the prompt is in.
+    fn forward_and_sample(
+        &mut self,
+        seq: &mut Sequence,
+    ) -> Result<Option<u32>, crate::model::llama::ForwardError> {
+        if seq.first_step.is_none() {
             seq.first_step = Some(Instant::now());
         }
-        let (input, pos) = if first {
-            (&seq.tokens[..], 0)
-        } else {
-            (&seq.tokens[seq.tokens.len() - 1..], seq.tokens.len() - 1)
-        };
-        let input = Tensor::new(input, &self.device)?.unsqueeze(0)?;
-        let logits = seq.weights.forward(&input, pos)?;
-        let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        Ok(seq.sampler.sample(&mut logits, &seq.tokens))
+        let len = seq.tokens.len();
+        let start = seq.fed.min(len - 1);
+        let end = (start + PREFILL_CHUNK).min(len);
+        self.rows.clear();
+        self.rows.extend((start..end).map(|pos| Row {
+            token: seq.tokens[pos],
+            seq: seq.slot,
+            pos,
+            logits: pos + 1 == len,
+        }));
+        let logits = self.model.forward(&self.rows)?;
+        seq.fed = end;
+        if end < len {
+            return Ok(None);
+        }
+        self.logits.clear();
+        self.logits.extend_from_slice(logits.row(0));
+        Ok(Some(seq.sampler.sample(&mut self.logits, &seq.tokens)))
     }
 
     /// Release held text as a last token event and report the end.

@@ -8,6 +8,10 @@
 pub mod engine;
 pub mod hive;
 pub mod http;
+// The one module where `unsafe` is allowed: SIMD bodies behind run-time
+// feature checks, and the compute threads' shared writes.
+#[allow(unsafe_code)]
+pub mod kernels;
 pub mod model;
 
 use std::net::SocketAddr;
@@ -91,10 +95,26 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_PARENT_PID")]
     pub parent_pid: Option<u32>,
 
-    /// Re-quantize 4/5-bit weights at load: `q8_0` is faster on CPU (SIMD
-    /// kernels) at about twice the memory.
+    /// Re-quantize 4-bit weights to `q8_0` at load (CPU only; see
+    /// docs/performance.md for what it trades).
     #[arg(long, env = "RBEE_WORKER_REQUANTIZE", value_enum, default_value_t = model::Requantize::None)]
     pub requantize: model::Requantize,
+
+    /// Compute threads for the forward pass on the CPU (default: the CPUs
+    /// this process may use). The HTTP side runs on one more thread.
+    #[arg(long, env = "RBEE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
+    /// Positions per sequence (prompt plus generated tokens); capped at the
+    /// model's trained context. Each slot's KV cache is allocated for this
+    /// many positions at load.
+    #[arg(long, env = "RBEE_WORKER_CTX", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub ctx: u32,
+
+    /// The KV cache's element type on the CPU: `f32` (the reference's
+    /// arithmetic) or `f16` (half the cache memory and bytes read per token).
+    #[arg(long, env = "RBEE_WORKER_KV_CACHE", value_enum, default_value_t = model::llama::cpu::KvType::F32)]
+    pub kv_cache: model::llama::cpu::KvType,
 
     /// Seconds with work but no token before readiness reports `ENGINE_STALLED`.
     #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -179,7 +199,17 @@ fn settings(config: &Config) -> Vec<ConfigSetting> {
             "requantize",
             format!("{:?}", config.requantize).to_lowercase(),
         ),
+        ConfigSetting::new("threads", threads(config)),
+        ConfigSetting::new("ctx", config.ctx),
+        ConfigSetting::new("kv_cache", format!("{:?}", config.kv_cache).to_lowercase()),
     ]
+}
+
+/// `--threads`, else the CPUs the process may use.
+fn threads(config: &Config) -> usize {
+    config
+        .threads
+        .map_or_else(model::default_threads, usize::from)
 }
 
 /// `--model-ref`, else the model file as a `file:` reference.
@@ -265,14 +295,20 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         interval: Duration::from_secs(config.heartbeat_interval_s),
     });
     let path = config.model.clone();
-    let slots = usize::from(config.slots);
-    let requantize = config.requantize;
+    let options = model::LoadOptions {
+        sequences: usize::from(config.slots),
+        context: config.ctx as usize,
+        threads: threads(&config),
+        requantize: config.requantize,
+        kv: config.kv_cache,
+        candle_on_cpu: false,
+    };
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     tokio::spawn(async move {
         let loaded = tokio::task::spawn_blocking(move || {
             #[cfg(feature = "fault-injection")]
             engine::fault::before_load();
-            model::load(&path, &device, requantize)
+            model::load(&path, &device, options)
         })
         .await;
         let loaded = match loaded {
@@ -281,15 +317,28 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             Err(e) => return fatal.fail(format!("model loader failed: {e}")),
         };
         metrics.model_load_seconds.set(loaded.load_seconds);
-        let engine = match Engine::start(&loaded, slots, metrics.clone()) {
+        let model::LoadedModel {
+            model: forward,
+            tokenizer,
+            chat_template,
+            eos_token_ids,
+            context_length,
+            vocab_size,
+            load_seconds,
+            engine_summary,
+            ..
+        } = loaded;
+        let engine = match Engine::start(forward, tokenizer.clone(), eos_token_ids, metrics.clone())
+        {
             Ok(engine) => engine,
             Err(e) => return fatal.fail(format!("cannot start the engine thread: {e}")),
         };
         tracing::info!(
-            load_s = loaded.load_seconds,
-            context_length = loaded.context_length,
-            vocab_size = loaded.vocab_size,
-            chat_template = if loaded.chat_template.is_default {
+            load_s = load_seconds,
+            context_length,
+            vocab_size,
+            engine = %engine_summary,
+            chat_template = if chat_template.is_default {
                 "chatml-default"
             } else {
                 "model"
@@ -298,9 +347,9 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         );
         let ready = Arc::new(Model {
             engine,
-            tokenizer: loaded.tokenizer,
-            chat_template: loaded.chat_template,
-            context_length: loaded.context_length,
+            tokenizer,
+            chat_template,
+            context_length,
             metrics,
         });
         let _ = model.set(Arc::clone(&ready));

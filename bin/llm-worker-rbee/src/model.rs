@@ -1,22 +1,32 @@
 //! Loading a model: weights, tokenizer, chat template, limits.
 //!
-//! GGUF files carry everything: quantized llama-family weights (through
-//! candle-transformers), the tokenizer ([`tokenizer`]) and the chat template
-//! ([`chat`]). Safetensors llama-family directories ([`dense`]) carry
-//! `config.json`, the weights and `tokenizer.json`.
+//! GGUF files carry everything: quantized llama-family weights, the
+//! tokenizer ([`tokenizer`]) and the chat template ([`chat`]).
+//! Safetensors llama-family directories ([`safetensors`]) carry
+//! `config.json`, the weights and `tokenizer.json`. Both load into the one
+//! forward pass of [`llama`]: the project's kernels on the CPU, candle's on
+//! a GPU device.
 
 pub mod chat;
-pub mod dense;
+pub mod llama;
+pub mod safetensors;
 pub mod tokenizer;
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
 
 use self::chat::ChatTemplate;
+use self::llama::cpu::{CpuModel, CpuShape, KvType};
+use self::llama::device::DeviceModel;
+use self::llama::load::{self as weights, Source};
+use self::llama::{Forward, LlamaConfig, RopeScaling};
+
+/// Prompt tokens one forward pass takes at most: a longer prompt is run in
+/// chunks of this many, each a step of the engine.
+pub const PREFILL_CHUNK: usize = 256;
 
 /// Why a model could not be loaded. Displays as one line.
 #[derive(Debug, thiserror::Error)]
@@ -39,53 +49,47 @@ pub enum LoadError {
     },
 }
 
-/// The weights of one sequence: tensors shared between slots, a KV cache of its own.
-#[derive(Debug)]
-pub enum Weights {
-    /// A quantized GGUF model; the KV cache lives inside.
-    Quantized(Box<ModelWeights>),
-    /// A dense safetensors model and its cache.
-    Dense(Box<dense::DenseLlama>),
+/// How to load a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Sequences served at once (each gets its own KV cache region).
+    pub sequences: usize,
+    /// Positions per sequence; capped at what the model was trained for.
+    pub context: usize,
+    /// Compute threads on the CPU.
+    pub threads: usize,
+    /// Re-quantization of the weights at load (CPU only).
+    pub requantize: Requantize,
+    /// The KV cache's element type (CPU only; devices cache in the
+    /// activations' type).
+    pub kv: KvType,
+    /// Run candle's device path even on the CPU device, instead of the
+    /// project's kernels (for comparing the two).
+    pub candle_on_cpu: bool,
 }
 
-impl Weights {
-    /// Logits of the next token after `input` (shape `(1, seq_len)`) placed at `pos`.
-    pub fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Quantized(m) => m.forward(input, pos)?.squeeze(0),
-            Self::Dense(m) => m.forward(input, pos),
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            sequences: 1,
+            context: 4096,
+            threads: default_threads(),
+            requantize: Requantize::None,
+            kv: KvType::F32,
+            candle_on_cpu: false,
         }
     }
+}
 
-    /// Forget the sequence (empty the KV cache) so the slot can take another.
-    pub fn reset(&mut self) -> candle_core::Result<()> {
-        match self {
-            Self::Quantized(m) => {
-                m.clear_kv_cache();
-                Ok(())
-            }
-            Self::Dense(m) => m.reset(),
-        }
-    }
-
-    /// Another set for another slot: same tensors, empty cache.
-    pub fn fork(&self) -> candle_core::Result<Self> {
-        Ok(match self {
-            Self::Quantized(m) => {
-                let mut m = m.clone();
-                m.clear_kv_cache();
-                Self::Quantized(m)
-            }
-
-            Self::Dense(m) => Self::Dense(Box::new(m.fork()?)),
-        })
-    }
+/// The CPUs this process may run on (affinity and cgroup quota aware).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// A model ready for the engine.
 pub struct LoadedModel {
-    /// The weights; each slot works on its own fork (shared tensors, own KV cache).
-    pub weights: Weights,
+    /// The forward pass, with its KV cache for every sequence.
+    pub model: Box<dyn Forward>,
     /// Text to ids and back.
     pub tokenizer: tokenizers::Tokenizer,
     /// The chat template for chat requests.
@@ -98,8 +102,10 @@ pub struct LoadedModel {
     pub vocab_size: usize,
     /// Time the load took.
     pub load_seconds: f64,
-    /// Where the weights live; inputs go there too.
+    /// Where the weights live.
     pub device: Device,
+    /// What runs the forward pass, for the log: kernels, threads, weight bytes.
+    pub engine_summary: String,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -129,8 +135,8 @@ pub enum Requantize {
     /// Keep the file's formats.
     #[default]
     None,
-    /// Turn 4- and 5-bit tensors into Q8_0, for which candle has SIMD CPU
-    /// kernels: faster on CPU, about twice the memory of Q4.
+    /// Turn 4-bit tensors into Q8_0 on the CPU: 8-bit weights skip the
+    /// nibble unpacking, at about 1.7 times the weight memory.
     #[value(name = "q8_0")]
     Q8_0,
 }
@@ -170,15 +176,11 @@ pub fn built_backends() -> &'static str {
 }
 
 /// Load a model: a safetensors llama directory, or a GGUF file.
-pub fn load(
-    path: &Path,
-    device: &Device,
-    requantize: Requantize,
-) -> Result<LoadedModel, LoadError> {
+pub fn load(path: &Path, device: &Device, options: LoadOptions) -> Result<LoadedModel, LoadError> {
     if path.is_dir() {
-        dense::load_safetensors(path, device)
+        safetensors::load_safetensors(path, device, options)
     } else {
-        load_gguf(path, device, requantize)
+        load_gguf(path, device, options)
     }
 }
 
@@ -186,7 +188,7 @@ pub fn load(
 pub fn load_gguf(
     path: &Path,
     device: &Device,
-    requantize: Requantize,
+    options: LoadOptions,
 ) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let shown = path.display().to_string();
@@ -213,63 +215,91 @@ pub fn load_gguf(
     let tokenizer = tokenizer::from_gguf(&content).map_err(format)?;
     let chat_template = ChatTemplate::from_gguf(&content).map_err(format)?;
     let eos_token_ids = tokenizer::eos_ids(&content, &tokenizer);
-    let gguf_context = content
-        .metadata
-        .get("llama.context_length")
-        .and_then(|v| v.to_u32().ok())
-        .map_or(MAX_SEQ_LEN, |n| n as usize);
-    let vocab_size = tokenizer.get_vocab_size(true);
-    let weights = match requantize {
-        Requantize::None => ModelWeights::from_gguf(content, &mut file, device),
-        Requantize::Q8_0 => requantized(&content, &mut file, device)
-            .and_then(|(c, mut buf)| ModelWeights::from_gguf(c, &mut buf, device)),
-    }
-    .map_err(|e| format(first_line(&e)))?;
+    let config = weights::config_from_gguf(&content).map_err(format)?;
+    let mut source = Source::Gguf {
+        content: &content,
+        file: &mut file,
+    };
+    let built = build(config, &mut source, device, DType::F32, options).map_err(format)?;
     Ok(LoadedModel {
-        weights: Weights::Quantized(Box::new(weights)),
+        vocab_size: built.model.config().vocab,
+        context_length: built.model.limits().context,
+        model: built.model,
         tokenizer,
         chat_template,
         eos_token_ids,
-        // RoPE tables are precomputed for MAX_SEQ_LEN positions.
-        context_length: gguf_context.min(MAX_SEQ_LEN),
-        vocab_size,
         load_seconds: started.elapsed().as_secs_f64(),
         device: device.clone(),
+        engine_summary: built.summary,
     })
 }
 
-/// Rewrite the model in memory with its 4/5-bit tensors as Q8_0.
-fn requantized(
-    content: &gguf_file::Content,
-    file: &mut std::fs::File,
+pub(crate) struct Built {
+    pub(crate) model: Box<dyn Forward>,
+    pub(crate) summary: String,
+}
+
+/// The forward pass for `config` from `source`: the CPU kernels on the
+/// CPU, candle on other devices (activations in `dtype` there).
+pub(crate) fn build(
+    mut config: LlamaConfig,
+    source: &mut Source<'_>,
     device: &Device,
-) -> candle_core::Result<(gguf_file::Content, std::io::Cursor<Vec<u8>>)> {
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let mut tensors: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
-    for name in names {
-        let tensor = content.tensor(file, name, device)?;
-        let small = matches!(
-            tensor.dtype(),
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-        );
-        let row = tensor.shape().dims().last().copied().unwrap_or(0);
-        let tensor = if small && row % GgmlDType::Q8_0.block_size() == 0 {
-            QTensor::quantize(&tensor.dequantize(device)?, GgmlDType::Q8_0)?
-        } else {
-            tensor
-        };
-        tensors.push((name.as_str(), tensor));
+    dtype: DType,
+    options: LoadOptions,
+) -> Result<Built, String> {
+    if let Some(factors) = source.rope_factors()? {
+        config.rope_scaling = RopeScaling::Factors(factors);
     }
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut buffer = std::io::Cursor::new(Vec::new());
-    gguf_file::write(&mut buffer, &metadata, &refs)?;
-    buffer.set_position(0);
-    let rewritten = gguf_file::Content::read(&mut buffer)?;
-    Ok((rewritten, buffer))
+    config.validate()?;
+    for (name, width) in [
+        ("hidden size", config.hidden),
+        ("feed-forward size", config.ffn),
+    ] {
+        if width % 32 != 0 {
+            return Err(format!("{name} {width} is not a multiple of 32"));
+        }
+    }
+    let context = options.context.min(config.max_context).max(1);
+    let sequences = options.sequences.max(1);
+    if device.is_cpu() && !options.candle_on_cpu {
+        let weights = weights::cpu_weights(source, &config, options.requantize)?;
+        let bytes = weights.size_bytes();
+        let shape = CpuShape {
+            sequences,
+            context,
+            max_rows: PREFILL_CHUNK,
+            threads: options.threads,
+            kv: options.kv,
+        };
+        let model = CpuModel::new(config, weights, shape)
+            .map_err(|e| format!("cannot start the compute threads: {e}"))?;
+        let summary = format!(
+            "cpu kernels {}, {} threads, {:.1} MB of weights, {:?} KV cache",
+            crate::kernels::isa().name(),
+            model.threads(),
+            bytes as f64 / 1e6,
+            options.kv
+        );
+        Ok(Built {
+            model: Box::new(model),
+            summary,
+        })
+    } else {
+        let weights = weights::device_weights(source, &config, device, dtype)?;
+        let model = DeviceModel::new(
+            config,
+            weights,
+            sequences,
+            context,
+            PREFILL_CHUNK,
+            dtype,
+            device,
+        )
+        .map_err(|e| first_line(&e))?;
+        Ok(Built {
+            model: Box::new(model),
+            summary: format!("candle {device:?}, {dtype:?} activations"),
+        })
+    }
 }

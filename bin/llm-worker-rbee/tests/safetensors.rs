@@ -35,7 +35,7 @@ fn fixture(dir: &Path) {
     let gguf = llm_worker_rbee::model::load_gguf(
         &default_model(),
         &Device::Cpu,
-        llm_worker_rbee::model::Requantize::None,
+        llm_worker_rbee::model::LoadOptions::default(),
     )
     .expect("load the default model for its tokenizer");
     gguf.tokenizer

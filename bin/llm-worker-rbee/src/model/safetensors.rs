@@ -2,53 +2,25 @@
 //! (or `model-XXXXX-of-YYYYY.safetensors` shards), `tokenizer.json`, and the
 //! chat template from `tokenizer_config.json` when it has one.
 //!
-//! Weights run in f32 on the CPU (candle's bf16 CPU kernels are slower) and
-//! in bf16 on GPUs.
+//! Weights run in f32 on the CPU (the kernels' dense format) and in bf16 on
+//! GPUs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig, LlamaEosToks};
 
 use super::chat::ChatTemplate;
-use super::{first_line, LoadError, LoadedModel, Weights};
-
-/// A dense llama model with one sequence's cache.
-#[derive(Debug)]
-pub struct DenseLlama {
-    model: Llama,
-    cache: Cache,
-    config: Config,
-    dtype: DType,
-    device: Device,
-}
-
-impl DenseLlama {
-    pub(crate) fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        self.model.forward(input, pos, &mut self.cache)?.squeeze(0)
-    }
-
-    pub(crate) fn reset(&mut self) -> candle_core::Result<()> {
-        self.cache = Cache::new(true, self.dtype, &self.config, &self.device)?;
-        Ok(())
-    }
-
-    pub(crate) fn fork(&self) -> candle_core::Result<Self> {
-        Ok(Self {
-            model: self.model.clone(),
-            cache: Cache::new(true, self.dtype, &self.config, &self.device)?,
-            config: self.config.clone(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        })
-    }
-}
+use super::llama::load::{config_from_json, Source};
+use super::{build, first_line, LoadError, LoadOptions, LoadedModel};
 
 /// Load a safetensors llama directory onto `device`.
-pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
+pub fn load_safetensors(
+    dir: &Path,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let shown = dir.display().to_string();
     let format = |reason: String| LoadError::Format {
@@ -61,25 +33,16 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, Load
             source,
         })
     };
-    let config: LlamaConfig = serde_json::from_slice(&read("config.json")?)
-        .map_err(|e| format(format!("config.json is not a llama config: {e}")))?;
-    let config = config.into_config(false);
+    let json: serde_json::Value = serde_json::from_slice(&read("config.json")?)
+        .map_err(|e| format(format!("config.json is not JSON: {e}")))?;
+    let config = config_from_json(&json).map_err(format)?;
     let files = weight_files(dir).map_err(format)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for file in &files {
-        let part = candle_core::safetensors::load(file, device)
+        let part = candle_core::safetensors::load(file, &Device::Cpu)
             .map_err(|e| format(format!("{}: {}", file.display(), first_line(&e))))?;
         tensors.extend(part);
     }
-    let dtype = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    };
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let model = Llama::load(vb, &config).map_err(|e| format(first_line(&e)))?;
-    let cache = Cache::new(true, dtype, &config, device).map_err(|e| format(first_line(&e)))?;
-
     let tokenizer = tokenizers::Tokenizer::from_bytes(read("tokenizer.json")?)
         .map_err(|e| format(format!("tokenizer.json: {e}")))?;
     let template = std::fs::read(dir.join("tokenizer_config.json"))
@@ -91,10 +54,12 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, Load
         None => ChatTemplate::chatml(),
     }
     .map_err(format)?;
-
-    let mut eos_token_ids = match &config.eos_token_id {
-        Some(LlamaEosToks::Single(id)) => vec![*id],
-        Some(LlamaEosToks::Multiple(ids)) => ids.clone(),
+    let mut eos_token_ids: Vec<u32> = match json.get("eos_token_id") {
+        Some(serde_json::Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        Some(v) => v.as_u64().map(|v| v as u32).into_iter().collect(),
         None => Vec::new(),
     };
     for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"] {
@@ -104,21 +69,23 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<LoadedModel, Load
             }
         }
     }
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let mut source = Source::Safetensors(tensors);
+    let built = build(config, &mut source, device, dtype, options).map_err(format)?;
     Ok(LoadedModel {
-        context_length: config.max_position_embeddings,
-        vocab_size: config.vocab_size,
-        weights: Weights::Dense(Box::new(DenseLlama {
-            model,
-            cache,
-            config,
-            dtype,
-            device: device.clone(),
-        })),
+        vocab_size: built.model.config().vocab,
+        context_length: built.model.limits().context,
+        model: built.model,
         tokenizer,
         chat_template,
         eos_token_ids,
         load_seconds: started.elapsed().as_secs_f64(),
         device: device.clone(),
+        engine_summary: built.summary,
     })
 }
 

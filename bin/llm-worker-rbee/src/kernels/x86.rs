@@ -1,0 +1,1172 @@
+//! AVX2 and AVX-512 bodies of the kernels, x86-64 only.
+//!
+//! Each public function checks that the CPU has the instruction set and
+//! that every slice holds what the body will read or write, then calls a
+//! `#[target_feature]` body. The bodies mirror the scalar references
+//! operation for operation (see the parent module).
+
+use std::arch::x86_64::*;
+
+use super::acts::{finish_block, inverse, ActBlock, BLOCK};
+use super::math::{Attention, KvRows, EXP_P, LANES, LN2_HI, LN2_LO};
+use super::matmul::{Input, MAX_TILE_ROWS};
+use super::packed::{
+    Format, GROUP, Q4K_D, Q4K_DMIN, Q4K_MIN, Q4K_SC, Q4K_SUPER_BYTES, Q4SYM_BLOCK_BYTES,
+    Q4_BLOCK_BYTES, Q6K_BLOCK_BYTES, Q6K_D, Q6K_SC, Q6K_SUPER_BYTES, Q8_BLOCK_BYTES, SUPER,
+};
+use super::Isa;
+
+fn check(isa: Isa) {
+    assert!(
+        isa != Isa::Scalar && isa.supported(),
+        "{isa:?} is not supported here"
+    );
+}
+
+// ---------------------------------------------------------------- matmul
+
+/// One group of weights times `out.len()` input rows.
+pub(super) fn matmul_group(
+    isa: Isa,
+    format: Format,
+    weights: &[u8],
+    k: usize,
+    input: Input<'_>,
+    out: &mut [[f32; GROUP]],
+) {
+    check(isa);
+    let needed = match format {
+        Format::Q4 => k / BLOCK * Q4_BLOCK_BYTES,
+        Format::Q4Sym => k / BLOCK * Q4SYM_BLOCK_BYTES,
+        Format::Q8 => k / BLOCK * Q8_BLOCK_BYTES,
+        Format::Q4K => k / SUPER * Q4K_SUPER_BYTES,
+        Format::Q6K => k / SUPER * Q6K_SUPER_BYTES,
+        Format::F32 => k * GROUP * 4,
+    };
+    assert!(weights.len() >= needed);
+    let g = weights.as_ptr();
+    for (tile, out) in out.chunks_mut(MAX_TILE_ROWS).enumerate() {
+        let rows = out.len();
+        let o = out.as_mut_ptr();
+        match input {
+            Input::Dense(x) => {
+                assert!(format == Format::F32 && x.len() >= (tile * MAX_TILE_ROWS + rows) * k);
+                let x = x[tile * MAX_TILE_ROWS * k..].as_ptr();
+                // SAFETY: the CPU has `isa` (checked); the group holds
+                // `k * 16` f32 (checked above), `x` holds `rows * k` values
+                // from here and `o` points at `rows` outputs.
+                unsafe {
+                    match (isa, rows) {
+                        (Isa::Avx512, 1) => f32_512::<1>(g, k, x, o),
+                        (Isa::Avx512, 2) => f32_512::<2>(g, k, x, o),
+                        (Isa::Avx512, 3) => f32_512::<3>(g, k, x, o),
+                        (Isa::Avx512, _) => f32_512::<4>(g, k, x, o),
+                        (_, 1) => f32_256::<1>(g, k, x, o),
+                        (_, 2) => f32_256::<2>(g, k, x, o),
+                        (_, 3) => f32_256::<3>(g, k, x, o),
+                        (_, _) => f32_256::<4>(g, k, x, o),
+                    }
+                }
+            }
+            Input::Quantized(a) => {
+                let nb = k / BLOCK;
+                assert!(format != Format::F32 && a.len() >= (tile * MAX_TILE_ROWS + rows) * nb);
+                let a = a[tile * MAX_TILE_ROWS * nb..].as_ptr();
+                // SAFETY: the CPU has `isa`; the group holds the bytes its
+                // format needs for `k` (checked above), `a` holds `rows * nb`
+                // blocks from here and `o` points at `rows` outputs.
+                unsafe { quantized(isa, format, rows, g, nb, a, o) }
+            }
+        }
+    }
+}
+
+/// Dispatch on format, instruction set and tile rows.
+///
+/// # Safety
+/// As [`matmul_group`] checks.
+unsafe fn quantized(
+    isa: Isa,
+    format: Format,
+    rows: usize,
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    macro_rules! by_rows {
+        ($f:ident) => {
+            match rows {
+                1 => $f::<1>(g, nb, a, o),
+                2 => $f::<2>(g, nb, a, o),
+                3 => $f::<3>(g, nb, a, o),
+                _ => $f::<4>(g, nb, a, o),
+            }
+        };
+    }
+    // SAFETY: the caller's guarantees are the bodies' requirements.
+    unsafe {
+        match (isa, format) {
+            (Isa::Avx512, Format::Q4) => by_rows!(q4_512),
+            (Isa::Avx512, Format::Q4Sym) => by_rows!(q4sym_512),
+            (Isa::Avx512, Format::Q8) => by_rows!(q8_512),
+            (Isa::Avx512, Format::Q4K) => by_rows!(q4k_512),
+            (Isa::Avx512, Format::Q6K) => by_rows!(q6k_512),
+            (_, Format::Q4) => by_rows!(q4_256),
+            (_, Format::Q4Sym) => by_rows!(q4sym_256),
+            (_, Format::Q8) => by_rows!(q8_256),
+            (_, Format::Q4K) => by_rows!(q4k_256),
+            (_, Format::Q6K) => by_rows!(q6k_256),
+            (_, Format::F32) => unreachable!("dense weights take dense input"),
+        }
+    }
+}
+
+/// The 8 activation words of a block, each broadcast as 4 bytes.
+macro_rules! act_word {
+    ($act:expr, $t:expr) => {
+        $act.qs.as_ptr().cast::<i32>().add($t).read_unaligned()
+    };
+}
+
+/// Unpack 4 vectors of nibbles (at `$blk`) into U0..U7.
+macro_rules! unpack_q4_512 {
+    ($blk:expr, $mask:expr) => {{
+        let p0 = _mm512_loadu_si512($blk.cast());
+        let p1 = _mm512_loadu_si512($blk.add(64).cast());
+        let p2 = _mm512_loadu_si512($blk.add(128).cast());
+        let p3 = _mm512_loadu_si512($blk.add(192).cast());
+        [
+            _mm512_and_si512(p0, $mask),
+            _mm512_and_si512(p1, $mask),
+            _mm512_and_si512(p2, $mask),
+            _mm512_and_si512(p3, $mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(p0), $mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(p1), $mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(p2), $mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(p3), $mask),
+        ]
+    }};
+}
+
+/// Sum over U`$from..$to` of `vpdpbusd` against the block's activations.
+macro_rules! dot_512 {
+    ($u:expr, $act:expr, $from:expr, $to:expr) => {{
+        let mut acc = _mm512_setzero_si512();
+        for t in $from..$to {
+            acc = _mm512_dpbusd_epi32(acc, $u[t], _mm512_set1_epi32(act_word!($act, t)));
+        }
+        acc
+    }};
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_512<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut f = [_mm512_setzero_ps(); MR];
+        for b in 0..nb {
+            let blk = g.add(b * Q4_BLOCK_BYTES);
+            let u = unpack_q4_512!(blk, mask);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
+            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()));
+            for (i, f) in f.iter_mut().enumerate() {
+                let act = &*a.add(i * nb + b);
+                let acc = dot_512!(u, act, 0, 8);
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d));
+                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+                *f = _mm512_fmadd_ps(mw, _mm512_set1_ps(act.s), *f);
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4sym_512<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut f = [_mm512_setzero_ps(); MR];
+        for b in 0..nb {
+            let blk = g.add(b * Q4SYM_BLOCK_BYTES);
+            let u = unpack_q4_512!(blk, mask);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
+            for (i, f) in f.iter_mut().enumerate() {
+                let act = &*a.add(i * nb + b);
+                let acc = dot_512!(u, act, 0, 8);
+                // The weights are offset by 8: take 8 * sum(a) back off.
+                let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(8 * (act.sum_lo + act.sum_hi)));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d));
+                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_512<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mut f = [_mm512_setzero_ps(); MR];
+        for b in 0..nb {
+            let blk = g.add(b * Q8_BLOCK_BYTES);
+            let mut u = [_mm512_setzero_si512(); 8];
+            for (t, u) in u.iter_mut().enumerate() {
+                *u = _mm512_loadu_si512(blk.add(64 * t).cast());
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512).cast()));
+            for (i, f) in f.iter_mut().enumerate() {
+                let act = &*a.add(i * nb + b);
+                let acc = dot_512!(u, act, 0, 8);
+                // The weights are biased by 128: take 128 * sum(a) back off.
+                let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * (act.sum_lo + act.sum_hi)));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d));
+                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_512<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut f = [_mm512_setzero_ps(); MR];
+        for sb in 0..nb / 8 {
+            let sup = g.add(sb * Q4K_SUPER_BYTES);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(Q4K_D).cast()));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(Q4K_DMIN).cast()));
+            for s in 0..8 {
+                let u = unpack_q4_512!(sup.add(s * 256), mask);
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    sup.add(Q4K_SC + s * GROUP).cast(),
+                )));
+                let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    sup.add(Q4K_MIN + s * GROUP).cast(),
+                )));
+                let d_eff = _mm512_mul_ps(d, sc);
+                let m_eff = _mm512_mul_ps(dmin, mn);
+                for (i, f) in f.iter_mut().enumerate() {
+                    let act = &*a.add(i * nb + sb * 8 + s);
+                    let acc = dot_512!(u, act, 0, 8);
+                    let scale = _mm512_mul_ps(d_eff, _mm512_set1_ps(act.d));
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+                    *f = _mm512_fnmadd_ps(m_eff, _mm512_set1_ps(act.s), *f);
+                }
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_512<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm512_set1_epi8(0x0F);
+        let high = _mm512_set1_epi8(0x30);
+        let mut f = [_mm512_setzero_ps(); MR];
+        for sb in 0..nb / 8 {
+            let sup = g.add(sb * Q6K_SUPER_BYTES);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(Q6K_D).cast()));
+            for b in 0..8 {
+                let blk = sup.add(b * Q6K_BLOCK_BYTES);
+                let lo = unpack_q4_512!(blk, mask);
+                let h0 = _mm512_loadu_si512(blk.add(256).cast());
+                let h1 = _mm512_loadu_si512(blk.add(320).cast());
+                // Bits 2c..2c+2 of the high vectors, moved to bits 4..6.
+                let hi = [
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(h0), high),
+                    _mm512_and_si512(_mm512_slli_epi16::<2>(h0), high),
+                    _mm512_and_si512(h0, high),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(h0), high),
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(h1), high),
+                    _mm512_and_si512(_mm512_slli_epi16::<2>(h1), high),
+                    _mm512_and_si512(h1, high),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(h1), high),
+                ];
+                let mut u = [_mm512_setzero_si512(); 8];
+                for t in 0..8 {
+                    u[t] = _mm512_or_si512(lo[t], hi[t]);
+                }
+                let sc_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    sup.add(Q6K_SC + 2 * b * GROUP).cast(),
+                )));
+                let sc_hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    sup.add(Q6K_SC + (2 * b + 1) * GROUP).cast(),
+                )));
+                let d_lo = _mm512_mul_ps(d, sc_lo);
+                let d_hi = _mm512_mul_ps(d, sc_hi);
+                for (i, f) in f.iter_mut().enumerate() {
+                    let act = &*a.add(i * nb + sb * 8 + b);
+                    let acc_lo = dot_512!(u, act, 0, 4);
+                    let acc_hi = dot_512!(u, act, 4, 8);
+                    let acc_lo = _mm512_sub_epi32(acc_lo, _mm512_set1_epi32(32 * act.sum_lo));
+                    let acc_hi = _mm512_sub_epi32(acc_hi, _mm512_set1_epi32(32 * act.sum_hi));
+                    let da = _mm512_set1_ps(act.d);
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_lo), _mm512_mul_ps(d_lo, da), *f);
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_hi), _mm512_mul_ps(d_hi, da), *f);
+                }
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f32_512<const MR: usize>(g: *const u8, k: usize, x: *const f32, o: *mut [f32; GROUP]) {
+    // SAFETY: the group holds `k` vectors of 16 f32; `x` holds MR rows of `k`.
+    unsafe {
+        let w = g.cast::<f32>();
+        let mut f = [_mm512_setzero_ps(); MR];
+        for kk in 0..k {
+            let wv = _mm512_loadu_ps(w.add(kk * GROUP));
+            for (i, f) in f.iter_mut().enumerate() {
+                *f = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.add(i * k + kk)), *f);
+            }
+        }
+        for (i, f) in f.iter().enumerate() {
+            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
+        }
+    }
+}
+
+/// AVX2 has no `vpdpbusd`: `vpmaddubsw` (pairs, exact here) then
+/// `vpmaddwd` by ones gives the same 4-byte sums per 32-bit lane.
+macro_rules! dot_256 {
+    ($u:expr, $act:expr, $from:expr, $to:expr, $ones:expr) => {{
+        let mut acc = _mm256_setzero_si256();
+        for t in $from..$to {
+            let pairs = _mm256_maddubs_epi16($u[t], _mm256_set1_epi32(act_word!($act, t)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, $ones));
+        }
+        acc
+    }};
+}
+
+/// Half `$h` (rows 0..8 or 8..16) of 4 vectors of nibbles into U0..U7.
+macro_rules! unpack_q4_256 {
+    ($blk:expr, $h:expr, $mask:expr) => {{
+        let p0 = _mm256_loadu_si256($blk.add($h * 32).cast());
+        let p1 = _mm256_loadu_si256($blk.add(64 + $h * 32).cast());
+        let p2 = _mm256_loadu_si256($blk.add(128 + $h * 32).cast());
+        let p3 = _mm256_loadu_si256($blk.add(192 + $h * 32).cast());
+        [
+            _mm256_and_si256(p0, $mask),
+            _mm256_and_si256(p1, $mask),
+            _mm256_and_si256(p2, $mask),
+            _mm256_and_si256(p3, $mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p0), $mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p1), $mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p2), $mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p3), $mask),
+        ]
+    }};
+}
+
+/// Store half `$h` of each row's 16 outputs.
+macro_rules! store_half {
+    ($f:expr, $o:expr, $h:expr) => {
+        for (i, f) in $f.iter().enumerate() {
+            _mm256_storeu_ps((*$o.add(i)).as_mut_ptr().add($h * 8), *f);
+        }
+    };
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_256<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); MR];
+            for b in 0..nb {
+                let blk = g.add(b * Q4_BLOCK_BYTES);
+                let u = unpack_q4_256!(blk, h, mask);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(256 + h * 16).cast()));
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(288 + h * 16).cast()));
+                for (i, f) in f.iter_mut().enumerate() {
+                    let act = &*a.add(i * nb + b);
+                    let acc = dot_256!(u, act, 0, 8, ones);
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d));
+                    *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                    *f = _mm256_fmadd_ps(mw, _mm256_set1_ps(act.s), *f);
+                }
+            }
+            store_half!(f, o, h);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4sym_256<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); MR];
+            for b in 0..nb {
+                let blk = g.add(b * Q4SYM_BLOCK_BYTES);
+                let u = unpack_q4_256!(blk, h, mask);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(256 + h * 16).cast()));
+                for (i, f) in f.iter_mut().enumerate() {
+                    let act = &*a.add(i * nb + b);
+                    let acc = dot_256!(u, act, 0, 8, ones);
+                    let acc =
+                        _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * (act.sum_lo + act.sum_hi)));
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d));
+                    *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                }
+            }
+            store_half!(f, o, h);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_256<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let bias = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); MR];
+            for b in 0..nb {
+                let blk = g.add(b * Q8_BLOCK_BYTES);
+                let mut w = [_mm256_setzero_si256(); 8];
+                for (t, w) in w.iter_mut().enumerate() {
+                    *w =
+                        _mm256_xor_si256(_mm256_loadu_si256(blk.add(64 * t + 32 * h).cast()), bias);
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(512 + h * 16).cast()));
+                for (i, f) in f.iter_mut().enumerate() {
+                    let act = &*a.add(i * nb + b);
+                    let mut acc = _mm256_setzero_si256();
+                    for (t, &w) in w.iter().enumerate() {
+                        // |w| times a with w's sign: signed bytes through the
+                        // unsigned-by-signed multiply, with no saturation.
+                        let av = _mm256_sign_epi8(_mm256_set1_epi32(act_word!(act, t)), w);
+                        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), av);
+                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+                    }
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d));
+                    *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                }
+            }
+            store_half!(f, o, h);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_256<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); MR];
+            for sb in 0..nb / 8 {
+                let sup = g.add(sb * Q4K_SUPER_BYTES);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(Q4K_D + h * 16).cast()));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(Q4K_DMIN + h * 16).cast()));
+                for s in 0..8 {
+                    let u = unpack_q4_256!(sup.add(s * 256), h, mask);
+                    let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        sup.add(Q4K_SC + s * GROUP + h * 8).cast(),
+                    )));
+                    let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        sup.add(Q4K_MIN + s * GROUP + h * 8).cast(),
+                    )));
+                    let d_eff = _mm256_mul_ps(d, sc);
+                    let m_eff = _mm256_mul_ps(dmin, mn);
+                    for (i, f) in f.iter_mut().enumerate() {
+                        let act = &*a.add(i * nb + sb * 8 + s);
+                        let acc = dot_256!(u, act, 0, 8, ones);
+                        let scale = _mm256_mul_ps(d_eff, _mm256_set1_ps(act.d));
+                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                        *f = _mm256_fnmadd_ps(m_eff, _mm256_set1_ps(act.s), *f);
+                    }
+                }
+            }
+            store_half!(f, o, h);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_256<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    a: *const ActBlock,
+    o: *mut [f32; GROUP],
+) {
+    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let high = _mm256_set1_epi8(0x30);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut f = [_mm256_setzero_ps(); MR];
+            for sb in 0..nb / 8 {
+                let sup = g.add(sb * Q6K_SUPER_BYTES);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(Q6K_D + h * 16).cast()));
+                for b in 0..8 {
+                    let blk = sup.add(b * Q6K_BLOCK_BYTES);
+                    let lo = unpack_q4_256!(blk, h, mask);
+                    let h0 = _mm256_loadu_si256(blk.add(256 + h * 32).cast());
+                    let h1 = _mm256_loadu_si256(blk.add(320 + h * 32).cast());
+                    let hi = [
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(h0), high),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(h0), high),
+                        _mm256_and_si256(h0, high),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(h0), high),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(h1), high),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(h1), high),
+                        _mm256_and_si256(h1, high),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(h1), high),
+                    ];
+                    let mut u = [_mm256_setzero_si256(); 8];
+                    for t in 0..8 {
+                        u[t] = _mm256_or_si256(lo[t], hi[t]);
+                    }
+                    let sc_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        sup.add(Q6K_SC + 2 * b * GROUP + h * 8).cast(),
+                    )));
+                    let sc_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        sup.add(Q6K_SC + (2 * b + 1) * GROUP + h * 8).cast(),
+                    )));
+                    let d_lo = _mm256_mul_ps(d, sc_lo);
+                    let d_hi = _mm256_mul_ps(d, sc_hi);
+                    for (i, f) in f.iter_mut().enumerate() {
+                        let act = &*a.add(i * nb + sb * 8 + b);
+                        let acc_lo = dot_256!(u, act, 0, 4, ones);
+                        let acc_hi = dot_256!(u, act, 4, 8, ones);
+                        let acc_lo = _mm256_sub_epi32(acc_lo, _mm256_set1_epi32(32 * act.sum_lo));
+                        let acc_hi = _mm256_sub_epi32(acc_hi, _mm256_set1_epi32(32 * act.sum_hi));
+                        let da = _mm256_set1_ps(act.d);
+                        *f = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc_lo),
+                            _mm256_mul_ps(d_lo, da),
+                            *f,
+                        );
+                        *f = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc_hi),
+                            _mm256_mul_ps(d_hi, da),
+                            *f,
+                        );
+                    }
+                }
+            }
+            store_half!(f, o, h);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_256<const MR: usize>(g: *const u8, k: usize, x: *const f32, o: *mut [f32; GROUP]) {
+    // SAFETY: the group holds `k` vectors of 16 f32; `x` holds MR rows of `k`.
+    unsafe {
+        let w = g.cast::<f32>();
+        let mut lo = [_mm256_setzero_ps(); MR];
+        let mut hi = [_mm256_setzero_ps(); MR];
+        for kk in 0..k {
+            let w0 = _mm256_loadu_ps(w.add(kk * GROUP));
+            let w1 = _mm256_loadu_ps(w.add(kk * GROUP + 8));
+            for i in 0..MR {
+                let xv = _mm256_set1_ps(*x.add(i * k + kk));
+                lo[i] = _mm256_fmadd_ps(w0, xv, lo[i]);
+                hi[i] = _mm256_fmadd_ps(w1, xv, hi[i]);
+            }
+        }
+        store_half!(lo, o, 0);
+        store_half!(hi, o, 1);
+    }
+}
+
+// ---------------------------------------------------------- activations
+
+/// Quantize `x` into `out` (lengths checked by the caller).
+pub(super) fn quantize_row(isa: Isa, x: &[f32], out: &mut [ActBlock]) {
+    check(isa);
+    assert_eq!(x.len(), out.len() * BLOCK);
+    for (x, block) in x.chunks_exact(BLOCK).zip(out) {
+        // SAFETY: the CPU has `isa`; `x` is one block of 32 values.
+        *block = unsafe {
+            if isa == Isa::Avx512 {
+                quantize_block_512(x.as_ptr())
+            } else {
+                quantize_block_256(x.as_ptr())
+            }
+        };
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn quantize_block_512(x: *const f32) -> ActBlock {
+    // SAFETY: `x` points at 32 values.
+    unsafe {
+        let v0 = _mm512_loadu_ps(x);
+        let v1 = _mm512_loadu_ps(x.add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(inverse(d));
+        let q0 = _mm512_cvtps_epi32(round_away_512(_mm512_mul_ps(v0, id)));
+        let q1 = _mm512_cvtps_epi32(round_away_512(_mm512_mul_ps(v1, id)));
+        let mut qs = [0i8; BLOCK];
+        _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(q1));
+        finish_block(
+            d,
+            qs,
+            _mm512_reduce_add_epi32(q0),
+            _mm512_reduce_add_epi32(q1),
+        )
+    }
+}
+
+/// `f32::round` (half away from zero) on 16 lanes: truncate, then step
+/// away from zero where the dropped part is at least one half (exact for
+/// the magnitudes quantization sees).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn round_away_512(v: __m512) -> __m512 {
+    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+    let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+    // 1.0 with v's sign (AVX-512 F has the bitwise ops on integers only).
+    let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+    let one = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(_mm512_set1_ps(1.0)),
+        sign,
+    ));
+    _mm512_mask_add_ps(t, away, t, one)
+}
+
+/// [`round_away_512`] on 8 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_away_256(v: __m256) -> __m256 {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let sign = _mm256_set1_ps(-0.0);
+    let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+    let away = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
+    let one = _mm256_or_ps(_mm256_set1_ps(1.0), _mm256_and_ps(v, sign));
+    _mm256_add_ps(t, _mm256_and_ps(away, one))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_256(x: *const f32) -> ActBlock {
+    // SAFETY: `x` points at 32 values.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut v = [_mm256_setzero_ps(); 4];
+        let mut m = _mm256_setzero_ps();
+        for (c, v) in v.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(x.add(8 * c));
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *v));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(inverse(d));
+        let mut q = [0i32; BLOCK];
+        for (c, v) in v.iter().enumerate() {
+            let qi = _mm256_cvtps_epi32(round_away_256(_mm256_mul_ps(*v, id)));
+            _mm256_storeu_si256(q.as_mut_ptr().add(8 * c).cast(), qi);
+        }
+        let qs = q.map(|v| v as i8);
+        finish_block(d, qs, q[..16].iter().sum(), q[16..].iter().sum())
+    }
+}
+
+// ---------------------------------------------------------- element-wise
+
+/// Lanes 0..8 and 8..16 of a fixed-order sum, added pairwise.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn reduce_256(lo: __m256, hi: __m256) -> f32 {
+    let s8 = _mm256_add_ps(lo, hi);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn reduce_512(acc: __m512) -> f32 {
+    reduce_256(
+        _mm512_castps512_ps256(acc),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+    )
+}
+
+/// A mask of the first `n` (< 8) 32-bit lanes, for AVX2 masked loads.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mask_256(n: usize) -> __m256i {
+    let n = n.min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// The fixed-order sum of squares of `x`.
+pub(super) fn sum_squares(isa: Isa, x: &[f32]) -> f32 {
+    check(isa);
+    // SAFETY: the CPU has `isa`; the bodies read `x.len()` values.
+    unsafe {
+        if isa == Isa::Avx512 {
+            sum_squares_512(x.as_ptr(), x.len())
+        } else {
+            sum_squares_256(x.as_ptr(), x.len())
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn sum_squares_512(x: *const f32, n: usize) -> f32 {
+    // SAFETY: reads `n` values from `x`; the tail load is masked.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        let full = n / LANES * LANES;
+        for c in (0..full).step_by(LANES) {
+            let v = _mm512_loadu_ps(x.add(c));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        if full < n {
+            let v = _mm512_maskz_loadu_ps((1u16 << (n - full)) - 1, x.add(full));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        reduce_512(acc)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sum_squares_256(x: *const f32, n: usize) -> f32 {
+    // SAFETY: reads `n` values from `x`; the tail loads are masked.
+    unsafe {
+        let mut lo = _mm256_setzero_ps();
+        let mut hi = _mm256_setzero_ps();
+        let full = n / LANES * LANES;
+        for c in (0..full).step_by(LANES) {
+            let a = _mm256_loadu_ps(x.add(c));
+            let b = _mm256_loadu_ps(x.add(c + 8));
+            lo = _mm256_fmadd_ps(a, a, lo);
+            hi = _mm256_fmadd_ps(b, b, hi);
+        }
+        let rest = n - full;
+        if rest > 0 {
+            let a = _mm256_maskload_ps(x.add(full), mask_256(rest));
+            lo = _mm256_fmadd_ps(a, a, lo);
+            if rest > 8 {
+                let b = _mm256_maskload_ps(x.add(full + 8), mask_256(rest - 8));
+                hi = _mm256_fmadd_ps(b, b, hi);
+            }
+        }
+        reduce_256(lo, hi)
+    }
+}
+
+/// `math::exp` on 8 lanes: the same clamp, reduction and polynomial.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn exp_256(x: __m256) -> __m256 {
+    let x = _mm256_max_ps(
+        _mm256_min_ps(x, _mm256_set1_ps(88.0)),
+        _mm256_set1_ps(-87.0),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_mul_ps(y, scale)
+}
+
+/// `math::exp` on 16 lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn exp_512(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(
+        _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+        _mm512_set1_ps(-87.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    )));
+    _mm512_mul_ps(y, scale)
+}
+
+/// `out = silu(gate) * up`.
+pub(super) fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    check(isa);
+    assert!(gate.len() == up.len() && up.len() == out.len());
+    let width = if isa == Isa::Avx512 { 16 } else { 8 };
+    let full = gate.len() / width * width;
+    // SAFETY: the CPU has `isa`; the bodies touch the first `full` values.
+    unsafe {
+        if isa == Isa::Avx512 {
+            silu_512(gate.as_ptr(), up.as_ptr(), out.as_mut_ptr(), full);
+        } else {
+            silu_256(gate.as_ptr(), up.as_ptr(), out.as_mut_ptr(), full);
+        }
+    }
+    for i in full..gate.len() {
+        out[i] = gate[i] / (1.0 + super::math::exp(-gate[i])) * up[i];
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn silu_512(g: *const f32, u: *const f32, o: *mut f32, n: usize) {
+    // SAFETY: `n` values at each pointer.
+    unsafe {
+        let one = _mm512_set1_ps(1.0);
+        for i in (0..n).step_by(16) {
+            let gv = _mm512_loadu_ps(g.add(i));
+            let e = exp_512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(o.add(i), _mm512_mul_ps(s, _mm512_loadu_ps(u.add(i))));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn silu_256(g: *const f32, u: *const f32, o: *mut f32, n: usize) {
+    // SAFETY: `n` values at each pointer.
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..n).step_by(8) {
+            let gv = _mm256_loadu_ps(g.add(i));
+            let e = exp_256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(u.add(i))));
+        }
+    }
+}
+
+// ------------------------------------------------------------ attention
+
+/// Attention of one head; `head_dim` is a multiple of 16 and the slices
+/// were checked by the caller.
+pub(super) fn attention(isa: Isa, a: &Attention<'_>, scores: &mut [f32], out: &mut [f32]) {
+    check(isa);
+    let hd = a.q.len();
+    assert!(hd.is_multiple_of(LANES) && hd <= 512 && out.len() == hd);
+    assert!(scores.len() == a.positions && a.positions > 0 && a.stride >= hd);
+    let last = (a.positions - 1) * a.stride + hd;
+    assert!(a.keys.len() >= last && a.values.len() >= last);
+    let (q, n, stride, scale) = (a.q.as_ptr(), a.positions, a.stride, a.scale);
+    let s = scores.as_mut_ptr();
+    // SAFETY: the CPU has `isa`; position j's key and value are the `hd`
+    // elements at `j * stride`, inside the slices for j < positions
+    // (checked above); `scores` holds `positions` values.
+    unsafe {
+        match (isa, a.keys) {
+            (Isa::Avx512, KvRows::F32(k)) => scores_512_f32(q, hd, k.as_ptr(), stride, n, scale, s),
+            (Isa::Avx512, KvRows::F16(k)) => scores_512_f16(q, hd, k.as_ptr(), stride, n, scale, s),
+            (_, KvRows::F32(k)) => scores_256_f32(q, hd, k.as_ptr(), stride, n, scale, s),
+            (_, KvRows::F16(k)) => scores_256_f16(q, hd, k.as_ptr(), stride, n, scale, s),
+        }
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let full = a.positions / LANES * LANES;
+    // SAFETY: as above; the first `full` scores are read and written.
+    let mut lanes = unsafe {
+        if isa == Isa::Avx512 {
+            softmax_exp_512(scores.as_mut_ptr(), full, max)
+        } else {
+            softmax_exp_256(scores.as_mut_ptr(), full, max)
+        }
+    };
+    for (j, s) in scores.iter_mut().enumerate().skip(full) {
+        *s = super::math::exp(*s - max);
+        lanes[j % LANES] += *s;
+    }
+    let inv = 1.0 / super::math::reduce(lanes);
+    let (p, o) = (scores.as_ptr(), out.as_mut_ptr());
+    // SAFETY: as above; `out` holds `hd` values.
+    unsafe {
+        match (isa, a.values) {
+            (Isa::Avx512, KvRows::F32(v)) => weighted_512_f32(v.as_ptr(), stride, n, hd, p, inv, o),
+            (Isa::Avx512, KvRows::F16(v)) => weighted_512_f16(v.as_ptr(), stride, n, hd, p, inv, o),
+            (_, KvRows::F32(v)) => weighted_256_f32(v.as_ptr(), stride, n, hd, p, inv, o),
+            (_, KvRows::F16(v)) => weighted_256_f16(v.as_ptr(), stride, n, hd, p, inv, o),
+        }
+    }
+}
+
+/// 16 cached elements as f32.
+macro_rules! load16_f32 {
+    ($p:expr) => {
+        _mm512_loadu_ps($p)
+    };
+}
+macro_rules! load16_f16 {
+    ($p:expr) => {
+        _mm512_cvtph_ps(_mm256_loadu_si256($p.cast()))
+    };
+}
+/// 8 cached elements as f32.
+macro_rules! load8_f32 {
+    ($p:expr) => {
+        _mm256_loadu_ps($p)
+    };
+}
+macro_rules! load8_f16 {
+    ($p:expr) => {
+        _mm256_cvtph_ps(_mm_loadu_si128($p.cast()))
+    };
+}
+
+/// The AVX-512 score and weighted-value bodies for one cache element type.
+macro_rules! attention_512 {
+    ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
+        /// `scores[j] = q.k_j * scale`, the dot in the fixed lane order.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn $scores(
+            q: *const f32,
+            hd: usize,
+            keys: *const $t,
+            stride: usize,
+            positions: usize,
+            scale: f32,
+            scores: *mut f32,
+        ) {
+            // SAFETY: see `attention`.
+            unsafe {
+                for j in 0..positions {
+                    let k = keys.add(j * stride);
+                    let mut acc = _mm512_setzero_ps();
+                    for c in (0..hd).step_by(LANES) {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), $load!(k.add(c)), acc);
+                    }
+                    *scores.add(j) = reduce_512(acc) * scale;
+                }
+            }
+        }
+
+        /// `out = inv * sum_j p_j v_j`, each element summed in position order.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn $weighted(
+            values: *const $t,
+            stride: usize,
+            positions: usize,
+            hd: usize,
+            p: *const f32,
+            inv: f32,
+            out: *mut f32,
+        ) {
+            // SAFETY: see `attention`; `out` holds `hd` (at most 512) values.
+            unsafe {
+                let chunks = hd / LANES;
+                let mut acc = [_mm512_setzero_ps(); 32];
+                for j in 0..positions {
+                    let pj = _mm512_set1_ps(*p.add(j));
+                    let v = values.add(j * stride);
+                    for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
+                        *acc = _mm512_fmadd_ps(pj, $load!(v.add(c * LANES)), *acc);
+                    }
+                }
+                let inv = _mm512_set1_ps(inv);
+                for (c, acc) in acc.iter().enumerate().take(chunks) {
+                    _mm512_storeu_ps(out.add(c * LANES), _mm512_mul_ps(*acc, inv));
+                }
+            }
+        }
+    };
+}
+
+/// The AVX2 score and weighted-value bodies for one cache element type.
+macro_rules! attention_256 {
+    ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
+        /// As the AVX-512 body, lanes 0..8 and 8..16 in two registers.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $scores(
+            q: *const f32,
+            hd: usize,
+            keys: *const $t,
+            stride: usize,
+            positions: usize,
+            scale: f32,
+            scores: *mut f32,
+        ) {
+            // SAFETY: see `attention`.
+            unsafe {
+                for j in 0..positions {
+                    let k = keys.add(j * stride);
+                    let mut lo = _mm256_setzero_ps();
+                    let mut hi = _mm256_setzero_ps();
+                    for c in (0..hd).step_by(LANES) {
+                        lo = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load!(k.add(c)), lo);
+                        hi = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(q.add(c + 8)),
+                            $load!(k.add(c + 8)),
+                            hi,
+                        );
+                    }
+                    *scores.add(j) = reduce_256(lo, hi) * scale;
+                }
+            }
+        }
+
+        /// As the AVX-512 body.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $weighted(
+            values: *const $t,
+            stride: usize,
+            positions: usize,
+            hd: usize,
+            p: *const f32,
+            inv: f32,
+            out: *mut f32,
+        ) {
+            // SAFETY: see `attention`; `out` holds `hd` (at most 512) values.
+            unsafe {
+                let chunks = hd / 8;
+                let mut acc = [_mm256_setzero_ps(); 64];
+                for j in 0..positions {
+                    let pj = _mm256_set1_ps(*p.add(j));
+                    let v = values.add(j * stride);
+                    for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
+                        *acc = _mm256_fmadd_ps(pj, $load!(v.add(c * 8)), *acc);
+                    }
+                }
+                let inv = _mm256_set1_ps(inv);
+                for (c, acc) in acc.iter().enumerate().take(chunks) {
+                    _mm256_storeu_ps(out.add(c * 8), _mm256_mul_ps(*acc, inv));
+                }
+            }
+        }
+    };
+}
+
+attention_512!(scores_512_f32, weighted_512_f32, f32, load16_f32);
+attention_512!(scores_512_f16, weighted_512_f16, u16, load16_f16);
+attention_256!(scores_256_f32, weighted_256_f32, f32, load8_f32);
+attention_256!(scores_256_f16, weighted_256_f16, u16, load8_f16);
+
+/// Replace the first `n` (a multiple of 16) scores by `exp(s - max)` and
+/// return the lanes of their fixed-order sum.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn softmax_exp_512(s: *mut f32, n: usize, max: f32) -> [f32; LANES] {
+    // SAFETY: `n` scores at `s`.
+    unsafe {
+        let m = _mm512_set1_ps(max);
+        let mut acc = _mm512_setzero_ps();
+        for j in (0..n).step_by(LANES) {
+            let e = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s.add(j)), m));
+            _mm512_storeu_ps(s.add(j), e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        let mut lanes = [0f32; LANES];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+        lanes
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_exp_256(s: *mut f32, n: usize, max: f32) -> [f32; LANES] {
+    // SAFETY: `n` scores at `s`.
+    unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut lo = _mm256_setzero_ps();
+        let mut hi = _mm256_setzero_ps();
+        for j in (0..n).step_by(LANES) {
+            let e0 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j)), m));
+            let e1 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j + 8)), m));
+            _mm256_storeu_ps(s.add(j), e0);
+            _mm256_storeu_ps(s.add(j + 8), e1);
+            lo = _mm256_add_ps(lo, e0);
+            hi = _mm256_add_ps(hi, e1);
+        }
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+        lanes
+    }
+}

@@ -1,0 +1,372 @@
+//! The worker's llama-family forward pass (llama, SmolLM2, Llama 3.x,
+//! Mistral): one architecture, read from GGUF or safetensors, run on the
+//! CPU by the project's own kernels ([`cpu`]) or on a candle GPU device
+//! ([`device`]).
+//!
+//! The forward pass takes a batch of [`Row`]s, each one token of some
+//! sequence at some position, and returns logits for the rows that ask for
+//! them. Each sequence has its own K/V rows in a cache allocated at load.
+//! A row's result depends only on its token, its sequence's cached K/V and
+//! its position, never on the other rows in the batch or on how a prompt
+//! was cut into chunks.
+
+pub mod cpu;
+pub mod device;
+pub mod load;
+
+use std::fmt;
+
+/// How rotary position frequencies are scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// As trained.
+    None,
+    /// Positions divided by a factor (`linear`).
+    Linear(f32),
+    /// Llama 3.x: low frequencies divided by `factor`, high ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        /// Division of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original / low_freq_factor` are scaled.
+        low_freq_factor: f32,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The context the model was first trained on.
+        original_max_position: usize,
+    },
+    /// One divisor per frequency, as GGUF files carry in `rope_freqs.weight`.
+    Factors(Vec<f32>),
+}
+
+/// The shape of a llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// Feed-forward width.
+    pub ffn: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Leading dimensions of a head that are rotated (usually all).
+    pub rope_dim: usize,
+    /// Rotary base.
+    pub rope_theta: f32,
+    /// Rotary scaling.
+    pub rope_scaling: RopeScaling,
+    /// RMS norm epsilon.
+    pub rms_eps: f32,
+    /// The context the model was trained for.
+    pub max_context: usize,
+}
+
+impl LlamaConfig {
+    /// Width of the queries of one token.
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of the keys (and values) of one token.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Check the shape is one the forward pass runs.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab", self.vocab),
+            ("hidden", self.hidden),
+            ("ffn", self.ffn),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is 0"));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            return Err(format!(
+                "rotary dimension {} does not fit head dimension {}",
+                self.rope_dim, self.head_dim
+            ));
+        }
+        if let RopeScaling::Factors(f) = &self.rope_scaling {
+            if f.len() != self.rope_dim / 2 {
+                return Err(format!(
+                    "{} rope frequency factors for {} frequencies",
+                    f.len(),
+                    self.rope_dim / 2
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotary frequencies (radians per position), scaling applied. In f32
+    /// as candle's and llama.cpp's tables are made, so angles agree with
+    /// the reference implementation to the last bit.
+    pub fn rope_frequencies(&self) -> Vec<f32> {
+        let half = self.rope_dim / 2;
+        (0..half)
+            .map(|i| {
+                let base = 1f32 / self.rope_theta.powf((2 * i) as f32 / self.rope_dim as f32);
+                match &self.rope_scaling {
+                    RopeScaling::None => base,
+                    RopeScaling::Linear(f) => base / f,
+                    RopeScaling::Factors(f) => base / f[i],
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position,
+                    } => {
+                        let original = *original_max_position as f32;
+                        let wavelen = 2.0 * std::f32::consts::PI / base;
+                        if wavelen < original / high_freq_factor {
+                            base
+                        } else if wavelen > original / low_freq_factor {
+                            base / factor
+                        } else {
+                            let smooth = (original / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * base / factor + smooth * base
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// One token of one sequence in a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// The token id.
+    pub token: u32,
+    /// The sequence (a KV slot, `0..sequences`).
+    pub seq: usize,
+    /// The token's position in its sequence. Positions before it must
+    /// already be in the cache, or earlier in the same batch.
+    pub pos: usize,
+    /// Whether the caller wants this row's logits (the last token of a
+    /// prompt, or a generated token).
+    pub logits: bool,
+}
+
+/// What a model can take in one forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sequences with a KV region each.
+    pub sequences: usize,
+    /// Positions per sequence.
+    pub context: usize,
+    /// Rows per forward pass.
+    pub max_rows: usize,
+    /// Vocabulary size (the width of a logits row).
+    pub vocab: usize,
+}
+
+/// The logits of the rows that asked for them, in row order.
+#[derive(Debug)]
+pub struct Logits<'a> {
+    values: &'a [f32],
+    vocab: usize,
+}
+
+impl<'a> Logits<'a> {
+    pub(crate) fn new(values: &'a [f32], vocab: usize) -> Self {
+        Self { values, vocab }
+    }
+
+    /// Rows of logits.
+    pub fn len(&self) -> usize {
+        self.values.len() / self.vocab.max(1)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The `i`th logits row.
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.values[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+/// Why a forward pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The batch breaks the model's limits.
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    /// The device failed.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// A forward pass over batches of rows; see the module documentation.
+pub trait Forward: Send + fmt::Debug {
+    /// Run one forward pass.
+    fn forward(&mut self, rows: &[Row]) -> Result<Logits<'_>, ForwardError>;
+
+    /// What one pass can take.
+    fn limits(&self) -> Limits;
+
+    /// The model's shape.
+    fn config(&self) -> &LlamaConfig;
+}
+
+/// Check a batch against the limits.
+pub(crate) fn check_batch(rows: &[Row], limits: &Limits) -> Result<(), ForwardError> {
+    if rows.is_empty() || rows.len() > limits.max_rows {
+        return Err(ForwardError::Batch(format!(
+            "{} rows (1 to {} per pass)",
+            rows.len(),
+            limits.max_rows
+        )));
+    }
+    for r in rows {
+        if r.seq >= limits.sequences || r.pos >= limits.context || r.token as usize >= limits.vocab
+        {
+            return Err(ForwardError::Batch(format!(
+                "row {r:?} outside {} sequences x {} positions, vocabulary {}",
+                limits.sequences, limits.context, limits.vocab
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Rotary cos/sin per position and frequency.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    pub(crate) fn new(config: &LlamaConfig, positions: usize) -> Self {
+        let freqs = config.rope_frequencies();
+        let half = freqs.len();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for &f in &freqs {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotate pairs `(x[2i], x[2i+1])` of a row whose first value is head
+    /// column `col0` (even), at position `pos`; columns at or past the
+    /// rotary dimension stay as they are.
+    pub(crate) fn rotate(&self, x: &mut [f32], col0: usize, head_dim: usize, pos: usize) {
+        let base = pos * self.half;
+        for (j, pair) in x.chunks_exact_mut(2).enumerate() {
+            let c = (col0 + 2 * j) % head_dim;
+            let i = c / 2;
+            if i >= self.half {
+                continue;
+            }
+            let (cos, sin) = (self.cos[base + i], self.sin[base + i]);
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
+        }
+    }
+
+    /// cos and sin tables, `(positions, rope_dim / 2)`, for candle devices.
+    pub(crate) fn tables(&self) -> (&[f32], &[f32], usize) {
+        (&self.cos, &self.sin, self.half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(scaling: RopeScaling) -> LlamaConfig {
+        LlamaConfig {
+            vocab: 10,
+            hidden: 64,
+            ffn: 128,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            rope_dim: 16,
+            rope_theta: 500_000.0,
+            rope_scaling: scaling,
+            rms_eps: 1e-5,
+            max_context: 128,
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let plain = config(RopeScaling::None).rope_frequencies();
+        let scaled = config(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        })
+        .rope_frequencies();
+        assert_eq!(plain[0], scaled[0]);
+        let last = plain.len() - 1;
+        assert_eq!(scaled[last], plain[last] / 8.0);
+        let linear = config(RopeScaling::Linear(2.0)).rope_frequencies();
+        assert_eq!(linear[3], plain[3] / 2.0);
+    }
+
+    #[test]
+    fn rotation_turns_pairs_by_position_times_frequency() {
+        let c = config(RopeScaling::None);
+        let table = RopeTable::new(&c, 8);
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let orig = x.clone();
+        table.rotate(&mut x, 0, 16, 0);
+        assert_eq!(x, orig);
+        table.rotate(&mut x, 0, 16, 3);
+        let f = c.rope_frequencies();
+        let angle = 3.0 * f64::from(f[1]);
+        let want = f64::from(orig[2]) * angle.cos() - f64::from(orig[3]) * angle.sin();
+        assert!((f64::from(x[2]) - want).abs() < 1e-4);
+        // Norms are kept.
+        let n0: f32 = orig.iter().map(|v| v * v).sum();
+        let n1: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-2);
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let mut c = config(RopeScaling::None);
+        c.kv_heads = 3;
+        assert!(c.validate().unwrap_err().contains("multiple"));
+        let mut c = config(RopeScaling::Factors(vec![1.0; 3]));
+        assert!(c.validate().unwrap_err().contains("factors"));
+        c.rope_scaling = RopeScaling::None;
+        c.layers = 0;
+        assert!(c.validate().unwrap_err().contains("layers"));
+    }
+}
