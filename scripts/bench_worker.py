@@ -18,6 +18,8 @@ import urllib.request
 
 PROMPT_TOKENS = 512
 GEN_TOKENS = 128
+# The context both sides allocate (llama.cpp's n_ctx, the worker's --ctx).
+N_CTX = 1024
 SEED_TEXT = (
     "The history of the printing press begins in the fifteenth century, when "
     "movable type changed how books were made, sold and read across Europe. "
@@ -37,7 +39,7 @@ def bench_llamacpp(model, threads, runs):
     prompt_text = prompt_tokens = None
     for _ in range(runs):
         t0 = time.perf_counter()
-        llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+        llm = Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
                     n_batch=PROMPT_TOKENS, verbose=False)
         loads.append(time.perf_counter() - t0)
         if prompt_text is None:
@@ -67,9 +69,10 @@ def bench_llamacpp(model, threads, runs):
 
 
 def start_worker(binary, model, threads, extra):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn,rbee_http=info")
+    env = dict(os.environ, RUST_LOG="warn,rbee_http=info")
     proc = subprocess.Popen(
-        [binary, "--model", model, "--addr", "127.0.0.1:0", "--log-format", "json", *extra],
+        [binary, "--model", model, "--addr", "127.0.0.1:0", "--log-format", "json",
+         "--threads", str(threads), "--ctx", str(N_CTX), *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
     for line in proc.stderr:
         try:

@@ -50,8 +50,15 @@ impl Isa {
         }
     }
 
-    /// Whether this CPU can run the set.
+    /// Whether this CPU can run the set (detected once).
     pub fn supported(self) -> bool {
+        static SUPPORTED: OnceLock<[bool; 3]> = OnceLock::new();
+        let sets =
+            SUPPORTED.get_or_init(|| [Self::Scalar, Self::Avx2, Self::Avx512].map(Self::detect));
+        sets[self as usize]
+    }
+
+    fn detect(self) -> bool {
         match self {
             Self::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -62,7 +69,7 @@ impl Isa {
             }
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => {
-                Self::Avx2.supported()
+                Self::Avx2.detect()
                     && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")

@@ -113,7 +113,7 @@ pub struct Config {
 
     /// The KV cache's element type on the CPU: `f32` (the reference's
     /// arithmetic) or `f16` (half the cache memory and bytes read per token).
-    #[arg(long, env = "RBEE_WORKER_KV_CACHE", value_enum, default_value_t = model::llama::cpu::KvType::F32)]
+    #[arg(long, env = "RBEE_WORKER_KV_CACHE", value_enum, default_value_t = model::llama::cpu::KvType::F16)]
     pub kv_cache: model::llama::cpu::KvType,
 
     /// Seconds with work but no token before readiness reports `ENGINE_STALLED`.
@@ -137,6 +137,10 @@ fn parse_worker_id(value: &str) -> Result<String, String> {
 }
 
 impl DaemonConfig for Config {
+    // The model runs on the engine and compute threads (`--threads`); the
+    // HTTP side is light and gets one thread of its own.
+    const ONE_RUNTIME_THREAD: bool = true;
+
     fn common(&self) -> &CommonArgs {
         &self.common
     }

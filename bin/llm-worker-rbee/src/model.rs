@@ -75,7 +75,7 @@ impl Default for LoadOptions {
             context: 4096,
             threads: default_threads(),
             requantize: Requantize::None,
-            kv: KvType::F32,
+            kv: KvType::default(),
             candle_on_cpu: false,
         }
     }

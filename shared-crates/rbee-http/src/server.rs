@@ -390,6 +390,11 @@ pub trait DaemonConfig: clap::Parser {
     /// TOML settings file; `None` for a daemon without one.
     const SETTINGS_FILE_ENV: Option<&'static str> = None;
 
+    /// Run the HTTP side on one thread whatever the CPUs: for a daemon whose
+    /// real work runs on threads of its own (the worker's compute threads),
+    /// where more runtime threads would only compete with them for cores.
+    const ONE_RUNTIME_THREAD: bool = false;
+
     /// Read the configuration from the process's arguments and environment,
     /// merging the settings file if the daemon has one; exits like clap on
     /// errors.
@@ -445,7 +450,7 @@ where
         return std::process::ExitCode::SUCCESS;
     }
     crate::telemetry::init_tracing(config.common().log_format);
-    let runtime = match runtime_builder().enable_all().build() {
+    let runtime = match runtime_builder(C::ONE_RUNTIME_THREAD).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: error: cannot start the async runtime: {e}");
@@ -472,10 +477,11 @@ where
 /// The async runtime for a daemon: work-stealing across threads when the
 /// process may use several CPUs; one thread when it may use one (a
 /// container's limit, `taskset`), where stealing has no one to steal from
-/// and its bookkeeping is pure cost on every wake-up.
-fn runtime_builder() -> tokio::runtime::Builder {
+/// and its bookkeeping is pure cost on every wake-up, or when the daemon
+/// asks for one.
+fn runtime_builder(one_thread: bool) -> tokio::runtime::Builder {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    if cpus == 1 {
+    if cpus == 1 || one_thread {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()

@@ -135,41 +135,119 @@ impl KvRows<'_> {
     }
 }
 
-/// One query head attending over `positions` cached positions.
+/// Positions per block of the key layout.
+pub const KEY_BLOCK: usize = 16;
+
+/// The query heads that share one key/value head, attending over a run of
+/// `positions` cached positions of one sequence (the slices start at the
+/// run's first position, a multiple of 16).
+///
+/// The result is partial: per query head the unnormalized sum
+/// `sum_j exp(s_j - max) v_j` and the run's `max` and `sum_j exp(s_j - max)`
+/// ([`partial_len`] values in all). [`merge`] combines the runs of a
+/// row into the attention output; a row's runs are fixed by its position
+/// alone, so the result never depends on how work was split.
+///
+/// Keys are stored in blocks of [`KEY_BLOCK`] positions, each block
+/// `head_dim x 16` (element `e` of position `j` at
+/// `(j / 16) * head_dim * 16 + e * 16 + j % 16`), so one vector holds one
+/// element of 16 positions and 16 scores are summed side by side. Values
+/// are stored by position (`values[j * head_dim + e]`). Every score is the
+/// plain sum over `e` in order; the softmax sum and each output element
+/// sum over positions in order (the softmax in the fixed lane order).
 #[derive(Debug)]
 pub struct Attention<'a> {
-    /// The query (rotated), `head_dim` values.
+    /// The queries (rotated): `heads` rows of `head_dim` values.
     pub q: &'a [f32],
-    /// Keys: position `j` at `keys[j * stride..][..head_dim]`.
+    /// Query heads sharing the key/value head.
+    pub heads: usize,
+    /// The keys, in blocks (see above).
     pub keys: KvRows<'a>,
-    /// Values, laid out as the keys; the same element type.
+    /// The values, by position.
     pub values: KvRows<'a>,
-    /// Elements between consecutive positions.
-    pub stride: usize,
+    /// Width of one head.
+    pub head_dim: usize,
     /// Positions to attend to (the causal prefix).
     pub positions: usize,
     /// Score scale, `1 / sqrt(head_dim)`.
     pub scale: f32,
 }
 
-/// `out = softmax(scale * q.K) V`; `scores` holds at least `positions` values.
-pub fn attention(a: &Attention<'_>, scores: &mut [f32], out: &mut [f32]) {
-    attention_with(super::isa(), a, scores, out);
+impl Attention<'_> {
+    /// Positions rounded up to whole key blocks: the stride of each head's
+    /// scores in the scratch `attention` takes.
+    pub fn padded(&self) -> usize {
+        self.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK
+    }
+
+    /// Element `e` of position `j`'s key.
+    fn key(&self, j: usize, e: usize) -> f32 {
+        self.keys
+            .get((j / KEY_BLOCK) * self.head_dim * KEY_BLOCK + e * KEY_BLOCK + j % KEY_BLOCK)
+    }
+}
+
+/// Values of one partial result: `heads * head_dim` weighted sums, then
+/// `heads` maxima, then `heads` sums.
+pub const fn partial_len(heads: usize, head_dim: usize) -> usize {
+    heads * (head_dim + 2)
+}
+
+/// The partial attention of each query head over the run (see
+/// [`Attention`]) into `part` ([`partial_len`] values); `scores` holds at
+/// least `heads * a.padded()` values.
+pub fn attention(a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
+    attention_with(super::isa(), a, scores, part);
 }
 
 /// [`attention`] with a given instruction set.
-pub fn attention_with(isa: Isa, a: &Attention<'_>, scores: &mut [f32], out: &mut [f32]) {
-    let hd = a.q.len();
-    assert!(a.positions > 0 && scores.len() >= a.positions && out.len() == hd);
-    let last = (a.positions - 1) * a.stride + hd;
-    assert!(a.keys.len() >= last && a.values.len() >= last && a.stride >= hd);
-    let scores = &mut scores[..a.positions];
+pub fn attention_with(isa: Isa, a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
+    let hd = a.head_dim;
+    assert!(a.positions > 0 && a.heads > 0 && hd > 0);
+    assert!(a.q.len() == a.heads * hd && part.len() == partial_len(a.heads, hd));
+    assert!(scores.len() >= a.heads * a.padded());
+    assert!(a.keys.len() >= a.padded() * hd && a.values.len() >= a.positions * hd);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if isa.supported() && hd.is_multiple_of(LANES) => {
-            super::x86::attention(isa, a, scores, out);
+        Isa::Avx2 | Isa::Avx512 if isa.supported() && hd.is_multiple_of(LANES) && hd <= 256 => {
+            super::x86::attention(isa, a, scores, part);
         }
-        _ => attention_scalar(a, scores, out),
+        _ => attention_scalar(a, scores, part),
+    }
+}
+
+/// The attention output of each query head (`out`, `heads * head_dim`)
+/// from the partial results of a row's runs, in run order: the largest
+/// maximum, each run rescaled by `exp(max_run - max)`, then normalized.
+/// One run gives that run's weighted sum over its sum, exactly.
+pub fn merge<'p>(
+    parts: impl Iterator<Item = &'p [f32]> + Clone,
+    heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let hd = head_dim;
+    assert_eq!(out.len(), heads * hd);
+    for g in 0..heads {
+        let max = parts
+            .clone()
+            .fold(f32::NEG_INFINITY, |m, p| m.max(p[heads * hd + g]));
+        let out = &mut out[g * hd..(g + 1) * hd];
+        out.fill(0.0);
+        let mut sum = 0f32;
+        // Plain multiplies and adds (not fused): the same on every CPU and
+        // fast without FMA; one run reproduces its values exactly.
+        for p in parts.clone() {
+            let f = exp(p[heads * hd + g] - max);
+            sum += f * p[heads * (hd + 1) + g];
+            for (o, &v) in out.iter_mut().zip(&p[g * hd..(g + 1) * hd]) {
+                *o += f * v;
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
     }
 }
 
@@ -177,30 +255,42 @@ fn f16(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-fn attention_scalar(a: &Attention<'_>, scores: &mut [f32], out: &mut [f32]) {
-    for (j, s) in scores.iter_mut().enumerate() {
-        let mut acc = [0f32; LANES];
-        for (e, &q) in a.q.iter().enumerate() {
-            acc[e % LANES] = q.mul_add(a.keys.get(j * a.stride + e), acc[e % LANES]);
+fn attention_scalar(a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
+    let (hd, np, heads) = (a.head_dim, a.padded(), a.heads);
+    let (out, stats) = part.split_at_mut(heads * hd);
+    for g in 0..heads {
+        let q = &a.q[g * hd..(g + 1) * hd];
+        let scores = &mut scores[g * np..g * np + a.positions];
+        for (j, s) in scores.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (e, &q) in q.iter().enumerate() {
+                acc = q.mul_add(a.key(j, e), acc);
+            }
+            *s = acc * a.scale;
         }
-        *s = reduce(acc) * a.scale;
+        let (max, sum) = softmax_in_place(scores);
+        stats[g] = max;
+        stats[heads + g] = sum;
+        let out = &mut out[g * hd..(g + 1) * hd];
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (e, o) in out.iter_mut().enumerate() {
+                *o = p.mul_add(a.values.get(j * hd + e), *o);
+            }
+        }
     }
+}
+
+/// Replace scores by `exp(s - max)`; return the maximum and their sum (in
+/// the fixed lane order).
+pub(crate) fn softmax_in_place(scores: &mut [f32]) -> (f32, f32) {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut acc = [0f32; LANES];
     for (j, s) in scores.iter_mut().enumerate() {
         *s = exp(*s - max);
         acc[j % LANES] += *s;
     }
-    let inv = 1.0 / reduce(acc);
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        for (e, o) in out.iter_mut().enumerate() {
-            *o = p.mul_add(a.values.get(j * a.stride + e), *o);
-        }
-    }
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    (max, reduce(acc))
 }
 
 #[cfg(test)]
@@ -280,15 +370,23 @@ pub(crate) mod tests {
         #[test]
         fn attention_bodies_equal_the_reference(
             hd in prop::sample::select(vec![16usize, 48, 64, 128, 20]),
+            heads in 1usize..7,
             positions in 1usize..300,
-            extra in 0usize..3,
             seed in any::<u64>(),
             half in any::<bool>(),
         ) {
-            let stride = hd * (1 + extra);
-            let q = random_values(hd, seed, 1.0);
-            let keys16 = f16_bits(&random_values(positions * stride, seed ^ 1, 2.0));
-            let values16 = f16_bits(&random_values(positions * stride, seed ^ 2, 1.0));
+            let blocks = positions.div_ceil(KEY_BLOCK);
+            let q = random_values(heads * hd, seed, 1.0);
+            // Keys as a plain (position, element) matrix, then laid out in blocks.
+            let k_plain = random_values(blocks * KEY_BLOCK * hd, seed ^ 1, 2.0);
+            let mut k_blocked = vec![0f32; k_plain.len()];
+            for j in 0..blocks * KEY_BLOCK {
+                for e in 0..hd {
+                    k_blocked[(j / KEY_BLOCK) * hd * KEY_BLOCK + e * KEY_BLOCK + j % KEY_BLOCK] = k_plain[j * hd + e];
+                }
+            }
+            let values16 = f16_bits(&random_values(positions * hd, seed ^ 2, 1.0));
+            let keys16 = f16_bits(&k_blocked);
             let keys32: Vec<f32> = keys16.iter().map(|&b| f16(b)).collect();
             let values32: Vec<f32> = values16.iter().map(|&b| f16(b)).collect();
             let (keys, values) = if half {
@@ -296,25 +394,50 @@ pub(crate) mod tests {
             } else {
                 (KvRows::F32(&keys32), KvRows::F32(&values32))
             };
-            let a = Attention { q: &q, keys, values, stride, positions, scale: 1.0 / (hd as f32).sqrt() };
-            let mut scores = vec![0f32; positions + 5];
-            let mut want = vec![0f32; hd];
-            attention_with(Isa::Scalar, &a, &mut scores, &mut want);
+            let a = Attention { q: &q, heads, keys, values, head_dim: hd, positions, scale: 1.0 / (hd as f32).sqrt() };
+            let mut scores = vec![0f32; heads * a.padded() + 3];
+            let mut part = vec![0f32; partial_len(heads, hd)];
+            attention_with(Isa::Scalar, &a, &mut scores, &mut part);
+            let mut want = vec![0f32; heads * hd];
+            merge(std::iter::once(part.as_slice()), heads, hd, &mut want);
+            // The whole run split in two at a block boundary and merged
+            // agrees with it to rounding.
+            if positions > KEY_BLOCK {
+                let cut = (positions / 2).div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                let first = Attention { positions: cut, ..a };
+                let second = Attention {
+                    keys: keys.offset(cut * hd),
+                    values: values.offset(cut * hd),
+                    positions: positions - cut,
+                    ..a
+                };
+                let mut p1 = vec![0f32; partial_len(heads, hd)];
+                let mut p2 = vec![0f32; partial_len(heads, hd)];
+                attention_with(Isa::Scalar, &first, &mut scores, &mut p1);
+                attention_with(Isa::Scalar, &second, &mut scores, &mut p2);
+                let mut split = vec![0f32; heads * hd];
+                merge([p1.as_slice(), p2.as_slice()].into_iter(), heads, hd, &mut split);
+                for (x, y) in split.iter().zip(&want) {
+                    prop_assert!((x - y).abs() <= 1e-5, "{} vs {}", x, y);
+                }
+            }
             // Against a plain f64 softmax.
-            let s: Vec<f64> = (0..positions).map(|j| {
-                (0..hd).map(|e| f64::from(q[e]) * f64::from(keys32[j * stride + e])).sum::<f64>() * f64::from(a.scale)
-            }).collect();
-            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let p: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
-            let total: f64 = p.iter().sum();
-            for e in 0..hd {
-                let exact: f64 = (0..positions).map(|j| p[j] / total * f64::from(values32[j * stride + e])).sum();
-                prop_assert!((f64::from(want[e]) - exact).abs() <= 1e-5, "{} vs {}", want[e], exact);
+            for g in 0..heads {
+                let s: Vec<f64> = (0..positions).map(|j| {
+                    (0..hd).map(|e| f64::from(q[g * hd + e]) * f64::from(a.key(j, e))).sum::<f64>() * f64::from(a.scale)
+                }).collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                let total: f64 = p.iter().sum();
+                for e in 0..hd {
+                    let exact: f64 = (0..positions).map(|j| p[j] / total * f64::from(values32[j * hd + e])).sum();
+                    prop_assert!((f64::from(want[g * hd + e]) - exact).abs() <= 1e-5, "{} vs {}", want[g * hd + e], exact);
+                }
             }
             for isa in Isa::available() {
-                let mut got = vec![0f32; hd];
+                let mut got = vec![0f32; partial_len(heads, hd)];
                 attention_with(isa, &a, &mut scores, &mut got);
-                prop_assert!(got == want, "attention {:?}", isa);
+                prop_assert!(got == part, "attention {:?}", isa);
             }
         }
     }

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::acts::{finish_block, inverse, ActBlock, BLOCK};
-use super::math::{Attention, KvRows, EXP_P, LANES, LN2_HI, LN2_LO};
+use super::math::{Attention, KvRows, EXP_P, KEY_BLOCK, LANES, LN2_HI, LN2_LO};
 use super::matmul::{Input, MAX_TILE_ROWS};
 use super::packed::{
     Format, GROUP, Q4K_D, Q4K_DMIN, Q4K_MIN, Q4K_SC, Q4K_SUPER_BYTES, Q4SYM_BLOCK_BYTES,
@@ -24,6 +24,31 @@ fn check(isa: Isa) {
 }
 
 // ---------------------------------------------------------------- matmul
+
+/// Bytes ahead of the weights being read that the bodies prefetch: the
+/// streams of a decode step are short (a tile is tens of KB), too short for
+/// the hardware prefetcher to reach full speed on its own.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Prefetch the cache lines `PREFETCH_AHEAD` past the `bytes` at `p` into
+/// L1 (the address is computed without stepping a pointer out of bounds:
+/// a prefetch never faults, whatever it names).
+#[inline(always)]
+fn prefetch(p: *const u8, bytes: usize) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD);
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch has no architectural effect: it reads nothing
+        // into the program and cannot fault, for any address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+    }
+}
+
+/// Prefetch the line at `p` into L1 (never faults, whatever it names).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch has no architectural effect and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+}
 
 /// One group of weights times `out.len()` input rows.
 pub(super) fn matmul_group(
@@ -173,6 +198,7 @@ unsafe fn q4_512<const MR: usize>(
         let mut f = [_mm512_setzero_ps(); MR];
         for b in 0..nb {
             let blk = g.add(b * Q4_BLOCK_BYTES);
+            prefetch(blk, Q4_BLOCK_BYTES);
             let u = unpack_q4_512!(blk, mask);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
             let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()));
@@ -203,6 +229,7 @@ unsafe fn q4sym_512<const MR: usize>(
         let mut f = [_mm512_setzero_ps(); MR];
         for b in 0..nb {
             let blk = g.add(b * Q4SYM_BLOCK_BYTES);
+            prefetch(blk, Q4SYM_BLOCK_BYTES);
             let u = unpack_q4_512!(blk, mask);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
             for (i, f) in f.iter_mut().enumerate() {
@@ -232,6 +259,7 @@ unsafe fn q8_512<const MR: usize>(
         let mut f = [_mm512_setzero_ps(); MR];
         for b in 0..nb {
             let blk = g.add(b * Q8_BLOCK_BYTES);
+            prefetch(blk, Q8_BLOCK_BYTES);
             let mut u = [_mm512_setzero_si512(); 8];
             for (t, u) in u.iter_mut().enumerate() {
                 *u = _mm512_loadu_si512(blk.add(64 * t).cast());
@@ -931,51 +959,80 @@ unsafe fn silu_256(g: *const f32, u: *const f32, o: *mut f32, n: usize) {
 
 // ------------------------------------------------------------ attention
 
-/// Attention of one head; `head_dim` is a multiple of 16 and the slices
-/// were checked by the caller.
-pub(super) fn attention(isa: Isa, a: &Attention<'_>, scores: &mut [f32], out: &mut [f32]) {
+/// Partial attention of the query heads sharing one key/value head;
+/// `head_dim` is a multiple of 16 (at most 256) and the slices were checked
+/// by the caller.
+pub(super) fn attention(isa: Isa, a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
     check(isa);
-    let hd = a.q.len();
-    assert!(hd.is_multiple_of(LANES) && hd <= 512 && out.len() == hd);
-    assert!(scores.len() == a.positions && a.positions > 0 && a.stride >= hd);
-    let last = (a.positions - 1) * a.stride + hd;
-    assert!(a.keys.len() >= last && a.values.len() >= last);
-    let (q, n, stride, scale) = (a.q.as_ptr(), a.positions, a.stride, a.scale);
-    let s = scores.as_mut_ptr();
-    // SAFETY: the CPU has `isa`; position j's key and value are the `hd`
-    // elements at `j * stride`, inside the slices for j < positions
-    // (checked above); `scores` holds `positions` values.
-    unsafe {
-        match (isa, a.keys) {
-            (Isa::Avx512, KvRows::F32(k)) => scores_512_f32(q, hd, k.as_ptr(), stride, n, scale, s),
-            (Isa::Avx512, KvRows::F16(k)) => scores_512_f16(q, hd, k.as_ptr(), stride, n, scale, s),
-            (_, KvRows::F32(k)) => scores_256_f32(q, hd, k.as_ptr(), stride, n, scale, s),
-            (_, KvRows::F16(k)) => scores_256_f16(q, hd, k.as_ptr(), stride, n, scale, s),
+    let (hd, np, heads) = (a.head_dim, a.padded(), a.heads);
+    assert!(hd.is_multiple_of(LANES) && hd <= 256);
+    assert!(a.q.len() == heads * hd && part.len() == heads * (hd + 2));
+    let (out, stats) = part.split_at_mut(heads * hd);
+    assert!(scores.len() >= heads * np);
+    assert!(a.keys.len() >= np * hd && a.values.len() >= a.positions * hd);
+    let blocks = np / KEY_BLOCK;
+    for g0 in (0..heads).step_by(4) {
+        let ng = (heads - g0).min(4);
+        let q = a.q[g0 * hd..].as_ptr();
+        let s = scores[g0 * np..].as_mut_ptr();
+        // SAFETY: the CPU has `isa`; `ng` query rows of `hd` from `q`, the
+        // `blocks` key blocks of `hd * 16` elements, and `ng` score rows of
+        // `np` from `s` are inside their slices (checked above).
+        unsafe {
+            macro_rules! run {
+                ($f:ident, $k:expr) => {
+                    match ng {
+                        1 => $f::<1>(q, hd, $k, blocks, a.scale, s, np),
+                        2 => $f::<2>(q, hd, $k, blocks, a.scale, s, np),
+                        3 => $f::<3>(q, hd, $k, blocks, a.scale, s, np),
+                        _ => $f::<4>(q, hd, $k, blocks, a.scale, s, np),
+                    }
+                };
+            }
+            match (isa, a.keys) {
+                (Isa::Avx512, KvRows::F32(k)) => run!(scores_512_f32, k.as_ptr()),
+                (Isa::Avx512, KvRows::F16(k)) => run!(scores_512_f16, k.as_ptr()),
+                (_, KvRows::F32(k)) => run!(scores_256_f32, k.as_ptr()),
+                (_, KvRows::F16(k)) => run!(scores_256_f16, k.as_ptr()),
+            }
         }
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let full = a.positions / LANES * LANES;
-    // SAFETY: as above; the first `full` scores are read and written.
-    let mut lanes = unsafe {
-        if isa == Isa::Avx512 {
-            softmax_exp_512(scores.as_mut_ptr(), full, max)
-        } else {
-            softmax_exp_256(scores.as_mut_ptr(), full, max)
-        }
-    };
-    for (j, s) in scores.iter_mut().enumerate().skip(full) {
-        *s = super::math::exp(*s - max);
-        lanes[j % LANES] += *s;
+    for g in 0..heads {
+        let scores = &mut scores[g * np..g * np + a.positions];
+        // SAFETY: as above; this head's `positions` scores.
+        let (max, sum) = unsafe {
+            if isa == Isa::Avx512 {
+                softmax_512(scores.as_mut_ptr(), scores.len())
+            } else {
+                softmax_256(scores.as_mut_ptr(), scores.len())
+            }
+        };
+        stats[g] = max;
+        stats[heads + g] = sum;
     }
-    let inv = 1.0 / super::math::reduce(lanes);
-    let (p, o) = (scores.as_ptr(), out.as_mut_ptr());
-    // SAFETY: as above; `out` holds `hd` values.
-    unsafe {
-        match (isa, a.values) {
-            (Isa::Avx512, KvRows::F32(v)) => weighted_512_f32(v.as_ptr(), stride, n, hd, p, inv, o),
-            (Isa::Avx512, KvRows::F16(v)) => weighted_512_f16(v.as_ptr(), stride, n, hd, p, inv, o),
-            (_, KvRows::F32(v)) => weighted_256_f32(v.as_ptr(), stride, n, hd, p, inv, o),
-            (_, KvRows::F16(v)) => weighted_256_f16(v.as_ptr(), stride, n, hd, p, inv, o),
+    for g0 in (0..heads).step_by(4) {
+        let ng = (heads - g0).min(4);
+        let p = scores[g0 * np..].as_ptr();
+        let o = out[g0 * hd..].as_mut_ptr();
+        let n = a.positions;
+        // SAFETY: as above; `ng` output rows of `hd` from `o`.
+        unsafe {
+            macro_rules! run {
+                ($f:ident, $v:expr) => {
+                    match ng {
+                        1 => $f::<1>($v, hd, n, p, np, o),
+                        2 => $f::<2>($v, hd, n, p, np, o),
+                        3 => $f::<3>($v, hd, n, p, np, o),
+                        _ => $f::<4>($v, hd, n, p, np, o),
+                    }
+                };
+            }
+            match (isa, a.values) {
+                (Isa::Avx512, KvRows::F32(v)) => run!(weighted_512_f32, v.as_ptr()),
+                (Isa::Avx512, KvRows::F16(v)) => run!(weighted_512_f16, v.as_ptr()),
+                (_, KvRows::F32(v)) => run!(weighted_256_f32, v.as_ptr()),
+                (_, KvRows::F16(v)) => run!(weighted_256_f16, v.as_ptr()),
+            }
         }
     }
 }
@@ -1006,55 +1063,98 @@ macro_rules! load8_f16 {
 /// The AVX-512 score and weighted-value bodies for one cache element type.
 macro_rules! attention_512 {
     ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
-        /// `scores[j] = q.k_j * scale`, the dot in the fixed lane order.
+        /// The scores of `NG` query heads, 16 positions per key block.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn $scores(
+        unsafe fn $scores<const NG: usize>(
             q: *const f32,
             hd: usize,
             keys: *const $t,
-            stride: usize,
-            positions: usize,
+            blocks: usize,
             scale: f32,
             scores: *mut f32,
+            np: usize,
         ) {
             // SAFETY: see `attention`.
             unsafe {
-                for j in 0..positions {
-                    let k = keys.add(j * stride);
-                    let mut acc = _mm512_setzero_ps();
-                    for c in (0..hd).step_by(LANES) {
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), $load!(k.add(c)), acc);
+                let scale = _mm512_set1_ps(scale);
+                // Two blocks at a time: each score is a chain of dependent
+                // FMAs, so more chains in flight keep the units busy.
+                let mut b = 0;
+                while b + 1 < blocks {
+                    let k0 = keys.add(b * hd * KEY_BLOCK);
+                    let k1 = k0.add(hd * KEY_BLOCK);
+                    let mut a0 = [_mm512_setzero_ps(); NG];
+                    let mut a1 = [_mm512_setzero_ps(); NG];
+                    for e in 0..hd {
+                        // The next pair of blocks, a line per element row.
+                        prefetch_line(
+                            k0.add(e * KEY_BLOCK)
+                                .wrapping_add(2 * hd * KEY_BLOCK)
+                                .cast(),
+                        );
+                        let kv0 = $load!(k0.add(e * KEY_BLOCK));
+                        let kv1 = $load!(k1.add(e * KEY_BLOCK));
+                        for g in 0..NG {
+                            let qe = _mm512_set1_ps(*q.add(g * hd + e));
+                            a0[g] = _mm512_fmadd_ps(qe, kv0, a0[g]);
+                            a1[g] = _mm512_fmadd_ps(qe, kv1, a1[g]);
+                        }
                     }
-                    *scores.add(j) = reduce_512(acc) * scale;
+                    for g in 0..NG {
+                        let at = scores.add(g * np + b * KEY_BLOCK);
+                        _mm512_storeu_ps(at, _mm512_mul_ps(a0[g], scale));
+                        _mm512_storeu_ps(at.add(KEY_BLOCK), _mm512_mul_ps(a1[g], scale));
+                    }
+                    b += 2;
+                }
+                if b < blocks {
+                    let kb = keys.add(b * hd * KEY_BLOCK);
+                    let mut acc = [_mm512_setzero_ps(); NG];
+                    for e in 0..hd {
+                        let kv = $load!(kb.add(e * KEY_BLOCK));
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + e)), kv, *acc);
+                        }
+                    }
+                    for (g, acc) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(
+                            scores.add(g * np + b * KEY_BLOCK),
+                            _mm512_mul_ps(*acc, scale),
+                        );
+                    }
                 }
             }
         }
 
-        /// `out = inv * sum_j p_j v_j`, each element summed in position order.
+        /// `out[g] = sum_j p[g][j] v_j` for `NG` heads.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn $weighted(
+        unsafe fn $weighted<const NG: usize>(
             values: *const $t,
-            stride: usize,
-            positions: usize,
             hd: usize,
+            positions: usize,
             p: *const f32,
-            inv: f32,
+            np: usize,
             out: *mut f32,
         ) {
-            // SAFETY: see `attention`; `out` holds `hd` (at most 512) values.
+            // SAFETY: see `attention`; `hd` is at most 256 (16 vectors).
             unsafe {
                 let chunks = hd / LANES;
-                let mut acc = [_mm512_setzero_ps(); 32];
+                let mut acc = [[_mm512_setzero_ps(); 16]; NG];
                 for j in 0..positions {
-                    let pj = _mm512_set1_ps(*p.add(j));
-                    let v = values.add(j * stride);
-                    for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
-                        *acc = _mm512_fmadd_ps(pj, $load!(v.add(c * LANES)), *acc);
+                    let v = values.add(j * hd);
+                    prefetch_line(v.wrapping_add(8 * hd).cast());
+                    for c in 0..chunks {
+                        let vv = $load!(v.add(c * LANES));
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            acc[c] =
+                                _mm512_fmadd_ps(_mm512_set1_ps(*p.add(g * np + j)), vv, acc[c]);
+                        }
                     }
                 }
-                let inv = _mm512_set1_ps(inv);
-                for (c, acc) in acc.iter().enumerate().take(chunks) {
-                    _mm512_storeu_ps(out.add(c * LANES), _mm512_mul_ps(*acc, inv));
+                for (g, acc) in acc.iter().enumerate() {
+                    for (c, acc) in acc.iter().enumerate().take(chunks) {
+                        _mm512_storeu_ps(out.add(g * hd + c * LANES), *acc);
+                    }
                 }
             }
         }
@@ -1064,61 +1164,70 @@ macro_rules! attention_512 {
 /// The AVX2 score and weighted-value bodies for one cache element type.
 macro_rules! attention_256 {
     ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
-        /// As the AVX-512 body, lanes 0..8 and 8..16 in two registers.
+        /// As the AVX-512 body, positions 0..8 and 8..16 of a block in two registers.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $scores(
+        unsafe fn $scores<const NG: usize>(
             q: *const f32,
             hd: usize,
             keys: *const $t,
-            stride: usize,
-            positions: usize,
+            blocks: usize,
             scale: f32,
             scores: *mut f32,
+            np: usize,
         ) {
             // SAFETY: see `attention`.
             unsafe {
-                for j in 0..positions {
-                    let k = keys.add(j * stride);
-                    let mut lo = _mm256_setzero_ps();
-                    let mut hi = _mm256_setzero_ps();
-                    for c in (0..hd).step_by(LANES) {
-                        lo = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load!(k.add(c)), lo);
-                        hi = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(q.add(c + 8)),
-                            $load!(k.add(c + 8)),
-                            hi,
-                        );
+                let scale = _mm256_set1_ps(scale);
+                for b in 0..blocks {
+                    let kb = keys.add(b * hd * KEY_BLOCK);
+                    let mut lo = [_mm256_setzero_ps(); NG];
+                    let mut hi = [_mm256_setzero_ps(); NG];
+                    for e in 0..hd {
+                        let k0 = $load!(kb.add(e * KEY_BLOCK));
+                        let k1 = $load!(kb.add(e * KEY_BLOCK + 8));
+                        for g in 0..NG {
+                            let qe = _mm256_set1_ps(*q.add(g * hd + e));
+                            lo[g] = _mm256_fmadd_ps(qe, k0, lo[g]);
+                            hi[g] = _mm256_fmadd_ps(qe, k1, hi[g]);
+                        }
                     }
-                    *scores.add(j) = reduce_256(lo, hi) * scale;
+                    for g in 0..NG {
+                        let at = scores.add(g * np + b * KEY_BLOCK);
+                        _mm256_storeu_ps(at, _mm256_mul_ps(lo[g], scale));
+                        _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[g], scale));
+                    }
                 }
             }
         }
 
-        /// As the AVX-512 body.
+        /// As the AVX-512 body, 8 elements per register.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $weighted(
+        unsafe fn $weighted<const NG: usize>(
             values: *const $t,
-            stride: usize,
-            positions: usize,
             hd: usize,
+            positions: usize,
             p: *const f32,
-            inv: f32,
+            np: usize,
             out: *mut f32,
         ) {
-            // SAFETY: see `attention`; `out` holds `hd` (at most 512) values.
+            // SAFETY: see `attention`; `hd` is at most 256 (32 vectors).
             unsafe {
                 let chunks = hd / 8;
-                let mut acc = [_mm256_setzero_ps(); 64];
+                let mut acc = [[_mm256_setzero_ps(); 32]; NG];
                 for j in 0..positions {
-                    let pj = _mm256_set1_ps(*p.add(j));
-                    let v = values.add(j * stride);
-                    for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
-                        *acc = _mm256_fmadd_ps(pj, $load!(v.add(c * 8)), *acc);
+                    let v = values.add(j * hd);
+                    for c in 0..chunks {
+                        let vv = $load!(v.add(c * 8));
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            acc[c] =
+                                _mm256_fmadd_ps(_mm256_set1_ps(*p.add(g * np + j)), vv, acc[c]);
+                        }
                     }
                 }
-                let inv = _mm256_set1_ps(inv);
-                for (c, acc) in acc.iter().enumerate().take(chunks) {
-                    _mm256_storeu_ps(out.add(c * 8), _mm256_mul_ps(*acc, inv));
+                for (g, acc) in acc.iter().enumerate() {
+                    for (c, acc) in acc.iter().enumerate().take(chunks) {
+                        _mm256_storeu_ps(out.add(g * hd + c * 8), *acc);
+                    }
                 }
             }
         }
@@ -1130,43 +1239,90 @@ attention_512!(scores_512_f16, weighted_512_f16, u16, load16_f16);
 attention_256!(scores_256_f32, weighted_256_f32, f32, load8_f32);
 attention_256!(scores_256_f16, weighted_256_f16, u16, load8_f16);
 
-/// Replace the first `n` (a multiple of 16) scores by `exp(s - max)` and
-/// return the lanes of their fixed-order sum.
+/// `math::softmax_in_place` on the `n` scores at `s`: the maximum, then
+/// `exp(s - max)` in place and their sum; the last partial vector is
+/// masked, so every score takes the vector path.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn softmax_exp_512(s: *mut f32, n: usize, max: f32) -> [f32; LANES] {
-    // SAFETY: `n` scores at `s`.
+unsafe fn softmax_512(s: *mut f32, n: usize) -> (f32, f32) {
+    // SAFETY: `n` scores at `s`; the tail accesses are masked to them.
     unsafe {
-        let m = _mm512_set1_ps(max);
+        let full = n / LANES * LANES;
+        let tail: u16 = ((1u32 << (n - full)) - 1) as u16;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..full).step_by(LANES) {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(s.add(j)));
+        }
+        if tail != 0 {
+            m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, s.add(full)));
+        }
+        let top = _mm512_reduce_max_ps(m);
+        let max = _mm512_set1_ps(top);
         let mut acc = _mm512_setzero_ps();
-        for j in (0..n).step_by(LANES) {
-            let e = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s.add(j)), m));
+        for j in (0..full).step_by(LANES) {
+            let e = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s.add(j)), max));
             _mm512_storeu_ps(s.add(j), e);
             acc = _mm512_add_ps(acc, e);
         }
-        let mut lanes = [0f32; LANES];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-        lanes
+        if tail != 0 {
+            let e = exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s.add(full)), max));
+            _mm512_mask_storeu_ps(s.add(full), tail, e);
+            acc = _mm512_mask_add_ps(acc, tail, acc, e);
+        }
+        (top, reduce_512(acc))
     }
 }
 
+/// [`softmax_512`] on 8-lane halves.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn softmax_exp_256(s: *mut f32, n: usize, max: f32) -> [f32; LANES] {
-    // SAFETY: `n` scores at `s`.
+unsafe fn softmax_256(s: *mut f32, n: usize) -> (f32, f32) {
+    // SAFETY: `n` scores at `s`; the tail accesses are masked to them.
     unsafe {
-        let m = _mm256_set1_ps(max);
+        let full = n / LANES * LANES;
+        let rest = n - full;
+        let (mask_lo, mask_hi) = (mask_256(rest), mask_256(rest.saturating_sub(8)));
+        let neg = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut m = neg;
+        for j in (0..full).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(s.add(j)));
+        }
+        if rest > 0 {
+            let lo = _mm256_blendv_ps(
+                neg,
+                _mm256_maskload_ps(s.add(full), mask_lo),
+                _mm256_castsi256_ps(mask_lo),
+            );
+            let hi = _mm256_blendv_ps(
+                neg,
+                _mm256_maskload_ps(s.add(full + 8), mask_hi),
+                _mm256_castsi256_ps(mask_hi),
+            );
+            m = _mm256_max_ps(m, _mm256_max_ps(lo, hi));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let top = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let max = _mm256_set1_ps(top);
         let mut lo = _mm256_setzero_ps();
         let mut hi = _mm256_setzero_ps();
-        for j in (0..n).step_by(LANES) {
-            let e0 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j)), m));
-            let e1 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j + 8)), m));
+        for j in (0..full).step_by(LANES) {
+            let e0 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j)), max));
+            let e1 = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s.add(j + 8)), max));
             _mm256_storeu_ps(s.add(j), e0);
             _mm256_storeu_ps(s.add(j + 8), e1);
             lo = _mm256_add_ps(lo, e0);
             hi = _mm256_add_ps(hi, e1);
         }
-        let mut lanes = [0f32; LANES];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-        lanes
+        if rest > 0 {
+            let e0 = exp_256(_mm256_sub_ps(_mm256_maskload_ps(s.add(full), mask_lo), max));
+            let e1 = exp_256(_mm256_sub_ps(
+                _mm256_maskload_ps(s.add(full + 8), mask_hi),
+                max,
+            ));
+            _mm256_maskstore_ps(s.add(full), mask_lo, e0);
+            _mm256_maskstore_ps(s.add(full + 8), mask_hi, e1);
+            lo = _mm256_add_ps(lo, _mm256_and_ps(e0, _mm256_castsi256_ps(mask_lo)));
+            hi = _mm256_add_ps(hi, _mm256_and_ps(e1, _mm256_castsi256_ps(mask_hi)));
+        }
+        (top, reduce_256(lo, hi))
     }
 }

@@ -230,6 +230,12 @@ pub trait Forward: Send + fmt::Debug {
 
     /// The model's shape.
     fn config(&self) -> &LlamaConfig;
+
+    /// Wall time spent per operation so far, when profiling is on
+    /// (`RBEE_WORKER_PROFILE=1`, CPU model only); empty otherwise.
+    fn timings(&self) -> Vec<(&'static str, std::time::Duration)> {
+        Vec::new()
+    }
 }
 
 /// Check a batch against the limits.
