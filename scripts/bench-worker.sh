@@ -5,7 +5,7 @@
 # ratios; see docs/performance.md.
 #
 #   RUNS=5 THREADS=2 scripts/bench-worker.sh
-#   TARGET_CPU=x86-64-v3 WORKER_ARGS="--requantize q8_0" scripts/bench-worker.sh
+#   WORKER_ARGS="--requantize q8_0" scripts/bench-worker.sh
 #
 # TARGET_CPU builds the worker with `-C target-cpu=...` in its own target
 # directory (target/<name>), so the default build is left alone.
@@ -22,6 +22,7 @@ else
   target_dir=target
   cargo build --release --quiet -p llm-worker-rbee
 fi
+cargo build --release --quiet -p rbee-bench --bin membw
 echo "worker: $target_dir/release/llm-worker-rbee ${WORKER_ARGS:-} (target-cpu: ${TARGET_CPU:-default})"
 # shellcheck disable=SC2086 # WORKER_ARGS is a list of flags
 exec "$python" scripts/bench_worker.py \
@@ -29,4 +30,5 @@ exec "$python" scripts/bench_worker.py \
   --model "$model" \
   --runs "${RUNS:-5}" \
   --threads "${THREADS:-2}" \
+  --membw target/release/membw \
   -- ${WORKER_ARGS:-}

@@ -19,7 +19,7 @@ Everything runs in this one command, on loopback:
 
 The load generators are pinned to CPU 0 and the daemons to CPU 1 when the
 machine has two or more CPUs; for the real worker, the worker (one compute
-thread, RAYON_NUM_THREADS=1) and its hive get CPU 1 and the queen shares
+thread, RBEE_WORKER_THREADS=1) and its hive get CPU 1 and the queen shares
 CPU 0 with the load generator. The queen logs at `warn` (no per-request
 lines), as nginx runs with access_log off; RBEE_BENCH_QUEEN_LOG overrides.
 Medians over the runs are printed.
@@ -317,7 +317,7 @@ def real_scenario(args, bins, model, tmp, load_cpu, daemon_cpu, procs, out):
     # not steal the queen's CPU.
     hive, hive_url, ref, worker = hive_with_worker(
         bins, os.path.join(tmp, "models-real"), model, daemon_cpu,
-        f"{bins}/llm-worker-rbee", 1, {"RAYON_NUM_THREADS": "1"})
+        f"{bins}/llm-worker-rbee", 1, {"RBEE_WORKER_THREADS": "1"})
     procs.append(hive)
     queen, queen_url = queen_for(bins, hive_url, load_cpu, os.path.join(tmp, "queen-real.sqlite3"))
     procs.append(queen)

@@ -5,6 +5,12 @@ Both get the same 512-token prompt (built with llama.cpp's tokenizer), greedy
 decoding, 128 generated tokens (end-of-sequence ignored) and the same number
 of threads. The worker is measured over real HTTP/SSE as a client sees it;
 llama.cpp in-process. Each figure is the median of --runs runs.
+
+With --membw, the machine's read bandwidth on the same threads is measured
+too, and generation is reported as a fraction of the limit it sets: the
+bytes one generated token reads (the worker's packed weights, as its log
+reports them, plus its KV cache at the mean context of the generation)
+divided into the bandwidth.
 """
 import argparse
 import json
@@ -69,7 +75,7 @@ def bench_llamacpp(model, threads, runs):
 
 
 def start_worker(binary, model, threads, extra):
-    env = dict(os.environ, RUST_LOG="warn,rbee_http=info")
+    env = dict(os.environ, RUST_LOG="warn,rbee_http=info,llm_worker_rbee=info")
     proc = subprocess.Popen(
         [binary, "--model", model, "--addr", "127.0.0.1:0", "--log-format", "json",
          "--threads", str(threads), "--ctx", str(N_CTX), *extra],
@@ -84,6 +90,17 @@ def start_worker(binary, model, threads, extra):
             break
     else:
         sys.exit("the worker did not start")
+    # The model's byte counts come with the "model loaded" line.
+    sizes = {}
+    for line in proc.stderr:
+        try:
+            fields = json.loads(line).get("fields", {})
+        except ValueError:
+            continue
+        if fields.get("message", "").startswith("model loaded"):
+            sizes = {k: fields.get(k, 0) for k in ("weight_bytes", "kv_bytes_per_position")}
+            break
+    proc.sizes = sizes
     base = f"http://{addr}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -141,6 +158,7 @@ def bench_worker(binary, model, threads, runs, prompt_text, extra):
             "ttft_s": statistics.median(ttfts),
             "peak_rss": rss,
             "tokens_in": tokens_in,
+            **proc.sizes,
         }
     finally:
         proc.terminate()
@@ -153,6 +171,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--membw", help="the membw binary (bench crate): measure the bandwidth limit")
     ap.add_argument("worker_args", nargs="*", help="extra worker flags, after --")
     a = ap.parse_args()
     prompt_text, base = bench_llamacpp(a.model, a.threads, a.runs)
@@ -172,6 +191,18 @@ def main():
         if key == "peak_rss":
             r, l = r / 2**20, l / 2**20
         print(f"{name:28} {fmt.format(r):>10} {fmt.format(l):>10} {r / l:>15.2f}")
+    if a.membw and ours.get("weight_bytes"):
+        out = subprocess.run([a.membw, "--threads", str(a.threads)], check=True,
+                             capture_output=True, text=True).stdout
+        bandwidth = json.loads(out)["gb_per_s"] * 1e9
+        context = ours["tokens_in"] + GEN_TOKENS / 2
+        per_token = ours["weight_bytes"] + ours["kv_bytes_per_position"] * context
+        limit = bandwidth / per_token
+        print(f"read bandwidth, {a.threads} threads: {bandwidth / 1e9:.1f} GB/s; one generated token reads "
+              f"{per_token / 1e6:.1f} MB ({ours['weight_bytes'] / 1e6:.1f} MB weights + KV at a mean "
+              f"context of {context:.0f}): limit {limit:.0f} tokens/s")
+        print(f"generation as a fraction of that limit: rbee {ours['gen_tps'] / limit:.2f}, "
+              f"llama.cpp {base['gen_tps'] / limit:.2f}")
 
 
 if __name__ == "__main__":

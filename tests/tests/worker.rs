@@ -123,7 +123,8 @@ fn assert_unavailable(response: Response, code: &str) {
 fn paris_chat() -> Value {
     json!({
         "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
+            // The quickstart's system message.
+            {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."},
             {"role": "user", "content": "What is the capital of France?"}
         ],
         "temperature": 0,
@@ -644,6 +645,53 @@ fn a_wedged_engine_turns_readiness_to_engine_stalled_while_liveness_stays_up() {
         "counted once per stall"
     );
     drop(sse);
+}
+
+#[test]
+fn a_prompt_that_outlasts_the_stall_timeout_is_prefilled_in_steps_and_never_called_a_stall() {
+    // One compute thread and a 3 s stall timeout: a prompt of about 3,900
+    // tokens takes several times that, run as chunks of 256 that each take
+    // a fraction of it (under 1 s here, with another test beside it) and
+    // count as progress.
+    let w = worker(&["--stall-timeout-s", "3", "--threads", "1", "--ctx", "4096"]);
+    let url = w.url("/v1/inference");
+    let prompt = "The history of the printing press begins in the fifteenth century. ".repeat(300);
+    let started = Instant::now();
+    let request = std::thread::spawn(move || {
+        let response = client()
+            .post(url)
+            .json(&json!({"prompt": prompt, "max_tokens": 4, "ignore_eos": true}))
+            .send()
+            .expect("send");
+        Sse::new(response).rest()
+    });
+    let mut probes = 0;
+    while !request.is_finished() {
+        let response = client().get(w.url("/health/ready")).send().expect("probe");
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "readiness during the prefill: {:?}",
+            response.text()
+        );
+        probes += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = request.join().expect("request thread");
+    let elapsed = started.elapsed();
+    let end = events.last().expect("events");
+    assert_eq!(end["type"], "end", "{end}");
+    assert!(
+        end["tokens_in"].as_u64().expect("tokens_in") > 3500,
+        "{end}"
+    );
+    // Only a prompt slower than the timeout proves anything here.
+    assert!(
+        elapsed > Duration::from_secs(4),
+        "the prompt took {elapsed:?}, not over the stall timeout"
+    );
+    assert!(probes >= 30, "{probes} probes");
+    assert_eq!(metric(&w, "rbee_worker_engine_stalls_total"), 0.0);
 }
 
 #[test]

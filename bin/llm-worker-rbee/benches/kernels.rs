@@ -96,42 +96,46 @@ fn activations(c: &mut Criterion) {
 }
 
 fn attend(c: &mut Criterion) {
-    // One key/value head of the default model: 3 query heads of 64.
+    // One key/value head of the default model (3 query heads of 64) over a
+    // run of 128 positions: one row (decode) or 4 rows of a prompt chunk,
+    // which share every key and value load.
+    use llm_worker_rbee::kernels::math::partial_len;
     let mut group = c.benchmark_group("attention");
-    let (hd, heads) = (64, 3);
-    for positions in [128usize, 512, 4096] {
-        let padded = positions.div_ceil(16) * 16;
-        let q = values(heads * hd, 1);
-        let keys = values(padded * hd, 2);
-        let vals = values(padded * hd, 3);
-        let keys16: Vec<u16> = keys
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect();
-        let vals16: Vec<u16> = vals
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect();
-        let mut scores = vec![0f32; heads * padded];
-        let mut out = vec![0f32; heads * hd];
-        group.throughput(Throughput::Elements((2 * heads * positions * hd) as u64));
+    let (hd, heads, run) = (64, 3, 128);
+    let keys = values(run * hd, 2);
+    let vals = values(run * hd, 3);
+    let keys16: Vec<u16> = keys
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let vals16: Vec<u16> = vals
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    for rows in [1usize, 4] {
+        let q = values(rows * heads * hd, 1);
+        let positions = vec![run; rows];
+        let mut scores = vec![0f32; rows * heads * run];
+        let mut part = vec![0f32; rows * partial_len(heads, hd)];
+        group.throughput(Throughput::Elements((2 * rows * heads * run * hd) as u64));
         for (kind, k, v) in [
             ("f32", KvRows::F32(&keys), KvRows::F32(&vals)),
             ("f16", KvRows::F16(&keys16), KvRows::F16(&vals16)),
         ] {
             let a = Attention {
                 q: &q,
+                q_stride: heads * hd,
                 heads,
                 keys: k,
                 values: v,
                 head_dim: hd,
-                positions,
+                positions: &positions,
                 scale: 0.125,
             };
-            group.bench_function(BenchmarkId::new(kind, positions), |b| {
+            group.bench_function(BenchmarkId::new(kind, format!("rows{rows}")), |b| {
                 b.iter(|| {
-                    attention(&a, &mut scores, &mut out);
-                    out[0]
+                    attention(&a, &mut scores, &mut part);
+                    part[0]
                 });
             });
         }

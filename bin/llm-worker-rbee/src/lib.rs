@@ -330,6 +330,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             vocab_size,
             load_seconds,
             engine_summary,
+            weight_bytes,
+            kv_bytes_per_position,
             ..
         } = loaded;
         let engine = match Engine::start(forward, tokenizer.clone(), eos_token_ids, metrics.clone())
@@ -342,6 +344,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             context_length,
             vocab_size,
             engine = %engine_summary,
+            weight_bytes,
+            kv_bytes_per_position,
             chat_template = if chat_template.is_default {
                 "chatml-default"
             } else {

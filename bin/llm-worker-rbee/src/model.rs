@@ -106,6 +106,10 @@ pub struct LoadedModel {
     pub device: Device,
     /// What runs the forward pass, for the log: kernels, threads, weight bytes.
     pub engine_summary: String,
+    /// Bytes of weights a token's forward pass reads (CPU; 0 on devices).
+    pub weight_bytes: usize,
+    /// Bytes of KV cache a token reads per cached position (CPU; 0 on devices).
+    pub kv_bytes_per_position: usize,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -221,22 +225,40 @@ pub fn load_gguf(
         file: &mut file,
     };
     let built = build(config, &mut source, device, DType::F32, options).map_err(format)?;
-    Ok(LoadedModel {
-        vocab_size: built.model.config().vocab,
-        context_length: built.model.limits().context,
-        model: built.model,
-        tokenizer,
-        chat_template,
-        eos_token_ids,
-        load_seconds: started.elapsed().as_secs_f64(),
-        device: device.clone(),
-        engine_summary: built.summary,
-    })
+    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started, device))
 }
 
 pub(crate) struct Built {
     pub(crate) model: Box<dyn Forward>,
     pub(crate) summary: String,
+    pub(crate) weight_bytes: usize,
+    pub(crate) kv_bytes_per_position: usize,
+}
+
+impl Built {
+    /// The loaded model, with what the file said besides the weights.
+    pub(crate) fn loaded(
+        self,
+        tokenizer: tokenizers::Tokenizer,
+        chat_template: ChatTemplate,
+        eos_token_ids: Vec<u32>,
+        started: Instant,
+        device: &Device,
+    ) -> LoadedModel {
+        LoadedModel {
+            vocab_size: self.model.config().vocab,
+            context_length: self.model.limits().context,
+            model: self.model,
+            tokenizer,
+            chat_template,
+            eos_token_ids,
+            load_seconds: started.elapsed().as_secs_f64(),
+            device: device.clone(),
+            engine_summary: self.summary,
+            weight_bytes: self.weight_bytes,
+            kv_bytes_per_position: self.kv_bytes_per_position,
+        }
+    }
 }
 
 /// The forward pass for `config` from `source`: the CPU kernels on the
@@ -265,6 +287,11 @@ pub(crate) fn build(
     if device.is_cpu() && !options.candle_on_cpu {
         let weights = weights::cpu_weights(source, &config, options.requantize)?;
         let bytes = weights.size_bytes();
+        let element = match options.kv {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        };
+        let kv_bytes_per_position = 2 * config.layers * config.kv_dim() * element;
         let shape = CpuShape {
             sequences,
             context,
@@ -284,6 +311,8 @@ pub(crate) fn build(
         Ok(Built {
             model: Box::new(model),
             summary,
+            weight_bytes: bytes,
+            kv_bytes_per_position,
         })
     } else {
         let weights = weights::device_weights(source, &config, device, dtype)?;
@@ -300,6 +329,8 @@ pub(crate) fn build(
         Ok(Built {
             model: Box::new(model),
             summary: format!("candle {device:?}, {dtype:?} activations"),
+            weight_bytes: 0,
+            kv_bytes_per_position: 0,
         })
     }
 }

@@ -17,8 +17,10 @@
 //! candle device path (run on the CPU device) agrees with the kernels;
 //! and a model requantized to Q4_0, Q8_0, Q4_K and Q6_K runs as well.
 
+#[path = "support/model.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -27,6 +29,7 @@ use llm_worker_rbee::model::chat::ChatMessage;
 use llm_worker_rbee::model::llama::cpu::KvType;
 use llm_worker_rbee::model::llama::{Forward, Row};
 use llm_worker_rbee::model::{load_gguf, LoadOptions, LoadedModel};
+use support::default_model;
 
 const TEXT: &str = "The history of the printing press begins in the fifteenth century, when \
 movable type changed how books were made, sold and read across Europe. Before it, books were \
@@ -47,16 +50,6 @@ step until the Linotype and Monotype machines of the 1880s cast whole lines or s
 from molten metal as an operator typed. Photocomposition and offset lithography took over in the \
 twentieth century, and today most printing starts from a digital file sent straight to a plate \
 or to the press itself.";
-
-fn default_model() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run fetch-model.sh");
-    assert!(out.status.success(), "fetching the default model failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 fn load(path: &Path, options: LoadOptions) -> LoadedModel {
     load_gguf(path, &Device::Cpu, options).expect("load the model")
@@ -373,7 +366,7 @@ fn a_model_in_q4_0_q8_0_q4_k_and_q6_k_runs_and_agrees_with_the_reference() {
         .render(&[
             ChatMessage {
                 role: "system".to_owned(),
-                content: "You are a helpful assistant.".to_owned(),
+                content: "You are a helpful assistant. Answer in one short sentence.".to_owned(),
             },
             ChatMessage {
                 role: "user".to_owned(),

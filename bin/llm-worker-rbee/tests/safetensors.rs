@@ -6,30 +6,24 @@
 //! shards, the dense forward pass with its cache, greedy determinism and the
 //! routes are real.
 
+#[path = "support/model.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
+use support::default_model;
 
 const HIDDEN: usize = 64;
 const INTERMEDIATE: usize = 128;
 const LAYERS: usize = 2;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
-
-fn default_model() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run fetch-model.sh");
-    assert!(out.status.success(), "fetching the default model failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 fn fixture(dir: &Path) {
     let gguf = llm_worker_rbee::model::load_gguf(

@@ -138,15 +138,12 @@ impl KvRows<'_> {
 /// Positions per block of the key layout.
 pub const KEY_BLOCK: usize = 16;
 
-/// The query heads that share one key/value head, attending over a run of
-/// `positions` cached positions of one sequence (the slices start at the
-/// run's first position, a multiple of 16).
-///
-/// The result is partial: per query head the unnormalized sum
-/// `sum_j exp(s_j - max) v_j` and the run's `max` and `sum_j exp(s_j - max)`
-/// ([`partial_len`] values in all). [`merge`] combines the runs of a
-/// row into the attention output; a row's runs are fixed by its position
-/// alone, so the result never depends on how work was split.
+/// Query rows of one sequence attending over a run of its cached positions
+/// with one key/value head: for each row, the query heads that share that
+/// key/value head (the slices start at the run's first position, a multiple
+/// of 16; row `r` attends to the run's first `positions[r]` positions, its
+/// causal prefix). Rows share every key and value load, which is what makes
+/// a prompt's attention a matrix product rather than a loop of rows.
 ///
 /// Keys are stored in blocks of [`KEY_BLOCK`] positions, each block
 /// `head_dim x 16` (element `e` of position `j` at
@@ -154,11 +151,21 @@ pub const KEY_BLOCK: usize = 16;
 /// element of 16 positions and 16 scores are summed side by side. Values
 /// are stored by position (`values[j * head_dim + e]`). Every score is the
 /// plain sum over `e` in order; the softmax sum and each output element
-/// sum over positions in order (the softmax in the fixed lane order).
+/// sum over positions in order (the softmax in the fixed lane order). A
+/// row's result is the same whatever rows it is computed with.
+///
+/// The result is partial: per row and query head the unnormalized sum
+/// `sum_j exp(s_j - max) v_j`, the run's `max` and `sum_j exp(s_j - max)`
+/// ([`partial_len`] values per row). [`merge`] combines the runs of a row
+/// into the attention output; a row's runs are fixed by its position
+/// alone, so the result never depends on how work was split.
 #[derive(Debug)]
 pub struct Attention<'a> {
-    /// The queries (rotated): `heads` rows of `head_dim` values.
+    /// The queries (rotated): row `r`'s `heads` vectors of `head_dim`
+    /// values at `q[r * q_stride..]`.
     pub q: &'a [f32],
+    /// Elements between the queries of consecutive rows.
+    pub q_stride: usize,
     /// Query heads sharing the key/value head.
     pub heads: usize,
     /// The keys, in blocks (see above).
@@ -167,17 +174,27 @@ pub struct Attention<'a> {
     pub values: KvRows<'a>,
     /// Width of one head.
     pub head_dim: usize,
-    /// Positions to attend to (the causal prefix).
-    pub positions: usize,
+    /// Per row, how many of the run's positions it attends to (at least 1).
+    pub positions: &'a [usize],
     /// Score scale, `1 / sqrt(head_dim)`.
     pub scale: f32,
 }
 
 impl Attention<'_> {
-    /// Positions rounded up to whole key blocks: the stride of each head's
-    /// scores in the scratch `attention` takes.
+    /// The most positions any row attends to.
+    pub fn longest(&self) -> usize {
+        self.positions.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The longest row's positions rounded up to whole key blocks: the
+    /// stride of each query vector's scores in the scratch `attention` takes.
     pub fn padded(&self) -> usize {
-        self.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK
+        self.longest().div_ceil(KEY_BLOCK) * KEY_BLOCK
+    }
+
+    /// Query vectors: rows times heads.
+    pub fn vectors(&self) -> usize {
+        self.positions.len() * self.heads
     }
 
     /// Element `e` of position `j`'s key.
@@ -193,23 +210,24 @@ pub const fn partial_len(heads: usize, head_dim: usize) -> usize {
     heads * (head_dim + 2)
 }
 
-/// The partial attention of each query head over the run (see
-/// [`Attention`]) into `part` ([`partial_len`] values); `scores` holds at
-/// least `heads * a.padded()` values.
+/// The partial attention of each row and query head over the run (see
+/// [`Attention`]) into `part` ([`partial_len`] values per row, rows one
+/// after another); `scores` holds at least `a.vectors() * a.padded()` values.
 pub fn attention(a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
     attention_with(super::isa(), a, scores, part);
 }
 
 /// [`attention`] with a given instruction set.
 pub fn attention_with(isa: Isa, a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
-    let hd = a.head_dim;
-    assert!(a.positions > 0 && a.heads > 0 && hd > 0);
-    assert!(a.q.len() == a.heads * hd && part.len() == partial_len(a.heads, hd));
-    assert!(scores.len() >= a.heads * a.padded());
-    assert!(a.keys.len() >= a.padded() * hd && a.values.len() >= a.positions * hd);
+    let (hd, rows) = (a.head_dim, a.positions.len());
+    assert!(rows > 0 && a.heads > 0 && hd > 0 && a.positions.iter().all(|&p| p > 0));
+    assert!(a.q_stride >= a.heads * hd && a.q.len() >= (rows - 1) * a.q_stride + a.heads * hd);
+    assert!(part.len() == rows * partial_len(a.heads, hd));
+    assert!(scores.len() >= a.vectors() * a.padded());
+    assert!(a.keys.len() >= a.padded() * hd && a.values.len() >= a.longest() * hd);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if isa.supported() && hd.is_multiple_of(LANES) && hd <= 256 => {
+        Isa::Avx2 | Isa::Avx512 if isa.supported() && hd.is_multiple_of(LANES) => {
             super::x86::attention(isa, a, scores, part);
         }
         _ => attention_scalar(a, scores, part),
@@ -256,26 +274,29 @@ fn f16(bits: u16) -> f32 {
 }
 
 fn attention_scalar(a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
-    let (hd, np, heads) = (a.head_dim, a.padded(), a.heads);
-    let (out, stats) = part.split_at_mut(heads * hd);
-    for g in 0..heads {
-        let q = &a.q[g * hd..(g + 1) * hd];
-        let scores = &mut scores[g * np..g * np + a.positions];
-        for (j, s) in scores.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for (e, &q) in q.iter().enumerate() {
-                acc = q.mul_add(a.key(j, e), acc);
+    let (hd, heads) = (a.head_dim, a.heads);
+    let len = partial_len(heads, hd);
+    for (r, &positions) in a.positions.iter().enumerate() {
+        let (out, stats) = part[r * len..(r + 1) * len].split_at_mut(heads * hd);
+        for g in 0..heads {
+            let q = &a.q[r * a.q_stride + g * hd..][..hd];
+            let scores = &mut scores[..positions];
+            for (j, s) in scores.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for (e, &q) in q.iter().enumerate() {
+                    acc = q.mul_add(a.key(j, e), acc);
+                }
+                *s = acc * a.scale;
             }
-            *s = acc * a.scale;
-        }
-        let (max, sum) = softmax_in_place(scores);
-        stats[g] = max;
-        stats[heads + g] = sum;
-        let out = &mut out[g * hd..(g + 1) * hd];
-        out.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            for (e, o) in out.iter_mut().enumerate() {
-                *o = p.mul_add(a.values.get(j * hd + e), *o);
+            let (max, sum) = softmax_in_place(scores);
+            stats[g] = max;
+            stats[heads + g] = sum;
+            let out = &mut out[g * hd..(g + 1) * hd];
+            out.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o = p.mul_add(a.values.get(j * hd + e), *o);
+                }
             }
         }
     }
@@ -371,12 +392,15 @@ pub(crate) mod tests {
         fn attention_bodies_equal_the_reference(
             hd in prop::sample::select(vec![16usize, 48, 64, 128, 20]),
             heads in 1usize..7,
-            positions in 1usize..300,
+            lens in prop::collection::vec(1usize..300, 1..6),
             seed in any::<u64>(),
             half in any::<bool>(),
         ) {
-            let blocks = positions.div_ceil(KEY_BLOCK);
-            let q = random_values(heads * hd, seed, 1.0);
+            let rows = lens.len();
+            let longest = lens.iter().copied().max().unwrap_or(1);
+            let blocks = longest.div_ceil(KEY_BLOCK);
+            let q_stride = heads * hd + 3;
+            let q = random_values(rows * q_stride, seed, 1.0);
             // Keys as a plain (position, element) matrix, then laid out in blocks.
             let k_plain = random_values(blocks * KEY_BLOCK * hd, seed ^ 1, 2.0);
             let mut k_blocked = vec![0f32; k_plain.len()];
@@ -385,7 +409,7 @@ pub(crate) mod tests {
                     k_blocked[(j / KEY_BLOCK) * hd * KEY_BLOCK + e * KEY_BLOCK + j % KEY_BLOCK] = k_plain[j * hd + e];
                 }
             }
-            let values16 = f16_bits(&random_values(positions * hd, seed ^ 2, 1.0));
+            let values16 = f16_bits(&random_values(longest * hd, seed ^ 2, 1.0));
             let keys16 = f16_bits(&k_blocked);
             let keys32: Vec<f32> = keys16.iter().map(|&b| f16(b)).collect();
             let values32: Vec<f32> = values16.iter().map(|&b| f16(b)).collect();
@@ -394,48 +418,60 @@ pub(crate) mod tests {
             } else {
                 (KvRows::F32(&keys32), KvRows::F32(&values32))
             };
-            let a = Attention { q: &q, heads, keys, values, head_dim: hd, positions, scale: 1.0 / (hd as f32).sqrt() };
-            let mut scores = vec![0f32; heads * a.padded() + 3];
-            let mut part = vec![0f32; partial_len(heads, hd)];
+            let a = Attention { q: &q, q_stride, heads, keys, values, head_dim: hd, positions: &lens, scale: 1.0 / (hd as f32).sqrt() };
+            let len = partial_len(heads, hd);
+            let mut scores = vec![0f32; a.vectors() * a.padded() + 3];
+            let mut part = vec![0f32; rows * len];
             attention_with(Isa::Scalar, &a, &mut scores, &mut part);
-            let mut want = vec![0f32; heads * hd];
-            merge(std::iter::once(part.as_slice()), heads, hd, &mut want);
-            // The whole run split in two at a block boundary and merged
-            // agrees with it to rounding.
-            if positions > KEY_BLOCK {
-                let cut = (positions / 2).div_ceil(KEY_BLOCK) * KEY_BLOCK;
-                let first = Attention { positions: cut, ..a };
-                let second = Attention {
-                    keys: keys.offset(cut * hd),
-                    values: values.offset(cut * hd),
-                    positions: positions - cut,
-                    ..a
-                };
-                let mut p1 = vec![0f32; partial_len(heads, hd)];
-                let mut p2 = vec![0f32; partial_len(heads, hd)];
-                attention_with(Isa::Scalar, &first, &mut scores, &mut p1);
-                attention_with(Isa::Scalar, &second, &mut scores, &mut p2);
-                let mut split = vec![0f32; heads * hd];
-                merge([p1.as_slice(), p2.as_slice()].into_iter(), heads, hd, &mut split);
-                for (x, y) in split.iter().zip(&want) {
-                    prop_assert!((x - y).abs() <= 1e-5, "{} vs {}", x, y);
+            // Each row alone gives its part of the rows together, bit for bit.
+            for (r, &n) in lens.iter().enumerate() {
+                let one = Attention { q: &q[r * q_stride..], positions: &lens[r..=r], ..a };
+                for isa in Isa::available() {
+                    let mut alone = vec![0f32; len];
+                    attention_with(isa, &one, &mut scores, &mut alone);
+                    prop_assert!(alone == part[r * len..(r + 1) * len], "row {} alone, {:?}", r, isa);
                 }
-            }
-            // Against a plain f64 softmax.
-            for g in 0..heads {
-                let s: Vec<f64> = (0..positions).map(|j| {
-                    (0..hd).map(|e| f64::from(q[g * hd + e]) * f64::from(a.key(j, e))).sum::<f64>() * f64::from(a.scale)
-                }).collect();
-                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
-                let total: f64 = p.iter().sum();
-                for e in 0..hd {
-                    let exact: f64 = (0..positions).map(|j| p[j] / total * f64::from(values32[j * hd + e])).sum();
-                    prop_assert!((f64::from(want[g * hd + e]) - exact).abs() <= 1e-5, "{} vs {}", want[g * hd + e], exact);
+                let mut want = vec![0f32; heads * hd];
+                merge(std::iter::once(&part[r * len..(r + 1) * len]), heads, hd, &mut want);
+                // Against a plain f64 softmax.
+                for g in 0..heads {
+                    let s: Vec<f64> = (0..n).map(|j| {
+                        (0..hd).map(|e| f64::from(q[r * q_stride + g * hd + e]) * f64::from(a.key(j, e))).sum::<f64>() * f64::from(a.scale)
+                    }).collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                    let total: f64 = p.iter().sum();
+                    for e in 0..hd {
+                        let exact: f64 = (0..n).map(|j| p[j] / total * f64::from(values32[j * hd + e])).sum();
+                        prop_assert!((f64::from(want[g * hd + e]) - exact).abs() <= 1e-5, "{} vs {}", want[g * hd + e], exact);
+                    }
+                }
+                // The run split in two at a block boundary and merged
+                // agrees with it to rounding.
+                if n > KEY_BLOCK {
+                    let cut = (n / 2).div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                    let first_len = [cut];
+                    let second_len = [n - cut];
+                    let first = Attention { positions: &first_len, ..one };
+                    let second = Attention {
+                        keys: keys.offset(cut * hd),
+                        values: values.offset(cut * hd),
+                        positions: &second_len,
+                        ..one
+                    };
+                    let mut p1 = vec![0f32; len];
+                    let mut p2 = vec![0f32; len];
+                    attention_with(Isa::Scalar, &first, &mut scores, &mut p1);
+                    attention_with(Isa::Scalar, &second, &mut scores, &mut p2);
+                    let mut split = vec![0f32; heads * hd];
+                    merge([p1.as_slice(), p2.as_slice()].into_iter(), heads, hd, &mut split);
+                    for (x, y) in split.iter().zip(&want) {
+                        prop_assert!((x - y).abs() <= 1e-5, "{} vs {}", x, y);
+                    }
                 }
             }
             for isa in Isa::available() {
-                let mut got = vec![0f32; partial_len(heads, hd)];
+                let mut got = vec![0f32; rows * len];
                 attention_with(isa, &a, &mut scores, &mut got);
                 prop_assert!(got == part, "attention {:?}", isa);
             }

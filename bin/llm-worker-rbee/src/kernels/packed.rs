@@ -74,6 +74,18 @@ pub enum Format {
 }
 
 impl Format {
+    /// Bytes of one group of 16 rows of `k` weights.
+    pub fn group_bytes(self, k: usize) -> usize {
+        match self {
+            Self::Q4 => k / BLOCK * Q4_BLOCK_BYTES,
+            Self::Q4Sym => k / BLOCK * Q4SYM_BLOCK_BYTES,
+            Self::Q8 => k / BLOCK * Q8_BLOCK_BYTES,
+            Self::Q4K => k / SUPER * Q4K_SUPER_BYTES,
+            Self::Q6K => k / SUPER * Q6K_SUPER_BYTES,
+            Self::F32 => k * GROUP * 4,
+        }
+    }
+
     /// Whether the matrix multiplies quantized activations (else f32 ones).
     pub fn is_quantized(self) -> bool {
         self != Self::F32
@@ -220,14 +232,7 @@ impl PackedMatrix {
             });
         }
         let format = source_type.format();
-        let group_bytes = match format {
-            Format::Q4 => k / BLOCK * Q4_BLOCK_BYTES,
-            Format::Q4Sym => k / BLOCK * Q4SYM_BLOCK_BYTES,
-            Format::Q8 => k / BLOCK * Q8_BLOCK_BYTES,
-            Format::Q4K => k / SUPER * Q4K_SUPER_BYTES,
-            Format::Q6K => k / SUPER * Q6K_SUPER_BYTES,
-            Format::F32 => k * GROUP * 4,
-        };
+        let group_bytes = format.group_bytes(k);
         let groups = rows.div_ceil(GROUP);
         let total = groups * group_bytes;
         let mut matrix = Self {

@@ -12,7 +12,7 @@ use super::math::{Attention, KvRows, EXP_P, KEY_BLOCK, LANES, LN2_HI, LN2_LO};
 use super::matmul::{Input, MAX_TILE_ROWS};
 use super::packed::{
     Format, GROUP, Q4K_D, Q4K_DMIN, Q4K_MIN, Q4K_SC, Q4K_SUPER_BYTES, Q4SYM_BLOCK_BYTES,
-    Q4_BLOCK_BYTES, Q6K_BLOCK_BYTES, Q6K_D, Q6K_SC, Q6K_SUPER_BYTES, Q8_BLOCK_BYTES, SUPER,
+    Q4_BLOCK_BYTES, Q6K_BLOCK_BYTES, Q6K_D, Q6K_SC, Q6K_SUPER_BYTES, Q8_BLOCK_BYTES,
 };
 use super::Isa;
 
@@ -60,14 +60,7 @@ pub(super) fn matmul_group(
     out: &mut [[f32; GROUP]],
 ) {
     check(isa);
-    let needed = match format {
-        Format::Q4 => k / BLOCK * Q4_BLOCK_BYTES,
-        Format::Q4Sym => k / BLOCK * Q4SYM_BLOCK_BYTES,
-        Format::Q8 => k / BLOCK * Q8_BLOCK_BYTES,
-        Format::Q4K => k / SUPER * Q4K_SUPER_BYTES,
-        Format::Q6K => k / SUPER * Q6K_SUPER_BYTES,
-        Format::F32 => k * GROUP * 4,
-    };
+    let needed = format.group_bytes(k);
     assert!(weights.len() >= needed);
     let g = weights.as_ptr();
     for (tile, out) in out.chunks_mut(MAX_TILE_ROWS).enumerate() {
@@ -120,25 +113,25 @@ unsafe fn quantized(
     o: *mut [f32; GROUP],
 ) {
     macro_rules! by_rows {
-        ($f:ident) => {
+        ($f:ident $(, $extra:expr)?) => {
             match rows {
-                1 => $f::<1>(g, nb, a, o),
-                2 => $f::<2>(g, nb, a, o),
-                3 => $f::<3>(g, nb, a, o),
-                _ => $f::<4>(g, nb, a, o),
+                1 => $f::<1 $(, $extra)?>(g, nb, a, o),
+                2 => $f::<2 $(, $extra)?>(g, nb, a, o),
+                3 => $f::<3 $(, $extra)?>(g, nb, a, o),
+                _ => $f::<4 $(, $extra)?>(g, nb, a, o),
             }
         };
     }
     // SAFETY: the caller's guarantees are the bodies' requirements.
     unsafe {
         match (isa, format) {
-            (Isa::Avx512, Format::Q4) => by_rows!(q4_512),
-            (Isa::Avx512, Format::Q4Sym) => by_rows!(q4sym_512),
+            (Isa::Avx512, Format::Q4) => by_rows!(q4_512, true),
+            (Isa::Avx512, Format::Q4Sym) => by_rows!(q4_512, false),
             (Isa::Avx512, Format::Q8) => by_rows!(q8_512),
             (Isa::Avx512, Format::Q4K) => by_rows!(q4k_512),
             (Isa::Avx512, Format::Q6K) => by_rows!(q6k_512),
-            (_, Format::Q4) => by_rows!(q4_256),
-            (_, Format::Q4Sym) => by_rows!(q4sym_256),
+            (_, Format::Q4) => by_rows!(q4_256, true),
+            (_, Format::Q4Sym) => by_rows!(q4_256, false),
             (_, Format::Q8) => by_rows!(q8_256),
             (_, Format::Q4K) => by_rows!(q4k_256),
             (_, Format::Q6K) => by_rows!(q6k_256),
@@ -185,8 +178,9 @@ macro_rules! dot_512 {
     }};
 }
 
+/// Q4 (`MIN`: a minimum per block) or Q4Sym (an offset of 8).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_512<const MR: usize>(
+unsafe fn q4_512<const MR: usize, const MIN: bool>(
     g: *const u8,
     nb: usize,
     a: *const ActBlock,
@@ -194,51 +188,32 @@ unsafe fn q4_512<const MR: usize>(
 ) {
     // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
     unsafe {
+        let size = if MIN {
+            Q4_BLOCK_BYTES
+        } else {
+            Q4SYM_BLOCK_BYTES
+        };
         let mask = _mm512_set1_epi8(0x0F);
         let mut f = [_mm512_setzero_ps(); MR];
         for b in 0..nb {
-            let blk = g.add(b * Q4_BLOCK_BYTES);
-            prefetch(blk, Q4_BLOCK_BYTES);
-            let u = unpack_q4_512!(blk, mask);
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
-            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()));
-            for (i, f) in f.iter_mut().enumerate() {
-                let act = &*a.add(i * nb + b);
-                let acc = dot_512!(u, act, 0, 8);
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d));
-                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
-                *f = _mm512_fmadd_ps(mw, _mm512_set1_ps(act.s), *f);
-            }
-        }
-        for (i, f) in f.iter().enumerate() {
-            _mm512_storeu_ps((*o.add(i)).as_mut_ptr(), *f);
-        }
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4sym_512<const MR: usize>(
-    g: *const u8,
-    nb: usize,
-    a: *const ActBlock,
-    o: *mut [f32; GROUP],
-) {
-    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
-    unsafe {
-        let mask = _mm512_set1_epi8(0x0F);
-        let mut f = [_mm512_setzero_ps(); MR];
-        for b in 0..nb {
-            let blk = g.add(b * Q4SYM_BLOCK_BYTES);
-            prefetch(blk, Q4SYM_BLOCK_BYTES);
+            let blk = g.add(b * size);
+            prefetch(blk, size);
             let u = unpack_q4_512!(blk, mask);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
             for (i, f) in f.iter_mut().enumerate() {
                 let act = &*a.add(i * nb + b);
                 let acc = dot_512!(u, act, 0, 8);
-                // The weights are offset by 8: take 8 * sum(a) back off.
-                let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(8 * (act.sum_lo + act.sum_hi)));
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(act.d));
-                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+                if MIN {
+                    let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()));
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+                    *f = _mm512_fmadd_ps(mw, _mm512_set1_ps(act.s), *f);
+                } else {
+                    // The weights are offset by 8: take 8 * sum(a) back off.
+                    let offset = _mm512_set1_epi32(8 * (act.sum_lo + act.sum_hi));
+                    let acc = _mm512_sub_epi32(acc, offset);
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, *f);
+                }
             }
         }
         for (i, f) in f.iter().enumerate() {
@@ -441,8 +416,9 @@ macro_rules! store_half {
     };
 }
 
+/// Q4 (`MIN`: a minimum per block) or Q4Sym (an offset of 8).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_256<const MR: usize>(
+unsafe fn q4_256<const MR: usize, const MIN: bool>(
     g: *const u8,
     nb: usize,
     a: *const ActBlock,
@@ -450,52 +426,32 @@ unsafe fn q4_256<const MR: usize>(
 ) {
     // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
     unsafe {
+        let size = if MIN {
+            Q4_BLOCK_BYTES
+        } else {
+            Q4SYM_BLOCK_BYTES
+        };
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         for h in 0..2 {
             let mut f = [_mm256_setzero_ps(); MR];
             for b in 0..nb {
-                let blk = g.add(b * Q4_BLOCK_BYTES);
-                let u = unpack_q4_256!(blk, h, mask);
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(256 + h * 16).cast()));
-                let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(288 + h * 16).cast()));
-                for (i, f) in f.iter_mut().enumerate() {
-                    let act = &*a.add(i * nb + b);
-                    let acc = dot_256!(u, act, 0, 8, ones);
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d));
-                    *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
-                    *f = _mm256_fmadd_ps(mw, _mm256_set1_ps(act.s), *f);
-                }
-            }
-            store_half!(f, o, h);
-        }
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4sym_256<const MR: usize>(
-    g: *const u8,
-    nb: usize,
-    a: *const ActBlock,
-    o: *mut [f32; GROUP],
-) {
-    // SAFETY: reads stay inside the group and the rows' blocks (see `quantized`).
-    unsafe {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for h in 0..2 {
-            let mut f = [_mm256_setzero_ps(); MR];
-            for b in 0..nb {
-                let blk = g.add(b * Q4SYM_BLOCK_BYTES);
+                let blk = g.add(b * size);
                 let u = unpack_q4_256!(blk, h, mask);
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(256 + h * 16).cast()));
                 for (i, f) in f.iter_mut().enumerate() {
                     let act = &*a.add(i * nb + b);
                     let acc = dot_256!(u, act, 0, 8, ones);
-                    let acc =
-                        _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * (act.sum_lo + act.sum_hi)));
                     let scale = _mm256_mul_ps(dw, _mm256_set1_ps(act.d));
-                    *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                    if MIN {
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(288 + h * 16).cast()));
+                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                        *f = _mm256_fmadd_ps(mw, _mm256_set1_ps(act.s), *f);
+                    } else {
+                        let offset = _mm256_set1_epi32(8 * (act.sum_lo + act.sum_hi));
+                        let acc = _mm256_sub_epi32(acc, offset);
+                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, *f);
+                    }
                 }
             }
             store_half!(f, o, h);
@@ -959,33 +915,48 @@ unsafe fn silu_256(g: *const f32, u: *const f32, o: *mut f32, n: usize) {
 
 // ------------------------------------------------------------ attention
 
-/// Partial attention of the query heads sharing one key/value head;
-/// `head_dim` is a multiple of 16 (at most 256) and the slices were checked
-/// by the caller.
+/// Query vectors a score or weighted-value body takes at once.
+const VECTORS: usize = 6;
+
+/// Partial attention of the query rows and heads sharing one key/value
+/// head; `head_dim` is a multiple of 16 and the slices were checked by the
+/// caller.
 pub(super) fn attention(isa: Isa, a: &Attention<'_>, scores: &mut [f32], part: &mut [f32]) {
     check(isa);
-    let (hd, np, heads) = (a.head_dim, a.padded(), a.heads);
-    assert!(hd.is_multiple_of(LANES) && hd <= 256);
-    assert!(a.q.len() == heads * hd && part.len() == heads * (hd + 2));
-    let (out, stats) = part.split_at_mut(heads * hd);
-    assert!(scores.len() >= heads * np);
-    assert!(a.keys.len() >= np * hd && a.values.len() >= a.positions * hd);
+    let (hd, np, heads, rows) = (a.head_dim, a.padded(), a.heads, a.positions.len());
+    let vectors = a.vectors();
+    let len = heads * (hd + 2);
+    assert!(hd.is_multiple_of(LANES) && part.len() == rows * len);
+    assert!(a.q_stride >= heads * hd && a.q.len() >= (rows - 1) * a.q_stride + heads * hd);
+    assert!(scores.len() >= vectors * np);
+    assert!(a.keys.len() >= np * hd && a.values.len() >= a.longest() * hd);
     let blocks = np / KEY_BLOCK;
-    for g0 in (0..heads).step_by(4) {
-        let ng = (heads - g0).min(4);
-        let q = a.q[g0 * hd..].as_ptr();
-        let s = scores[g0 * np..].as_mut_ptr();
-        // SAFETY: the CPU has `isa`; `ng` query rows of `hd` from `q`, the
-        // `blocks` key blocks of `hd * 16` elements, and `ng` score rows of
-        // `np` from `s` are inside their slices (checked above).
+    // Vector `v` is head `v % heads` of row `v / heads`.
+    let query = |v: usize| a.q[(v / heads) * a.q_stride + (v % heads) * hd..].as_ptr();
+    // One pointer into the scores for the whole loop, offsets from it.
+    let base = scores.as_mut_ptr();
+    for v0 in (0..vectors).step_by(VECTORS) {
+        let n = (vectors - v0).min(VECTORS);
+        let mut qs = [std::ptr::null::<f32>(); VECTORS];
+        let mut ss = [std::ptr::null_mut::<f32>(); VECTORS];
+        for k in 0..n {
+            qs[k] = query(v0 + k);
+            ss[k] = base.wrapping_add((v0 + k) * np);
+        }
+        // SAFETY: the CPU has `isa`; the first `n` pointers name query
+        // vectors of `hd` and score rows of `np` inside their slices, and
+        // the `blocks` key blocks of `hd * 16` elements are inside the keys
+        // (checked above).
         unsafe {
             macro_rules! run {
                 ($f:ident, $k:expr) => {
-                    match ng {
-                        1 => $f::<1>(q, hd, $k, blocks, a.scale, s, np),
-                        2 => $f::<2>(q, hd, $k, blocks, a.scale, s, np),
-                        3 => $f::<3>(q, hd, $k, blocks, a.scale, s, np),
-                        _ => $f::<4>(q, hd, $k, blocks, a.scale, s, np),
+                    match n {
+                        1 => $f::<1>(&qs, hd, $k, blocks, a.scale, &ss),
+                        2 => $f::<2>(&qs, hd, $k, blocks, a.scale, &ss),
+                        3 => $f::<3>(&qs, hd, $k, blocks, a.scale, &ss),
+                        4 => $f::<4>(&qs, hd, $k, blocks, a.scale, &ss),
+                        5 => $f::<5>(&qs, hd, $k, blocks, a.scale, &ss),
+                        _ => $f::<6>(&qs, hd, $k, blocks, a.scale, &ss),
                     }
                 };
             }
@@ -997,33 +968,50 @@ pub(super) fn attention(isa: Isa, a: &Attention<'_>, scores: &mut [f32], part: &
             }
         }
     }
-    for g in 0..heads {
-        let scores = &mut scores[g * np..g * np + a.positions];
-        // SAFETY: as above; this head's `positions` scores.
+    for v in 0..vectors {
+        let (r, g) = (v / heads, v % heads);
+        let n = a.positions[r];
+        let row = &mut scores[v * np..(v + 1) * np];
+        // SAFETY: as above; this vector's first `n` scores.
         let (max, sum) = unsafe {
             if isa == Isa::Avx512 {
-                softmax_512(scores.as_mut_ptr(), scores.len())
+                softmax_512(row.as_mut_ptr(), n)
             } else {
-                softmax_256(scores.as_mut_ptr(), scores.len())
+                softmax_256(row.as_mut_ptr(), n)
             }
         };
+        // Past its own positions a row weighs nothing: adding 0 * v keeps
+        // its sums exactly as if it stopped there.
+        row[n..].fill(0.0);
+        let stats = &mut part[r * len + heads * hd..(r + 1) * len];
         stats[g] = max;
         stats[heads + g] = sum;
     }
-    for g0 in (0..heads).step_by(4) {
-        let ng = (heads - g0).min(4);
-        let p = scores[g0 * np..].as_ptr();
-        let o = out[g0 * hd..].as_mut_ptr();
-        let n = a.positions;
-        // SAFETY: as above; `ng` output rows of `hd` from `o`.
+    let (scores, outs) = (scores.as_ptr(), part.as_mut_ptr());
+    for v0 in (0..vectors).step_by(VECTORS) {
+        let n = (vectors - v0).min(VECTORS);
+        let mut ps = [std::ptr::null::<f32>(); VECTORS];
+        let mut os = [std::ptr::null_mut::<f32>(); VECTORS];
+        let mut positions = 0;
+        for k in 0..n {
+            let v = v0 + k;
+            ps[k] = scores.wrapping_add(v * np);
+            os[k] = outs.wrapping_add((v / heads) * len + (v % heads) * hd);
+            positions = positions.max(a.positions[v / heads]);
+        }
+        // SAFETY: as above; the first `n` pointers name probability rows
+        // of at least `positions` values (zero past each row's own) and
+        // output rows of `hd` inside `part`, distinct per vector.
         unsafe {
             macro_rules! run {
                 ($f:ident, $v:expr) => {
-                    match ng {
-                        1 => $f::<1>($v, hd, n, p, np, o),
-                        2 => $f::<2>($v, hd, n, p, np, o),
-                        3 => $f::<3>($v, hd, n, p, np, o),
-                        _ => $f::<4>($v, hd, n, p, np, o),
+                    match n {
+                        1 => $f::<1>(&ps, $v, hd, positions, &os),
+                        2 => $f::<2>(&ps, $v, hd, positions, &os),
+                        3 => $f::<3>(&ps, $v, hd, positions, &os),
+                        4 => $f::<4>(&ps, $v, hd, positions, &os),
+                        5 => $f::<5>(&ps, $v, hd, positions, &os),
+                        _ => $f::<6>(&ps, $v, hd, positions, &os),
                     }
                 };
             }
@@ -1063,30 +1051,29 @@ macro_rules! load8_f16 {
 /// The AVX-512 score and weighted-value bodies for one cache element type.
 macro_rules! attention_512 {
     ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
-        /// The scores of `NG` query heads, 16 positions per key block.
+        /// The scores of `NV` query vectors, 16 positions per key block, two
+        /// blocks at a time (each score is a chain of dependent FMAs, so
+        /// more chains in flight keep the units busy).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn $scores<const NG: usize>(
-            q: *const f32,
+        unsafe fn $scores<const NV: usize>(
+            q: &[*const f32; VECTORS],
             hd: usize,
             keys: *const $t,
             blocks: usize,
             scale: f32,
-            scores: *mut f32,
-            np: usize,
+            scores: &[*mut f32; VECTORS],
         ) {
             // SAFETY: see `attention`.
             unsafe {
                 let scale = _mm512_set1_ps(scale);
-                // Two blocks at a time: each score is a chain of dependent
-                // FMAs, so more chains in flight keep the units busy.
                 let mut b = 0;
-                while b + 1 < blocks {
+                while b < blocks {
+                    let two = b + 1 < blocks;
                     let k0 = keys.add(b * hd * KEY_BLOCK);
-                    let k1 = k0.add(hd * KEY_BLOCK);
-                    let mut a0 = [_mm512_setzero_ps(); NG];
-                    let mut a1 = [_mm512_setzero_ps(); NG];
+                    let k1 = if two { k0.add(hd * KEY_BLOCK) } else { k0 };
+                    let mut a0 = [_mm512_setzero_ps(); NV];
+                    let mut a1 = [_mm512_setzero_ps(); NV];
                     for e in 0..hd {
-                        // The next pair of blocks, a line per element row.
                         prefetch_line(
                             k0.add(e * KEY_BLOCK)
                                 .wrapping_add(2 * hd * KEY_BLOCK)
@@ -1094,66 +1081,54 @@ macro_rules! attention_512 {
                         );
                         let kv0 = $load!(k0.add(e * KEY_BLOCK));
                         let kv1 = $load!(k1.add(e * KEY_BLOCK));
-                        for g in 0..NG {
-                            let qe = _mm512_set1_ps(*q.add(g * hd + e));
-                            a0[g] = _mm512_fmadd_ps(qe, kv0, a0[g]);
-                            a1[g] = _mm512_fmadd_ps(qe, kv1, a1[g]);
+                        for v in 0..NV {
+                            let qe = _mm512_set1_ps(*q[v].add(e));
+                            a0[v] = _mm512_fmadd_ps(qe, kv0, a0[v]);
+                            a1[v] = _mm512_fmadd_ps(qe, kv1, a1[v]);
                         }
                     }
-                    for g in 0..NG {
-                        let at = scores.add(g * np + b * KEY_BLOCK);
-                        _mm512_storeu_ps(at, _mm512_mul_ps(a0[g], scale));
-                        _mm512_storeu_ps(at.add(KEY_BLOCK), _mm512_mul_ps(a1[g], scale));
+                    for v in 0..NV {
+                        let at = scores[v].add(b * KEY_BLOCK);
+                        _mm512_storeu_ps(at, _mm512_mul_ps(a0[v], scale));
+                        if two {
+                            _mm512_storeu_ps(at.add(KEY_BLOCK), _mm512_mul_ps(a1[v], scale));
+                        }
                     }
                     b += 2;
-                }
-                if b < blocks {
-                    let kb = keys.add(b * hd * KEY_BLOCK);
-                    let mut acc = [_mm512_setzero_ps(); NG];
-                    for e in 0..hd {
-                        let kv = $load!(kb.add(e * KEY_BLOCK));
-                        for (g, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + e)), kv, *acc);
-                        }
-                    }
-                    for (g, acc) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(
-                            scores.add(g * np + b * KEY_BLOCK),
-                            _mm512_mul_ps(*acc, scale),
-                        );
-                    }
                 }
             }
         }
 
-        /// `out[g] = sum_j p[g][j] v_j` for `NG` heads.
+        /// `out[v] = sum_j p[v][j] v_j` for `NV` vectors, in column slices
+        /// of 64 so the accumulators stay in registers.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn $weighted<const NG: usize>(
+        unsafe fn $weighted<const NV: usize>(
+            p: &[*const f32; VECTORS],
             values: *const $t,
             hd: usize,
             positions: usize,
-            p: *const f32,
-            np: usize,
-            out: *mut f32,
+            out: &[*mut f32; VECTORS],
         ) {
-            // SAFETY: see `attention`; `hd` is at most 256 (16 vectors).
+            // SAFETY: see `attention`.
             unsafe {
-                let chunks = hd / LANES;
-                let mut acc = [[_mm512_setzero_ps(); 16]; NG];
-                for j in 0..positions {
-                    let v = values.add(j * hd);
-                    prefetch_line(v.wrapping_add(8 * hd).cast());
-                    for c in 0..chunks {
-                        let vv = $load!(v.add(c * LANES));
-                        for (g, acc) in acc.iter_mut().enumerate() {
-                            acc[c] =
-                                _mm512_fmadd_ps(_mm512_set1_ps(*p.add(g * np + j)), vv, acc[c]);
+                for d0 in (0..hd).step_by(4 * LANES) {
+                    let chunks = ((hd - d0) / LANES).min(4);
+                    let mut acc = [[_mm512_setzero_ps(); 4]; NV];
+                    for j in 0..positions {
+                        let row = values.add(j * hd + d0);
+                        prefetch_line(row.wrapping_add(8 * hd).cast());
+                        for c in 0..chunks {
+                            let vv = $load!(row.add(c * LANES));
+                            for v in 0..NV {
+                                acc[v][c] =
+                                    _mm512_fmadd_ps(_mm512_set1_ps(*p[v].add(j)), vv, acc[v][c]);
+                            }
                         }
                     }
-                }
-                for (g, acc) in acc.iter().enumerate() {
-                    for (c, acc) in acc.iter().enumerate().take(chunks) {
-                        _mm512_storeu_ps(out.add(g * hd + c * LANES), *acc);
+                    for v in 0..NV {
+                        for c in 0..chunks {
+                            _mm512_storeu_ps(out[v].add(d0 + c * LANES), acc[v][c]);
+                        }
                     }
                 }
             }
@@ -1166,67 +1141,65 @@ macro_rules! attention_256 {
     ($scores:ident, $weighted:ident, $t:ty, $load:ident) => {
         /// As the AVX-512 body, positions 0..8 and 8..16 of a block in two registers.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $scores<const NG: usize>(
-            q: *const f32,
+        unsafe fn $scores<const NV: usize>(
+            q: &[*const f32; VECTORS],
             hd: usize,
             keys: *const $t,
             blocks: usize,
             scale: f32,
-            scores: *mut f32,
-            np: usize,
+            scores: &[*mut f32; VECTORS],
         ) {
             // SAFETY: see `attention`.
             unsafe {
                 let scale = _mm256_set1_ps(scale);
                 for b in 0..blocks {
                     let kb = keys.add(b * hd * KEY_BLOCK);
-                    let mut lo = [_mm256_setzero_ps(); NG];
-                    let mut hi = [_mm256_setzero_ps(); NG];
+                    let mut lo = [_mm256_setzero_ps(); NV];
+                    let mut hi = [_mm256_setzero_ps(); NV];
                     for e in 0..hd {
                         let k0 = $load!(kb.add(e * KEY_BLOCK));
                         let k1 = $load!(kb.add(e * KEY_BLOCK + 8));
-                        for g in 0..NG {
-                            let qe = _mm256_set1_ps(*q.add(g * hd + e));
-                            lo[g] = _mm256_fmadd_ps(qe, k0, lo[g]);
-                            hi[g] = _mm256_fmadd_ps(qe, k1, hi[g]);
+                        for v in 0..NV {
+                            let qe = _mm256_set1_ps(*q[v].add(e));
+                            lo[v] = _mm256_fmadd_ps(qe, k0, lo[v]);
+                            hi[v] = _mm256_fmadd_ps(qe, k1, hi[v]);
                         }
                     }
-                    for g in 0..NG {
-                        let at = scores.add(g * np + b * KEY_BLOCK);
-                        _mm256_storeu_ps(at, _mm256_mul_ps(lo[g], scale));
-                        _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[g], scale));
+                    for v in 0..NV {
+                        let at = scores[v].add(b * KEY_BLOCK);
+                        _mm256_storeu_ps(at, _mm256_mul_ps(lo[v], scale));
+                        _mm256_storeu_ps(at.add(8), _mm256_mul_ps(hi[v], scale));
                     }
                 }
             }
         }
 
-        /// As the AVX-512 body, 8 elements per register.
+        /// As the AVX-512 body, column slices of 16.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $weighted<const NG: usize>(
+        unsafe fn $weighted<const NV: usize>(
+            p: &[*const f32; VECTORS],
             values: *const $t,
             hd: usize,
             positions: usize,
-            p: *const f32,
-            np: usize,
-            out: *mut f32,
+            out: &[*mut f32; VECTORS],
         ) {
-            // SAFETY: see `attention`; `hd` is at most 256 (32 vectors).
+            // SAFETY: see `attention`.
             unsafe {
-                let chunks = hd / 8;
-                let mut acc = [[_mm256_setzero_ps(); 32]; NG];
-                for j in 0..positions {
-                    let v = values.add(j * hd);
-                    for c in 0..chunks {
-                        let vv = $load!(v.add(c * 8));
-                        for (g, acc) in acc.iter_mut().enumerate() {
-                            acc[c] =
-                                _mm256_fmadd_ps(_mm256_set1_ps(*p.add(g * np + j)), vv, acc[c]);
+                for d0 in (0..hd).step_by(16) {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; NV];
+                    for j in 0..positions {
+                        let row = values.add(j * hd + d0);
+                        let v0 = $load!(row);
+                        let v1 = $load!(row.add(8));
+                        for v in 0..NV {
+                            let pj = _mm256_set1_ps(*p[v].add(j));
+                            acc[v][0] = _mm256_fmadd_ps(pj, v0, acc[v][0]);
+                            acc[v][1] = _mm256_fmadd_ps(pj, v1, acc[v][1]);
                         }
                     }
-                }
-                for (g, acc) in acc.iter().enumerate() {
-                    for (c, acc) in acc.iter().enumerate().take(chunks) {
-                        _mm256_storeu_ps(out.add(g * hd + c * 8), *acc);
+                    for v in 0..NV {
+                        _mm256_storeu_ps(out[v].add(d0), acc[v][0]);
+                        _mm256_storeu_ps(out[v].add(d0 + 8), acc[v][1]);
                     }
                 }
             }

@@ -76,17 +76,7 @@ pub fn load_safetensors(
     };
     let mut source = Source::Safetensors(tensors);
     let built = build(config, &mut source, device, dtype, options).map_err(format)?;
-    Ok(LoadedModel {
-        vocab_size: built.model.config().vocab,
-        context_length: built.model.limits().context,
-        model: built.model,
-        tokenizer,
-        chat_template,
-        eos_token_ids,
-        load_seconds: started.elapsed().as_secs_f64(),
-        device: device.clone(),
-        engine_summary: built.summary,
-    })
+    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started, device))
 }
 
 /// `model.safetensors`, else every `model-*-of-*.safetensors` shard in order.

@@ -180,7 +180,8 @@ impl CpuModel {
         let threads = (0..pool.threads())
             .map(|_| {
                 Mutex::new(ThreadScratch {
-                    scores: vec![0.0; group * ops::RUN],
+                    scores: vec![0.0; ops::ROWS_PER_UNIT * group * ops::RUN],
+                    positions: Vec::with_capacity(ops::ROWS_PER_UNIT),
                     row: vec![0.0; width],
                     xq: vec![ActBlock::default(); PER_THREAD_ROWS * width / BLOCK],
                     xn: vec![0.0; PER_THREAD_ROWS * width],
@@ -198,8 +199,9 @@ impl CpuModel {
             q: vec![0.0; rows * c.q_dim()],
             parts: vec![
                 0.0;
-                rows * c.kv_heads
+                c.kv_heads
                     * kv.layout.padded.div_ceil(ops::RUN)
+                    * rows
                     * partial_len(group, c.head_dim)
             ],
             hq: vec![ActBlock::default(); rows * c.ffn / BLOCK],

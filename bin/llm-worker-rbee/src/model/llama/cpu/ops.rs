@@ -25,8 +25,10 @@ pub(super) const PER_THREAD_ROWS: usize = 4;
 /// One compute thread's scratch.
 #[derive(Debug)]
 pub(super) struct ThreadScratch {
-    /// Attention scores, `heads per key/value head x padded context`.
+    /// Attention scores: query vectors of one unit times one run.
     pub(super) scores: Vec<f32>,
+    /// Positions each row of an attention unit attends to in its run.
+    pub(super) positions: Vec<usize>,
     /// One normalized row.
     pub(super) row: Vec<f32>,
     /// Quantized input rows made by this thread (small batches).
@@ -61,8 +63,8 @@ pub(super) enum Source<'a> {
     Attention(Partials<'a>),
 }
 
-/// The partial attention results of a pass: per row, key/value head and
-/// run of [`RUN`] positions, [`partial_len`] values.
+/// The partial attention results of a pass: per key/value head, run of
+/// [`RUN`] positions and row (in that order), [`partial_len`] values.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Partials<'a> {
     pub(super) parts: &'a [f32],
@@ -71,19 +73,19 @@ pub(super) struct Partials<'a> {
     /// Query heads per key/value head.
     pub(super) group: usize,
     pub(super) head_dim: usize,
-    /// Runs per row and head in `parts` (the most a row can have).
+    /// Runs per head in `parts` (the most a row can have).
     pub(super) runs: usize,
 }
 
 impl Partials<'_> {
     /// Row `i`'s attention output (`kv_heads * group * head_dim` values).
     fn merge_row(&self, i: usize, out: &mut [f32]) {
-        let (hd, g) = (self.head_dim, self.group);
+        let (hd, g, m) = (self.head_dim, self.group, self.rows.len());
         let len = partial_len(g, hd);
         let runs = (self.rows[i].pos + 1).div_ceil(RUN);
         for h in 0..self.kv_heads {
-            let base = (i * self.kv_heads + h) * self.runs;
-            let parts = (0..runs).map(|r| &self.parts[(base + r) * len..(base + r + 1) * len]);
+            let at = |r: usize| ((h * self.runs + r) * m + i) * len;
+            let parts = (0..runs).map(|r| &self.parts[at(r)..at(r) + len]);
             merge(parts, g, hd, &mut out[h * g * hd..(h + 1) * g * hd]);
         }
     }
@@ -335,9 +337,14 @@ impl Qkv<'_> {
 /// all threads, while the result stays the same whatever the batch.
 pub(super) const RUN: usize = 128;
 
-/// Partial attention for every row, key/value head and run of positions:
-/// the query heads sharing each key/value head attend together over the
-/// run's cached positions, into `parts` (see [`Partials`]).
+/// Batch rows one unit of attention work takes: consecutive rows of one
+/// sequence (a prompt chunk) share every key and value they read.
+pub(super) const ROWS_PER_UNIT: usize = 4;
+
+/// Partial attention for every key/value head, run of positions and up to
+/// [`ROWS_PER_UNIT`] rows: the query heads of those rows sharing the
+/// key/value head attend together over the run's cached positions, into
+/// `parts` (see [`Partials`]). Returns the runs per head in `parts`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend(
     pool: &mut ThreadPool,
@@ -356,29 +363,61 @@ pub(super) fn attend(
     let q_dim = heads * hd;
     let runs = kv.layout.padded.div_ceil(RUN);
     let len = partial_len(group, hd);
-    let units = m * kv_heads * runs;
-    let tiles = Tiles::new(&mut parts[..units * len], units, len, 1, len);
+    let tiles = Tiles::new(
+        &mut parts[..kv_heads * runs * m * len],
+        kv_heads * runs,
+        m * len,
+        1,
+        ROWS_PER_UNIT * len,
+    );
     let scale = 1.0 / (hd as f32).sqrt();
     pool.run(&|t| {
         let mut ts = lock(&scratch[t]);
+        let ThreadScratch {
+            scores, positions, ..
+        } = &mut *ts;
         while let Some(mut tile) = tiles.next() {
-            let u = tile.rows().start;
-            let (i, h, r) = (u / (kv_heads * runs), u / runs % kv_heads, u % runs);
-            let (start, end) = (r * RUN, rows[i].pos + 1);
-            if start >= end {
-                continue;
+            let unit = tile.rows().start;
+            let (h, r) = (unit / runs, unit % runs);
+            let first = tile.cols().start / len;
+            let last = tile.cols().end / len;
+            let start = r * RUN;
+            let out = tile.row(unit);
+            // Runs of consecutive rows of one sequence within the tile.
+            let mut i = first;
+            while i < last {
+                let mut end = i + 1;
+                while end < last
+                    && rows[end].seq == rows[i].seq
+                    && rows[end].pos == rows[end - 1].pos + 1
+                {
+                    end += 1;
+                }
+                // Rows whose prefix reaches into this run, and how far.
+                positions.clear();
+                positions.extend(
+                    rows[i..end]
+                        .iter()
+                        .map(|row| (row.pos + 1).saturating_sub(start).min(RUN)),
+                );
+                let skip = positions.iter().take_while(|&&n| n == 0).count();
+                if skip < positions.len() {
+                    let (keys, values) = kv.head(layer, h, rows[i].seq);
+                    let a = Attention {
+                        q: &q[(i + skip) * q_dim + h * group * hd..],
+                        q_stride: q_dim,
+                        heads: group,
+                        keys: keys.offset(start * hd),
+                        values: values.offset(start * hd),
+                        head_dim: hd,
+                        positions: &positions[skip..],
+                        scale,
+                    };
+                    let at = (i + skip - first) * len;
+                    attention(&a, scores, &mut out[at..(end - first) * len]);
+                }
+                i = end;
             }
-            let (keys, values) = kv.head(layer, h, rows[i].seq);
-            let a = Attention {
-                q: &q[i * q_dim + h * group * hd..][..group * hd],
-                heads: group,
-                keys: keys.offset(start * hd),
-                values: values.offset(start * hd),
-                head_dim: hd,
-                positions: (end - start).min(RUN),
-                scale,
-            };
-            attention(&a, &mut ts.scores, tile.row(u));
         }
     });
     runs
@@ -432,61 +471,79 @@ pub(super) fn gate_up(
     h: &mut [f32],
     scratch: &[Mutex<ThreadScratch>],
 ) {
-    let quantized = layer.gate.format().is_quantized();
-    let ffn = layer.gate.rows();
-    let blocks = ffn / BLOCK;
-    let per_tile = (blocks / (scratch.len() * 4)).max(1);
+    let blocks = layer.gate.rows() / BLOCK;
     if layer.down.format().is_quantized() {
-        let tiles = Tiles::new(&mut hq[..m * blocks], m, blocks, m, per_tile);
-        pool.run(&|t| {
-            let mut ts = lock(&scratch[t]);
-            let ThreadScratch {
-                xq,
-                xn,
-                row,
-                gate,
-                up,
-                hidden,
-                ..
-            } = &mut *ts;
-            let input = thread_input(source, quantized, m, xq, xn, row);
-            while let Some(mut tile) = tiles.next() {
-                let cols = tile.cols();
-                for b in cols.clone() {
-                    hidden_block(layer, input, m, b, gate, up, hidden);
-                    for i in 0..m {
-                        let dst = &mut tile.row(i)[b - cols.start..][..1];
-                        quantize_row(&hidden[i * BLOCK..(i + 1) * BLOCK], dst);
-                    }
-                }
-            }
-        });
+        hidden(
+            pool,
+            layer,
+            source,
+            m,
+            &mut hq[..m * blocks],
+            1,
+            scratch,
+            |h, out| {
+                quantize_row(h, out);
+            },
+        );
     } else {
-        let tiles = Tiles::new(&mut h[..m * ffn], m, ffn, m, per_tile * BLOCK);
-        pool.run(&|t| {
-            let mut ts = lock(&scratch[t]);
-            let ThreadScratch {
-                xq,
-                xn,
-                row,
-                gate,
-                up,
-                hidden,
-                ..
-            } = &mut *ts;
-            let input = thread_input(source, quantized, m, xq, xn, row);
-            while let Some(mut tile) = tiles.next() {
-                let cols = tile.cols();
-                for b in cols.start / BLOCK..cols.end / BLOCK {
-                    hidden_block(layer, input, m, b, gate, up, hidden);
-                    for i in 0..m {
-                        tile.row(i)[b * BLOCK - cols.start..][..BLOCK]
-                            .copy_from_slice(&hidden[i * BLOCK..(i + 1) * BLOCK]);
-                    }
+        hidden(
+            pool,
+            layer,
+            source,
+            m,
+            &mut h[..m * blocks * BLOCK],
+            BLOCK,
+            scratch,
+            |h, out| {
+                out.copy_from_slice(h);
+            },
+        );
+    }
+}
+
+/// The gate/up run writing `out`, `per_block` elements for every 32
+/// hidden columns of each row, made by `store` from the 32 values.
+#[allow(clippy::too_many_arguments)]
+fn hidden<T: Send>(
+    pool: &mut ThreadPool,
+    layer: &CpuLayer,
+    source: Source<'_>,
+    m: usize,
+    out: &mut [T],
+    per_block: usize,
+    scratch: &[Mutex<ThreadScratch>],
+    store: impl Fn(&[f32], &mut [T]) + Sync,
+) {
+    let quantized = layer.gate.format().is_quantized();
+    let blocks = layer.gate.rows() / BLOCK;
+    let per_tile = (blocks / (scratch.len() * 4)).max(1);
+    let tiles = Tiles::new(out, m, blocks * per_block, m, per_tile * per_block);
+    pool.run(&|t| {
+        let mut ts = lock(&scratch[t]);
+        let ThreadScratch {
+            xq,
+            xn,
+            row,
+            gate,
+            up,
+            hidden,
+            ..
+        } = &mut *ts;
+        let input = thread_input(source, quantized, m, xq, xn, row);
+        while let Some(mut tile) = tiles.next() {
+            let cols = tile.cols();
+            for b in cols.start / per_block..cols.end / per_block {
+                hidden_block(layer, input, m, b, gate, up, hidden);
+                for i in 0..m {
+                    let at = b * per_block - cols.start;
+                    store(
+                        &hidden[i * BLOCK..(i + 1) * BLOCK],
+                        &mut tile.row(i)[at..at + per_block],
+                    );
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// Columns `32 b..32 b + 32` of `silu(gate x) * (up x)` for the `m` rows,
