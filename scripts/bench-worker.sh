@@ -5,7 +5,7 @@
 # ratios; see docs/performance.md.
 #
 #   RUNS=5 THREADS=2 scripts/bench-worker.sh
-#   WORKER_ARGS="--requantize q8_0" scripts/bench-worker.sh
+#   WORKER_ARGS="--kv-cache f32" scripts/bench-worker.sh
 #
 # TARGET_CPU builds the worker with `-C target-cpu=...` in its own target
 # directory (target/<name>), so the default build is left alone.

@@ -735,16 +735,6 @@ fn the_default_build_has_no_fault_injection() {
 }
 
 #[test]
-fn a_model_requantized_to_q8_0_at_load_still_answers() {
-    let w = worker(&["--requantize", "q8_0"]);
-    let body = complete(
-        &w,
-        json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stream": false}),
-    );
-    assert!(body["text"].as_str().unwrap().contains("Paris"), "{body}");
-}
-
-#[test]
 fn a_generation_that_outlives_the_drain_time_ends_with_an_error_event() {
     let mut w = worker(&["--shutdown-timeout-s", "3"]);
     let mut sse = Sse::new(post(

@@ -95,11 +95,6 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_PARENT_PID")]
     pub parent_pid: Option<u32>,
 
-    /// Re-quantize 4-bit weights to `q8_0` at load (CPU only; see
-    /// docs/performance.md for what it trades).
-    #[arg(long, env = "RBEE_WORKER_REQUANTIZE", value_enum, default_value_t = model::Requantize::None)]
-    pub requantize: model::Requantize,
-
     /// Compute threads for the forward pass on the CPU (default: the CPUs
     /// this process may use). The HTTP side runs on one more thread.
     #[arg(long, env = "RBEE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -199,10 +194,6 @@ fn settings(config: &Config) -> Vec<ConfigSetting> {
         ConfigSetting::new("backend", config.backend),
         ConfigSetting::new("device", config.device),
         ConfigSetting::new("slots", config.slots),
-        ConfigSetting::new(
-            "requantize",
-            format!("{:?}", config.requantize).to_lowercase(),
-        ),
         ConfigSetting::new("threads", threads(config)),
         ConfigSetting::new("ctx", config.ctx),
         ConfigSetting::new("kv_cache", format!("{:?}", config.kv_cache).to_lowercase()),
@@ -303,7 +294,6 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         sequences: usize::from(config.slots),
         context: config.ctx as usize,
         threads: threads(&config),
-        requantize: config.requantize,
         kv: config.kv_cache,
         candle_on_cpu: false,
     };

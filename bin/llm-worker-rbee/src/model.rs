@@ -58,8 +58,6 @@ pub struct LoadOptions {
     pub context: usize,
     /// Compute threads on the CPU.
     pub threads: usize,
-    /// Re-quantization of the weights at load (CPU only).
-    pub requantize: Requantize,
     /// The KV cache's element type (CPU only; devices cache in the
     /// activations' type).
     pub kv: KvType,
@@ -74,7 +72,6 @@ impl Default for LoadOptions {
             sequences: 1,
             context: 4096,
             threads: default_threads(),
-            requantize: Requantize::None,
             kv: KvType::default(),
             candle_on_cpu: false,
         }
@@ -131,18 +128,6 @@ pub(crate) fn first_line(error: &impl std::fmt::Display) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// What to do with the weights' quantization at load time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Requantize {
-    /// Keep the file's formats.
-    #[default]
-    None,
-    /// Turn 4-bit tensors into Q8_0 on the CPU: 8-bit weights skip the
-    /// nibble unpacking, at about 1.7 times the weight memory.
-    #[value(name = "q8_0")]
-    Q8_0,
 }
 
 /// The candle device for `backend` and `ordinal`, when this build has the backend.
@@ -285,7 +270,7 @@ pub(crate) fn build(
     let context = options.context.min(config.max_context).max(1);
     let sequences = options.sequences.max(1);
     if device.is_cpu() && !options.candle_on_cpu {
-        let weights = weights::cpu_weights(source, &config, options.requantize)?;
+        let weights = weights::cpu_weights(source, &config)?;
         let bytes = weights.size_bytes();
         let element = match options.kv {
             KvType::F32 => 4,

@@ -15,7 +15,8 @@
 //! Also here: a batch of rows from several sequences gives exactly the
 //! logits each sequence gets alone, whatever the prompt's chunking; the
 //! candle device path (run on the CPU device) agrees with the kernels;
-//! and a model requantized to Q4_0, Q8_0, Q4_K and Q6_K runs as well.
+//! and a model requantized to Q4_0, Q8_0, Q4_K and Q6_K (and Q5_0, which
+//! the CPU kernels take as Q8_0) runs as well.
 
 #[path = "support/model.rs"]
 mod support;
@@ -293,9 +294,10 @@ fn the_candle_device_path_agrees_with_the_cpu_kernels() {
 }
 
 /// The default model with its layers requantized by candle's quantizer:
-/// attention Q in Q4_0, K and V in Q8_0, FFN down in Q4_K and Q6_K on
-/// alternate layers (a Q4_K_M file's mix; the other matrices have rows of
-/// 576, which is not a whole number of 256-value superblocks).
+/// attention Q in Q4_0, K and V in Q8_0, the attention output in Q5_0 (no
+/// CPU kernel: the loader rewrites it as Q8_0), FFN down in Q4_K and Q6_K
+/// on alternate layers (a Q4_K_M file's mix; the other matrices have rows
+/// of 576, which is not a whole number of 256-value superblocks).
 fn mixed_model(dir: &Path) -> PathBuf {
     let path = default_model();
     let mut file = std::fs::File::open(&path).expect("open");
@@ -316,6 +318,8 @@ fn mixed_model(dir: &Path) -> PathBuf {
             Some(GgmlDType::Q4_0)
         } else if name.ends_with("attn_k.weight") || name.ends_with("attn_v.weight") {
             Some(GgmlDType::Q8_0)
+        } else if name.ends_with("attn_output.weight") {
+            Some(GgmlDType::Q5_0)
         } else if name.ends_with("ffn_down.weight") {
             Some(if layer.is_multiple_of(2) {
                 GgmlDType::Q4K
@@ -347,7 +351,7 @@ fn mixed_model(dir: &Path) -> PathBuf {
 }
 
 #[test]
-fn a_model_in_q4_0_q8_0_q4_k_and_q6_k_runs_and_agrees_with_the_reference() {
+fn a_model_in_q4_0_q8_0_q5_0_q4_k_and_q6_k_runs_and_agrees_with_the_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = mixed_model(dir.path());
     let mut ours = load(&path, LoadOptions::default());

@@ -14,7 +14,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::packed::{PackedMatrix, SourceType};
 use crate::model::first_line;
-use crate::model::Requantize;
 
 use super::cpu::{CpuLayer, CpuWeights};
 use super::device::{DeviceLayer, DeviceMatrix, DeviceWeights};
@@ -298,7 +297,6 @@ impl Source<'_> {
         w: Weight,
         layer: usize,
         c: &LlamaConfig,
-        requantize: Requantize,
     ) -> Result<PackedMatrix, String> {
         let (rows, k) = w.shape(c);
         let name = self.name(w, layer);
@@ -306,15 +304,10 @@ impl Source<'_> {
             Self::Gguf { .. } => {
                 let (dtype, dims, bytes) = self.gguf_bytes(&name)?;
                 check_dims(&name, &dims, rows, k)?;
-                let four_bit = matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K);
                 match source_type(dtype) {
-                    Some(ty) if !(four_bit && requantize == Requantize::Q8_0) => {
-                        PackedMatrix::pack(ty, &bytes, rows, k)
-                    }
-                    _ => {
-                        if requantize == Requantize::None {
-                            tracing::warn!(tensor = %name, dtype = ?dtype, "no CPU kernel for this type; repacked as Q8_0");
-                        }
+                    Some(ty) => PackedMatrix::pack(ty, &bytes, rows, k),
+                    None => {
+                        tracing::warn!(tensor = %name, dtype = ?dtype, "no CPU kernel for this type; repacked as Q8_0");
                         let Self::Gguf { content, file } = self else {
                             unreachable!("GGUF")
                         };
@@ -457,14 +450,10 @@ fn interleave_halves(t: &Tensor, heads: usize, head_dim: usize) -> candle_core::
 }
 
 /// The CPU model's weights.
-pub(crate) fn cpu_weights(
-    source: &mut Source<'_>,
-    c: &LlamaConfig,
-    requantize: Requantize,
-) -> Result<CpuWeights, String> {
+pub(crate) fn cpu_weights(source: &mut Source<'_>, c: &LlamaConfig) -> Result<CpuWeights, String> {
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
-        let mut m = |w| source.cpu_matrix(w, l, c, requantize);
+        let mut m = |w| source.cpu_matrix(w, l, c);
         let (q, k, v, o) = (m(Weight::Q)?, m(Weight::K)?, m(Weight::V)?, m(Weight::O)?);
         let (gate, up, down) = (m(Weight::Gate)?, m(Weight::Up)?, m(Weight::Down)?);
         layers.push(CpuLayer {
@@ -480,12 +469,12 @@ pub(crate) fn cpu_weights(
         });
     }
     let head = if source.has(Weight::Head) {
-        Some(source.cpu_matrix(Weight::Head, 0, c, requantize)?)
+        Some(source.cpu_matrix(Weight::Head, 0, c)?)
     } else {
         None
     };
     Ok(CpuWeights {
-        embed: source.cpu_matrix(Weight::Embed, 0, c, requantize)?,
+        embed: source.cpu_matrix(Weight::Embed, 0, c)?,
         head,
         norm: source.vector(Weight::Norm, 0)?,
         layers,
