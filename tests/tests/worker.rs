@@ -695,6 +695,35 @@ fn a_prompt_that_outlasts_the_stall_timeout_is_prefilled_in_steps_and_never_call
 }
 
 #[test]
+fn the_worker_runs_exactly_the_compute_threads_it_is_given() {
+    for (threads, helpers) in [(3usize, 2usize), (1, 0)] {
+        let w = worker(&["--threads", &threads.to_string()]);
+        let body = complete(
+            &w,
+            json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 3, "stream": false}),
+        );
+        assert!(
+            body["text"].as_str().is_some_and(|t| t.contains("Paris")),
+            "{body}"
+        );
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
+            .expect("the worker's threads")
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect();
+        // The engine thread computes too: `--threads` minus one helpers.
+        let compute = names.iter().filter(|n| n.starts_with("compute-")).count();
+        let engine = names.iter().filter(|n| *n == "engine").count();
+        assert_eq!(
+            (compute, engine),
+            (helpers, 1),
+            "--threads {threads}: {names:?}"
+        );
+    }
+}
+
+#[test]
 fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
     let mut w = DaemonSpec::new("llm-worker-rbee")
         .fault_injection()

@@ -33,6 +33,9 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     scratch: Vec<(u32, f32)>,
+    /// Tokens already penalized this step (the window is short: a linear
+    /// search over a reused buffer beats a set built per token).
+    penalized: Vec<u32>,
 }
 
 impl Sampler {
@@ -46,6 +49,7 @@ impl Sampler {
             params,
             rng,
             scratch: Vec::new(),
+            penalized: Vec::with_capacity(PENALTY_WINDOW),
         }
     }
 
@@ -55,9 +59,10 @@ impl Sampler {
         let p = self.params;
         if p.repetition_penalty != 1.0 {
             let window = &recent[recent.len().saturating_sub(PENALTY_WINDOW)..];
-            let mut seen = std::collections::HashSet::with_capacity(window.len());
+            self.penalized.clear();
             for &t in window {
-                if seen.insert(t) {
+                if !self.penalized.contains(&t) {
+                    self.penalized.push(t);
                     if let Some(l) = logits.get_mut(t as usize) {
                         *l = if *l > 0.0 {
                             *l / p.repetition_penalty

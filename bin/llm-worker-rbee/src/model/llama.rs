@@ -99,6 +99,12 @@ impl LlamaConfig {
                 self.heads, self.kv_heads
             ));
         }
+        if !self.head_dim.is_multiple_of(16) {
+            return Err(format!(
+                "head dimension {} is not a multiple of 16",
+                self.head_dim
+            ));
+        }
         if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return Err(format!(
                 "rotary dimension {} does not fit head dimension {}",
@@ -369,6 +375,9 @@ mod tests {
         let mut c = config(RopeScaling::None);
         c.kv_heads = 3;
         assert!(c.validate().unwrap_err().contains("multiple"));
+        let mut c = config(RopeScaling::None);
+        c.head_dim = 24;
+        assert!(c.validate().unwrap_err().contains("multiple of 16"));
         let mut c = config(RopeScaling::Factors(vec![1.0; 3]));
         assert!(c.validate().unwrap_err().contains("factors"));
         c.rope_scaling = RopeScaling::None;

@@ -4,8 +4,10 @@
 //!
 //! Needed = weights on disk x [`weights_factor_tenths`] / 10 + KV cache, where the KV
 //! cache is `slots x context x 2 (K and V) x layers x kv_heads x head_dim x
-//! 4 bytes` (the worker keeps it in f32) and context is the model's, capped
-//! at the worker's 4096 positions. The shape comes from the GGUF metadata or
+//! 4 bytes` and context is the model's, capped at the worker's default 4096
+//! positions (`--ctx`). Four bytes per element covers every cache a worker
+//! may keep (f32 on GPUs for GGUF models and with `--kv-cache f32`); the
+//! CPU default, f16, needs half, so the estimate errs on the safe side. The shape comes from the GGUF metadata or
 //! the safetensors `config.json`; when it cannot be read, 256 MiB per slot
 //! is assumed.
 
@@ -14,7 +16,7 @@ use std::path::Path;
 
 use rbee_api::worker::Backend;
 
-/// The worker's longest context (candle's `MAX_SEQ_LEN`).
+/// The worker's default context (`--ctx`).
 pub const MAX_CONTEXT: u64 = 4096;
 
 /// KV cache assumed per slot when the model's shape is unknown.
