@@ -432,15 +432,37 @@ pub(super) fn add_projection(
     m: usize,
     scratch: &[Mutex<ThreadScratch>],
 ) {
+    product(pool, w, source, m, x, scratch, |o, v| *o += v);
+}
+
+/// The logits of the `n` rows (already gathered): the head's product over
+/// the vocabulary.
+pub(super) fn head(
+    pool: &mut ThreadPool,
+    w: &PackedMatrix,
+    source: Source<'_>,
+    n: usize,
+    logits: &mut [f32],
+    scratch: &[Mutex<ThreadScratch>],
+) {
+    product(pool, w, source, n, logits, scratch, |o, v| *o = v);
+}
+
+/// `w * input` for the `m` rows, each value combined into `out` (rows of
+/// `w.rows()`) by `combine`, in one run over tiles of columns.
+fn product(
+    pool: &mut ThreadPool,
+    w: &PackedMatrix,
+    source: Source<'_>,
+    m: usize,
+    out: &mut [f32],
+    scratch: &[Mutex<ThreadScratch>],
+    combine: impl Fn(&mut f32, f32) + Sync,
+) {
     let quantized = w.format().is_quantized();
-    let d = w.rows();
-    let tiles = Tiles::new(
-        &mut x[..m * d],
-        m,
-        d,
-        m,
-        GROUP * tile_groups(w.groups(), scratch.len()),
-    );
+    let width = w.rows();
+    let tile_cols = GROUP * tile_groups(w.groups(), scratch.len());
+    let tiles = Tiles::new(&mut out[..m * width], m, width, m, tile_cols);
     pool.run(&|t| {
         let mut ts = lock(&scratch[t]);
         let ThreadScratch {
@@ -450,8 +472,9 @@ pub(super) fn add_projection(
         while let Some(mut tile) = tiles.next() {
             project(w, input, m, tile.cols(), out, |i, col, vals| {
                 let at = col - tile.cols().start;
-                for (o, v) in tile.row(i)[at..].iter_mut().zip(vals) {
-                    *o += v;
+                // A group past the matrix's last row gives fewer values.
+                for (o, &v) in tile.row(i)[at..].iter_mut().zip(vals) {
+                    combine(o, v);
                 }
             });
         }
@@ -566,39 +589,4 @@ fn hidden_block(
             silu_mul(&gate[i], &up[i], &mut hidden[at..at + GROUP]);
         }
     }
-}
-
-/// The logits of the `n` rows of `x` (already gathered): the head's
-/// product, over the vocabulary.
-pub(super) fn head(
-    pool: &mut ThreadPool,
-    w: &PackedMatrix,
-    source: Source<'_>,
-    n: usize,
-    logits: &mut [f32],
-    scratch: &[Mutex<ThreadScratch>],
-) {
-    let quantized = w.format().is_quantized();
-    let vocab = w.rows();
-    let tiles = Tiles::new(
-        &mut logits[..n * vocab],
-        n,
-        vocab,
-        n,
-        GROUP * tile_groups(w.groups(), scratch.len()),
-    );
-    pool.run(&|t| {
-        let mut ts = lock(&scratch[t]);
-        let ThreadScratch {
-            xq, xn, row, out, ..
-        } = &mut *ts;
-        let input = thread_input(source, quantized, n, xq, xn, row);
-        while let Some(mut tile) = tiles.next() {
-            project(w, input, n, tile.cols(), out, |i, col, vals| {
-                let at = col - tile.cols().start;
-                let out = clipped(tile.row(i), at);
-                out.copy_from_slice(&vals[..out.len()]);
-            });
-        }
-    });
 }
