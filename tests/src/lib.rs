@@ -17,6 +17,7 @@ pub mod hive;
 pub mod http;
 pub mod ops;
 pub mod queen;
+pub mod worker;
 
 /// The three daemons.
 pub const DAEMONS: [&str; 3] = ["queen-rbee", "rbee-hive", "llm-worker-rbee"];

@@ -293,16 +293,18 @@ impl PackedMatrix {
 
     fn bytes(&self) -> &[u8] {
         let len = self.lines.len() * 64;
-        // SAFETY: `Line` is 64 plain bytes with no padding (repr(C) around
+        // `Line` is 64 plain bytes with no padding (repr(C) around
         // [u8; 64]), so the vector's storage is `len` initialized bytes; the
         // borrow of `self.lines` keeps it alive and unchanged.
+        // SAFETY: `len` initialized bytes of `self.lines`, borrowed shared.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), len) }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         let len = self.lines.len() * 64;
-        // SAFETY: as in `bytes`, and the exclusive borrow of `self.lines`
+        // As in `bytes`, and the exclusive borrow of `self.lines`
         // makes this the only reference.
+        // SAFETY: `len` initialized bytes of `self.lines`, borrowed exclusively.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), len) }
     }
 

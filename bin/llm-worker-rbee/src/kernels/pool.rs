@@ -106,13 +106,15 @@ impl ThreadPool {
         }
         let inner = &*self.inner;
         let job: *const (dyn Fn(usize) + Sync + '_) = f;
-        // SAFETY: only the lifetime is erased. The pointer is dereferenced by
+        // Only the lifetime is erased. The pointer is dereferenced by
         // helpers only between the generation bump below and their decrement
         // of `pending`, and `Wait` (also on unwinding) does not let this
         // function return before `pending` is zero, so `f` outlives every use.
+        // SAFETY: only the lifetime changes, and `f` outlives every use.
         let job: JobRef = unsafe { std::mem::transmute(job) };
-        // SAFETY: `pending` is zero (the previous run waited for it), so no
+        // `pending` is zero (the previous run waited for it), so no
         // helper reads `job` now; `&mut self` makes this the only writer.
+        // SAFETY: no helper reads `job` now and this is its only writer.
         unsafe { *inner.job.get() = Some(job) };
         inner.pending.store(self.helpers.len(), Ordering::Relaxed);
         inner.generation.fetch_add(1, Ordering::SeqCst);
@@ -194,9 +196,10 @@ fn helper(inner: &Inner, index: usize) {
             }
             sleeping.store(false, Ordering::SeqCst);
         }
-        // SAFETY: the generation this helper just saw was published after
+        // The generation this helper just saw was published after
         // `job` was written (see `run`), and `run` keeps the closure alive
         // until this helper decrements `pending` below.
+        // SAFETY: `job` was published before this generation and lives until `pending` drops.
         let job = unsafe { *inner.job.get() };
         if let Some(job) = job {
             // SAFETY: as above: the closure is alive and `Sync`.
@@ -344,11 +347,12 @@ impl<T> Tile<'_, T> {
             self.rows
         );
         let start = row * self.tiles.cols + self.cols.start;
-        // SAFETY: `start..start + cols.len()` lies inside the slice `Tiles`
+        // `start..start + cols.len()` lies inside the slice `Tiles`
         // borrowed (row < rows, cols within cols), and inside this tile. The
         // counter gives each tile index to one `Tile` only, tiles are
         // disjoint, and the returned borrow ties up `&mut self`, so no other
         // reference to these elements exists while it lives.
+        // SAFETY: in bounds, and no other reference to these elements exists.
         unsafe { std::slice::from_raw_parts_mut(self.tiles.ptr.add(start), self.cols.len()) }
     }
 }
