@@ -78,6 +78,35 @@ impl Default for LoadOptions {
     }
 }
 
+/// Refuse a KV cache larger than the host's memory: it is reserved at load
+/// (its pages become resident as they are written), and a reservation the
+/// host cannot back would end the process when the allocator gives up.
+fn check_cache_fits(
+    per_position: usize,
+    context: usize,
+    sequences: usize,
+    host: Option<u64>,
+) -> Result<(), String> {
+    let needed = per_position as u64 * context as u64 * sequences as u64;
+    match host {
+        Some(host) if needed > host => Err(format!(
+            "the KV cache of {sequences} slots x {context} positions needs {:.1} GiB, more than \
+             this host's {:.1} GiB of memory: lower --ctx or --slots, or use --kv-cache f16",
+            needed as f64 / f64::from(1u32 << 30),
+            host as f64 / f64::from(1u32 << 30)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The host's memory (`MemTotal`), where `/proc/meminfo` says.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The CPUs this process may run on (affinity and cgroup quota aware).
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
@@ -270,13 +299,16 @@ pub(crate) fn build(
     let context = options.context.min(config.max_context).max(1);
     let sequences = options.sequences.max(1);
     if device.is_cpu() && !options.candle_on_cpu {
+        let kv_bytes_per_position =
+            2 * config.layers * config.kv_dim() * options.kv.element_bytes();
+        check_cache_fits(
+            kv_bytes_per_position,
+            context,
+            sequences,
+            host_memory_bytes(),
+        )?;
         let weights = weights::cpu_weights(source, &config)?;
         let bytes = weights.size_bytes();
-        let element = match options.kv {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
-        };
-        let kv_bytes_per_position = 2 * config.layers * config.kv_dim() * element;
         let shape = CpuShape {
             sequences,
             context,
@@ -317,5 +349,23 @@ pub(crate) fn build(
             weight_bytes: 0,
             kv_bytes_per_position: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_larger_than_the_host_is_refused_with_the_knobs_to_turn() {
+        // The default model: 23,040 bytes per position in f16.
+        assert!(check_cache_fits(23_040, 4096, 64, Some(24 << 30)).is_ok());
+        let err = check_cache_fits(23_040, 8192, 64, Some(8 << 30)).expect_err("too big");
+        assert!(
+            err.contains("64 slots x 8192 positions needs 11.2 GiB"),
+            "{err}"
+        );
+        assert!(err.contains("--ctx or --slots"), "{err}");
+        assert!(check_cache_fits(23_040, 8192, 64, None).is_ok());
     }
 }

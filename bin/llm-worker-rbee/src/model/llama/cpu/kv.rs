@@ -21,6 +21,16 @@ pub enum KvType {
     F16,
 }
 
+impl KvType {
+    /// Bytes of one cached element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) enum KvStore {
     F32 {
