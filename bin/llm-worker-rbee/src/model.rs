@@ -128,8 +128,6 @@ pub struct LoadedModel {
     pub vocab_size: usize,
     /// Time the load took.
     pub load_seconds: f64,
-    /// Where the weights live.
-    pub device: Device,
     /// What runs the forward pass, for the log: kernels, threads, weight bytes.
     pub engine_summary: String,
     /// Bytes of weights a token's forward pass reads (CPU; 0 on devices).
@@ -239,7 +237,7 @@ pub fn load_gguf(
         file: &mut file,
     };
     let built = build(config, &mut source, device, DType::F32, options).map_err(format)?;
-    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started, device))
+    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started))
 }
 
 pub(crate) struct Built {
@@ -257,7 +255,6 @@ impl Built {
         chat_template: ChatTemplate,
         eos_token_ids: Vec<u32>,
         started: Instant,
-        device: &Device,
     ) -> LoadedModel {
         LoadedModel {
             vocab_size: self.model.config().vocab,
@@ -267,7 +264,6 @@ impl Built {
             chat_template,
             eos_token_ids,
             load_seconds: started.elapsed().as_secs_f64(),
-            device: device.clone(),
             engine_summary: self.summary,
             weight_bytes: self.weight_bytes,
             kv_bytes_per_position: self.kv_bytes_per_position,

@@ -4,7 +4,10 @@
 //! split into two shards, with the default model's tokenizer saved as
 //! `tokenizer.json`: the text it generates is noise, but the load path, the
 //! shards, the dense forward pass with its cache, greedy determinism and the
-//! routes are real.
+//! routes are real. The forward pass (CPU kernels and the candle device
+//! path) is compared with candle-transformers' dense `llama`: with f32
+//! weights and activations there is no quantization step to round
+//! differently, so the logits must agree to float rounding.
 
 #[path = "support/model.rs"]
 mod support;
@@ -212,4 +215,79 @@ async fn a_directory_without_a_llama_config_is_a_one_line_load_error() {
             && last.contains("config.json"),
         "{stderr}"
     );
+}
+
+/// Every position's logits of `ids`, one forward pass per chunk of 7.
+fn logits_of(model: &mut dyn llm_worker_rbee::model::llama::Forward, ids: &[u32]) -> Vec<Vec<f32>> {
+    use llm_worker_rbee::model::llama::Row;
+    let mut out = Vec::new();
+    for (c, part) in ids.chunks(7).enumerate() {
+        let rows: Vec<Row> = part
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Row {
+                token,
+                seq: 0,
+                pos: c * 7 + i,
+                logits: true,
+            })
+            .collect();
+        let logits = model.forward(&rows).expect("forward");
+        out.extend((0..logits.len()).map(|i| logits.row(i).to_vec()));
+    }
+    out
+}
+
+#[test]
+fn the_dense_forward_pass_agrees_with_candle_transformers_llama() {
+    use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+    use llm_worker_rbee::model::llama::cpu::KvType;
+    use llm_worker_rbee::model::{load, LoadOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config: LlamaConfig =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    let config = config.into_config(false);
+    let mut tensors = HashMap::new();
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        tensors
+            .extend(candle_core::safetensors::load(dir.path().join(shard), &Device::Cpu).unwrap());
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let reference = Llama::load(vb, &config).expect("reference model");
+    let mut cache = Cache::new(true, DType::F32, &config, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 977 % 40_000) as u32 + 17).collect();
+    let want: Vec<Vec<f32>> = ids
+        .iter()
+        .enumerate()
+        .map(|(pos, &id)| {
+            let input = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+            reference
+                .forward(&input, pos, &mut cache)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .unwrap()
+        })
+        .collect();
+    for candle_on_cpu in [false, true] {
+        let options = LoadOptions {
+            kv: KvType::F32,
+            candle_on_cpu,
+            ..LoadOptions::default()
+        };
+        let mut ours = load(dir.path(), &Device::Cpu, options).expect("load");
+        let got = logits_of(ours.model.as_mut(), &ids);
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            let spread = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-4 * spread,
+                "candle path {candle_on_cpu}, position {pos}: logits differ by {diff} (largest {spread})"
+            );
+        }
+    }
 }

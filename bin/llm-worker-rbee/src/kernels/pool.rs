@@ -280,11 +280,6 @@ impl<'a, T> Tiles<'a, T> {
         }
     }
 
-    /// Tiles in all.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
     /// The next tile no one has taken, or `None` when all are taken.
     pub fn next(&self) -> Option<Tile<'_, T>> {
         let index = self.next.fetch_add(1, Ordering::Relaxed);
@@ -298,7 +293,6 @@ impl<'a, T> Tiles<'a, T> {
         let c0 = col_tile * self.tile_cols;
         Some(Tile {
             tiles: self,
-            index,
             rows: r0..(r0 + self.tile_rows).min(self.rows),
             cols: c0..(c0 + self.tile_cols).min(self.cols),
         })
@@ -308,7 +302,6 @@ impl<'a, T> Tiles<'a, T> {
 /// One tile of a [`Tiles`], owned by the thread that took it.
 pub struct Tile<'t, T> {
     tiles: &'t Tiles<'t, T>,
-    index: usize,
     rows: Range<usize>,
     cols: Range<usize>,
 }
@@ -316,7 +309,6 @@ pub struct Tile<'t, T> {
 impl<T> std::fmt::Debug for Tile<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tile")
-            .field("index", &self.index)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .finish()
@@ -324,11 +316,6 @@ impl<T> std::fmt::Debug for Tile<'_, T> {
 }
 
 impl<T> Tile<'_, T> {
-    /// The tile's number.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// The matrix rows the tile covers.
     pub fn rows(&self) -> Range<usize> {
         self.rows.clone()

@@ -76,7 +76,7 @@ pub fn load_safetensors(
     };
     let mut source = Source::Safetensors(tensors);
     let built = build(config, &mut source, device, dtype, options).map_err(format)?;
-    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started, device))
+    Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started))
 }
 
 /// `model.safetensors`, else every `model-*-of-*.safetensors` shard in order.

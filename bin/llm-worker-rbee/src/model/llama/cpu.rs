@@ -231,11 +231,6 @@ impl CpuModel {
         })
     }
 
-    /// The packed weights.
-    pub fn weights(&self) -> &CpuWeights {
-        &self.weights
-    }
-
     /// Compute threads.
     pub fn threads(&self) -> usize {
         self.pool.threads()

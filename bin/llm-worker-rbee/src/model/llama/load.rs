@@ -511,19 +511,19 @@ pub(crate) fn device_weights(
             down,
         });
     }
+    let embed = source.device_embedding(c, device, dtype)?;
     let head = if source.has(Weight::Head) {
         source.device_matrix(Weight::Head, 0, c, device, dtype)?
     } else {
         match source {
             // Tied: the quantized embedding is the head.
             Source::Gguf { .. } => source.device_matrix(Weight::Embed, 0, c, device, dtype)?,
-            Source::Safetensors(_) => {
-                DeviceMatrix::Dense(source.device_embedding(c, device, dtype)?)
-            }
+            // Tied and dense: the same tensor (a clone shares its storage).
+            Source::Safetensors(_) => DeviceMatrix::Dense(embed.clone()),
         }
     };
     Ok(DeviceWeights {
-        embed: source.device_embedding(c, device, dtype)?,
+        embed,
         head,
         norm: vector(source, Weight::Norm, 0)?,
         layers,
