@@ -59,7 +59,9 @@ fn the_worker_reports_ready_to_its_hive_retrying_and_then_heartbeats() {
     assert_eq!(ready["url"], format!("http://{}", w.addr));
     assert_eq!(ready["backend"], "cpu");
     assert_eq!(ready["device"], 0);
-    assert_eq!(ready["slots_total"], 1);
+    // The default: as many sequences of 512 positions as the default pool
+    // (four contexts of 4096) holds.
+    assert_eq!(ready["slots_total"], 32);
     assert!(ready["model_ref"].as_str().unwrap().starts_with("file:/"));
     let beat = &requests
         .iter()

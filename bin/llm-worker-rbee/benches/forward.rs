@@ -8,7 +8,7 @@ use std::process::Command;
 
 use candle_core::Device;
 use criterion::{Criterion, Throughput};
-use llm_worker_rbee::model::llama::Row;
+use llm_worker_rbee::model::llama::{BlockTables, Row};
 use llm_worker_rbee::model::{load_gguf, LoadOptions};
 
 fn forward(c: &mut Criterion) {
@@ -32,6 +32,7 @@ fn forward(c: &mut Criterion) {
         },
     )
     .expect("load");
+    let tables = BlockTables::contiguous(1, 8);
     let f = model.model.as_mut();
     let prompt: Vec<Row> = (0..512)
         .map(|pos| Row {
@@ -42,7 +43,7 @@ fn forward(c: &mut Criterion) {
         })
         .collect();
     for chunk in prompt.chunks(256) {
-        f.forward(chunk).expect("prefill");
+        f.forward(chunk, &tables).expect("prefill");
     }
     let mut group = c.benchmark_group("forward");
     group.sample_size(30);
@@ -54,12 +55,12 @@ fn forward(c: &mut Criterion) {
             pos: 512,
             logits: true,
         }];
-        b.iter(|| f.forward(&row).expect("decode").row(0)[0]);
+        b.iter(|| f.forward(&row, &tables).expect("decode").row(0)[0]);
     });
     group.sample_size(10);
     group.throughput(Throughput::Elements(256));
     group.bench_function("prefill_256_at_256", |b| {
-        b.iter(|| f.forward(&prompt[256..]).expect("prefill").row(0)[0]);
+        b.iter(|| f.forward(&prompt[256..], &tables).expect("prefill").row(0)[0]);
     });
     group.finish();
     // With RBEE_WORKER_PROFILE=1: where the time of each kind of pass goes.
@@ -67,7 +68,7 @@ fn forward(c: &mut Criterion) {
         |f: &mut dyn llm_worker_rbee::model::llama::Forward, what: &str, rows: &[Row], n: u32| {
             let before = f.timings();
             for _ in 0..n {
-                f.forward(rows).expect("forward");
+                f.forward(rows, &tables).expect("forward");
             }
             let after = f.timings();
             let total: f64 = after

@@ -1,15 +1,26 @@
 //! The inference engine: one thread that owns the model and runs every
-//! active sequence a step at a time, so the async runtime never waits on
-//! the model and probes answer while a generation runs.
+//! active sequence together, so the async runtime never waits on the model
+//! and probes answer while a generation runs.
 //!
-//! Each sequence holds a slot: one of the model's KV cache regions.
-//! [`Engine::try_reserve`] hands out slots without blocking; when all are
-//! taken the HTTP side answers 503 `ALL_SLOTS_BUSY`. A step is one forward
-//! pass: a chunk of up to [`PREFILL_CHUNK`] prompt tokens, or one generated
-//! token. Between steps the engine checks each sequence's cancellation and
-//! deadline, so a disconnect, a `DELETE` or an expired deadline stops it
-//! within one step, and a long prompt shows progress chunk by chunk.
+//! Continuous batching. A step is one forward pass over every active
+//! sequence: the next token of each generating sequence, then chunks of
+//! waiting prompts (oldest first) up to [`PREFILL_CHUNK`] rows in all, so
+//! the weights are read once per step for everyone and a long prompt
+//! delays the others' next token by at most one chunk. Sequences join and
+//! leave between steps: a new request starts its prefill at the next step,
+//! and a finished, cancelled or expired one gives its place back at once.
+//!
+//! A request holds a slot ([`Engine::try_reserve`], never blocking; when
+//! all are taken the HTTP side answers 503 `ALL_SLOTS_BUSY`) and, once
+//! admitted, KV cache blocks from a shared pool ([`blocks`]): all it can
+//! come to need is reserved at admission, so no sequence runs out of
+//! memory midway; a request the pool cannot take yet waits (its deadline
+//! and cancellation still apply). A prompt that starts with tokens already
+//! in the cache skips their prefill (prefix reuse). Between steps the
+//! engine checks each sequence's cancellation and deadline, so a
+//! disconnect, a `DELETE` or an expired deadline stops it within one step.
 
+pub mod blocks;
 pub mod detokenizer;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -17,6 +28,7 @@ pub mod metrics;
 pub mod sampler;
 pub mod stop;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -27,11 +39,12 @@ use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+use self::blocks::{BlockPool, SeqBlocks};
 use self::detokenizer::Detokenizer;
 use self::metrics::WorkerMetrics;
 use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
-use crate::model::llama::{Forward, Row};
+use crate::model::llama::{BlockTables, Forward, ForwardError, Row};
 use crate::model::PREFILL_CHUNK;
 
 /// What a running job reports, in order: `Token`s, then one `End` or
@@ -97,16 +110,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Start the engine thread over `model`, with as many slots as the
-    /// model has sequences.
+    /// Start the engine thread over `model`, running up to `slots`
+    /// sequences at once in its KV cache pool.
     pub fn start(
         model: Box<dyn Forward>,
         tokenizer: tokenizers::Tokenizer,
         eos: Vec<u32>,
         metrics: WorkerMetrics,
+        slots: usize,
     ) -> std::io::Result<Self> {
         let limits = model.limits();
-        let slots = limits.sequences.max(1);
+        let slots = slots.max(1);
+        metrics.kv_blocks_total.set(limits.blocks as i64);
+        metrics.kv_blocks_free.set(limits.blocks as i64);
         let shared = Arc::new(Shared {
             slots,
             active: AtomicUsize::new(0),
@@ -118,13 +134,18 @@ impl Engine {
         let (tx, rx) = mpsc::sync_channel(slots);
         let worker = Worker {
             model,
-            free: (0..slots).rev().collect(),
-            rows: Vec::with_capacity(PREFILL_CHUNK),
+            pool: BlockPool::new(limits.blocks),
+            rows: Vec::with_capacity(limits.max_rows),
+            tables: BlockTables::new(),
+            batch: Vec::with_capacity(slots),
             logits: Vec::with_capacity(limits.vocab),
-            tokenizer,
-            eos,
-            context_length: limits.context,
-            shared: Arc::clone(&shared),
+            max_rows: limits.max_rows.min(PREFILL_CHUNK),
+            ctx: Context {
+                tokenizer,
+                eos,
+                context_length: limits.context,
+                shared: Arc::clone(&shared),
+            },
         };
         std::thread::Builder::new()
             .name("engine".to_owned())
@@ -183,6 +204,21 @@ impl Engine {
         self.shared.slots
     }
 
+    /// Capacity in use, for the readiness probe: slots, and KV cache
+    /// blocks (as last published by the engine thread).
+    pub fn capacity(&self) -> serde_json::Value {
+        let m = &self.shared.metrics;
+        serde_json::json!({
+            "slots_total": self.shared.slots,
+            "slots_running": self.active(),
+            "requests_waiting": m.requests_waiting.get(),
+            "kv_blocks_total": m.kv_blocks_total.get(),
+            "kv_blocks_used": m.kv_blocks_used.get(),
+            "kv_blocks_free": m.kv_blocks_free.get(),
+            "kv_blocks_cached": m.kv_blocks_cached.get(),
+        })
+    }
+
     /// How long the engine has had work without finishing a step, if it has work.
     pub fn stalled_for(&self) -> Option<Duration> {
         if self.active() == 0 {
@@ -195,32 +231,53 @@ impl Engine {
 
 struct Worker {
     model: Box<dyn Forward>,
-    /// Sequence slots (KV regions) not in use.
-    free: Vec<usize>,
-    /// The batch of the current step, reused.
+    /// The KV cache's blocks.
+    pool: BlockPool,
+    /// The rows of the current step, reused.
     rows: Vec<Row>,
+    /// The block tables of the current step, reused.
+    tables: BlockTables,
+    /// Per sequence in the current step: its index in `active`, its rows,
+    /// and whether its last row gives logits. Reused.
+    batch: Vec<(usize, usize, bool)>,
     /// The logits being sampled, reused.
     logits: Vec<f32>,
+    /// Rows per step.
+    max_rows: usize,
+    ctx: Context,
+}
+
+/// What finishing a token needs besides the model.
+struct Context {
     tokenizer: tokenizers::Tokenizer,
     eos: Vec<u32>,
     context_length: usize,
     shared: Arc<Shared>,
 }
 
+/// A job not yet admitted to the pool.
+struct Waiting {
+    job: Job,
+    permit: SlotPermit,
+    received: Instant,
+}
+
 struct Sequence {
     job: Job,
     _permit: SlotPermit,
-    /// The model's KV region this sequence uses.
-    slot: usize,
+    /// Its KV cache blocks.
+    blocks: SeqBlocks,
     sampler: Sampler,
     detokenizer: Detokenizer,
     stop: StopMatcher,
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    cached: usize,
     /// Tokens whose K/V rows are in the cache.
     fed: usize,
     generated: u32,
-    admitted: Instant,
+    received: Instant,
     first_step: Option<Instant>,
     last_token: Option<Instant>,
 }
@@ -228,138 +285,307 @@ struct Sequence {
 enum Step {
     Running,
     /// The sequence is over; its terminal event (`End` or `Error`) is sent
-    /// only after the slot is back in the pool, so a client that sends its
+    /// only after its slot and blocks are back, so a client that sends its
     /// next request as soon as this one ends finds the slot free.
     Done(Outcome, JobEvent),
 }
 
+/// Why a job ends before its next step, if it does.
+fn interrupted(job: &Job, shared: &Shared, generated: u32) -> Option<(Outcome, JobEvent)> {
+    if job.cancel.is_cancelled() || job.events.is_closed() {
+        return Some((
+            Outcome::Cancelled,
+            JobEvent::Error {
+                code: ErrorCode::Cancelled,
+                message: "the request was cancelled".to_owned(),
+            },
+        ));
+    }
+    if shared.abort.load(Ordering::Acquire) {
+        return Some((
+            Outcome::Cancelled,
+            JobEvent::Error {
+                code: ErrorCode::ShuttingDown,
+                message: "the worker is shutting down and its drain time is up".to_owned(),
+            },
+        ));
+    }
+    if job.deadline.is_some_and(|d| Instant::now() >= d) {
+        return Some((
+            Outcome::DeadlineExceeded,
+            JobEvent::Error {
+                code: ErrorCode::DeadlineExceeded,
+                message: format!("the deadline passed after {generated} generated tokens"),
+            },
+        ));
+    }
+    None
+}
+
+fn step_failed(error: &ForwardError, jobs: &[&Job]) -> JobEvent {
+    for job in jobs {
+        tracing::error!(
+            job_id = %job.job_id,
+            request_id = %job.request_id,
+            error = %error,
+            "decode step failed"
+        );
+    }
+    JobEvent::Error {
+        code: ErrorCode::Internal,
+        message: "the decode step failed; see the worker's log".to_owned(),
+    }
+}
+
 impl Worker {
     fn run(mut self, rx: Receiver<(Job, SlotPermit)>) {
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
         let mut active: Vec<Sequence> = Vec::new();
+        let mut done: Vec<(usize, Outcome, JobEvent)> = Vec::new();
         loop {
-            if active.is_empty() {
+            if active.is_empty() && waiting.is_empty() {
                 match rx.recv() {
-                    Ok((job, permit)) => self.admit(&mut active, job, permit),
+                    Ok((job, permit)) => waiting.push_back(Waiting {
+                        job,
+                        permit,
+                        received: Instant::now(),
+                    }),
                     Err(_) => return,
                 }
             }
             while let Ok((job, permit)) = rx.try_recv() {
-                self.admit(&mut active, job, permit);
+                waiting.push_back(Waiting {
+                    job,
+                    permit,
+                    received: Instant::now(),
+                });
             }
-            let mut i = 0;
-            while i < active.len() {
-                let outcome = self.step(&mut active[i]);
-                self.mark_progress();
-                match outcome {
-                    Step::Running => i += 1,
-                    Step::Done(outcome, last) => {
-                        let seq = active.swap_remove(i);
-                        self.finish_metrics(&seq, outcome);
-                        let Sequence {
-                            job,
-                            _permit: permit,
-                            slot,
-                            ..
-                        } = seq;
-                        // The next sequence overwrites the region from
-                        // position 0 and never reads past what it wrote.
-                        self.free.push(slot);
-                        drop(permit);
-                        let _ = job.events.send(last);
+            self.admit(&mut waiting, &mut active);
+            for (i, seq) in active.iter().enumerate() {
+                if let Some((outcome, event)) =
+                    interrupted(&seq.job, &self.ctx.shared, seq.generated)
+                {
+                    done.push((i, outcome, event));
+                }
+            }
+            if done.is_empty() && !active.is_empty() {
+                self.step(&mut active, &mut done);
+                self.ctx.mark_progress();
+            }
+            self.finish(&mut active, &mut done);
+            self.publish(waiting.len());
+        }
+    }
+
+    /// Admit waiting jobs in arrival order while the pool can take them;
+    /// end those cancelled or expired while they waited.
+    fn admit(&mut self, waiting: &mut VecDeque<Waiting>, active: &mut Vec<Sequence>) {
+        while let Some(w) = waiting.front() {
+            if let Some((outcome, event)) = interrupted(&w.job, &self.ctx.shared, 0) {
+                let Some(w) = waiting.pop_front() else { break };
+                self.ctx
+                    .shared
+                    .metrics
+                    .request_finished(outcome, w.received.elapsed().as_secs_f64());
+                drop(w.permit);
+                let _ = w.job.events.send(event);
+                continue;
+            }
+            let prompt = &w.job.prompt;
+            // The last prompt token is always computed: its logits give the
+            // first generated token.
+            let prefix = self.pool.lookup(prompt, prompt.len().saturating_sub(1));
+            let positions = (prompt.len() + w.job.max_tokens as usize).min(self.ctx.context_length);
+            let Some(mut blocks) = self
+                .pool
+                .admit(&prefix, positions.div_ceil(crate::model::llama::KV_BLOCK))
+            else {
+                break;
+            };
+            let Some(w) = waiting.pop_front() else { break };
+            let mut cached = prefix.shared.len() * crate::model::llama::KV_BLOCK;
+            if let Some((from, n)) = prefix.copy {
+                if let Some(to) = self.pool.allocate(&mut blocks, Some(from)) {
+                    match self.model.copy_block(from as usize, to as usize, n) {
+                        Ok(()) => cached += n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "prefix copy failed; the prompt is computed")
+                        }
                     }
                 }
+            }
+            self.ctx.mark_progress();
+            let m = &self.ctx.shared.metrics;
+            m.prompt_tokens.inc_by(w.job.prompt.len() as u64);
+            if cached > 0 {
+                m.prefix_cache_hits.inc();
+                m.prompt_tokens_cached.inc_by(cached as u64);
+            }
+            let tokens = w.job.prompt.clone();
+            active.push(Sequence {
+                sampler: Sampler::new(w.job.sampling),
+                stop: StopMatcher::new(&w.job.stop),
+                prompt_len: tokens.len(),
+                tokens,
+                job: w.job,
+                _permit: w.permit,
+                blocks,
+                cached,
+                fed: cached,
+                detokenizer: Detokenizer::new(),
+                generated: 0,
+                received: w.received,
+                first_step: None,
+                last_token: None,
+            });
+        }
+    }
+
+    /// One forward pass over the active sequences: one row for each that
+    /// generates, then prompt chunks, oldest first, up to `max_rows`.
+    fn step(&mut self, active: &mut [Sequence], done: &mut Vec<(usize, Outcome, JobEvent)>) {
+        let Self {
+            model,
+            pool,
+            rows,
+            tables,
+            batch,
+            logits,
+            max_rows,
+            ctx,
+        } = self;
+        rows.clear();
+        tables.clear();
+        batch.clear();
+        let mut budget = *max_rows;
+        for generating in [true, false] {
+            for (i, seq) in active.iter_mut().enumerate() {
+                let pending = seq.tokens.len() - seq.fed;
+                if (pending == 1) != generating || budget == 0 {
+                    continue;
+                }
+                let n = pending.min(budget);
+                let end = seq.fed + n;
+                while seq.blocks.table.len() * crate::model::llama::KV_BLOCK < end {
+                    if pool.allocate(&mut seq.blocks, None).is_none() {
+                        break;
+                    }
+                }
+                if seq.blocks.table.len() * crate::model::llama::KV_BLOCK < end {
+                    // Cannot happen: admission reserved every block.
+                    tracing::error!(job_id = %seq.job.job_id, "no KV block left in the reservation");
+                    done.push((
+                        i,
+                        Outcome::Error,
+                        JobEvent::Error {
+                            code: ErrorCode::Internal,
+                            message: "the KV cache reservation ran out".to_owned(),
+                        },
+                    ));
+                    continue;
+                }
+                budget -= n;
+                let table = tables.push(seq.blocks.table.iter().copied());
+                rows.extend((seq.fed..end).map(|pos| Row {
+                    token: seq.tokens[pos],
+                    seq: table,
+                    pos,
+                    logits: pos + 1 == seq.tokens.len(),
+                }));
+                batch.push((i, n, end == seq.tokens.len()));
+                if seq.first_step.is_none() {
+                    seq.first_step = Some(Instant::now());
+                }
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let out = match model.forward(rows, tables) {
+            Ok(out) => out,
+            Err(e) => {
+                let jobs: Vec<&Job> = batch.iter().map(|&(i, _, _)| &active[i].job).collect();
+                let event = step_failed(&e, &jobs);
+                for &(i, _, _) in batch.iter() {
+                    // Whatever the pass wrote is not trusted.
+                    active[i].fed = 0;
+                    done.push((i, Outcome::Error, event.clone()));
+                }
+                return;
+            }
+        };
+        ctx.shared.metrics.engine_steps.inc();
+        ctx.shared
+            .metrics
+            .engine_step_rows
+            .inc_by(rows.len() as u64);
+        let mut k = 0;
+        for &(i, n, wants) in batch.iter() {
+            let seq = &mut active[i];
+            seq.fed += n;
+            pool.register_full(&mut seq.blocks, &seq.tokens, seq.fed);
+            if !wants {
+                continue;
+            }
+            logits.clear();
+            logits.extend_from_slice(out.row(k));
+            k += 1;
+            let next = seq.sampler.sample(logits, &seq.tokens);
+            if let Step::Done(outcome, event) = ctx.accept(seq, next) {
+                done.push((i, outcome, event));
             }
         }
     }
 
+    /// Give back the blocks and slots of the sequences in `done`, then
+    /// send their terminal events.
+    fn finish(&mut self, active: &mut Vec<Sequence>, done: &mut Vec<(usize, Outcome, JobEvent)>) {
+        if done.is_empty() {
+            return;
+        }
+        // Highest index first, so removals keep the others' indices; the
+        // order of `active` (oldest first) is kept.
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        done.dedup_by_key(|d| d.0);
+        for (i, outcome, event) in done.drain(..) {
+            let seq = active.remove(i);
+            self.ctx
+                .shared
+                .metrics
+                .request_finished(outcome, seq.received.elapsed().as_secs_f64());
+            let fed = (seq.fed > 0).then_some(seq.fed);
+            let Sequence {
+                job,
+                _permit: permit,
+                blocks,
+                tokens,
+                ..
+            } = seq;
+            self.pool.release(blocks, &tokens, fed);
+            drop(permit);
+            let _ = job.events.send(event);
+        }
+    }
+
+    /// The pool's gauges.
+    fn publish(&self, waiting: usize) {
+        let m = &self.ctx.shared.metrics;
+        m.kv_blocks_used.set(self.pool.used() as i64);
+        m.kv_blocks_free
+            .set((self.pool.total() - self.pool.used()) as i64);
+        m.kv_blocks_cached.set(self.pool.cached() as i64);
+        m.requests_waiting.set(waiting as i64);
+    }
+}
+
+impl Context {
     fn mark_progress(&self) {
         let ms = u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.shared.last_progress_ms.store(ms, Ordering::Release);
     }
 
-    fn admit(&mut self, active: &mut Vec<Sequence>, job: Job, permit: SlotPermit) {
-        let Some(slot) = self.free.pop() else {
-            // Cannot happen: permits are bounded by the pool size.
-            let _ = job.events.send(JobEvent::Error {
-                code: ErrorCode::AllSlotsBusy,
-                message: "no free slot".to_owned(),
-            });
-            return;
-        };
-        self.mark_progress();
-        self.shared
-            .metrics
-            .prompt_tokens
-            .inc_by(job.prompt.len() as u64);
-        let tokens = job.prompt.clone();
-        active.push(Sequence {
-            sampler: Sampler::new(job.sampling),
-            stop: StopMatcher::new(&job.stop),
-            prompt_len: tokens.len(),
-            tokens,
-            job,
-            _permit: permit,
-            slot,
-            fed: 0,
-            detokenizer: Detokenizer::new(),
-            generated: 0,
-            admitted: Instant::now(),
-            first_step: None,
-            last_token: None,
-        });
-    }
-
-    fn step(&mut self, seq: &mut Sequence) -> Step {
-        if seq.job.cancel.is_cancelled() || seq.job.events.is_closed() {
-            return Step::Done(
-                Outcome::Cancelled,
-                JobEvent::Error {
-                    code: ErrorCode::Cancelled,
-                    message: "the request was cancelled".to_owned(),
-                },
-            );
-        }
-        if self.shared.abort.load(Ordering::Acquire) {
-            return Step::Done(
-                Outcome::Cancelled,
-                JobEvent::Error {
-                    code: ErrorCode::ShuttingDown,
-                    message: "the worker is shutting down and its drain time is up".to_owned(),
-                },
-            );
-        }
-        if seq.job.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Step::Done(
-                Outcome::DeadlineExceeded,
-                JobEvent::Error {
-                    code: ErrorCode::DeadlineExceeded,
-                    message: format!(
-                        "the deadline passed after {} generated tokens",
-                        seq.generated
-                    ),
-                },
-            );
-        }
-        let next = match self.forward_and_sample(seq) {
-            // A prompt chunk that does not reach the prompt's end.
-            Ok(None) => return Step::Running,
-            Ok(Some(next)) => next,
-            Err(e) => {
-                tracing::error!(
-                    job_id = %seq.job.job_id,
-                    request_id = %seq.job.request_id,
-                    error = %e,
-                    "decode step failed"
-                );
-                return Step::Done(
-                    Outcome::Error,
-                    JobEvent::Error {
-                        code: ErrorCode::Internal,
-                        message: "the decode step failed; see the worker's log".to_owned(),
-                    },
-                );
-            }
-        };
+    /// Take the sampled token `next` of `seq`: send it, or end the sequence.
+    fn accept(&self, seq: &mut Sequence, next: u32) -> Step {
         let now = Instant::now();
         if !seq.job.ignore_eos && self.eos.contains(&next) {
             return self.end(seq, StopReason::Eos);
@@ -372,7 +598,7 @@ impl Worker {
         match seq.last_token {
             None => m
                 .time_to_first_token
-                .observe((now - seq.admitted).as_secs_f64()),
+                .observe((now - seq.received).as_secs_f64()),
             Some(prev) => m.inter_token_latency.observe((now - prev).as_secs_f64()),
         }
         seq.last_token = Some(now);
@@ -398,35 +624,6 @@ impl Worker {
         }
     }
 
-    /// One forward pass for `seq`: the next chunk of its prompt, or its
-    /// last token. Returns the sampled token once the prompt is in.
-    fn forward_and_sample(
-        &mut self,
-        seq: &mut Sequence,
-    ) -> Result<Option<u32>, crate::model::llama::ForwardError> {
-        if seq.first_step.is_none() {
-            seq.first_step = Some(Instant::now());
-        }
-        let len = seq.tokens.len();
-        let start = seq.fed.min(len - 1);
-        let end = (start + PREFILL_CHUNK).min(len);
-        self.rows.clear();
-        self.rows.extend((start..end).map(|pos| Row {
-            token: seq.tokens[pos],
-            seq: seq.slot,
-            pos,
-            logits: pos + 1 == len,
-        }));
-        let logits = self.model.forward(&self.rows)?;
-        seq.fed = end;
-        if end < len {
-            return Ok(None);
-        }
-        self.logits.clear();
-        self.logits.extend_from_slice(logits.row(0));
-        Ok(Some(seq.sampler.sample(&mut self.logits, &seq.tokens)))
-    }
-
     /// Release held text as a last token event and report the end.
     fn end(&self, seq: &mut Sequence, stop_reason: StopReason) -> Step {
         let mut tail = seq.detokenizer.finish(&self.tokenizer);
@@ -450,14 +647,10 @@ impl Worker {
             JobEvent::End {
                 tokens_in: seq.prompt_len as u32,
                 tokens_out: seq.generated,
+                tokens_cached: seq.cached as u32,
                 decode_time_ms,
                 stop_reason,
             },
         )
-    }
-
-    fn finish_metrics(&self, seq: &Sequence, outcome: Outcome) {
-        let m = &self.shared.metrics;
-        m.request_finished(outcome, seq.admitted.elapsed().as_secs_f64());
     }
 }

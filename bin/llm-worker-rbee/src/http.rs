@@ -120,11 +120,13 @@ async fn health_ready(State(state): State<AppState>) -> Response {
         .into_response();
     }
     match s {
-        WorkerState::Idle | WorkerState::Busy => (
-            StatusCode::OK,
-            Json(serde_json::json!({"status": "ready", "state": s})),
-        )
-            .into_response(),
+        WorkerState::Idle | WorkerState::Busy => {
+            let mut body = serde_json::json!({"status": "ready", "state": s});
+            if let Some(model) = state.model.get() {
+                body["capacity"] = model.engine.capacity();
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
         WorkerState::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "loading", "state": s})),
@@ -364,6 +366,7 @@ pub(crate) struct Collected {
     pub(crate) text: String,
     pub(crate) tokens_in: u32,
     pub(crate) tokens_out: u32,
+    pub(crate) tokens_cached: u32,
     pub(crate) decode_time_ms: u64,
     pub(crate) stop_reason: rbee_api::inference::StopReason,
 }
@@ -377,6 +380,7 @@ pub(crate) async fn collect_text(admitted: &mut Admitted) -> Result<Collected, A
             StreamEvent::End {
                 tokens_in,
                 tokens_out,
+                tokens_cached,
                 decode_time_ms,
                 stop_reason,
             } => {
@@ -384,6 +388,7 @@ pub(crate) async fn collect_text(admitted: &mut Admitted) -> Result<Collected, A
                     text,
                     tokens_in,
                     tokens_out,
+                    tokens_cached,
                     decode_time_ms,
                     stop_reason,
                 });
@@ -410,6 +415,7 @@ async fn collect(mut admitted: Admitted) -> Result<Json<InferenceResponse>, ApiE
         text: done.text,
         tokens_in: done.tokens_in,
         tokens_out: done.tokens_out,
+        tokens_cached: done.tokens_cached,
         stop_reason: done.stop_reason,
         decode_time_ms: done.decode_time_ms,
     }))

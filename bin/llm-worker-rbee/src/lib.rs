@@ -72,9 +72,19 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_DEVICE", default_value_t = 0)]
     pub device: u32,
 
-    /// Concurrent sequences; more requests get 503 `ALL_SLOTS_BUSY`.
-    #[arg(long, env = "RBEE_WORKER_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub slots: u16,
+    /// Concurrent sequences, run together in one batch; more requests get
+    /// 503 `ALL_SLOTS_BUSY`. Default: what the KV cache pool holds at 512
+    /// positions per sequence (`--kv-tokens / 512`), 1 to 64.
+    #[arg(long, env = "RBEE_WORKER_SLOTS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub slots: Option<u16>,
+
+    /// Positions the KV cache pool holds, all sequences together (default:
+    /// four full contexts, `4 x --ctx`). Each sequence takes blocks of 128
+    /// positions as it grows; a request that cannot reserve what it may
+    /// need waits for others to finish. Memory: this times the model's
+    /// bytes per position (logged at load).
+    #[arg(long, env = "RBEE_WORKER_KV_TOKENS", value_parser = clap::value_parser!(u32).range(128..=16_777_216))]
+    pub kv_tokens: Option<u32>,
 
     /// The URL the worker is reachable at, sent to the hive (default:
     /// `http://<bound address>`).
@@ -101,8 +111,7 @@ pub struct Config {
     pub threads: Option<u16>,
 
     /// Positions per sequence (prompt plus generated tokens); capped at the
-    /// model's trained context. Each slot's KV cache is allocated for this
-    /// many positions at load.
+    /// model's trained context.
     #[arg(long, env = "RBEE_WORKER_CTX", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub ctx: u32,
 
@@ -193,11 +202,27 @@ fn settings(config: &Config) -> Vec<ConfigSetting> {
         ConfigSetting::new("model_ref", model_ref(config)),
         ConfigSetting::new("backend", config.backend),
         ConfigSetting::new("device", config.device),
-        ConfigSetting::new("slots", config.slots),
+        ConfigSetting::new("slots", slots(config)),
         ConfigSetting::new("threads", threads(config)),
         ConfigSetting::new("ctx", config.ctx),
+        ConfigSetting::new("kv_tokens", kv_tokens(config)),
         ConfigSetting::new("kv_cache", format!("{:?}", config.kv_cache).to_lowercase()),
     ]
+}
+
+/// `--kv-tokens`, else four full contexts; at least one.
+fn kv_tokens(config: &Config) -> usize {
+    let tokens = config
+        .kv_tokens
+        .unwrap_or_else(|| rbee_api::worker::default_kv_tokens(config.ctx));
+    tokens.max(config.ctx) as usize
+}
+
+/// `--slots`, else as many sequences of 512 positions as the pool holds.
+fn slots(config: &Config) -> u16 {
+    config
+        .slots
+        .unwrap_or_else(|| rbee_api::worker::default_slots(kv_tokens(config) as u32))
 }
 
 /// `--threads`, else the CPUs the process may use.
@@ -246,7 +271,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         &[],
     ));
     let shutdown = boot.shutdown.clone();
-    metrics.slots_total.set(i64::from(config.slots));
+    metrics.slots_total.set(i64::from(slots(&config)));
     let model = Arc::new(OnceLock::new());
     let state_model = Arc::clone(&model);
     let stall_timeout = Duration::from_secs(config.stall_timeout_s);
@@ -284,20 +309,21 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             model_ref: self::model_ref(&config),
             backend: config.backend,
             device: config.device,
-            slots_total: u32::from(config.slots),
+            slots_total: u32::from(slots(&config)),
             vram_bytes: 0,
         },
         interval: Duration::from_secs(config.heartbeat_interval_s),
     });
     let path = config.model.clone();
     let options = model::LoadOptions {
-        sequences: usize::from(config.slots),
+        cache_positions: kv_tokens(&config),
         context: config.ctx as usize,
         threads: threads(&config),
         kv: config.kv_cache,
         candle_on_cpu: false,
     };
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
+    let slots = slots(&config);
     tokio::spawn(async move {
         let loaded = tokio::task::spawn_blocking(move || {
             #[cfg(feature = "fault-injection")]
@@ -324,8 +350,13 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             kv_bytes_per_position,
             ..
         } = loaded;
-        let engine = match Engine::start(forward, tokenizer.clone(), eos_token_ids, metrics.clone())
-        {
+        let engine = match Engine::start(
+            forward,
+            tokenizer.clone(),
+            eos_token_ids,
+            metrics.clone(),
+            usize::from(slots),
+        ) {
             Ok(engine) => engine,
             Err(e) => return fatal.fail(format!("cannot start the engine thread: {e}")),
         };

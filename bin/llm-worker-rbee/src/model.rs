@@ -22,7 +22,7 @@ use self::chat::ChatTemplate;
 use self::llama::cpu::{CpuModel, CpuShape, KvType};
 use self::llama::device::DeviceModel;
 use self::llama::load::{self as weights, Source};
-use self::llama::{Forward, LlamaConfig, RopeScaling};
+use self::llama::{Forward, LlamaConfig, RopeScaling, KV_BLOCK};
 
 /// Prompt tokens one forward pass takes at most: a longer prompt is run in
 /// chunks of this many, each a step of the engine.
@@ -52,8 +52,9 @@ pub enum LoadError {
 /// How to load a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Sequences served at once (each gets its own KV cache region).
-    pub sequences: usize,
+    /// Positions the KV cache pool holds, all sequences together; rounded
+    /// up to whole blocks, and at least one full context.
+    pub cache_positions: usize,
     /// Positions per sequence; capped at what the model was trained for.
     pub context: usize,
     /// Compute threads on the CPU.
@@ -69,7 +70,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            sequences: 1,
+            cache_positions: 0,
             context: 4096,
             threads: default_threads(),
             kv: KvType::default(),
@@ -83,15 +84,14 @@ impl Default for LoadOptions {
 /// host cannot back would end the process when the allocator gives up.
 fn check_cache_fits(
     per_position: usize,
-    context: usize,
-    sequences: usize,
+    positions: usize,
     host: Option<u64>,
 ) -> Result<(), String> {
-    let needed = per_position as u64 * context as u64 * sequences as u64;
+    let needed = per_position as u64 * positions as u64;
     match host {
         Some(host) if needed > host => Err(format!(
-            "the KV cache of {sequences} slots x {context} positions needs {:.1} GiB, more than \
-             this host's {:.1} GiB of memory: lower --ctx or --slots, or use --kv-cache f16",
+            "the KV cache of {positions} positions needs {:.1} GiB, more than this host's {:.1} \
+             GiB of memory: lower --kv-memory or --ctx, or use --kv-cache f16",
             needed as f64 / f64::from(1u32 << 30),
             host as f64 / f64::from(1u32 << 30)
         )),
@@ -100,7 +100,7 @@ fn check_cache_fits(
 }
 
 /// The host's memory (`MemTotal`), where `/proc/meminfo` says.
-fn host_memory_bytes() -> Option<u64> {
+pub fn host_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -293,20 +293,19 @@ pub(crate) fn build(
         }
     }
     let context = options.context.min(config.max_context).max(1);
-    let sequences = options.sequences.max(1);
+    let blocks = options.cache_positions.max(context).div_ceil(KV_BLOCK);
     if device.is_cpu() && !options.candle_on_cpu {
         let kv_bytes_per_position =
             2 * config.layers * config.kv_dim() * options.kv.element_bytes();
         check_cache_fits(
             kv_bytes_per_position,
-            context,
-            sequences,
+            blocks * KV_BLOCK,
             host_memory_bytes(),
         )?;
         let weights = weights::cpu_weights(source, &config)?;
         let bytes = weights.size_bytes();
         let shape = CpuShape {
-            sequences,
+            blocks,
             context,
             max_rows: PREFILL_CHUNK,
             threads: options.threads,
@@ -315,11 +314,15 @@ pub(crate) fn build(
         let model = CpuModel::new(config, weights, shape)
             .map_err(|e| format!("cannot start the compute threads: {e}"))?;
         let summary = format!(
-            "cpu kernels {}, {} threads, {:.1} MB of weights, {:?} KV cache",
+            "cpu kernels {}, {} threads, {:.1} MB of weights, {:?} KV cache of {} blocks of {} \
+             positions ({:.1} MB)",
             crate::kernels::isa().name(),
             model.threads(),
             bytes as f64 / 1e6,
-            options.kv
+            options.kv,
+            blocks,
+            KV_BLOCK,
+            (blocks * KV_BLOCK * kv_bytes_per_position) as f64 / 1e6
         );
         Ok(Built {
             model: Box::new(model),
@@ -332,7 +335,7 @@ pub(crate) fn build(
         let model = DeviceModel::new(
             config,
             weights,
-            sequences,
+            blocks,
             context,
             PREFILL_CHUNK,
             dtype,
@@ -355,13 +358,10 @@ mod tests {
     #[test]
     fn a_cache_larger_than_the_host_is_refused_with_the_knobs_to_turn() {
         // The default model: 23,040 bytes per position in f16.
-        assert!(check_cache_fits(23_040, 4096, 64, Some(24 << 30)).is_ok());
-        let err = check_cache_fits(23_040, 8192, 64, Some(8 << 30)).expect_err("too big");
-        assert!(
-            err.contains("64 slots x 8192 positions needs 11.2 GiB"),
-            "{err}"
-        );
-        assert!(err.contains("--ctx or --slots"), "{err}");
-        assert!(check_cache_fits(23_040, 8192, 64, None).is_ok());
+        assert!(check_cache_fits(23_040, 4096 * 64, Some(24 << 30)).is_ok());
+        let err = check_cache_fits(23_040, 8192 * 64, Some(8 << 30)).expect_err("too big");
+        assert!(err.contains("524288 positions needs 11.2 GiB"), "{err}");
+        assert!(err.contains("--kv-memory or --ctx"), "{err}");
+        assert!(check_cache_fits(23_040, 8192 * 64, None).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use std::alloc::System;
 
 use candle_core::Device;
 use llm_worker_rbee::engine::sampler::{Sampler, SamplingParams};
-use llm_worker_rbee::model::llama::Row;
+use llm_worker_rbee::model::llama::{BlockTables, Forward, Row};
 use llm_worker_rbee::model::{load_gguf, LoadOptions};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use support::default_model;
@@ -32,6 +32,7 @@ fn prompt_chunks_decode_steps_and_sampling_allocate_no_memory() {
     )
     .expect("load");
     let vocab = model.vocab_size;
+    let tables = BlockTables::contiguous(1, 8);
     let f = model.model.as_mut();
     let prompt: Vec<Row> = (0..512)
         .map(|pos| Row {
@@ -52,7 +53,7 @@ fn prompt_chunks_decode_steps_and_sampling_allocate_no_memory() {
         repetition_penalty: 1.1,
         seed: Some(7),
     });
-    let mut step = |f: &mut dyn llm_worker_rbee::model::llama::Forward, tokens: &mut Vec<u32>| {
+    let mut step = |f: &mut dyn Forward, tokens: &mut Vec<u32>| {
         let pos = tokens.len() - 1;
         let row = [Row {
             token: tokens[pos],
@@ -60,7 +61,7 @@ fn prompt_chunks_decode_steps_and_sampling_allocate_no_memory() {
             pos,
             logits: true,
         }];
-        let out = f.forward(&row).expect("decode");
+        let out = f.forward(&row, &tables).expect("decode");
         logits.clear();
         logits.extend_from_slice(out.row(0));
         let next = sampler.sample(&mut logits, tokens);
@@ -68,12 +69,12 @@ fn prompt_chunks_decode_steps_and_sampling_allocate_no_memory() {
     };
     // Warm-up: the first chunk and step (nothing is allocated here either,
     // but first use is not what this test is about).
-    f.forward(&prompt[..256]).expect("prefill");
+    f.forward(&prompt[..256], &tables).expect("prefill");
     step(f, &mut tokens);
     tokens.truncate(512);
 
     let region = Region::new(GLOBAL);
-    f.forward(&prompt[256..]).expect("prefill");
+    f.forward(&prompt[256..], &tables).expect("prefill");
     for _ in 0..64 {
         step(f, &mut tokens);
     }

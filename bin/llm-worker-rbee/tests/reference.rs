@@ -28,7 +28,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use llm_worker_rbee::model::chat::ChatMessage;
 use llm_worker_rbee::model::llama::cpu::KvType;
-use llm_worker_rbee::model::llama::{Forward, Row};
+use llm_worker_rbee::model::llama::{BlockTables, Forward, Row};
 use llm_worker_rbee::model::{load_gguf, LoadOptions, LoadedModel};
 use support::default_model;
 
@@ -67,8 +67,30 @@ fn text_ids(model: &LoadedModel) -> Vec<u32> {
     ids
 }
 
+/// Each sequence `0..3` its own blocks of a pool of 96, in a different
+/// order for each: in order, reversed, scattered.
+fn scattered_tables() -> BlockTables {
+    let mut t = BlockTables::new();
+    t.push(0..32);
+    t.push((32..64).rev());
+    t.push((0..32).map(|j| 64 + (j * 7) % 32));
+    t
+}
+
 /// Logits at every position of `ids` in sequence `seq`, fed in chunks of `chunk`.
 fn all_logits(model: &mut dyn Forward, ids: &[u32], seq: usize, chunk: usize) -> Vec<Vec<f32>> {
+    let tables = BlockTables::contiguous(1, 32);
+    logits_with(model, ids, seq, chunk, &tables)
+}
+
+/// [`all_logits`] with the given block tables.
+fn logits_with(
+    model: &mut dyn Forward,
+    ids: &[u32],
+    seq: usize,
+    chunk: usize,
+    tables: &BlockTables,
+) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     for (c, part) in ids.chunks(chunk).enumerate() {
         let rows: Vec<Row> = part
@@ -81,7 +103,7 @@ fn all_logits(model: &mut dyn Forward, ids: &[u32], seq: usize, chunk: usize) ->
                 logits: true,
             })
             .collect();
-        let logits = model.forward(&rows).expect("forward");
+        let logits = model.forward(&rows, tables).expect("forward");
         out.extend((0..logits.len()).map(|i| logits.row(i).to_vec()));
     }
     out
@@ -208,21 +230,25 @@ fn teacher_forced_tokens_agree_with_the_reference_as_closely_as_it_agrees_with_i
 }
 
 #[test]
-fn rows_give_the_same_logits_alone_batched_with_other_sequences_and_in_any_chunks() {
+fn rows_give_the_same_logits_alone_batched_with_other_sequences_in_any_chunks_and_blocks() {
     let path = default_model();
     let mut model = load(
         &path,
         LoadOptions {
-            sequences: 3,
+            cache_positions: 3 * 4096,
             ..LoadOptions::default()
         },
     );
     let ids = text_ids(&model);
-    let (a, b) = (&ids[..150], &ids[40..120]);
+    let (a, b) = (&ids[..300], &ids[40..120]);
+    let tables = scattered_tables();
     let alone_a = all_logits(model.model.as_mut(), a, 0, 1);
-    let chunked_a = all_logits(model.model.as_mut(), a, 1, 37);
-    assert!(alone_a == chunked_a, "chunking changed the logits");
-    let alone_b = all_logits(model.model.as_mut(), b, 2, 256);
+    let chunked_a = logits_with(model.model.as_mut(), a, 1, 37, &tables);
+    assert!(
+        alone_a == chunked_a,
+        "chunking or the blocks holding the K/V changed the logits"
+    );
+    let alone_b = logits_with(model.model.as_mut(), b, 2, 256, &tables);
     // Now both sequences in every pass: b's prompt in one piece with a's
     // first tokens, then one token of each per pass.
     let f = model.model.as_mut();
@@ -240,7 +266,7 @@ fn rows_give_the_same_logits_alone_batched_with_other_sequences_and_in_any_chunk
         pos: p,
         logits: true,
     }));
-    let logits = f.forward(&rows).expect("mixed batch");
+    let logits = f.forward(&rows, &tables).expect("mixed batch");
     for (p, want) in alone_a.iter().take(10).enumerate() {
         assert!(logits.row(p) == want.as_slice(), "a at {p}");
     }
@@ -262,10 +288,44 @@ fn rows_give_the_same_logits_alone_batched_with_other_sequences_and_in_any_chunk
                 logits: true,
             },
         ];
-        let logits = f.forward(&rows).expect("decode batch");
+        let logits = f.forward(&rows, &tables).expect("decode batch");
         assert_eq!(logits.len(), 1);
         assert!(logits.row(0) == alone_a[p].as_slice(), "a at {p} beside b");
     }
+    // A prefix taken over: sequence 1's first block shared, the first 30
+    // positions of its second block copied into a block of sequence 0's,
+    // and the rest of `a` computed from there.
+    let (shared, second) = (tables.table(1)[0], tables.table(1)[1]);
+    let own = tables.table(0)[5];
+    f.copy_block(second as usize, own as usize, 30)
+        .expect("copy");
+    let mut taken = BlockTables::new();
+    taken.push([shared, own, tables.table(0)[6]]);
+    let from = 128 + 30;
+    let rows: Vec<Row> = (from..a.len())
+        .map(|pos| Row {
+            token: a[pos],
+            seq: 0,
+            pos,
+            logits: true,
+        })
+        .collect();
+    let logits = f.forward(&rows, &taken).expect("after the prefix");
+    for (k, pos) in (from..a.len()).enumerate() {
+        assert!(
+            logits.row(k) == alone_a[pos].as_slice(),
+            "a at {pos} after the copy"
+        );
+    }
+    // A table that does not cover a row's position is refused.
+    let short = BlockTables::contiguous(1, 1);
+    let row = [Row {
+        token: a[0],
+        seq: 0,
+        pos: 200,
+        logits: true,
+    }];
+    assert!(f.forward(&row, &short).is_err());
 }
 
 #[test]
@@ -396,7 +456,11 @@ fn a_model_in_q4_0_q8_0_q5_0_q4_k_and_q6_k_runs_and_agrees_with_the_reference() 
                 logits: pos + 1 == tokens.len(),
             })
             .collect();
-        let next = argmax(f.forward(&rows).expect("forward").row(0)) as u32;
+        let next = argmax(
+            f.forward(&rows, &BlockTables::contiguous(1, 32))
+                .expect("forward")
+                .row(0),
+        ) as u32;
         fed = tokens.len();
         tokens.push(next);
     }

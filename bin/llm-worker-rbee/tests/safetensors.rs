@@ -219,7 +219,8 @@ async fn a_directory_without_a_llama_config_is_a_one_line_load_error() {
 
 /// Every position's logits of `ids`, one forward pass per chunk of 7.
 fn logits_of(model: &mut dyn llm_worker_rbee::model::llama::Forward, ids: &[u32]) -> Vec<Vec<f32>> {
-    use llm_worker_rbee::model::llama::Row;
+    use llm_worker_rbee::model::llama::{BlockTables, Row};
+    let tables = BlockTables::contiguous(1, 32);
     let mut out = Vec::new();
     for (c, part) in ids.chunks(7).enumerate() {
         let rows: Vec<Row> = part
@@ -232,7 +233,7 @@ fn logits_of(model: &mut dyn llm_worker_rbee::model::llama::Forward, ids: &[u32]
                 logits: true,
             })
             .collect();
-        let logits = model.forward(&rows).expect("forward");
+        let logits = model.forward(&rows, &tables).expect("forward");
         out.extend((0..logits.len()).map(|i| logits.row(i).to_vec()));
     }
     out

@@ -431,6 +431,7 @@ impl Hives {
             device: None,
             worker_id: None,
             slots: None,
+            kv_tokens: None,
         };
         let mut request = self
             .inner

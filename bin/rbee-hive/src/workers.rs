@@ -379,7 +379,19 @@ impl Workers {
                 "worker_id must be 1 to 64 of A-Z a-z 0-9 . _ - : and not contain ..",
             ));
         }
-        let slots = req.slots.unwrap_or(1);
+        let kv_tokens = req.kv_tokens.unwrap_or_else(|| {
+            rbee_api::worker::default_kv_tokens(rbee_api::worker::DEFAULT_CONTEXT)
+        });
+        if !(128..=16_777_216).contains(&kv_tokens) {
+            fields.push(FieldError::new(
+                "kv_tokens",
+                "range",
+                "kv_tokens must be 128..=16777216",
+            ));
+        }
+        let slots = req
+            .slots
+            .unwrap_or_else(|| rbee_api::worker::default_slots(kv_tokens));
         if !(1..=64).contains(&slots) {
             fields.push(FieldError::new("slots", "range", "slots must be 1..=64"));
         }
@@ -431,7 +443,7 @@ impl Workers {
             Vec::new()
         };
         let required =
-            preflight::required_bytes(model.size_bytes, &model.format, backend, shape, slots);
+            preflight::required_bytes(model.size_bytes, &model.format, backend, shape, kv_tokens);
         let lease = inner.models.leases().acquire(&model_ref)?;
 
         // Check and reserve under one lock: two spawns cannot both claim
@@ -527,6 +539,7 @@ impl Workers {
             backend,
             device,
             slots,
+            kv_tokens,
             required,
         };
         let stop = CancellationToken::new();

@@ -84,6 +84,10 @@ fn yes() -> bool {
 // A field at its default is left out when the request is serialized (the
 // queen forwards it to a worker): the reader fills in the same default, and
 // the body it parses is shorter.
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 fn is_default_max_tokens(v: &u32) -> bool {
     *v == default_max_tokens()
 }
@@ -259,6 +263,10 @@ pub enum StreamEvent {
         tokens_in: u32,
         /// Generated tokens.
         tokens_out: u32,
+        /// Prompt tokens whose prefill the worker's prefix cache skipped
+        /// (part of `tokens_in`); absent when none.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        tokens_cached: u32,
         /// Time spent decoding, in milliseconds.
         decode_time_ms: u64,
         /// Why generation ended.
@@ -284,6 +292,10 @@ pub struct InferenceResponse {
     pub tokens_in: u32,
     /// Generated tokens.
     pub tokens_out: u32,
+    /// Prompt tokens whose prefill the worker's prefix cache skipped
+    /// (part of `tokens_in`); absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_cached: u32,
     /// Why generation ended.
     pub stop_reason: StopReason,
     /// Time spent decoding, in milliseconds.
@@ -352,11 +364,26 @@ mod tests {
         let end = serde_json::to_value(StreamEvent::End {
             tokens_in: 3,
             tokens_out: 1,
+            tokens_cached: 0,
             decode_time_ms: 5,
             stop_reason: StopReason::MaxTokens,
         })
         .unwrap();
         assert_eq!(end["stop_reason"], "max_tokens");
+        assert!(
+            end.get("tokens_cached").is_none(),
+            "absent when none: {end}"
+        );
+        let cached = StreamEvent::End {
+            tokens_in: 300,
+            tokens_out: 1,
+            tokens_cached: 256,
+            decode_time_ms: 5,
+            stop_reason: StopReason::Eos,
+        };
+        let json = serde_json::to_string(&cached).unwrap();
+        assert!(json.contains(r#""tokens_cached":256"#), "{json}");
+        assert_eq!(serde_json::from_str::<StreamEvent>(&json).unwrap(), cached);
         let err = serde_json::to_value(StreamEvent::Error {
             code: crate::ErrorCode::DeadlineExceeded,
             message: "late".into(),

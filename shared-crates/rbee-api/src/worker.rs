@@ -135,9 +135,32 @@ pub struct SpawnRequest {
     /// The worker's id; the hive mints one when omitted.
     #[serde(default)]
     pub worker_id: Option<String>,
-    /// Concurrent sequences (1..=64, default 1).
+    /// Concurrent sequences (1..=64; default [`default_slots`] of the KV
+    /// cache pool).
     #[serde(default)]
     pub slots: Option<u16>,
+    /// Positions of the worker's KV cache pool, all sequences together
+    /// (128..=16,777,216; default [`default_kv_tokens`]).
+    #[serde(default)]
+    pub kv_tokens: Option<u32>,
+}
+
+/// A worker's default positions per sequence (`--ctx`).
+pub const DEFAULT_CONTEXT: u32 = 4096;
+
+/// Positions a typical sequence is given when the number of slots is left
+/// to the size of the KV cache pool.
+pub const TYPICAL_SEQUENCE: u32 = 512;
+
+/// The default KV cache pool: four full contexts.
+pub fn default_kv_tokens(context: u32) -> u32 {
+    context.saturating_mul(4)
+}
+
+/// The default slots for a pool of `kv_tokens` positions: as many
+/// sequences of [`TYPICAL_SEQUENCE`] positions as it holds, 1 to 64.
+pub fn default_slots(kv_tokens: u32) -> u16 {
+    u16::try_from((kv_tokens / TYPICAL_SEQUENCE).clamp(1, 64)).unwrap_or(64)
 }
 
 /// The 202 answer to a spawn.

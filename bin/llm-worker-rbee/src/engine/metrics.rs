@@ -49,6 +49,26 @@ pub struct WorkerMetrics {
     pub model_load_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `rbee_worker_engine_stalls_total`.
     pub engine_stalls: Counter,
+    /// `rbee_worker_requests_waiting`: admitted requests waiting for KV
+    /// cache blocks.
+    pub requests_waiting: Gauge,
+    /// `rbee_worker_kv_blocks_total`.
+    pub kv_blocks_total: Gauge,
+    /// `rbee_worker_kv_blocks_used`: held by running sequences.
+    pub kv_blocks_used: Gauge,
+    /// `rbee_worker_kv_blocks_free`: not held (empty, or cached).
+    pub kv_blocks_free: Gauge,
+    /// `rbee_worker_kv_blocks_cached`: free blocks keeping a reusable prefix.
+    pub kv_blocks_cached: Gauge,
+    /// `rbee_worker_prefix_cache_hits_total`.
+    pub prefix_cache_hits: Counter,
+    /// `rbee_worker_prompt_tokens_cached_total`.
+    pub prompt_tokens_cached: Counter,
+    /// `rbee_worker_engine_steps_total`: forward passes, each over every
+    /// running sequence.
+    pub engine_steps: Counter,
+    /// `rbee_worker_engine_step_rows_total`: rows (tokens) of those passes.
+    pub engine_step_rows: Counter,
 }
 
 impl WorkerMetrics {
@@ -65,6 +85,15 @@ impl WorkerMetrics {
             generation_tokens: Counter::default(),
             model_load_seconds: Gauge::default(),
             engine_stalls: Counter::default(),
+            requests_waiting: Gauge::default(),
+            kv_blocks_total: Gauge::default(),
+            kv_blocks_used: Gauge::default(),
+            kv_blocks_free: Gauge::default(),
+            kv_blocks_cached: Gauge::default(),
+            prefix_cache_hits: Counter::default(),
+            prompt_tokens_cached: Counter::default(),
+            engine_steps: Counter::default(),
+            engine_step_rows: Counter::default(),
         };
         registry.register(
             "rbee_worker_requests",
@@ -115,6 +144,51 @@ impl WorkerMetrics {
             "rbee_worker_engine_stalls",
             "Times the engine had work but produced no token for the stall timeout",
             m.engine_stalls.clone(),
+        );
+        registry.register(
+            "rbee_worker_requests_waiting",
+            "Requests holding a slot that wait for KV cache blocks",
+            m.requests_waiting.clone(),
+        );
+        registry.register(
+            "rbee_worker_kv_blocks_total",
+            "Blocks in the KV cache pool (128 positions each)",
+            m.kv_blocks_total.clone(),
+        );
+        registry.register(
+            "rbee_worker_kv_blocks_used",
+            "KV cache blocks held by running sequences",
+            m.kv_blocks_used.clone(),
+        );
+        registry.register(
+            "rbee_worker_kv_blocks_free",
+            "KV cache blocks not held by a sequence (empty or cached)",
+            m.kv_blocks_free.clone(),
+        );
+        registry.register(
+            "rbee_worker_kv_blocks_cached",
+            "Free KV cache blocks that keep a prompt prefix for reuse",
+            m.kv_blocks_cached.clone(),
+        );
+        registry.register(
+            "rbee_worker_prefix_cache_hits",
+            "Requests whose prompt started with tokens already in the KV cache",
+            m.prefix_cache_hits.clone(),
+        );
+        registry.register(
+            "rbee_worker_prompt_tokens_cached",
+            "Prompt tokens whose prefill the prefix cache skipped",
+            m.prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "rbee_worker_engine_steps",
+            "Forward passes of the engine, each over every running sequence",
+            m.engine_steps.clone(),
+        );
+        registry.register(
+            "rbee_worker_engine_step_rows",
+            "Rows (prompt and generated tokens) of the engine's forward passes",
+            m.engine_step_rows.clone(),
         );
         m
     }

@@ -174,11 +174,12 @@ impl Meta {
     }
 }
 
-fn usage(tokens_in: u32, tokens_out: u32) -> serde_json::Value {
+fn usage(tokens_in: u32, tokens_out: u32, tokens_cached: u32) -> serde_json::Value {
     serde_json::json!({
         "prompt_tokens": tokens_in,
         "completion_tokens": tokens_out,
         "total_tokens": tokens_in + tokens_out,
+        "prompt_tokens_details": {"cached_tokens": tokens_cached},
     })
 }
 
@@ -192,7 +193,7 @@ async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<serde_json::Va
     );
     Ok(Json(meta.body(
         vec![choice],
-        Some(usage(done.tokens_in, done.tokens_out)),
+        Some(usage(done.tokens_in, done.tokens_out, done.tokens_cached)),
         false,
     )))
 }
@@ -235,6 +236,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                 Some(JobEvent::End {
                     tokens_in,
                     tokens_out,
+                    tokens_cached,
                     stop_reason,
                     ..
                 }) => {
@@ -246,7 +248,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     s.queue.push_back(data(last));
                     s.queue.push_back(data(meta.body(
                         Vec::new(),
-                        Some(usage(tokens_in, tokens_out)),
+                        Some(usage(tokens_in, tokens_out, tokens_cached)),
                         true,
                     )));
                     s.queue.push_back(Event::default().data("[DONE]"));

@@ -5,10 +5,13 @@
 //!
 //! The forward pass takes a batch of [`Row`]s, each one token of some
 //! sequence at some position, and returns logits for the rows that ask for
-//! them. Each sequence has its own K/V rows in a cache allocated at load.
-//! A row's result depends only on its token, its sequence's cached K/V and
-//! its position, never on the other rows in the batch or on how a prompt
-//! was cut into chunks.
+//! them. The KV cache is a pool of blocks of [`KV_BLOCK`] positions
+//! allocated at load; a sequence's K/V rows live in the blocks its block
+//! table ([`BlockTables`]) names, in order, so sequences share one pool and
+//! a block of a common prefix can be read by several sequences. A row's
+//! result depends only on its token, its sequence's cached K/V and its
+//! position, never on the other rows in the batch, on how a prompt was cut
+//! into chunks or on which blocks hold its K/V.
 
 pub mod cpu;
 pub mod device;
@@ -159,12 +162,79 @@ impl LlamaConfig {
     }
 }
 
+/// Positions per KV cache block: one run of the CPU attention, so a run's
+/// keys and values are contiguous in memory.
+pub const KV_BLOCK: usize = 128;
+
+/// The block tables of the sequences in a forward pass: sequence `i`'s
+/// position `p` lives in block `table(i)[p / KV_BLOCK]`. Reused between
+/// passes (clearing keeps the allocations).
+#[derive(Debug, Clone, Default)]
+pub struct BlockTables {
+    blocks: Vec<u32>,
+    starts: Vec<usize>,
+}
+
+impl BlockTables {
+    /// No tables.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `sequences` tables of `per_sequence` consecutive blocks each
+    /// (sequence `i` owns blocks `i * per_sequence..`), for callers that
+    /// give each sequence a fixed region.
+    pub fn contiguous(sequences: usize, per_sequence: usize) -> Self {
+        let mut t = Self::new();
+        for i in 0..sequences {
+            let first = (i * per_sequence) as u32;
+            t.push(first..first + per_sequence as u32);
+        }
+        t
+    }
+
+    /// Forget every table, keeping the memory.
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.starts.clear();
+    }
+
+    /// Add a table; returns its index (the `seq` of its rows).
+    pub fn push(&mut self, blocks: impl IntoIterator<Item = u32>) -> usize {
+        self.starts.push(self.blocks.len());
+        self.blocks.extend(blocks);
+        self.starts.len() - 1
+    }
+
+    /// Tables held.
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// Table `i`.
+    pub fn table(&self, i: usize) -> &[u32] {
+        let end = self.starts.get(i + 1).copied().unwrap_or(self.blocks.len());
+        &self.blocks[self.starts[i]..end]
+    }
+
+    /// The block holding position `pos` of sequence `seq` (checked by
+    /// [`check_batch`] before a pass).
+    pub fn block(&self, seq: usize, pos: usize) -> usize {
+        self.table(seq)[pos / KV_BLOCK] as usize
+    }
+}
+
 /// One token of one sequence in a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Row {
     /// The token id.
     pub token: u32,
-    /// The sequence (a KV slot, `0..sequences`).
+    /// The sequence: an index into the pass's [`BlockTables`].
     pub seq: usize,
     /// The token's position in its sequence. Positions before it must
     /// already be in the cache, or earlier in the same batch.
@@ -177,8 +247,8 @@ pub struct Row {
 /// What a model can take in one forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Sequences with a KV region each.
-    pub sequences: usize,
+    /// Blocks of [`KV_BLOCK`] positions in the KV cache pool.
+    pub blocks: usize,
     /// Positions per sequence.
     pub context: usize,
     /// Rows per forward pass.
@@ -228,8 +298,14 @@ pub enum ForwardError {
 
 /// A forward pass over batches of rows; see the module documentation.
 pub trait Forward: Send + fmt::Debug {
-    /// Run one forward pass.
-    fn forward(&mut self, rows: &[Row]) -> Result<Logits<'_>, ForwardError>;
+    /// Run one forward pass: each row's K/V is written to its sequence's
+    /// block in `tables` and it attends to its sequence's earlier positions.
+    fn forward(&mut self, rows: &[Row], tables: &BlockTables) -> Result<Logits<'_>, ForwardError>;
+
+    /// Copy the K/V of the first `positions` positions of block `from` into
+    /// block `to` (a prefix shared only in part: the copy is the new
+    /// sequence's own block).
+    fn copy_block(&mut self, from: usize, to: usize, positions: usize) -> Result<(), ForwardError>;
 
     /// What one pass can take.
     fn limits(&self) -> Limits;
@@ -244,8 +320,12 @@ pub trait Forward: Send + fmt::Debug {
     }
 }
 
-/// Check a batch against the limits.
-pub(crate) fn check_batch(rows: &[Row], limits: &Limits) -> Result<(), ForwardError> {
+/// Check a batch against the limits and its block tables.
+pub(crate) fn check_batch(
+    rows: &[Row],
+    tables: &BlockTables,
+    limits: &Limits,
+) -> Result<(), ForwardError> {
     if rows.is_empty() || rows.len() > limits.max_rows {
         return Err(ForwardError::Batch(format!(
             "{} rows (1 to {} per pass)",
@@ -254,13 +334,39 @@ pub(crate) fn check_batch(rows: &[Row], limits: &Limits) -> Result<(), ForwardEr
         )));
     }
     for r in rows {
-        if r.seq >= limits.sequences || r.pos >= limits.context || r.token as usize >= limits.vocab
-        {
+        if r.seq >= tables.len() || r.pos >= limits.context || r.token as usize >= limits.vocab {
             return Err(ForwardError::Batch(format!(
-                "row {r:?} outside {} sequences x {} positions, vocabulary {}",
-                limits.sequences, limits.context, limits.vocab
+                "row {r:?} outside {} tables x {} positions, vocabulary {}",
+                tables.len(),
+                limits.context,
+                limits.vocab
             )));
         }
+        let table = tables.table(r.seq);
+        // Every block up to the row's is read by its attention.
+        let needed = r.pos / KV_BLOCK + 1;
+        if table.len() < needed || table[..needed].iter().any(|&b| b as usize >= limits.blocks) {
+            return Err(ForwardError::Batch(format!(
+                "row {r:?}: its block table {table:?} does not cover position {} within {} blocks",
+                r.pos, limits.blocks
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Check a block copy against the limits.
+pub(crate) fn check_copy(
+    from: usize,
+    to: usize,
+    positions: usize,
+    limits: &Limits,
+) -> Result<(), ForwardError> {
+    if from >= limits.blocks || to >= limits.blocks || from == to || positions > KV_BLOCK {
+        return Err(ForwardError::Batch(format!(
+            "cannot copy {positions} positions from block {from} to block {to} of {}",
+            limits.blocks
+        )));
     }
     Ok(())
 }

@@ -3,24 +3,20 @@
 //! workers have reserved.
 //!
 //! Needed = weights on disk x [`weights_factor_tenths`] / 10 + KV cache, where the KV
-//! cache is `slots x context x 2 (K and V) x layers x kv_heads x head_dim x
-//! 4 bytes` and context is the model's, capped at the worker's default 4096
-//! positions (`--ctx`). Four bytes per element covers every cache a worker
-//! may keep (f32 on GPUs for GGUF models and with `--kv-cache f32`); the
-//! CPU default, f16, needs half, so the estimate errs on the safe side. The shape comes from the GGUF metadata or
-//! the safetensors `config.json`; when it cannot be read, 256 MiB per slot
-//! is assumed.
+//! cache is the worker's pool, `kv_tokens x 2 (K and V) x layers x kv_heads
+//! x head_dim x element bytes`: 2 on the CPU (the worker's f16 cache), 4 on
+//! GPUs (GGUF models cache in f32 there). The pool is shared by all the
+//! worker's sequences, whatever its slots. The shape comes from the GGUF
+//! metadata or the safetensors `config.json`; when it cannot be read, 64
+//! KiB per position is assumed.
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use rbee_api::worker::Backend;
 
-/// The worker's default context (`--ctx`).
-pub const MAX_CONTEXT: u64 = 4096;
-
-/// KV cache assumed per slot when the model's shape is unknown.
-pub const FALLBACK_KV_PER_SLOT: u64 = 256 * 1024 * 1024;
+/// KV cache assumed per position when the model's shape is unknown.
+pub const FALLBACK_KV_PER_POSITION: u64 = 64 * 1024;
 
 /// Multiplier on the weights' size on disk, in tenths: quantized GGUF
 /// weights stay quantized (1.2 covers runtime buffers); safetensors in
@@ -51,15 +47,16 @@ pub fn required_bytes(
     format: &str,
     backend: Backend,
     shape: Option<Shape>,
-    slots: u16,
+    kv_tokens: u32,
 ) -> u64 {
     let weights = weights_bytes
         .saturating_mul(weights_factor_tenths(format, backend))
         .div_ceil(10);
-    let kv_per_slot = shape.map_or(FALLBACK_KV_PER_SLOT, |s| {
-        s.context.min(MAX_CONTEXT) * 2 * s.layers * s.kv_heads * s.head_dim * 4
+    let element = if backend == Backend::Cpu { 2 } else { 4 };
+    let kv_per_position = shape.map_or(FALLBACK_KV_PER_POSITION, |s| {
+        2 * s.layers * s.kv_heads * s.head_dim * element
     });
-    weights.saturating_add(kv_per_slot.saturating_mul(u64::from(slots)))
+    weights.saturating_add(kv_per_position.saturating_mul(u64::from(kv_tokens)))
 }
 
 /// Read the shape of a GGUF file or a safetensors directory.
@@ -73,7 +70,8 @@ pub fn shape(local_path: &Path) -> Option<Shape> {
             layers: get("num_hidden_layers")?,
             kv_heads: get("num_key_value_heads").unwrap_or(heads),
             head_dim: get("head_dim").unwrap_or(get("hidden_size")? / heads.max(1)),
-            context: get("max_position_embeddings").unwrap_or(MAX_CONTEXT),
+            context: get("max_position_embeddings")
+                .unwrap_or(u64::from(rbee_api::worker::DEFAULT_CONTEXT)),
         });
     }
     gguf_shape(local_path).ok().flatten()
@@ -125,7 +123,7 @@ fn gguf_shape(path: &Path) -> std::io::Result<Option<Shape>> {
         layers,
         kv_heads: get("attention.head_count_kv").unwrap_or(heads),
         head_dim: get("attention.key_length").unwrap_or(width / heads.max(1)),
-        context: get("context_length").unwrap_or(MAX_CONTEXT),
+        context: get("context_length").unwrap_or(u64::from(rbee_api::worker::DEFAULT_CONTEXT)),
     }))
 }
 
@@ -264,26 +262,26 @@ mod tests {
     }
 
     #[test]
-    fn required_memory_is_weights_times_factor_plus_kv_per_slot() {
+    fn required_memory_is_weights_times_factor_plus_the_kv_pool() {
         let shape = Shape {
             layers: 30,
             kv_heads: 3,
             head_dim: 64,
             context: 8192,
         };
-        // 4096 positions x 2 x 30 x 3 x 64 x 4 bytes = 188,743,680 per slot.
-        let kv = 188_743_680;
+        // 2 x 30 x 3 x 64 = 11,520 elements per position: f16 on the CPU,
+        // f32 on a GPU.
         assert_eq!(
-            required_bytes(100_000_000, "gguf", Backend::Cpu, Some(shape), 2),
-            120_000_000 + 2 * kv
+            required_bytes(100_000_000, "gguf", Backend::Cpu, Some(shape), 16_384),
+            120_000_000 + 16_384 * 11_520 * 2
         );
         assert_eq!(
-            required_bytes(100_000_000, "safetensors", Backend::Cpu, None, 1),
-            220_000_000 + FALLBACK_KV_PER_SLOT
+            required_bytes(100_000_000, "gguf", Backend::Cuda, Some(shape), 4096),
+            120_000_000 + 4096 * 11_520 * 4
         );
         assert_eq!(
-            required_bytes(100_000_000, "safetensors", Backend::Cuda, None, 1),
-            120_000_000 + FALLBACK_KV_PER_SLOT
+            required_bytes(100_000_000, "safetensors", Backend::Cpu, None, 4096),
+            220_000_000 + 4096 * FALLBACK_KV_PER_POSITION
         );
     }
 

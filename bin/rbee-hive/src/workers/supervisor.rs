@@ -240,6 +240,8 @@ impl Workers {
             spec.device.to_string(),
             "--slots".to_owned(),
             spec.slots.to_string(),
+            "--kv-tokens".to_owned(),
+            spec.kv_tokens.to_string(),
             "--heartbeat-interval-s".to_owned(),
             s.heartbeat_interval.as_secs().max(1).to_string(),
             "--parent-pid".to_owned(),
@@ -394,6 +396,7 @@ pub(super) struct Spec {
     pub(super) backend: rbee_api::worker::Backend,
     pub(super) device: u32,
     pub(super) slots: u16,
+    pub(super) kv_tokens: u32,
     pub(super) required: u64,
 }
 

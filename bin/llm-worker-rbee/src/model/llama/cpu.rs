@@ -31,7 +31,10 @@ use crate::kernels::pool::ThreadPool;
 use self::kv::KvStore;
 pub use self::kv::{KvCache, KvType};
 use self::ops::{Partials, Qkv, Source, ThreadScratch, PER_THREAD_ROWS};
-use super::{check_batch, Forward, ForwardError, Limits, LlamaConfig, Logits, RopeTable, Row};
+use super::{
+    check_batch, check_copy, BlockTables, Forward, ForwardError, Limits, LlamaConfig, Logits,
+    RopeTable, Row,
+};
 
 /// One transformer block's weights.
 #[derive(Debug)]
@@ -149,8 +152,8 @@ pub struct CpuModel {
 /// How big a CPU model is made.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuShape {
-    /// Sequences with a KV region each.
-    pub sequences: usize,
+    /// Blocks of KV cache in the pool.
+    pub blocks: usize,
     /// Positions per sequence.
     pub context: usize,
     /// Rows per forward pass.
@@ -167,14 +170,7 @@ impl CpuModel {
         let pool = ThreadPool::new(shape.threads)?;
         let c = &config;
         let rows = shape.max_rows.max(1);
-        let kv = KvCache::new(
-            shape.kv,
-            c.layers,
-            c.kv_heads,
-            c.head_dim,
-            shape.sequences,
-            shape.context,
-        );
+        let kv = KvCache::new(shape.kv, c.layers, c.kv_heads, c.head_dim, shape.blocks);
         let group = c.heads / c.kv_heads;
         let width = c.hidden.max(c.q_dim());
         let threads = (0..pool.threads())
@@ -200,7 +196,7 @@ impl CpuModel {
             parts: vec![
                 0.0;
                 c.kv_heads
-                    * kv.layout.padded.div_ceil(ops::RUN)
+                    * shape.context.div_ceil(ops::RUN)
                     * rows
                     * partial_len(group, c.head_dim)
             ],
@@ -215,7 +211,7 @@ impl CpuModel {
             rope: RopeTable::new(c, shape.context),
             kv,
             limits: Limits {
-                sequences: shape.sequences,
+                blocks: shape.blocks,
                 context: shape.context,
                 max_rows: rows,
                 vocab: c.vocab,
@@ -254,8 +250,14 @@ impl Forward for CpuModel {
         }
     }
 
-    fn forward(&mut self, rows: &[Row]) -> Result<Logits<'_>, ForwardError> {
-        check_batch(rows, &self.limits)?;
+    fn copy_block(&mut self, from: usize, to: usize, positions: usize) -> Result<(), ForwardError> {
+        check_copy(from, to, positions, &self.limits)?;
+        self.kv.copy_block(from, to, positions);
+        Ok(())
+    }
+
+    fn forward(&mut self, rows: &[Row], tables: &BlockTables) -> Result<Logits<'_>, ForwardError> {
+        check_batch(rows, tables, &self.limits)?;
         let m = rows.len();
         let Self {
             config: c,
@@ -302,6 +304,7 @@ impl Forward for CpuModel {
                 layer,
                 source,
                 rows,
+                tables,
                 rope,
                 kv: kv.layout,
             };
@@ -317,7 +320,7 @@ impl Forward for CpuModel {
             }
             profile.stop(Op::Qkv, t);
             let t = profile.start();
-            let runs = ops::attend(pool, li, rows, q, kv, c.heads, parts, scratch);
+            let runs = ops::attend(pool, li, rows, tables, q, kv, c.heads, parts, scratch);
             profile.stop(Op::Attention, t);
             let t = profile.start();
             let attended = Source::Attention(Partials {

@@ -2,8 +2,9 @@
 //! quantized and dense matrix products.
 //!
 //! The same architecture and batch contract as the CPU model: the KV cache
-//! is one tensor per layer, `sequences x context` rows allocated at load
-//! and written in place (`slice_set`); grouped-query attention reads each
+//! is one tensor per layer, `blocks x KV_BLOCK` rows allocated at load and
+//! written in place (`slice_set`), a sequence's rows gathered from its
+//! block table for its attention; grouped-query attention reads each
 //! key/value head once for all the query heads that share it (queries are
 //! regrouped, keys and values are never repeated). Runs on the CPU device
 //! too, which is how the tests check it against the CPU kernels.
@@ -11,7 +12,10 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use super::{check_batch, Forward, ForwardError, Limits, LlamaConfig, Logits, RopeTable, Row};
+use super::{
+    check_batch, check_copy, BlockTables, Forward, ForwardError, Limits, LlamaConfig, Logits,
+    RopeTable, Row, KV_BLOCK,
+};
 
 /// A weight matrix on the device.
 #[derive(Debug)]
@@ -59,7 +63,7 @@ pub struct DeviceWeights {
 pub struct DeviceModel {
     config: LlamaConfig,
     weights: DeviceWeights,
-    /// Per layer, `(sequences * context, kv_heads, head_dim)`.
+    /// Per layer, `(blocks * KV_BLOCK, kv_heads, head_dim)`.
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     cos: Tensor,
@@ -75,18 +79,18 @@ fn device_err(e: candle_core::Error) -> ForwardError {
 }
 
 impl DeviceModel {
-    /// A model over `weights` (activations in `dtype`) with a KV cache for
-    /// `sequences` of `context` positions.
+    /// A model over `weights` (activations in `dtype`) with a KV cache of
+    /// `blocks` blocks, sequences of up to `context` positions.
     pub fn new(
         config: LlamaConfig,
         weights: DeviceWeights,
-        sequences: usize,
+        blocks: usize,
         context: usize,
         max_rows: usize,
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let shape = (sequences * context, config.kv_heads, config.head_dim);
+        let shape = (blocks * KV_BLOCK, config.kv_heads, config.head_dim);
         let mut keys = Vec::with_capacity(config.layers);
         let mut values = Vec::with_capacity(config.layers);
         for _ in 0..config.layers {
@@ -99,7 +103,7 @@ impl DeviceModel {
         let sin = Tensor::from_slice(sin, (context, half), device)?.to_dtype(dtype)?;
         Ok(Self {
             limits: Limits {
-                sequences,
+                blocks,
                 context,
                 max_rows: max_rows.max(1),
                 vocab: config.vocab,
@@ -134,7 +138,7 @@ impl DeviceModel {
         x.squeeze(0)?.transpose(0, 1)?.contiguous()
     }
 
-    fn run(&mut self, rows: &[Row]) -> candle_core::Result<()> {
+    fn run(&mut self, rows: &[Row], tables: &BlockTables) -> candle_core::Result<()> {
         let c = self.config.clone();
         let m = rows.len();
         let dev = &self.device;
@@ -162,21 +166,29 @@ impl DeviceModel {
             for s in &segments {
                 let (first, len) = (s.start, s.end - s.start);
                 let (seq, pos0) = (rows[first].seq, rows[first].pos);
-                let base = seq * self.limits.context;
-                self.keys[l].slice_set(&k.narrow(0, first, len)?.contiguous()?, 0, base + pos0)?;
-                self.values[l].slice_set(
-                    &v.narrow(0, first, len)?.contiguous()?,
-                    0,
-                    base + pos0,
-                )?;
+                // The segment's K/V, written block by block.
+                let mut pos = pos0;
+                while pos < pos0 + len {
+                    let n = (KV_BLOCK - pos % KV_BLOCK).min(pos0 + len - pos);
+                    let at = tables.block(seq, pos) * KV_BLOCK + pos % KV_BLOCK;
+                    let from = first + pos - pos0;
+                    self.keys[l].slice_set(&k.narrow(0, from, n)?.contiguous()?, 0, at)?;
+                    self.values[l].slice_set(&v.narrow(0, from, n)?.contiguous()?, 0, at)?;
+                    pos += n;
+                }
                 let total = pos0 + len;
-                // (kv_heads, L, head_dim)
+                // The sequence's rows, gathered from its blocks:
+                // (kv_heads, L, head_dim).
+                let index: Vec<u32> = (0..total)
+                    .map(|p| (tables.block(seq, p) * KV_BLOCK + p % KV_BLOCK) as u32)
+                    .collect();
+                let index = Tensor::new(index.as_slice(), dev)?;
                 let keys = self.keys[l]
-                    .narrow(0, base, total)?
+                    .index_select(&index, 0)?
                     .transpose(0, 1)?
                     .contiguous()?;
                 let values = self.values[l]
-                    .narrow(0, base, total)?
+                    .index_select(&index, 0)?
                     .transpose(0, 1)?
                     .contiguous()?;
                 // Queries regrouped by the key/value head they share:
@@ -257,10 +269,27 @@ fn causal_mask(len: usize, pos0: usize, device: &Device) -> candle_core::Result<
 }
 
 impl Forward for DeviceModel {
-    fn forward(&mut self, rows: &[Row]) -> Result<Logits<'_>, ForwardError> {
-        check_batch(rows, &self.limits)?;
-        self.run(rows).map_err(device_err)?;
+    fn forward(&mut self, rows: &[Row], tables: &BlockTables) -> Result<Logits<'_>, ForwardError> {
+        check_batch(rows, tables, &self.limits)?;
+        self.run(rows, tables).map_err(device_err)?;
         Ok(Logits::new(&self.logits, self.config.vocab))
+    }
+
+    fn copy_block(&mut self, from: usize, to: usize, positions: usize) -> Result<(), ForwardError> {
+        check_copy(from, to, positions, &self.limits)?;
+        if positions == 0 {
+            return Ok(());
+        }
+        for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let rows = cache
+                .narrow(0, from * KV_BLOCK, positions)
+                .and_then(|t| t.contiguous())
+                .map_err(device_err)?;
+            cache
+                .slice_set(&rows, 0, to * KV_BLOCK)
+                .map_err(device_err)?;
+        }
+        Ok(())
     }
 
     fn limits(&self) -> Limits {

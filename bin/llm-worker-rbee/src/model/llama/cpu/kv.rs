@@ -1,13 +1,15 @@
 //! The KV cache of the CPU model: allocated at load, written in place.
 //!
-//! Per layer and key/value head, each sequence has a region of `context`
-//! positions (rounded up to whole blocks of 16). Keys are stored in blocks
-//! of 16 positions transposed (`[block][head_dim][16]`), the layout the
-//! attention kernel reads 16 scores at a time from; values by position
-//! (`[position][head_dim]`). All query heads sharing a key/value head read
-//! its rows once, and nothing is ever repeated or copied per token.
+//! A pool of blocks of [`KV_BLOCK`] positions. Per layer and key/value
+//! head, each block holds its positions' keys in groups of 16 positions
+//! transposed (`[group][head_dim][16]`), the layout the attention kernel
+//! reads 16 scores at a time from, and their values by position
+//! (`[position][head_dim]`). A block is one attention run, contiguous in
+//! memory. All query heads sharing a key/value head read its rows once,
+//! and nothing is ever repeated or copied per token.
 
 use crate::kernels::math::{KvRows, KEY_BLOCK};
+use crate::model::llama::KV_BLOCK;
 
 /// The element type of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -48,28 +50,29 @@ pub(super) enum KvStore {
 pub(super) struct KvLayout {
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
-    pub(super) sequences: usize,
-    /// Positions per region, rounded up to whole key blocks.
-    pub(super) padded: usize,
+    /// Blocks in the pool.
+    pub(super) blocks: usize,
 }
 
 impl KvLayout {
-    /// Elements of one sequence's region of one head.
+    /// Elements of one block of one head.
     pub(super) fn region(&self) -> usize {
-        self.padded * self.head_dim
+        KV_BLOCK * self.head_dim
     }
 
-    /// Where element `e` of the key at (`seq`, `pos`) lies in its head's row.
-    pub(super) fn key_index(&self, seq: usize, pos: usize, e: usize) -> usize {
-        seq * self.region()
-            + (pos / KEY_BLOCK) * self.head_dim * KEY_BLOCK
+    /// Where element `e` of the key at offset `at` of `block` lies in its
+    /// head's row.
+    pub(super) fn key_index(&self, block: usize, at: usize, e: usize) -> usize {
+        block * self.region()
+            + (at / KEY_BLOCK) * self.head_dim * KEY_BLOCK
             + e * KEY_BLOCK
-            + pos % KEY_BLOCK
+            + at % KEY_BLOCK
     }
 
-    /// Where element `e` of the value at (`seq`, `pos`) lies in its head's row.
-    pub(super) fn value_index(&self, seq: usize, pos: usize, e: usize) -> usize {
-        seq * self.region() + pos * self.head_dim + e
+    /// Where element `e` of the value at offset `at` of `block` lies in its
+    /// head's row.
+    pub(super) fn value_index(&self, block: usize, at: usize, e: usize) -> usize {
+        block * self.region() + at * self.head_dim + e
     }
 }
 
@@ -86,12 +89,10 @@ impl KvCache {
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
-        sequences: usize,
-        context: usize,
+        blocks: usize,
     ) -> Self {
-        let padded = context.div_ceil(KEY_BLOCK) * KEY_BLOCK;
         // Zeroed allocations: pages become resident only when written.
-        let size = kv_heads * sequences * padded * head_dim;
+        let size = kv_heads * blocks * KV_BLOCK * head_dim;
         let store = match kind {
             KvType::F32 => KvStore::F32 {
                 keys: (0..layers).map(|_| vec![0f32; size]).collect(),
@@ -107,16 +108,20 @@ impl KvCache {
             layout: KvLayout {
                 kv_heads,
                 head_dim,
-                sequences,
-                padded,
+                blocks,
             },
         }
     }
 
-    /// The keys and values of key/value head `head` of sequence `seq` in `layer`.
-    pub(super) fn head(&self, layer: usize, head: usize, seq: usize) -> (KvRows<'_>, KvRows<'_>) {
+    /// The keys and values of key/value head `head` in `block` of `layer`.
+    pub(super) fn block(
+        &self,
+        layer: usize,
+        head: usize,
+        block: usize,
+    ) -> (KvRows<'_>, KvRows<'_>) {
         let region = self.layout.region();
-        let start = (head * self.layout.sequences + seq) * region;
+        let start = (head * self.layout.blocks + block) * region;
         let end = start + region;
         match &self.store {
             KvStore::F32 { keys, values } => (
@@ -127,6 +132,37 @@ impl KvCache {
                 KvRows::F16(&keys[layer][start..end]),
                 KvRows::F16(&values[layer][start..end]),
             ),
+        }
+    }
+}
+
+impl KvCache {
+    /// Copy the first `positions` positions of block `from` into block
+    /// `to`, in every layer and head. Keys are copied in whole groups of
+    /// 16; the positions past `positions` that come along are overwritten
+    /// before anything reads them.
+    pub(super) fn copy_block(&mut self, from: usize, to: usize, positions: usize) {
+        let l = self.layout;
+        let key_len = positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * l.head_dim;
+        let value_len = positions * l.head_dim;
+        fn copy<T: Copy>(rows: &mut [Vec<T>], l: KvLayout, from: usize, to: usize, len: usize) {
+            for row in rows {
+                for h in 0..l.kv_heads {
+                    let src = (h * l.blocks + from) * l.region();
+                    let dst = (h * l.blocks + to) * l.region();
+                    row.copy_within(src..src + len, dst);
+                }
+            }
+        }
+        match &mut self.store {
+            KvStore::F32 { keys, values } => {
+                copy(keys, l, from, to, key_len);
+                copy(values, l, from, to, value_len);
+            }
+            KvStore::F16 { keys, values } => {
+                copy(keys, l, from, to, key_len);
+                copy(values, l, from, to, value_len);
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::kernels::matmul::{matmul_group, Input};
 use crate::kernels::packed::{PackedMatrix, GROUP};
 use crate::kernels::pool::{ThreadPool, Tiles};
 
-use super::super::{RopeTable, Row};
+use super::super::{BlockTables, RopeTable, Row, KV_BLOCK};
 use super::kv::{KvCache, KvLayout};
 use super::CpuLayer;
 
@@ -241,6 +241,7 @@ pub(super) struct Qkv<'a> {
     pub(super) layer: &'a CpuLayer,
     pub(super) source: Source<'a>,
     pub(super) rows: &'a [Row],
+    pub(super) tables: &'a BlockTables,
     pub(super) rope: &'a RopeTable,
     pub(super) kv: KvLayout,
 }
@@ -261,6 +262,7 @@ impl Qkv<'_> {
             layer,
             source,
             rows,
+            tables,
             rope,
             kv,
         } = *self;
@@ -303,9 +305,11 @@ impl Qkv<'_> {
                     out,
                     |i, col, vals| {
                         let mut v = *vals;
-                        rope.rotate(&mut v, col, hd, rows[i].pos);
+                        let (pos, seq) = (rows[i].pos, rows[i].seq);
+                        rope.rotate(&mut v, col, hd, pos);
+                        let block = tables.block(seq, pos);
                         for (j, &x) in v.iter().enumerate() {
-                            head_row[kv.key_index(rows[i].seq, rows[i].pos, col - h * hd + j)] =
+                            head_row[kv.key_index(block, pos % KV_BLOCK, col - h * hd + j)] =
                                 cast(x);
                         }
                     },
@@ -321,7 +325,9 @@ impl Qkv<'_> {
                     h * hd..(h + 1) * hd,
                     out,
                     |i, col, vals| {
-                        let at = kv.value_index(rows[i].seq, rows[i].pos, col - h * hd);
+                        let (pos, seq) = (rows[i].pos, rows[i].seq);
+                        let block = tables.block(seq, pos);
+                        let at = kv.value_index(block, pos % KV_BLOCK, col - h * hd);
                         for (o, &x) in head_row[at..at + GROUP].iter_mut().zip(vals) {
                             *o = cast(x);
                         }
@@ -334,8 +340,9 @@ impl Qkv<'_> {
 
 /// Positions per run of the attention: rows are cut into runs by position
 /// alone, so each unit of work is bounded and a long context spreads over
-/// all threads, while the result stays the same whatever the batch.
-pub(super) const RUN: usize = 128;
+/// all threads, while the result stays the same whatever the batch. A run
+/// is one KV block.
+pub(super) const RUN: usize = KV_BLOCK;
 
 /// Batch rows one unit of attention work takes: consecutive rows of one
 /// sequence (a prompt chunk) share every key and value they read.
@@ -350,6 +357,7 @@ pub(super) fn attend(
     pool: &mut ThreadPool,
     layer: usize,
     rows: &[Row],
+    tables: &BlockTables,
     q: &[f32],
     kv: &KvCache,
     heads: usize,
@@ -361,7 +369,7 @@ pub(super) fn attend(
     let kv_heads = kv.layout.kv_heads;
     let group = heads / kv_heads;
     let q_dim = heads * hd;
-    let runs = kv.layout.padded.div_ceil(RUN);
+    let runs = rows.iter().map(|r| r.pos / RUN + 1).max().unwrap_or(1);
     let len = partial_len(group, hd);
     let tiles = Tiles::new(
         &mut parts[..kv_heads * runs * m * len],
@@ -402,13 +410,14 @@ pub(super) fn attend(
                 );
                 let skip = positions.iter().take_while(|&&n| n == 0).count();
                 if skip < positions.len() {
-                    let (keys, values) = kv.head(layer, h, rows[i].seq);
+                    let block = tables.table(rows[i].seq)[r] as usize;
+                    let (keys, values) = kv.block(layer, h, block);
                     let a = Attention {
                         q: &q[(i + skip) * q_dim + h * group * hd..],
                         q_stride: q_dim,
                         heads: group,
-                        keys: keys.offset(start * hd),
-                        values: values.offset(start * hd),
+                        keys,
+                        values,
                         head_dim: hd,
                         positions: &positions[skip..],
                         scale,
