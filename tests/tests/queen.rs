@@ -71,7 +71,11 @@ fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_
             .json(&long_request(40, true)),
     );
     assert_eq!(a.headers["x-request-id"], "trace-me-0001");
-    let mut b = stream(&queen, &long_request(40, true));
+    // (Another prompt: the same one would follow `a` to its worker, whose
+    // cache holds it.)
+    let mut other = long_request(40, true);
+    other["prompt"] = json!("Write a long story about a mountain guide.");
+    let mut b = stream(&queen, &other);
     let first_a = a.until_token();
     b.until_token();
     assert_eq!(first_a[0]["type"], "started");
@@ -738,4 +742,52 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
         "no prompt text in the audit trail"
     );
     assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 4);
+}
+
+#[test]
+fn a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_turns() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    let queen = ready_queen(&queen_spec(&[&hive]), None);
+    for _ in 0..2 {
+        let (status, body, _) = send(
+            client()
+                .post(hive.url("/v1/workers/spawn"))
+                .json(&json!({"model_ref": default_ref(), "slots": 4})),
+        );
+        assert_eq!(status, 202, "{body}");
+    }
+    wait_ready_workers(&queen, 2, None);
+    let system = "You are a patient tutor. ".repeat(40);
+    let chat = |messages: &Value| {
+        let (status, body, _) = send(
+            client()
+                .post(queen.url("/v1/chat/completions"))
+                .json(&json!({"messages": messages, "temperature": 0, "max_tokens": 12})),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    // Three conversations, two turns each, the second turn repeating the
+    // first: each second turn finds the first in its worker's cache. (With
+    // load alone, each would have an even chance of the other worker.)
+    for topic in ["fractions", "volcanoes", "the French revolution"] {
+        let mut messages = json!([
+            {"role": "system", "content": system},
+            {"role": "user", "content": format!("Tell me about {topic}.")}
+        ]);
+        let first = chat(&messages);
+        let turn1 = first["usage"]["prompt_tokens"].as_u64().expect("usage");
+        let answer = first["choices"][0]["message"]["content"].clone();
+        let list = messages.as_array_mut().expect("messages");
+        list.push(json!({"role": "assistant", "content": answer}));
+        list.push(json!({"role": "user", "content": "And why does that matter?"}));
+        let second = chat(&messages);
+        let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached tokens");
+        assert!(
+            cached >= turn1 - 1,
+            "{topic}: {cached} of the first turn's {turn1} prompt tokens cached: {second}"
+        );
+    }
 }

@@ -77,6 +77,10 @@ pub struct Prepared {
     pub body: Bytes,
     /// For the audit trail.
     pub max_tokens: u32,
+    /// The conversation the request continues (a key made from the start
+    /// of its prompt), for routing it to the worker that holds its earlier
+    /// turns in its KV cache.
+    pub affinity: Option<u64>,
 }
 
 /// Running and queued jobs by id, for `DELETE /v1/inference/{job_id}`.
@@ -231,7 +235,10 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         Ok(g) => g,
         Err(e) => return reject(e),
     };
-    let ticket = match state.sched.admit(&prep.model, &request_id) {
+    let ticket = match state
+        .sched
+        .admit_for(&prep.model, &request_id, prep.affinity)
+    {
         Ok(t) => t,
         Err(e) => return reject(e),
     };
@@ -364,11 +371,11 @@ impl Call {
                 }
                 Sent::Busy => {
                     lease.busy();
-                    let ticket = match self
-                        .state
-                        .sched
-                        .requeue(&self.prep.model, &self.finish.request_id)
-                    {
+                    let ticket = match self.state.sched.requeue(
+                        &self.prep.model,
+                        &self.finish.request_id,
+                        self.prep.affinity,
+                    ) {
                         Ok(t) => t,
                         Err(e) => return self.fail(e),
                     };

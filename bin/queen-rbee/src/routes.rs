@@ -64,6 +64,38 @@ fn mint_job_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Bytes of a prompt's start that identify its conversation.
+const AFFINITY_BYTES: usize = 1024;
+
+/// The conversation key of a request: its model and the start of what it
+/// sends the model. A conversation's later turns repeat its earlier ones,
+/// so they share the key: for a chat, its first two messages (the system
+/// message and the first user message, or the first user message and the
+/// first answer); for a prompt, its first kilobyte.
+fn affinity(model: &str, start: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    model.hash(&mut h);
+    start[..start.len().min(AFFINITY_BYTES)].hash(&mut h);
+    h.finish()
+}
+
+/// The part of an OpenAI body that keys its conversation.
+fn openai_start(api: Api, body: &Value) -> Vec<u8> {
+    match api {
+        Api::Chat => body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(|m| serde_json::to_vec(&m[..m.len().min(2)]).unwrap_or_default())
+            .unwrap_or_default(),
+        _ => match body.get("prompt") {
+            Some(Value::String(p)) => p.as_bytes().to_vec(),
+            Some(other) => other.to_string().into_bytes(),
+            None => Vec::new(),
+        },
+    }
+}
+
 async fn inference(
     State(state): State<AppState>,
     ctx: RequestContext,
@@ -82,6 +114,7 @@ async fn inference(
     let job_id = request.job_id.clone().unwrap_or_else(mint_job_id);
     let stream = request.stream;
     let max_tokens = request.max_tokens;
+    let conversation = affinity(&model, request.prompt.as_bytes());
     let body = InferenceRequest {
         job_id: Some(job_id.clone()),
         model: Some(model.clone()),
@@ -101,6 +134,7 @@ async fn inference(
             stream,
             body,
             max_tokens,
+            affinity: Some(conversation),
         },
     )
     .await
@@ -118,6 +152,7 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
         .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
         .request;
     let model = resolve_model(state, request.model)?;
+    let conversation = affinity(&model, &openai_start(api, &body));
     let body = forwarded(&body)?;
     Ok(Prepared {
         api,
@@ -126,6 +161,7 @@ fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError>
         stream: request.stream,
         body,
         max_tokens: request.max_tokens,
+        affinity: Some(conversation),
     })
 }
 

@@ -72,6 +72,38 @@ struct Waiter {
     tx: oneshot::Sender<Grant>,
     /// The request's id, given to a spawn this request starts.
     request_id: Arc<str>,
+    /// The conversation the request continues, if known (see [`Affinity`]).
+    affinity: Option<u64>,
+}
+
+/// Most conversations whose worker the scheduler remembers.
+const AFFINITY_ENTRIES: usize = 65_536;
+
+/// Which worker served each recent conversation (a key made from the start
+/// of its prompt), so its next turn goes where its earlier turns' KV cache
+/// is and the worker's prefix reuse survives routing. Oldest forgotten
+/// first.
+#[derive(Debug, Default)]
+struct Affinity {
+    worker: HashMap<u64, String>,
+    order: VecDeque<u64>,
+}
+
+impl Affinity {
+    fn get(&self, key: u64) -> Option<&String> {
+        self.worker.get(&key)
+    }
+
+    fn set(&mut self, key: u64, worker: &str) {
+        if self.worker.insert(key, worker.to_owned()).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > AFFINITY_ENTRIES {
+                if let Some(old) = self.order.pop_front() {
+                    self.worker.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +120,7 @@ struct State {
     slots: Map<String, Slot>,
     queues: Map<String, ModelQueue>,
     next_id: u64,
+    affinity: Affinity,
 }
 
 /// A spawn the scheduler decided on; started outside the lock.
@@ -437,16 +470,39 @@ impl Scheduler {
     /// no reachable hive can serve it, 429 when its queue is full; else a
     /// place in the queue (often granted at once).
     pub fn admit(&self, model: &str, request_id: &str) -> Result<Ticket, ApiError> {
-        self.enqueue(model, request_id, false)
+        self.enqueue(model, request_id, None, false)
+    }
+
+    /// [`admit`](Self::admit) a request that continues the conversation
+    /// keyed `affinity`: among the workers with a free place, the one that
+    /// served that conversation last is preferred.
+    pub fn admit_for(
+        &self,
+        model: &str,
+        request_id: &str,
+        affinity: Option<u64>,
+    ) -> Result<Ticket, ApiError> {
+        self.enqueue(model, request_id, affinity, false)
     }
 
     /// Put a request that a worker turned away back at the head of the
     /// queue; the queue limit does not apply to it.
-    pub fn requeue(&self, model: &str, request_id: &str) -> Result<Ticket, ApiError> {
-        self.enqueue(model, request_id, true)
+    pub fn requeue(
+        &self,
+        model: &str,
+        request_id: &str,
+        affinity: Option<u64>,
+    ) -> Result<Ticket, ApiError> {
+        self.enqueue(model, request_id, affinity, true)
     }
 
-    fn enqueue(&self, model: &str, request_id: &str, front: bool) -> Result<Ticket, ApiError> {
+    fn enqueue(
+        &self,
+        model: &str,
+        request_id: &str,
+        affinity: Option<u64>,
+        front: bool,
+    ) -> Result<Ticket, ApiError> {
         let (ticket, spawns) = {
             let mut st = self.lock();
             let known = st.hives.values().any(|h| h.models.contains(model))
@@ -491,6 +547,7 @@ impl Scheduler {
                 id,
                 tx,
                 request_id: Arc::from(request_id),
+                affinity,
             };
             if front {
                 q.waiting.push_front(waiter);
@@ -517,7 +574,7 @@ impl Scheduler {
     /// has room now (the single retry after a worker failed).
     pub fn try_other(&self, model: &str, exclude: &str) -> Option<Lease> {
         let mut st = self.lock();
-        let key = pick(&mut st, model, Some(exclude))?;
+        let key = pick(&mut st, model, Some(exclude), None)?;
         Some(self.lease(&mut st, key, model))
     }
 
@@ -568,15 +625,18 @@ impl Scheduler {
             while q.waiting.front().is_some_and(|w| w.tx.is_closed()) {
                 q.waiting.pop_front();
             }
-            if q.waiting.is_empty() {
+            let Some(affinity) = q.waiting.front().map(|w| w.affinity) else {
                 break;
-            }
-            let Some(key) = pick(st, model, None) else {
+            };
+            let Some(key) = pick(st, model, None, affinity) else {
                 if let Some(order) = self.maybe_spawn(st, model) {
                     spawns.push(order);
                 }
                 break;
             };
+            if let Some(conversation) = affinity {
+                st.affinity.set(conversation, &key);
+            }
             let lease = self.lease(st, key, model);
             let Some(q) = st.queues.get_mut(model) else {
                 break;
@@ -705,9 +765,15 @@ fn can_serve(st: &State, model: &str) -> bool {
         })
 }
 
-/// The ready worker of `model` with the fewest outstanding requests and a
-/// free place; ties go round-robin.
-fn pick(st: &mut State, model: &str, exclude: Option<&str>) -> Option<String> {
+/// The ready worker of `model` with a free place: the one that served the
+/// conversation `affinity` last if it is one of them, else the one with
+/// the fewest outstanding requests; ties go round-robin.
+fn pick(
+    st: &mut State,
+    model: &str,
+    exclude: Option<&str>,
+    affinity: Option<u64>,
+) -> Option<String> {
     let now = Instant::now();
     let mut best: Vec<(&String, u32)> = st
         .slots
@@ -722,6 +788,11 @@ fn pick(st: &mut State, model: &str, exclude: Option<&str>) -> Option<String> {
         })
         .map(|(key, s)| (key, s.outstanding))
         .collect();
+    if let Some(previous) = affinity.and_then(|a| st.affinity.get(a)) {
+        if best.iter().any(|(key, _)| *key == previous) {
+            return Some(previous.clone());
+        }
+    }
     let least = best.iter().map(|(_, n)| *n).min()?;
     best.retain(|(_, n)| *n == least);
     best.sort();

@@ -193,3 +193,33 @@ async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
     drop(other);
     assert_ne!(granted(&mut t).await.key(), failed);
 }
+
+#[tokio::test]
+async fn a_conversation_returns_to_its_worker_while_that_worker_has_room() {
+    let s = sched(8);
+    two_idle_workers(&s, 2);
+    let mut t = s.admit_for("m", "req", Some(7)).unwrap();
+    let first = granted(&mut t).await;
+    let home = first.key().to_owned();
+    drop(first);
+    // Round robin alone would alternate; the conversation stays.
+    for _ in 0..4 {
+        let mut t = s.admit_for("m", "req", Some(7)).unwrap();
+        assert_eq!(granted(&mut t).await.key(), home);
+    }
+    // Its worker full (two places, both taken), the next turn goes to the
+    // other worker rather than wait.
+    let mut a = s.admit_for("m", "req", Some(7)).unwrap();
+    let la = granted(&mut a).await;
+    let mut b = s.admit_for("m", "req", Some(7)).unwrap();
+    let lb = granted(&mut b).await;
+    assert_eq!((la.key(), lb.key()), (home.as_str(), home.as_str()));
+    let mut c = s.admit_for("m", "req", Some(7)).unwrap();
+    let lc = granted(&mut c).await;
+    let moved = lc.key().to_owned();
+    assert_ne!(moved, home);
+    // Its latest turn's cache is there now: the next turn follows it.
+    drop((la, lb, lc));
+    let mut d = s.admit_for("m", "req", Some(7)).unwrap();
+    assert_eq!(granted(&mut d).await.key(), moved);
+}
