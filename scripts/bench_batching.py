@@ -169,10 +169,13 @@ def rbee_worker(binary, model, threads, n):
     return proc, base + "/v1/inference"
 
 
-def queen_stack(bins, worker_binary, model, threads, n, tmp):
+def queen_stack(bins, worker_binary, model, threads, n, tmp, procs):
     env = {"RUST_LOG": "warn,rbee_http::server=info", "RBEE_WORKER_THREADS": str(threads)}
+    # The hive starts workers from their own directories: absolute paths.
     hive, hive_url = start([f"{bins}/rbee-hive", "--models-dir", os.path.join(tmp, "models"),
-                            "--worker-binary", worker_binary, "--disk-reserve-mib", "0"], env)
+                            "--worker-binary", os.path.abspath(worker_binary),
+                            "--disk-reserve-mib", "0"], env)
+    procs.append(hive)
     ref = f"file:{model}"
     status, body = request("POST", f"{hive_url}/v1/models/provision", {"model_ref": ref})
     assert status == 202, body
@@ -187,6 +190,7 @@ def queen_stack(bins, worker_binary, model, threads, n, tmp):
     assert status == 202, body
     queen, queen_url = start([f"{bins}/queen-rbee", "--hive", hive_url,
                               "--database", os.path.join(tmp, "queen.sqlite3")], env)
+    procs.insert(0, queen)
     deadline = time.time() + 180
     while not any(w["state"] in ("idle", "busy")
                   for w in request("GET", f"{queen_url}/v2/workers/list")[1]["workers"]):
@@ -194,7 +198,7 @@ def queen_stack(bins, worker_binary, model, threads, n, tmp):
             raise SystemExit("the queen found no worker")
         time.sleep(0.2)
     body = lambda i: {**rbee_body(i), "model": ref}  # noqa: E731
-    return [queen, hive], f"{queen_url}/v1/inference", body
+    return f"{queen_url}/v1/inference", body
 
 
 def stop(procs):
@@ -250,7 +254,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="rbee-bench-batching-")
     procs = []
     try:
-        procs, url, body = queen_stack(args.bin_dir, args.worker, args.model, args.threads, 8, tmp)
+        url, body = queen_stack(args.bin_dir, args.worker, args.model, args.threads, 8, tmp, procs)
         r = runs_of(url, body, parse_rbee, 8, args.runs)
         show("queen", r)
         if ("rbee", 8) in results:

@@ -11,6 +11,9 @@ use criterion::{Criterion, Throughput};
 use llm_worker_rbee::model::llama::{BlockTables, Row};
 use llm_worker_rbee::model::{load_gguf, LoadOptions};
 
+/// Sequences of the batched decode step.
+const BATCH: usize = 8;
+
 fn forward(c: &mut Criterion) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model.sh");
     let out = Command::new("bash")
@@ -28,11 +31,13 @@ fn forward(c: &mut Criterion) {
         LoadOptions {
             threads,
             context: 1024,
+            cache_positions: BATCH * 1024,
             ..LoadOptions::default()
         },
     )
     .expect("load");
-    let tables = BlockTables::contiguous(1, 8);
+    // Sequence i in blocks 8i..8i+8; sequence 0 for the single-row runs.
+    let tables = BlockTables::contiguous(BATCH, 8);
     let f = model.model.as_mut();
     let prompt: Vec<Row> = (0..512)
         .map(|pos| Row {
@@ -45,6 +50,20 @@ fn forward(c: &mut Criterion) {
     for chunk in prompt.chunks(256) {
         f.forward(chunk, &tables).expect("prefill");
     }
+    for seq in 1..BATCH {
+        let rows: Vec<Row> = prompt.iter().map(|r| Row { seq, ..*r }).collect();
+        for chunk in rows.chunks(256) {
+            f.forward(chunk, &tables).expect("prefill");
+        }
+    }
+    let batch: Vec<Row> = (0..BATCH)
+        .map(|seq| Row {
+            token: 1234,
+            seq,
+            pos: 512,
+            logits: true,
+        })
+        .collect();
     let mut group = c.benchmark_group("forward");
     group.sample_size(30);
     group.throughput(Throughput::Elements(1));
@@ -56,6 +75,10 @@ fn forward(c: &mut Criterion) {
             logits: true,
         }];
         b.iter(|| f.forward(&row, &tables).expect("decode").row(0)[0]);
+    });
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("decode_8_sequences_at_512", |b| {
+        b.iter(|| f.forward(&batch, &tables).expect("decode").row(0)[0]);
     });
     group.sample_size(10);
     group.throughput(Throughput::Elements(256));
@@ -104,6 +127,7 @@ fn forward(c: &mut Criterion) {
         logits: true,
     }];
     split(f, "decode at 512", &row, 200);
+    split(f, "decode 8 sequences at 512", &batch, 100);
     split(f, "prefill 256 at 256", &prompt[256..], 10);
 }
 

@@ -53,7 +53,7 @@ fn products(c: &mut Criterion) {
     group.sample_size(20);
     for (name, dtype, rows, k) in shapes {
         let w = packed(dtype, rows, k);
-        for m in [1usize, 64, 256] {
+        for m in [1usize, 8, 64, 256] {
             if name == "head" && m > 1 {
                 continue;
             }

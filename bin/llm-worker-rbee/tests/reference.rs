@@ -353,6 +353,55 @@ fn the_candle_device_path_agrees_with_the_cpu_kernels() {
     assert!(cmp.agreement >= 0.9 && cmp.median <= 0.06 && cmp.worst <= 0.15);
 }
 
+#[test]
+fn the_candle_device_path_reads_its_kv_from_any_blocks_and_takes_over_copied_prefixes() {
+    let path = default_model();
+    let mut candle = load(
+        &path,
+        LoadOptions {
+            candle_on_cpu: true,
+            cache_positions: 3 * 4096,
+            ..LoadOptions::default()
+        },
+    );
+    let ids = text_ids(&candle);
+    let ids = &ids[..200];
+    let tables = scattered_tables();
+    let f = candle.model.as_mut();
+    let in_order = logits_with(f, ids, 0, 64, &tables);
+    let reversed = logits_with(f, ids, 1, 64, &tables);
+    assert!(
+        in_order == reversed,
+        "the blocks holding the K/V changed the logits"
+    );
+    // Sequence 1's first block shared, 30 positions of its second copied.
+    let (shared, second, own) = (tables.table(1)[0], tables.table(1)[1], tables.table(0)[5]);
+    f.copy_block(second as usize, own as usize, 30)
+        .expect("copy");
+    let mut taken = BlockTables::new();
+    taken.push([shared, own]);
+    let from = 128 + 30;
+    let rows: Vec<Row> = (from..ids.len())
+        .map(|pos| Row {
+            token: ids[pos],
+            seq: 0,
+            pos,
+            logits: true,
+        })
+        .collect();
+    let logits = f.forward(&rows, &taken).expect("after the prefix");
+    for (k, pos) in (from..ids.len()).enumerate() {
+        let want = &in_order[pos];
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = logits
+            .row(k)
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-4 * scale, "position {pos}: {worst} of {scale}");
+    }
+}
+
 /// The default model with its layers requantized by candle's quantizer:
 /// attention Q in Q4_0, K and V in Q8_0, the attention output in Q5_0 (no
 /// CPU kernel: the loader rewrites it as Q8_0), FFN down in Q4_K and Q6_K

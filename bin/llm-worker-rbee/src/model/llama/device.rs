@@ -281,9 +281,11 @@ impl Forward for DeviceModel {
             return Ok(());
         }
         for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            // A copy of its own: `slice_set` refuses a source that shares
+            // the destination's storage.
             let rows = cache
                 .narrow(0, from * KV_BLOCK, positions)
-                .and_then(|t| t.contiguous())
+                .and_then(|t| t.copy())
                 .map_err(device_err)?;
             cache
                 .slice_set(&rows, 0, to * KV_BLOCK)
