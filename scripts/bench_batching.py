@@ -28,7 +28,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchlib import request, start  # noqa: E402
+from benchlib import request, start, stop  # noqa: E402
 
 PROMPT_TOKENS = 128
 GEN_TOKENS = 128
@@ -201,16 +201,6 @@ def queen_stack(bins, worker_binary, model, threads, n, tmp, procs):
     return f"{queen_url}/v1/inference", body
 
 
-def stop(procs):
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 def show(name, r):
     print(f"  {name:<13} {r['agg_tps']:8.1f} tok/s   TTFT p50 {r['ttft_p50']:6.3f} s  "
           f"p99 {r['ttft_p99']:6.3f} s   ITL p50 {r['itl_p50'] * 1e3:7.1f} ms  "
@@ -231,18 +221,19 @@ def main():
     results = {}
     for n in (int(s) for s in args.streams.split(",")):
         print(f"{n} concurrent streams:", flush=True)
-        proc, url = llama_server(args.llama_server, args.model, args.threads, n)
-        try:
-            results[("llama-server", n)] = r = runs_of(url, llama_body, parse_llama, n, args.runs)
-            show("llama-server", r)
-        finally:
-            stop([proc])
-        proc, url = rbee_worker(args.worker, args.model, args.threads, n)
-        try:
-            results[("rbee", n)] = r = runs_of(url, rbee_body, parse_rbee, n, args.runs)
-            show("rbee worker", r)
-        finally:
-            stop([proc])
+        servers = [
+            ("llama-server", lambda: llama_server(args.llama_server, args.model, args.threads, n),
+             llama_body, parse_llama),
+            ("rbee", lambda: rbee_worker(args.worker, args.model, args.threads, n),
+             rbee_body, parse_rbee),
+        ]
+        for name, launch, body, parse in servers:
+            proc, url = launch()
+            try:
+                results[(name, n)] = r = runs_of(url, body, parse, n, args.runs)
+                show(name, r)
+            finally:
+                stop([proc])
         ours, theirs = results[("rbee", n)], results[("llama-server", n)]
         print(f"  rbee / llama-server: aggregate {ours['agg_tps'] / theirs['agg_tps']:.2f}x, "
               f"TTFT p50 {ours['ttft_p50'] / theirs['ttft_p50']:.2f}x", flush=True)

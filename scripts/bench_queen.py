@@ -268,13 +268,7 @@ class Daemons(list):
         return self
 
     def __exit__(self, *exc):
-        for p in self:
-            p.terminate()
-        for p in self:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        benchlib.stop(self)
 
 
 def fake_scenarios(args, bins, model, tmp, load_cpu, daemon_cpu, procs, out):

@@ -24,6 +24,18 @@ def request(method, url, body=None, timeout=30, token=None):
         return e.code, json.loads(e.read() or b"null")
 
 
+def stop(procs):
+    """Terminate every process, then wait for each (killing one that takes
+    over 30 s)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def start(argv, env=None, prefix=()):
     """Start a daemon (after `prefix`, e.g. taskset) with JSON logs on a
     free port; return (process, base URL) once it logs its address. Its

@@ -436,8 +436,9 @@ fn the_shutdown_route_stops_a_worker_and_eviction_waits_for_it() {
 }
 
 /// A GGUF header (no tensors) describing a llama model with `layers`
-/// blocks of 64 heads of 128 over 4096 positions: its KV cache needs
-/// `layers x 268,435,456` bytes per slot, whatever the file's size.
+/// blocks of 64 heads of 128 over 4096 positions: a worker's default KV
+/// cache pool (16,384 positions in f16) needs `layers x 536,870,912` bytes,
+/// whatever the file's size.
 fn gguf_header(path: &Path, layers: u32) {
     let mut f = b"GGUF".to_vec();
     f.extend(3u32.to_le_bytes());
@@ -484,6 +485,11 @@ fn every_spawn_validation_error_has_its_code() {
         ),
         (
             json!({ "model_ref": model_ref, "slots": 0 }),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({ "model_ref": model_ref, "kv_tokens": 64 }),
             400,
             "INVALID_REQUEST",
         ),
@@ -553,8 +559,10 @@ fn two_spawns_cannot_claim_the_same_free_memory() {
         .spawn();
     let (_, status, _) = send(client().get(hive.url("/v1/status")));
     let available = status["ram_available_bytes"].as_u64().expect("ram");
-    // A header whose KV cache needs about 60 % of the free memory.
-    let per_layer = 2 * 4096 * 64 * 128 * 4u64;
+    // A header whose KV cache needs about 60 % of the free memory: the
+    // worker's default pool of 16,384 positions, K and V, 64 heads of 128,
+    // f16 on the CPU.
+    let per_layer = 2 * 16_384 * 64 * 128 * 2u64;
     let layers = (available * 6 / 10) / per_layer;
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("half.gguf");

@@ -67,6 +67,18 @@ fn text_ids(model: &LoadedModel) -> Vec<u32> {
     ids
 }
 
+/// Rows of sequence 0 for `ids` from position `from` on, all giving logits.
+fn rows_from(ids: &[u32], from: usize) -> Vec<Row> {
+    (from..ids.len())
+        .map(|pos| Row {
+            token: ids[pos],
+            seq: 0,
+            pos,
+            logits: true,
+        })
+        .collect()
+}
+
 /// Each sequence `0..3` its own blocks of a pool of 96, in a different
 /// order for each: in order, reversed, scattered.
 fn scattered_tables() -> BlockTables {
@@ -302,14 +314,7 @@ fn rows_give_the_same_logits_alone_batched_with_other_sequences_in_any_chunks_an
     let mut taken = BlockTables::new();
     taken.push([shared, own, tables.table(0)[6]]);
     let from = 128 + 30;
-    let rows: Vec<Row> = (from..a.len())
-        .map(|pos| Row {
-            token: a[pos],
-            seq: 0,
-            pos,
-            logits: true,
-        })
-        .collect();
+    let rows = rows_from(a, from);
     let logits = f.forward(&rows, &taken).expect("after the prefix");
     for (k, pos) in (from..a.len()).enumerate() {
         assert!(
@@ -381,14 +386,7 @@ fn the_candle_device_path_reads_its_kv_from_any_blocks_and_takes_over_copied_pre
     let mut taken = BlockTables::new();
     taken.push([shared, own]);
     let from = 128 + 30;
-    let rows: Vec<Row> = (from..ids.len())
-        .map(|pos| Row {
-            token: ids[pos],
-            seq: 0,
-            pos,
-            logits: true,
-        })
-        .collect();
+    let rows = rows_from(ids, from);
     let logits = f.forward(&rows, &taken).expect("after the prefix");
     for (k, pos) in (from..ids.len()).enumerate() {
         let want = &in_order[pos];
