@@ -283,7 +283,15 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
 #[test]
 fn queue_limits_deadlines_cancellation_and_disconnects() {
     let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    // One worker with one slot, so that one stream fills it.
+    let (status, body, _) = send(
+        client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(&json!({"model_ref": default_ref(), "slots": 1})),
+    );
+    assert_eq!(status, 202, "{body}");
     let queen = ready_queen(&queen_spec(&[&hive]).args(["--max-queue", "1"]), None);
+    wait_ready_workers(&queen, 1, None);
     let (status, body, _) = infer(
         &queen,
         &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),

@@ -149,6 +149,17 @@ fn healthy_hive() -> RunningDaemon {
     hive_with_a_worker(DaemonSpec::new("rbee-hive"))
 }
 
+/// Six greedy tokens of a story of its own: two different prompts are
+/// placed by load, not sent after each other to one worker (the queen keeps
+/// a conversation on the worker that served it).
+fn story(i: usize) -> Value {
+    let mut body = long_request(6, true);
+    body["prompt"] = json!(format!(
+        "Write a long story about lighthouse keeper number {i}."
+    ));
+    body
+}
+
 #[test]
 fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() {
     // Crash before any token reached the client: the client never notices.
@@ -156,8 +167,8 @@ fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() 
     let good = healthy_hive();
     let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
     wait_ready_workers(&queen, 2, None);
-    for _ in 0..2 {
-        let events = stream(&queen, &long_request(6, true)).rest();
+    for i in 0..2 {
+        let events = stream(&queen, &story(i)).rest();
         assert_eq!(
             events.iter().filter(|e| e["type"] == "started").count(),
             1,
@@ -178,9 +189,7 @@ fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() 
     let good = healthy_hive();
     let queen = ready_queen(&queen_spec(&[&bad, &good]), None);
     wait_ready_workers(&queen, 2, None);
-    let outcomes: Vec<Vec<Value>> = (0..2)
-        .map(|_| stream(&queen, &long_request(6, true)).rest())
-        .collect();
+    let outcomes: Vec<Vec<Value>> = (0..2).map(|i| stream(&queen, &story(i)).rest()).collect();
     let failed: Vec<&Vec<Value>> = outcomes
         .iter()
         .filter(|events| events.iter().any(|e| e["type"] == "error"))
