@@ -235,6 +235,34 @@ fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
 }
 
 #[test]
+fn a_panic_on_the_engine_thread_ends_its_streams_and_the_process_with_a_failure_code() {
+    let mut w = DaemonSpec::new("llm-worker-rbee")
+        .fault_injection()
+        .env("RBEE_FAULT_PANIC_AFTER_TOKENS", "2")
+        .spawn();
+    w.wait_ready(Duration::from_secs(60));
+    let events = Sse::new(post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
+    ))
+    .rest();
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "error", "{events:?}");
+    assert_eq!(last["code"], "INTERNAL", "{events:?}");
+    // No worker left up that looks ready with no engine: it exits non-zero
+    // (the hive restarts it), saying why.
+    let status = w
+        .wait_exit(Duration::from_secs(10))
+        .expect("the worker exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(w
+        .logs()
+        .iter()
+        .any(|l| l.contains("the engine thread panicked: fault injection")));
+}
+
+#[test]
 fn the_default_build_has_no_fault_injection() {
     let mut w = DaemonSpec::new("llm-worker-rbee")
         .env("RBEE_FAULT_EXIT_AFTER_TOKENS", "1")

@@ -111,13 +111,16 @@ pub struct Engine {
 
 impl Engine {
     /// Start the engine thread over `model`, running up to `slots`
-    /// sequences at once in its KV cache pool.
+    /// sequences at once in its KV cache pool. Should the thread panic,
+    /// its jobs end with an error and `on_death` is called with what
+    /// happened: a worker without an engine must not stay up looking ready.
     pub fn start(
         model: Box<dyn Forward>,
         tokenizer: tokenizers::Tokenizer,
         eos: Vec<u32>,
         metrics: WorkerMetrics,
         slots: usize,
+        on_death: impl FnOnce(String) + Send + 'static,
     ) -> std::io::Result<Self> {
         let limits = model.limits();
         let slots = slots.max(1);
@@ -149,7 +152,19 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name("engine".to_owned())
-            .spawn(move || worker.run(rx))?;
+            .spawn(move || {
+                // Unwinding drops the running jobs' event senders, so their
+                // streams end with an error at once.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(rx)));
+                if let Err(panic) = run {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    on_death(format!("the engine thread panicked: {what}"));
+                }
+            })?;
         Ok(Self { tx, shared })
     }
 

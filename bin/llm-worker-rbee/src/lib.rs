@@ -350,12 +350,14 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             kv_bytes_per_position,
             ..
         } = loaded;
+        let on_death = fatal.clone();
         let engine = match Engine::start(
             forward,
             tokenizer.clone(),
             eos_token_ids,
             metrics.clone(),
             usize::from(slots),
+            move |why| on_death.fail(why),
         ) {
             Ok(engine) => engine,
             Err(e) => return fatal.fail(format!("cannot start the engine thread: {e}")),

@@ -7,6 +7,8 @@
 //!   after the N-th generated token (a wedged GPU, a deadlock).
 //! - `RBEE_FAULT_EXIT_AFTER_TOKENS=N`: the process exits with code 101 after
 //!   the N-th generated token (a crash).
+//! - `RBEE_FAULT_PANIC_AFTER_TOKENS=N`: the engine thread panics after the
+//!   N-th generated token (a bug in the engine).
 //! - `RBEE_FAULT_LOAD_DELAY_MS=N`: model loading takes N ms longer (a large
 //!   model), so the `loading` state can be observed.
 
@@ -20,6 +22,7 @@ pub const CRASH_EXIT_CODE: i32 = 101;
 struct Faults {
     wedge_after: Option<u64>,
     exit_after: Option<u64>,
+    panic_after: Option<u64>,
     load_delay_ms: Option<u64>,
 }
 
@@ -30,6 +33,7 @@ fn faults() -> &'static Faults {
         Faults {
             wedge_after: read("RBEE_FAULT_WEDGE_AFTER_TOKENS"),
             exit_after: read("RBEE_FAULT_EXIT_AFTER_TOKENS"),
+            panic_after: read("RBEE_FAULT_PANIC_AFTER_TOKENS"),
             load_delay_ms: read("RBEE_FAULT_LOAD_DELAY_MS"),
         }
     })
@@ -44,6 +48,9 @@ pub fn after_token() {
     if f.exit_after == Some(n) {
         tracing::error!(tokens = n, "fault injection: exiting");
         std::process::exit(CRASH_EXIT_CODE);
+    }
+    if f.panic_after == Some(n) {
+        panic!("fault injection: the engine panics after {n} tokens");
     }
     if f.wedge_after == Some(n) {
         tracing::error!(tokens = n, "fault injection: wedging the engine");
