@@ -219,6 +219,13 @@ fn repeated_crashes_mark_the_worker_failed_and_open_the_breaker() {
     });
     assert_eq!(w["restart_count"], 2);
     assert!(w["pid"].is_null());
+    // The list says why, not only that.
+    let failure = w["failure"].as_str().expect("a failure reason");
+    assert!(
+        failure.contains("its last process ended (exited, exit code 1)")
+            && failure.contains("circuit breaker"),
+        "{failure}"
+    );
     assert_eq!(
         metric(
             &hive,
@@ -246,6 +253,63 @@ fn repeated_crashes_mark_the_worker_failed_and_open_the_breaker() {
     assert_eq!(body["error"]["code"], "CIRCUIT_OPEN");
     assert!(headers.get("retry-after").is_some());
     assert!(hive.wait_for_log("worker failed; not restarting it", Duration::from_secs(1)));
+}
+
+/// `target` as a path relative to `base` (both absolute).
+fn relative(base: &Path, target: &Path) -> PathBuf {
+    let common = base
+        .components()
+        .zip(target.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in base.components().skip(common) {
+        out.push("..");
+    }
+    out.extend(target.components().skip(common));
+    out
+}
+
+#[test]
+fn a_relative_worker_binary_is_taken_from_where_the_hive_started_and_a_missing_one_is_named() {
+    // Workers start in their own directories; the hive resolves the path
+    // from its own at startup (the tests' working directory, inherited).
+    let cwd = std::env::current_dir().expect("cwd");
+    let worker_binary = relative(&cwd, &binary("llm-worker-rbee"));
+    assert!(worker_binary.is_relative());
+    let hive = DaemonSpec::new("rbee-hive")
+        .args(["--worker-binary", worker_binary.to_str().expect("UTF-8")])
+        .spawn();
+    provision(&hive, &default_ref());
+    spawn_idle(&hive, &default_ref(), "w-rel");
+
+    // A binary that is gone by the time a worker is spawned: the worker is
+    // failed, and the list says why.
+    let dir = tempfile::tempdir().expect("dir");
+    let copy = dir.path().join("llm-worker-rbee");
+    std::fs::copy(binary("llm-worker-rbee"), &copy).expect("copy");
+    let hive = DaemonSpec::new("rbee-hive")
+        .args(["--worker-binary", copy.to_str().expect("UTF-8")])
+        .spawn();
+    provision(&hive, &default_ref());
+    std::fs::remove_file(&copy).expect("remove");
+    let (status, body, _) = spawn(
+        &hive,
+        json!({ "model_ref": default_ref(), "worker_id": "w-gone" }),
+    );
+    assert_eq!(status, 202, "{body}");
+    let mut w = Value::Null;
+    wait_for(Duration::from_secs(20), "the worker to be failed", || {
+        w = worker(&hive, "w-gone").unwrap_or(Value::Null);
+        w["state"] == "failed"
+    });
+    let failure = w["failure"].as_str().expect("a failure reason");
+    assert!(
+        failure.contains("cannot start the worker process")
+            && failure.contains(copy.to_str().expect("UTF-8"))
+            && failure.contains("No such file"),
+        "{failure}"
+    );
 }
 
 #[test]

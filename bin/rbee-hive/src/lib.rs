@@ -429,6 +429,16 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
 
 fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
     let worker_binary = match &config.worker_binary {
+        // Workers start in their own directories: a relative path is taken
+        // from the directory the hive was started in, once, here.
+        Some(path) if path.is_relative() => std::env::current_dir()
+            .map(|dir| dir.join(path))
+            .map_err(|e| {
+                StartupError::Config(format!(
+                    "cannot resolve the worker binary {}: {e}",
+                    path.display()
+                ))
+            })?,
         Some(path) => path.clone(),
         None => std::env::current_exe()
             .ok()

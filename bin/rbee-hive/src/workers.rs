@@ -528,6 +528,7 @@ impl Workers {
                 started: now,
                 reserved_bytes: required,
                 vram_bytes: 0,
+                failure: None,
             })?;
             (device, required)
         };

@@ -210,6 +210,11 @@ pub struct WorkerInfo {
     pub slots_total: u32,
     /// GPU memory it reported (0 on cpu).
     pub vram_bytes: u64,
+    /// Why the hive gave up on it (state `failed`): the process could not
+    /// be started, or how its last process ended and why no restart
+    /// followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// One target group of Prometheus's HTTP service discovery

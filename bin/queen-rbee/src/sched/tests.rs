@@ -18,6 +18,7 @@ fn worker(id: &str, model: &str, state: WorkerState, slots: u32) -> WorkerInfo {
         started_at: String::new(),
         slots_total: slots,
         vram_bytes: 0,
+        failure: None,
     }
 }
 

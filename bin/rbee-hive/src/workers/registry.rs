@@ -45,6 +45,8 @@ pub struct WorkerRecord {
     pub reserved_bytes: u64,
     /// GPU memory the worker reported.
     pub vram_bytes: u64,
+    /// Why the hive gave up on it, once `failed`.
+    pub failure: Option<String>,
 }
 
 impl WorkerRecord {
@@ -71,6 +73,7 @@ impl WorkerRecord {
             started_at: rfc3339(self.started_at),
             slots_total: u32::from(self.slots),
             vram_bytes: self.vram_bytes,
+            failure: self.failure.clone(),
         }
     }
 
@@ -289,6 +292,7 @@ mod tests {
             started: Instant::now(),
             reserved_bytes: reserved,
             vram_bytes: 0,
+            failure: None,
         }
     }
 

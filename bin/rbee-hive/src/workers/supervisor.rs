@@ -34,10 +34,12 @@ impl Workers {
                 Ok(child) => child,
                 Err(e) => {
                     tracing::error!(worker_id = %spec.id, error = %e, "cannot start the worker process");
+                    let binary = inner.tuning().settings.worker_binary.clone();
                     self.give_up(
                         &spec,
                         WorkerFailureReason::SpawnFailed,
                         "spawn_failed",
+                        format!("cannot start the worker process {}: {e}", binary.display()),
                         request_id,
                     );
                     break;
@@ -145,6 +147,10 @@ impl Workers {
                             &spec,
                             WorkerFailureReason::CircuitOpen,
                             "circuit_open",
+                            format!(
+                                "{}; the circuit breaker of its model and device is open",
+                                ended(cause, &exit)
+                            ),
                             request_id,
                         );
                         break;
@@ -158,7 +164,19 @@ impl Workers {
                         }
                         _ => (WorkerFailureReason::MaxAttempts, "max_attempts"),
                     };
-                    self.give_up(&spec, why, label, request_id);
+                    let detail = match reason {
+                        Reason::CircuitOpen => {
+                            "the circuit breaker of its model and device is open"
+                        }
+                        _ => "no restart attempts are left",
+                    };
+                    self.give_up(
+                        &spec,
+                        why,
+                        label,
+                        format!("{}; {detail}", ended(cause, &exit)),
+                        request_id,
+                    );
                     break;
                 }
             }
@@ -172,6 +190,7 @@ impl Workers {
         spec: &Spec,
         why: WorkerFailureReason,
         label: &str,
+        failure: String,
         request_id: Option<&str>,
     ) {
         let inner = &self.inner;
@@ -185,6 +204,7 @@ impl Workers {
             r.pid = None;
             r.url = None;
             r.reserved_bytes = 0;
+            r.failure = Some(failure);
         });
         inner
             .stops
@@ -385,6 +405,16 @@ impl Workers {
         process::signal_group(pid, Signal::SIGKILL);
         let _ = child.wait().await;
     }
+}
+
+/// How a worker's last process ended, in words.
+fn ended(cause: CrashCause, exit: &ExitInfo) -> String {
+    let how = match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "no exit status".to_owned(),
+    };
+    format!("its last process ended ({}, {how})", cause.as_str())
 }
 
 /// What a supervisor needs to (re)start a worker.
