@@ -211,11 +211,12 @@ fn the_worker_runs_exactly_the_compute_threads_it_is_given() {
     }
 }
 
-#[test]
-fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
-    let mut w = DaemonSpec::new("llm-worker-rbee")
+/// A fault-injection worker with `fault` set to 2 tokens, and the events
+/// of one 50-token stream it serves.
+fn faulty_stream(fault: &str) -> (rbee_system_tests::RunningDaemon, Vec<Value>) {
+    let w = DaemonSpec::new("llm-worker-rbee")
         .fault_injection()
-        .env("RBEE_FAULT_EXIT_AFTER_TOKENS", "2")
+        .env(fault, "2")
         .spawn();
     w.wait_ready(Duration::from_secs(60));
     let events = Sse::new(post(
@@ -224,6 +225,12 @@ fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
         json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
     ))
     .rest();
+    (w, events)
+}
+
+#[test]
+fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
+    let (mut w, events) = faulty_stream("RBEE_FAULT_EXIT_AFTER_TOKENS");
     assert!(
         events.iter().all(|e| e["type"] != "end"),
         "the stream cannot end cleanly: {events:?}"
@@ -236,17 +243,7 @@ fn an_injected_crash_ends_the_process_mid_stream_with_a_failure_code() {
 
 #[test]
 fn a_panic_on_the_engine_thread_ends_its_streams_and_the_process_with_a_failure_code() {
-    let mut w = DaemonSpec::new("llm-worker-rbee")
-        .fault_injection()
-        .env("RBEE_FAULT_PANIC_AFTER_TOKENS", "2")
-        .spawn();
-    w.wait_ready(Duration::from_secs(60));
-    let events = Sse::new(post(
-        &w,
-        "/v1/inference",
-        json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true}),
-    ))
-    .rest();
+    let (mut w, events) = faulty_stream("RBEE_FAULT_PANIC_AFTER_TOKENS");
     let last = events.last().expect("events");
     assert_eq!(last["type"], "error", "{events:?}");
     assert_eq!(last["code"], "INTERNAL", "{events:?}");
