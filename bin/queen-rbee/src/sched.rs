@@ -26,6 +26,7 @@ use rbee_api::worker::{WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
 use tokio::sync::oneshot;
 
+use self::affinity::Affinity;
 use crate::metrics::QueenMetrics;
 
 /// How long a worker that answered 503 is passed over.
@@ -74,36 +75,6 @@ struct Waiter {
     request_id: Arc<str>,
     /// The conversation the request continues, if known (see [`Affinity`]).
     affinity: Option<u64>,
-}
-
-/// Most conversations whose worker the scheduler remembers.
-const AFFINITY_ENTRIES: usize = 65_536;
-
-/// Which worker served each recent conversation (a key made from the start
-/// of its prompt), so its next turn goes where its earlier turns' KV cache
-/// is and the worker's prefix reuse survives routing. Oldest forgotten
-/// first.
-#[derive(Debug, Default)]
-struct Affinity {
-    worker: HashMap<u64, String>,
-    order: VecDeque<u64>,
-}
-
-impl Affinity {
-    fn get(&self, key: u64) -> Option<&String> {
-        self.worker.get(&key)
-    }
-
-    fn set(&mut self, key: u64, worker: &str) {
-        if self.worker.insert(key, worker.to_owned()).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > AFFINITY_ENTRIES {
-                if let Some(old) = self.order.pop_front() {
-                    self.worker.remove(&old);
-                }
-            }
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -812,5 +783,6 @@ fn fail_all(st: &mut State, model: &str, err: &ApiError) {
     }
 }
 
+mod affinity;
 #[cfg(test)]
 mod tests;
