@@ -253,10 +253,10 @@ fn a_panic_on_the_engine_thread_ends_its_streams_and_the_process_with_a_failure_
         .wait_exit(Duration::from_secs(10))
         .expect("the worker exits");
     assert_eq!(status.code(), Some(1));
-    assert!(w
-        .logs()
-        .iter()
-        .any(|l| l.contains("the engine thread panicked: fault injection")));
+    assert!(w.wait_for_log(
+        "the engine thread panicked: fault injection",
+        Duration::from_secs(1)
+    ));
 }
 
 #[test]

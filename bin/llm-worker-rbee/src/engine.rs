@@ -44,7 +44,7 @@ use self::detokenizer::Detokenizer;
 use self::metrics::WorkerMetrics;
 use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
-use crate::model::llama::{BlockTables, Forward, ForwardError, Row};
+use crate::model::llama::{BlockTables, Forward, ForwardError, Row, KV_BLOCK};
 use crate::model::PREFILL_CHUNK;
 
 /// What a running job reports, in order: `Token`s, then one `End` or
@@ -411,14 +411,11 @@ impl Worker {
             // first generated token.
             let prefix = self.pool.lookup(prompt, prompt.len().saturating_sub(1));
             let positions = (prompt.len() + w.job.max_tokens as usize).min(self.ctx.context_length);
-            let Some(mut blocks) = self
-                .pool
-                .admit(&prefix, positions.div_ceil(crate::model::llama::KV_BLOCK))
-            else {
+            let Some(mut blocks) = self.pool.admit(&prefix, positions.div_ceil(KV_BLOCK)) else {
                 break;
             };
             let Some(w) = waiting.pop_front() else { break };
-            let mut cached = prefix.shared.len() * crate::model::llama::KV_BLOCK;
+            let mut cached = prefix.shared.len() * KV_BLOCK;
             if let Some((from, n)) = prefix.copy {
                 if let Some(to) = self.pool.allocate(&mut blocks, Some(from)) {
                     match self.model.copy_block(from as usize, to as usize, n) {
@@ -481,12 +478,12 @@ impl Worker {
                 }
                 let n = pending.min(budget);
                 let end = seq.fed + n;
-                while seq.blocks.table.len() * crate::model::llama::KV_BLOCK < end {
+                while seq.blocks.table.len() * KV_BLOCK < end {
                     if pool.allocate(&mut seq.blocks, None).is_none() {
                         break;
                     }
                 }
-                if seq.blocks.table.len() * crate::model::llama::KV_BLOCK < end {
+                if seq.blocks.table.len() * KV_BLOCK < end {
                     // Cannot happen: admission reserved every block.
                     tracing::error!(job_id = %seq.job.job_id, "no KV block left in the reservation");
                     done.push((
