@@ -108,6 +108,9 @@ pub struct DaemonSpec {
     /// Run under `taskset -c CPU`: the process, and what it starts, may use
     /// that one CPU.
     cpu: Option<u32>,
+    /// Run under `prlimit --nofile=N:N`: the process's descriptor limit,
+    /// soft and hard.
+    nofile: Option<u64>,
 }
 
 impl DaemonSpec {
@@ -127,6 +130,7 @@ impl DaemonSpec {
             scratch: (name == "rbee-hive" || name == "queen-rbee")
                 .then(|| Arc::new(tempfile::tempdir().expect("a scratch directory"))),
             cpu: None,
+            nofile: None,
         }
     }
 
@@ -166,6 +170,13 @@ impl DaemonSpec {
         self
     }
 
+    /// Limit the daemon to `n` open descriptors (soft and hard, so it
+    /// cannot raise its own), as `LimitNOFILE=` or a container would.
+    pub fn descriptor_limit(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
+
     /// Run the `fault-injection` build of the worker instead.
     pub fn fault_injection(mut self) -> Self {
         self.binary = Some(FAULT_INJECTION_WORKER.to_owned());
@@ -173,15 +184,26 @@ impl DaemonSpec {
     }
 
     fn command(&self) -> Command {
-        let program = binary(self.binary.as_deref().unwrap_or(&self.name));
-        let mut cmd = match self.cpu {
-            Some(cpu) => {
-                let mut taskset = Command::new("taskset");
-                taskset.arg("-c").arg(cpu.to_string()).arg(program);
-                taskset
-            }
-            None => Command::new(program),
-        };
+        let mut argv: Vec<std::ffi::OsString> =
+            vec![binary(self.binary.as_deref().unwrap_or(&self.name)).into()];
+        if let Some(cpu) = self.cpu {
+            argv.splice(
+                0..0,
+                ["taskset".into(), "-c".into(), cpu.to_string().into()],
+            );
+        }
+        if let Some(n) = self.nofile {
+            argv.splice(
+                0..0,
+                [
+                    "prlimit".into(),
+                    format!("--nofile={n}:{n}").into(),
+                    "--".into(),
+                ],
+            );
+        }
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.arg("--addr").arg(&self.addr);
         if let Some(model) = &self.model {
             cmd.arg("--model").arg(model);

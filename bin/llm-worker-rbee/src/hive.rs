@@ -36,7 +36,10 @@ impl HiveReporter {
     /// Send the ready callback until the hive takes it, then heartbeat until
     /// `shutdown`.
     pub async fn run(self, model: Arc<Model>, shutdown: CancellationToken) {
-        let client = match reqwest::Client::builder().timeout(CALL_TIMEOUT).build() {
+        let client = match rbee_http::client::http_client_builder()
+            .timeout(CALL_TIMEOUT)
+            .build()
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the HTTP client for hive callbacks");

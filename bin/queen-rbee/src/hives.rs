@@ -164,7 +164,7 @@ impl Hives {
                 entries: Mutex::new(HashMap::new()),
                 store,
                 sched,
-                client: reqwest::Client::new(),
+                client: rbee_http::client::http_client(),
                 auth,
                 poll: Mutex::new(poll),
                 audit,

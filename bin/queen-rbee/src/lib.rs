@@ -283,7 +283,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
                 jobs: Jobs::default(),
                 metrics,
                 audit,
-                client: reqwest::Client::new(),
+                client: rbee_http::client::http_client(),
                 upstream: upstream_pool(),
                 auth,
             }))
@@ -343,7 +343,7 @@ fn upstream_pool() -> std::sync::Arc<upstream::Upstream> {
 
 /// Ask every reachable hive to shut down (`--cascade-shutdown`).
 async fn cascade(hives: Hives, auth: Authenticator) {
-    let client = reqwest::Client::new();
+    let client = rbee_http::client::http_client();
     let calls = hives.reachable_urls().into_iter().map(|url| {
         let request = client
             .post(format!("{url}/v1/admin/shutdown"))

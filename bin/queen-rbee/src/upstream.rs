@@ -37,8 +37,10 @@ mod wire;
 
 use wire::{decode, encode, parse_head, Framing};
 
-/// Idle connections older than this are closed.
-pub const IDLE_MAX: Duration = Duration::from_secs(30);
+/// Idle connections older than this are closed: the same bound as the
+/// other daemons' pools ([`rbee_http::client::POOL_IDLE`]), under the
+/// workers' header read timeout that closes their idle connections.
+pub const IDLE_MAX: Duration = rbee_http::client::POOL_IDLE;
 
 /// Idle connections kept per worker address.
 const MAX_IDLE_PER_HOST: usize = 256;

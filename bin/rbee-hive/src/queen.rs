@@ -26,7 +26,7 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Register until `shutdown`; never returns early.
 pub async fn keep_registered(reg: Registration, auth: Authenticator, shutdown: CancellationToken) {
-    let client = reqwest::Client::new();
+    let client = rbee_http::client::http_client();
     let body = serde_json::json!({ "node_name": reg.node_name, "url": reg.url });
     let mut retry = Duration::from_secs(1);
     let mut registered = false;

@@ -297,7 +297,7 @@ impl Workers {
                 gpus: Mutex::new(gpus),
                 draining,
                 metrics,
-                http: reqwest::Client::new(),
+                http: rbee_http::client::http_client(),
             }),
         };
         registry.register_collector(Box::new(metrics::Collector(workers.clone())));

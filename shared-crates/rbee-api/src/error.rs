@@ -75,6 +75,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A worker failed while serving the request.
     WorkerFailed,
+    /// Every connection slot is taken by requests in flight; this
+    /// connection may ask only the probes.
+    TooManyConnections,
     /// An internal error; the cause is in the daemon's log, never in the body.
     Internal,
 }
@@ -104,7 +107,8 @@ impl ErrorCode {
             | Self::NoCapacity
             | Self::EngineStalled
             | Self::ModelLoading
-            | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::ShuttingDown
+            | Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientRam | Self::InsufficientVram | Self::InsufficientDisk => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
@@ -126,6 +130,7 @@ impl ErrorCode {
                 | Self::ModelLoading
                 | Self::ShuttingDown
                 | Self::WorkerFailed
+                | Self::TooManyConnections
                 | Self::InsufficientRam
                 | Self::InsufficientVram
         )
@@ -163,6 +168,7 @@ impl ErrorCode {
             Self::ModelLoading => "MODEL_LOADING",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::WorkerFailed => "WORKER_FAILED",
+            Self::TooManyConnections => "TOO_MANY_CONNECTIONS",
             Self::Internal => "INTERNAL",
         }
     }

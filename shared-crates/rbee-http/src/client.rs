@@ -10,6 +10,27 @@ use rbee_api::ApiError;
 
 use crate::request_id::{RequestId, X_REQUEST_ID};
 
+/// How long a pooled connection to another daemon may stay idle: under
+/// the peers' header read timeout (10 s by default), which also closes idle
+/// keep-alive connections, so a pooled connection is not reused just as the
+/// peer closes it.
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
+/// A client builder for calls to other daemons: pooled connections idle at
+/// most [`POOL_IDLE`], TCP keepalive, no Nagle delay.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .pool_idle_timeout(POOL_IDLE)
+        .tcp_keepalive(Duration::from_secs(60))
+        .tcp_nodelay(true)
+}
+
+/// [`http_client_builder`], built; falls back to reqwest's defaults if the
+/// TLS backend cannot start (it has none to start: plain HTTP only).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder().build().unwrap_or_default()
+}
+
 /// W3C trace context header, forwarded as is.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 

@@ -22,6 +22,7 @@
 pub mod audit;
 pub mod client;
 pub mod config_file;
+pub mod conn;
 pub mod errors;
 pub mod metrics;
 pub mod reload;
@@ -33,6 +34,7 @@ pub mod stack;
 pub mod telemetry;
 
 pub use client::{Propagate, RequestContext};
+pub use conn::{ConnectionLimits, ConnectionMetrics};
 pub use errors::ApiJson;
 pub use metrics::{register_build_info, HttpMetrics};
 pub use reload::{ReloadResult, Reloaded, Reloader, TokenChange};

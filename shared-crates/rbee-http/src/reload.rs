@@ -112,6 +112,13 @@ pub fn common_settings(
             format!("{:?}", common.log_format).to_lowercase(),
         ),
         ConfigSetting::new("shutdown_timeout_s", common.shutdown_timeout_s),
+        ConfigSetting::new("header_read_timeout_s", common.header_read_timeout_s),
+        ConfigSetting::new(
+            "max_connections",
+            common
+                .max_connections
+                .map_or_else(|| "auto".to_owned(), |n| n.to_string()),
+        ),
     ]
 }
 
@@ -326,6 +333,8 @@ mod tests {
             api_token_file: file,
             log_format: crate::LogFormat::Text,
             shutdown_timeout_s: 30,
+            header_read_timeout_s: 10,
+            max_connections: None,
             routes: false,
         }
     }

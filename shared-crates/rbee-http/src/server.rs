@@ -11,6 +11,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::{ConnectionLimits, ConnectionMetrics};
 use crate::telemetry::LogFormat;
 
 /// Flags shared by the three daemons (`#[command(flatten)]`).
@@ -30,6 +31,18 @@ pub struct CommonArgs {
     /// `POST /v1/admin/shutdown` before closing them.
     #[arg(long, env = "LLORCH_SHUTDOWN_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_timeout_s: u64,
+
+    /// Seconds a connection may take to send a complete request head, from
+    /// acceptance or from the end of its previous response (so it also
+    /// closes idle keep-alive connections).
+    #[arg(long, env = "LLORCH_HEADER_READ_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_s: u64,
+
+    /// Client connections served at once; at the cap a new connection
+    /// replaces the one idle longest. Default: half of the process's
+    /// descriptor limit (raised to its hard limit at start) less 64.
+    #[arg(long, env = "LLORCH_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: Option<u64>,
 
     /// Print every route this daemon serves (method, path, whether it needs
     /// the token) as JSON lines, and exit.
@@ -130,6 +143,8 @@ pub struct Daemon {
     drain_hooks: Vec<DrainHook>,
     reload: Option<crate::reload::ReloadHook>,
     reload_metrics: crate::reload::ReloadMetrics,
+    limits: ConnectionLimits,
+    conn_metrics: ConnectionMetrics,
 }
 
 /// Work to do while draining, awaited (within the drain bound) before
@@ -178,7 +193,14 @@ impl Daemon {
             drain_hooks: Vec::new(),
             reload: None,
             reload_metrics: crate::reload::ReloadMetrics::default(),
+            limits: ConnectionLimits::default(),
+            conn_metrics: ConnectionMetrics::default(),
         })
+    }
+
+    /// Serve with `limits` instead of the defaults.
+    pub fn set_connection_limits(&mut self, limits: ConnectionLimits) {
+        self.limits = limits;
     }
 
     /// Run `hook` on SIGHUP: it reads the configuration again, checks it
@@ -225,20 +247,18 @@ impl Daemon {
         // Under systemd (`Type=notify`) the unit becomes active now, once
         // the socket accepts; without NOTIFY_SOCKET this does nothing.
         notify_service_manager(&[sd_notify::NotifyState::Ready]);
-        // Streams are many small writes (one SSE event per token); without
-        // TCP_NODELAY, Nagle's algorithm holds each write until the previous
-        // one is acknowledged, and a delayed ACK makes that up to 40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-            }
-        });
-        let server = axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
+        tracing::info!(
+            max_connections = self.limits.max_connections,
+            header_read_timeout_s = self.limits.header_timeout.as_secs(),
+            "serving connections"
+        );
+        let server = crate::conn::serve(
+            self.listener,
+            self.router,
+            self.limits,
+            self.conn_metrics,
+            self.shutdown.clone(),
+        );
         let shutdown = self.shutdown.clone();
         let drain = self.drain;
         let hooks: Vec<_> = self
@@ -261,9 +281,9 @@ impl Daemon {
             notify_service_manager(&[sd_notify::NotifyState::Stopping]);
         });
         let result = tokio::select! {
-            result = server => {
+            () = server => {
                 tracing::info!("{} stopped", self.name);
-                result.map_err(StartupError::Serve)
+                Ok(())
             }
             () = async move {
                 shutdown.cancelled().await;
@@ -450,6 +470,8 @@ where
         return std::process::ExitCode::SUCCESS;
     }
     crate::telemetry::init_tracing(config.common().log_format);
+    let descriptors = crate::conn::raise_descriptor_limit();
+    tracing::debug!(descriptors, "descriptor limit");
     let runtime = match runtime_builder(C::ONE_RUNTIME_THREAD).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -511,6 +533,8 @@ pub struct Bootstrap {
     drain: Duration,
     audit_logger: AuditLogger,
     reload_metrics: crate::reload::ReloadMetrics,
+    limits: ConnectionLimits,
+    conn_metrics: ConnectionMetrics,
     /// Emits audit events (a no-op when audit is disabled).
     pub audit: AuditSink,
     /// The accepted token set, shared with the auth layer, and the token
@@ -568,6 +592,15 @@ impl Bootstrap {
         );
         audit.register_metrics(&mut registry);
         let reload_metrics = crate::reload::ReloadMetrics::register(&mut registry);
+        let conn_metrics = ConnectionMetrics::register(&mut registry, identity.metric_prefix);
+        let limits = ConnectionLimits {
+            header_timeout: Duration::from_secs(common.header_read_timeout_s),
+            max_connections: common
+                .max_connections
+                .map_or_else(crate::conn::default_max_connections, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+        };
         let mut stack = crate::HttpStack::new(&mut registry, identity.metric_prefix, auth.clone());
         if audit.is_enabled() {
             stack = stack.with_auth_observer(std::sync::Arc::new(
@@ -582,6 +615,8 @@ impl Bootstrap {
             audit,
             auth,
             reload_metrics,
+            limits,
+            conn_metrics,
             registry,
             shutdown: CancellationToken::new(),
             stack,
@@ -619,6 +654,8 @@ impl Bootstrap {
         .await?;
         daemon.audit = Some(self.audit_logger);
         daemon.reload_metrics = self.reload_metrics;
+        daemon.limits = self.limits;
+        daemon.conn_metrics = self.conn_metrics;
         Ok(daemon)
     }
 }
