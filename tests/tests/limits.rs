@@ -135,3 +135,89 @@ fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
         idle.elapsed()
     );
 }
+
+/// Series in a `/metrics` page: its sample lines.
+fn series(base: &str) -> usize {
+    reqwest::blocking::get(format!("{base}/metrics"))
+        .and_then(reqwest::blocking::Response::text)
+        .expect("metrics")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the daemon's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn ten_thousand_bogus_model_names_leave_the_queens_series_and_memory_flat() {
+    let queen = DaemonSpec::new("queen-rbee").spawn();
+    let base = queen.url("");
+    let client = reqwest::blocking::Client::new();
+    let ask = |model: &str| {
+        let response = client
+            .post(queen.url("/v1/inference"))
+            .json(&serde_json::json!({"model": model, "prompt": "hi", "stream": false}))
+            .send()
+            .expect("the queen answers");
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().expect("an error envelope");
+        (status, body)
+    };
+    // A well-formed reference no hive knows, and a name that is none.
+    let (status, body) = ask("hf:nobody/model-0");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("MODEL_NOT_FOUND"))
+    );
+    let (status, body) = ask(&"x".repeat(10_000));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    assert_eq!(body["error"]["details"]["fields"][0]["field"], "model");
+
+    // Warm up the allocator and every label the rejects use.
+    for i in 0..1_000 {
+        let _ = ask(&format!("hf:nobody/warm-{i}"));
+        let _ = ask(&format!("warm-{i}"));
+    }
+    // The scrape counts itself under its route the first time.
+    let _ = series(&base);
+    let series_before = series(&base);
+    let rss_before = rss_kib(queen.pid());
+    for i in 0..5_000 {
+        assert_eq!(
+            ask(&format!("hf:bogus/model-{i}:{}.gguf", "y".repeat(100))).0,
+            404
+        );
+        assert_eq!(ask(&format!("bogus model {i}")).0, 400);
+    }
+    let series_after = series(&base);
+    let rss_after = rss_kib(queen.pid());
+    assert_eq!(
+        series_before, series_after,
+        "10,000 bogus names added series"
+    );
+    assert!(
+        rss_after < rss_before + 2048,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    let metrics = reqwest::blocking::get(format!("{base}/metrics"))
+        .and_then(reqwest::blocking::Response::text)
+        .expect("metrics");
+    assert!(
+        metrics.contains("rbee_queen_requests_total{model=\"unknown\",outcome=\"client_error\"}"),
+        "rejects for unknown models are counted under one label value"
+    );
+    assert!(
+        !metrics.contains("bogus"),
+        "no client-chosen name is a label value"
+    );
+}

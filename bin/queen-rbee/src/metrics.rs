@@ -33,6 +33,10 @@ struct StageLabel {
     stage: &'static str,
 }
 
+/// The `model` label of requests rejected for a model no hive knows (not a
+/// model reference, so it cannot name a real model).
+pub const UNKNOWN_MODEL: &str = "unknown";
+
 type ModelHistograms = Family<ModelLabel, Histogram, fn() -> Histogram>;
 
 /// Latency buckets (seconds), from the queen's own sub-millisecond hops to

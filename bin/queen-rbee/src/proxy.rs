@@ -218,11 +218,16 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
                 model: Some(prep.model.clone()),
                 code: e.code(),
             });
-        state.metrics.finished(
-            &prep.model,
-            outcome_of(e.code()),
-            arrived.elapsed().as_secs_f64(),
-        );
+        // A model no hive knows is counted under one label value: each
+        // client-chosen name would otherwise add its series for good.
+        let label = if e.code() == ErrorCode::ModelNotFound || !state.sched.knows(&prep.model) {
+            crate::metrics::UNKNOWN_MODEL
+        } else {
+            prep.model.as_str()
+        };
+        state
+            .metrics
+            .finished(label, outcome_of(e.code()), arrived.elapsed().as_secs_f64());
         e.into_response()
     };
     if state.core.is_draining() {

@@ -33,9 +33,21 @@ pub fn router() -> Routes<AppState> {
         .get("/health/ready", ready)
 }
 
+/// The model a request names, checked as a model reference before anything
+/// keys a queue, a log line or a metric by it; the only model served when
+/// it names none.
 fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiError> {
     match model {
-        Some(m) if !m.trim().is_empty() => Ok(m.trim().to_owned()),
+        Some(m) if !m.trim().is_empty() => {
+            let m = m.trim();
+            rbee_api::ModelRef::parse(m).map_err(|e| {
+                ApiError::invalid_fields(
+                    ErrorCode::InvalidRequest,
+                    vec![e.into_field_error("model")],
+                )
+            })?;
+            Ok(m.to_owned())
+        }
         _ => state.sched.sole_model(),
     }
 }

@@ -418,6 +418,13 @@ impl Scheduler {
     }
 
     /// The one model the queen knows of, for requests that name none.
+    /// Whether a hive has `model` provisioned or a worker serves it.
+    pub fn knows(&self, model: &str) -> bool {
+        let st = self.lock();
+        st.hives.values().any(|h| h.models.contains(model))
+            || st.slots.values().any(|s| s.info.model_ref == model)
+    }
+
     pub fn sole_model(&self) -> Result<String, ApiError> {
         let models = self.models();
         match models.as_slice() {
