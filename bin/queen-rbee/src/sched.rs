@@ -417,7 +417,6 @@ impl Scheduler {
         list
     }
 
-    /// The one model the queen knows of, for requests that name none.
     /// Whether a hive has `model` provisioned or a worker serves it.
     pub fn knows(&self, model: &str) -> bool {
         let st = self.lock();
@@ -425,6 +424,7 @@ impl Scheduler {
             || st.slots.values().any(|s| s.info.model_ref == model)
     }
 
+    /// The one model the queen knows of, for requests that name none.
     pub fn sole_model(&self) -> Result<String, ApiError> {
         let models = self.models();
         match models.as_slice() {
