@@ -567,3 +567,38 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_file_name_from_the_hubs_listing_is_checked_like_a_users_and_kept_inside_the_models_dir() {
+    let hub = FakeHub::start();
+    let parent = tempfile::tempdir().expect("temp dir");
+    let models_dir = parent.path().join("models");
+    std::fs::create_dir(&models_dir).expect("models dir");
+    // A listing whose only GGUF would be written above the models
+    // directory if its name were joined as given.
+    hub.add_repo(
+        "acme/escape",
+        vec![HubFile::lfs("../../../../escape.gguf", gguf(1000, 5))],
+    );
+    hub.add_repo("acme/dashed", vec![HubFile::lfs("-rf.gguf", gguf(1000, 6))]);
+    let hive = hive_in(&hub, &models_dir).spawn();
+    for model_ref in ["hf:acme/escape", "hf:acme/dashed"] {
+        let (status, body) = provision(&hive, model_ref);
+        assert_eq!(status, 502, "{model_ref}: {body}");
+        assert_eq!(body["error"]["code"], "DOWNLOAD_FAILED");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains("unsafe file"), "{message}");
+    }
+    assert!(
+        !hub.requests().iter().any(|r| r.target.ends_with(".gguf")),
+        "nothing was fetched"
+    );
+    assert_eq!(
+        walk(parent.path())
+            .iter()
+            .filter(|p| p.to_string_lossy().contains(".gguf"))
+            .count(),
+        0,
+        "no file was written anywhere"
+    );
+}

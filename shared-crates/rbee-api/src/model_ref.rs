@@ -155,6 +155,14 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), ModelRefError> {
 }
 
 /// A revision or a file inside a repository: `/`-separated names.
+/// Check a file name inside a repository as a user-given `:FILE` is
+/// checked: `/`-separated names of `A-Z a-z 0-9 . _ - +`, no empty, `.` or
+/// `..` part, none starting with `-`, at most 255 bytes. A name a Hub listing
+/// returns is checked the same way before it names a path on disk.
+pub fn check_repo_file_name(name: &str) -> Result<(), ModelRefError> {
+    check_path_like("file", name)
+}
+
 fn check_path_like(what: &str, s: &str) -> Result<(), ModelRefError> {
     let ok = !s.is_empty()
         && s.len() <= 255

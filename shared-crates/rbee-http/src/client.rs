@@ -31,6 +31,42 @@ pub fn http_client() -> reqwest::Client {
     http_client_builder().build().unwrap_or_default()
 }
 
+/// Why [`read_limited`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body is longer than the caller accepts.
+    #[error("the body is longer than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// Reading it failed.
+    #[error("reading the body failed: {0}")]
+    Read(#[from] reqwest::Error),
+}
+
+/// The whole body of `response`, refusing one longer than `limit` bytes
+/// (by `Content-Length` before reading, or as the bytes arrive).
+pub async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// W3C trace context header, forwarded as is.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
@@ -109,5 +145,51 @@ impl Propagate for reqwest::RequestBuilder {
             Some(deadline) => builder.timeout(deadline.remaining().max(Duration::from_millis(1))),
             None => builder,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every connection with `response` as is.
+    async fn answering(response: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(response).await;
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_by_its_length_or_as_it_arrives() {
+        let client = http_client();
+        let declared =
+            answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\nconnection: close\r\n\r\n").await;
+        let response = client.get(&declared).send().await.expect("response");
+        assert!(matches!(
+            read_limited(response, 50).await,
+            Err(BodyError::TooLarge { limit: 50 })
+        ));
+        let chunked = answering(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n20\r\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n20\r\nbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n0\r\n\r\n",
+        )
+        .await;
+        let response = client.get(&chunked).send().await.expect("response");
+        assert!(matches!(
+            read_limited(response, 50).await,
+            Err(BodyError::TooLarge { limit: 50 })
+        ));
+        let response = client.get(&chunked).send().await.expect("response");
+        let body = read_limited(response, 64).await.expect("within the limit");
+        assert_eq!(body.len(), 64);
     }
 }

@@ -184,7 +184,15 @@ impl Hub {
                 .map(str::to_owned);
             return Err(self.status_error(status.as_u16(), hub_code.as_deref(), display, r));
         }
-        let info: RepoInfo = response.json().await.map_err(|e| {
+        let body = rbee_http::client::read_limited(response, MAX_LISTING_BYTES)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::DownloadFailed,
+                    format!("cannot read the Hub's listing for {display}: {e}"),
+                )
+            })?;
+        let info: RepoInfo = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 ErrorCode::DownloadFailed,
                 format!("the Hub's listing for {display} is not valid: {e}"),
@@ -283,9 +291,31 @@ impl Hub {
             }),
             Err(e) => Err(HubError::IoError(e)),
         };
-        result
+        let path = result
             .and_then(|r| r)
-            .map_err(|e| self.fetch_error(e, display, &file.name))
+            .map_err(|e| self.fetch_error(e, display, &file.name))?;
+        self.confined(&path, display)
+    }
+
+    /// `path`, once it is known to lie under the cache root after every
+    /// symlink is followed.
+    fn confined(&self, path: &Path, display: &str) -> Result<PathBuf, FetchError> {
+        let outside = |why: String| FetchError {
+            error: ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!("{display}: the fetched file {} {why}", path.display()),
+            ),
+            retry: false,
+        };
+        let root = std::fs::canonicalize(&self.cache_dir)
+            .map_err(|e| outside(format!("cannot be checked: {e}")))?;
+        let real =
+            std::fs::canonicalize(path).map_err(|e| outside(format!("cannot be checked: {e}")))?;
+        if real.starts_with(&root) {
+            Ok(path.to_path_buf())
+        } else {
+            Err(outside(format!("lies outside {}", root.display())))
+        }
     }
 
     fn fetch_error(&self, e: HubError, display: &str, name: &str) -> FetchError {
@@ -370,6 +400,15 @@ fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiErr
         ));
     }
     let to_file = |s: &Sibling| -> Result<RepoFile, ApiError> {
+        // The listing is the Hub's (or whatever answers at HF_ENDPOINT): a
+        // name that would leave the snapshot folder is refused like a
+        // user-given one.
+        if let Err(e) = rbee_api::model_ref::check_repo_file_name(&s.rfilename) {
+            return Err(ApiError::new(
+                ErrorCode::DownloadFailed,
+                format!("the Hub's listing for {display} names an unsafe file: {e}"),
+            ));
+        }
         let size = s.lfs.as_ref().map(|l| l.size).or(s.size).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::DownloadFailed,
@@ -474,6 +513,10 @@ fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiErr
     Ok(plan(Format::Safetensors, files))
 }
 
+/// The largest repository listing the hive reads (a listing of thousands of
+/// files is a few MB).
+const MAX_LISTING_BYTES: usize = 32 << 20;
+
 /// Progress of one download, shared with `hf-hub`'s chunk tasks.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -569,6 +612,22 @@ mod tests {
             revision: None,
             file: file.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_listed_name_that_would_leave_the_snapshot_is_refused() {
+        for name in [
+            "../x.gguf",
+            "a/../../x.gguf",
+            "/etc/x.gguf",
+            "-x.gguf",
+            "a//x.gguf",
+        ] {
+            let err = select_files(&hf(None), "hf:o/r", info(&[(name, 10, true)])).expect_err(name);
+            assert_eq!(err.code(), ErrorCode::DownloadFailed, "{name}");
+        }
+        let ok = select_files(&hf(None), "hf:o/r", info(&[("sub/x.gguf", 10, true)]));
+        assert!(ok.is_ok(), "a plain sub-folder is a valid name");
     }
 
     #[test]
