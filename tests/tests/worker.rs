@@ -393,3 +393,73 @@ fn a_model_that_cannot_be_loaded_exits_1_with_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_full_worker_refuses_before_tokenizing_and_an_overlong_prompt_never_reaches_the_tokenizer() {
+    let w = DaemonSpec::new("llm-worker-rbee")
+        .args(["--slots", "1", "--ctx", "256"])
+        .env("RUST_LOG", "info,llm_worker_rbee::http=debug")
+        .spawn();
+    w.wait_ready(Duration::from_secs(60));
+    let ask = |request_id: &str, path: &str, body: Value| {
+        client()
+            .post(w.url(path))
+            .header("x-request-id", request_id)
+            .json(&body)
+            .send()
+            .expect("the worker answers")
+    };
+    let tokenized = |request_id: &str| {
+        w.logs()
+            .iter()
+            .any(|l| l.contains("prompt tokenized") && l.contains(request_id))
+    };
+    // Longer in bytes than any prompt that could fit: refused by its length.
+    let response = ask(
+        "bytes-1",
+        "/v1/inference",
+        json!({"prompt": "a".repeat(1_000_000)}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(body["error"]["code"], "PROMPT_TOO_LONG", "{body}");
+    let details = &body["error"]["details"];
+    assert_eq!(details["prompt_bytes"], 1_000_000, "{body}");
+    let max = details["max_prompt_bytes"]
+        .as_u64()
+        .expect("the byte limit");
+    assert!(max < 1_000_000, "{body}");
+    assert!(
+        !tokenized("bytes-1"),
+        "an overlong prompt reached the tokenizer"
+    );
+
+    // Under the byte limit, over the context: the tokenizer decides.
+    let long = "hello ".repeat(usize::try_from(max).expect("usize") / 6);
+    let body: Value = ask("tokens-1", "/v1/inference", json!({"prompt": long}))
+        .json()
+        .expect("JSON");
+    assert_eq!(body["error"]["code"], "PROMPT_TOO_LONG", "{body}");
+    assert!(body["error"]["details"]["prompt_tokens"].as_u64() > Some(256));
+    assert!(w.wait_for_log("tokens-1", Duration::from_secs(5)));
+    assert!(tokenized("tokens-1"), "the debug line this test relies on");
+
+    // A full worker turns the same prompt away without tokenizing it, and
+    // a chat without rendering it.
+    let mut sse = long_generation(&w);
+    sse.next_event().expect("a token");
+    assert_unavailable(
+        ask("busy-1", "/v1/inference", json!({"prompt": long})),
+        "ALL_SLOTS_BUSY",
+    );
+    assert_unavailable(
+        ask(
+            "busy-2",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": long}]}),
+        ),
+        "ALL_SLOTS_BUSY",
+    );
+    assert!(!tokenized("busy-1") && !tokenized("busy-2"));
+    drop(sse);
+}

@@ -157,6 +157,15 @@ async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> St
     StatusCode::NO_CONTENT
 }
 
+/// 503 `ALL_SLOTS_BUSY`.
+pub(crate) fn all_slots_busy(model: &crate::Model) -> ApiError {
+    ApiError::new(
+        ErrorCode::AllSlotsBusy,
+        format!("all {} slots are busy", model.engine.slots()),
+    )
+    .with_retry_after(1)
+}
+
 /// A validated, tokenized, admitted job and the receiving end of its events.
 pub(crate) struct Admitted {
     pub(crate) job_id: String,
@@ -215,8 +224,42 @@ async fn admit_checked(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
+    // Everything that can refuse the request comes before the tokenizer:
+    // a full worker, a job id in use, a prompt too long in bytes to fit.
+    let Some(permit) = model.engine.try_reserve() else {
+        return Err(all_slots_busy(&model));
+    };
+    let cancel = CancellationToken::new();
+    if !state.jobs.insert(&job_id, cancel.clone()) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("job `{job_id}` is already running"),
+        ));
+    }
+    let guard = JobGuard {
+        jobs: state.jobs.clone(),
+        job_id: job_id.clone(),
+        _cancel: cancel.clone().drop_guard(),
+    };
+    if request.prompt.len() > model.max_prompt_bytes {
+        return Err(ApiError::new(
+            ErrorCode::PromptTooLong,
+            format!(
+                "the prompt is {} bytes; no prompt over {} bytes fits this model's context of {} tokens",
+                request.prompt.len(),
+                model.max_prompt_bytes,
+                model.context_length
+            ),
+        )
+        .with_details(serde_json::json!({
+            "prompt_bytes": request.prompt.len(),
+            "max_prompt_bytes": model.max_prompt_bytes,
+            "context_length": model.context_length,
+        })));
+    }
     let prompt = request.prompt.clone();
     let tokenizer = Arc::clone(&model);
+    let tokenizing = Instant::now();
     let ids = tokio::task::spawn_blocking(move || {
         tokenizer
             .tokenizer
@@ -231,6 +274,12 @@ async fn admit_checked(
             format!("cannot tokenize the prompt: {e}"),
         )
     })?;
+    tracing::debug!(
+        bytes = request.prompt.len(),
+        tokens = ids.len(),
+        ms = tokenizing.elapsed().as_secs_f64() * 1e3,
+        "prompt tokenized"
+    );
     if ids.is_empty() || ids.len() >= model.context_length {
         return Err(ApiError::new(
             ErrorCode::PromptTooLong,
@@ -245,26 +294,6 @@ async fn admit_checked(
             "context_length": model.context_length,
         })));
     }
-
-    let Some(permit) = model.engine.try_reserve() else {
-        return Err(ApiError::new(
-            ErrorCode::AllSlotsBusy,
-            format!("all {} slots are busy", model.engine.slots()),
-        )
-        .with_retry_after(1));
-    };
-    let cancel = CancellationToken::new();
-    if !state.jobs.insert(&job_id, cancel.clone()) {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("job `{job_id}` is already running"),
-        ));
-    }
-    let guard = JobGuard {
-        jobs: state.jobs.clone(),
-        job_id: job_id.clone(),
-        _cancel: cancel.clone().drop_guard(),
-    };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let tokens_in = ids.len();
     let job = Job {

@@ -169,6 +169,9 @@ pub struct Model {
     pub chat_template: model::chat::ChatTemplate,
     /// Longest prompt plus output.
     pub context_length: usize,
+    /// Longest prompt, in bytes, that can fit the context: longer ones are
+    /// refused before the tokenizer sees them.
+    pub max_prompt_bytes: usize,
     /// The worker's metrics.
     pub metrics: WorkerMetrics,
 }
@@ -362,9 +365,11 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             Ok(engine) => engine,
             Err(e) => return fatal.fail(format!("cannot start the engine thread: {e}")),
         };
+        let max_prompt_bytes = model::tokenizer::max_prompt_bytes(&tokenizer, context_length);
         tracing::info!(
             load_s = load_seconds,
             context_length,
+            max_prompt_bytes,
             vocab_size,
             engine = %engine_summary,
             weight_bytes,
@@ -381,6 +386,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             tokenizer,
             chat_template,
             context_length,
+            max_prompt_bytes,
             metrics,
         });
         let _ = model.set(Arc::clone(&ready));

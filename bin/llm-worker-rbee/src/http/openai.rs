@@ -28,17 +28,29 @@ fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, ApiError> {
         .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))
 }
 
-fn chat_prompt(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let Some(model) = state.model.get() else {
+/// Render the chat's prompt, off the runtime's thread and within the
+/// template's fuel; a worker with no free slot refuses before rendering
+/// (admission reserves the slot for good afterwards).
+async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<String, ApiError> {
+    let Some(model) = state.model.get().cloned() else {
         return Err(
             ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
                 .with_retry_after(1),
         );
     };
-    model
-        .chat_template
-        .render(messages)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))
+    if model.engine.active() >= model.engine.slots() {
+        model.metrics.request_finished(rbee_api::Outcome::Busy, 0.0);
+        return Err(super::all_slots_busy(&model));
+    }
+    let rendered = tokio::task::spawn_blocking(move || model.chat_template.render(&messages)).await;
+    match rendered {
+        Ok(Ok(prompt)) => Ok(prompt),
+        Ok(Err(e)) => Err(ApiError::new(ErrorCode::InvalidRequest, e)),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Internal,
+            "rendering the chat template failed",
+        )),
+    }
 }
 
 fn finish_reason(reason: StopReason) -> &'static str {
@@ -70,7 +82,7 @@ pub async fn chat_completions(
         messages,
         mut request,
     } = parse(Route::Chat, &body)?;
-    request.prompt = chat_prompt(&state, &messages)?;
+    request.prompt = chat_prompt(&state, messages).await?;
     respond(state, ctx, request, Kind::Chat).await
 }
 

@@ -7,6 +7,12 @@ pub use rbee_api::openai::ChatMessage;
 /// The template used when a model carries none: ChatML.
 pub const DEFAULT_CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Instructions one rendering may run. A turn costs a template some tens;
+/// the largest body the worker takes (1 MiB) holds about 30,000 empty
+/// messages. A template that loops further (by design or because of what
+/// a client sent) is stopped with an error instead of holding a thread.
+pub const RENDER_FUEL: u64 = 2_000_000;
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -36,6 +42,7 @@ impl ChatTemplate {
     /// Compile `source`; `is_default` marks the built-in ChatML.
     pub fn new(source: String, is_default: bool) -> Result<Self, String> {
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", source)
             .map_err(|e| format!("invalid chat template: {e}"))?;
         Ok(Self { env, is_default })
@@ -81,5 +88,30 @@ mod tests {
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn a_body_full_of_messages_renders_within_the_fuel_and_a_runaway_loop_does_not() {
+        // About the most turns a 1 MiB body holds.
+        let many: Vec<ChatMessage> = (0..30_000)
+            .map(|_| ChatMessage {
+                role: "user".into(),
+                content: String::new(),
+            })
+            .collect();
+        let chatml = ChatTemplate::chatml().unwrap();
+        assert!(chatml.render(&many).is_ok());
+        // A template that loops per message pair: quadratic in what a
+        // client sends.
+        let quadratic = ChatTemplate::new(
+            "{% for a in messages %}{% for b in messages %}{{ a.role }}{% endfor %}{% endfor %}"
+                .to_owned(),
+            false,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = quadratic.render(&many).expect_err("out of fuel");
+        assert!(err.contains("fuel"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 }

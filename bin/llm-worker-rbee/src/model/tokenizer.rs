@@ -35,6 +35,29 @@ fn strings<'a>(content: &'a Content, key: &str) -> Result<Vec<&'a str>, String> 
         .collect()
 }
 
+/// The longest prompt, in bytes, that could tokenize to fewer than
+/// `context_length` tokens: the longest token's spelling in the vocabulary
+/// (which is never shorter than the text it stands for: byte-level BPE
+/// spells a byte in one or two, SentencePiece a space in three), twice that
+/// when a normalizer may shorten the text first, times the context.
+pub fn max_prompt_bytes(tokenizer: &Tokenizer, context_length: usize) -> usize {
+    let longest = tokenizer
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(4);
+    let margin = if tokenizer.get_normalizer().is_some() {
+        2
+    } else {
+        1
+    };
+    longest
+        .saturating_mul(margin)
+        .saturating_mul(context_length)
+}
+
 /// Build the tokenizer. Only byte-level BPE (`tokenizer.ggml.model = gpt2`) is supported.
 pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
     let model = content
