@@ -471,6 +471,9 @@ fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
             failure_threshold: config.breaker_threshold,
             window: Duration::from_secs(config.breaker_window_s),
             cooldown: Duration::from_secs(config.breaker_cooldown_s),
+            // A probe that loads longer than this has been killed and
+            // counted already; past it, the probe is taken as lost.
+            probe_timeout: Duration::from_secs(config.load_timeout_s.saturating_mul(2).max(1)),
         },
     })
 }
@@ -594,7 +597,7 @@ mod tests {
         // After the cooldown exactly one probe spawn goes through; its
         // success closes the breaker.
         tokio::time::advance(s.breaker.cooldown).await;
-        assert_eq!(breaker.try_acquire(now()), Ok(Permit::Probe));
+        assert!(matches!(breaker.try_acquire(now()), Ok(Permit::Probe(_))));
         assert!(breaker.try_acquire(now()).is_err());
         assert_eq!(
             breaker.record_success(now()),

@@ -8,6 +8,7 @@
 //! the hive did not ask to stop is killed if needed and put through the
 //! restart policy and the circuit breaker of its (model, device) pair.
 
+mod breaker;
 mod metrics;
 pub mod preflight;
 pub mod process;
@@ -124,7 +125,8 @@ struct Inner {
     breakers: Mutex<HashMap<(String, u32), CircuitBreaker>>,
     preflight: Mutex<()>,
     stops: Mutex<HashMap<String, CancellationToken>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The supervisors; a finished one leaves nothing behind.
+    tasks: tokio_util::task::TaskTracker,
     backends: Vec<Backend>,
     gpus: Mutex<Vec<GpuInfo>>,
     draining: CancellationToken,
@@ -292,7 +294,7 @@ impl Workers {
                 breakers: Mutex::default(),
                 preflight: Mutex::default(),
                 stops: Mutex::default(),
-                tasks: Mutex::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
                 backends,
                 gpus: Mutex::new(gpus),
                 draining,
@@ -448,7 +450,7 @@ impl Workers {
 
         // Check and reserve under one lock: two spawns cannot both claim
         // the same free memory.
-        let (device, reserved) = {
+        let (device, reserved, probe) = {
             let _gate = inner.preflight.lock().unwrap_or_else(|e| e.into_inner());
             let (device, available, reserved) = match backend {
                 Backend::Cuda => {
@@ -508,7 +510,7 @@ impl Workers {
                     "device": device,
                 })));
             }
-            self.acquire_breaker(&model_ref, device)?;
+            let probe = self.acquire_breaker(&model_ref, device, request_id)?;
             let now = Instant::now();
             inner.registry.insert(WorkerRecord {
                 id: worker_id.clone(),
@@ -530,7 +532,7 @@ impl Workers {
                 vram_bytes: 0,
                 failure: None,
             })?;
-            (device, required)
+            (device, required, probe)
         };
         let _ = inner.models.mark_used(&model_ref).await;
         let spec = Spec {
@@ -551,50 +553,15 @@ impl Workers {
             .insert(worker_id.clone(), stop.clone());
         let this = self.clone();
         let request_id = request_id.map(str::to_owned);
-        let handle = tokio::spawn(async move {
-            this.supervise(spec, stop, lease, request_id).await;
+        inner.tasks.spawn(async move {
+            this.supervise(spec, stop, lease, probe, request_id).await;
         });
-        inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(handle);
         Ok(SpawnAccepted {
             worker_id,
             url: None,
             state: WorkerState::Loading,
             reserved_bytes: reserved,
         })
-    }
-
-    fn acquire_breaker(&self, model_ref: &str, device: u32) -> Result<(), ApiError> {
-        let mut breakers = self
-            .inner
-            .breakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let breaker = self.breaker_entry(&mut breakers, model_ref, device);
-        breaker.try_acquire(Instant::now()).map(|_| ()).map_err(|refused| {
-            ApiError::new(
-                ErrorCode::CircuitOpen,
-                format!(
-                    "the circuit breaker for {model_ref} on device {device} is open after repeated failures; retry in {}s",
-                    refused.retry_after.as_secs().max(1)
-                ),
-            )
-            .with_retry_after(refused.retry_after.as_secs().max(1))
-        })
-    }
-
-    fn breaker_entry<'a>(
-        &self,
-        breakers: &'a mut HashMap<(String, u32), CircuitBreaker>,
-        model_ref: &str,
-        device: u32,
-    ) -> &'a mut CircuitBreaker {
-        breakers
-            .entry((model_ref.to_owned(), device))
-            .or_insert_with(|| self.inner.tuning().breaker_template.clone())
     }
 
     /// A ready callback arrived.
@@ -692,11 +659,8 @@ impl Workers {
         for stop in &stops {
             stop.cancel();
         }
-        let tasks: Vec<_> =
-            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
-            let _ = task.await;
-        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
         self.kill_all();
     }
 

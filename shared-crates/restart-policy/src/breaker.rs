@@ -14,6 +14,10 @@ pub struct BreakerConfig {
     pub window: Duration,
     /// Time the breaker stays open before letting one probe spawn through (default 60 s).
     pub cooldown: Duration,
+    /// Time a probe spawn may stay out without an outcome before the next
+    /// caller gets a probe of its own (default 300 s): a probe whose
+    /// outcome was never reported cannot keep the breaker half-open forever.
+    pub probe_timeout: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -22,6 +26,7 @@ impl Default for BreakerConfig {
             failure_threshold: 5,
             window: Duration::from_secs(300),
             cooldown: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -36,6 +41,9 @@ impl BreakerConfig {
         }
         if self.cooldown.is_zero() {
             return Err(ConfigError::ZeroDuration("breaker cooldown"));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(ConfigError::ZeroDuration("breaker probe timeout"));
         }
         Ok(())
     }
@@ -67,9 +75,15 @@ pub enum Permit {
     /// The breaker is closed.
     Normal,
     /// The one spawn a half-open breaker lets through; report its outcome
-    /// with [`CircuitBreaker::record_success`] or [`CircuitBreaker::record_failure`].
-    Probe,
+    /// with [`CircuitBreaker::record_success`] or [`CircuitBreaker::record_failure`],
+    /// or give it up with [`CircuitBreaker::abandon_probe`].
+    Probe(ProbeId),
 }
+
+/// Which probe a [`Permit::Probe`] is, so that giving up a probe that timed
+/// out cannot end the one that replaced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeId(u64);
 
 /// A spawn refused by an open breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -82,8 +96,13 @@ pub struct SpawnRefused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Closed,
-    Open { until: Instant },
-    HalfOpen { probe_out: bool },
+    Open {
+        until: Instant,
+    },
+    /// `probe`: the probe out and when it was taken.
+    HalfOpen {
+        probe: Option<(ProbeId, Instant)>,
+    },
 }
 
 /// Counts failures of one (model, device) pair and refuses spawns while they
@@ -93,6 +112,7 @@ pub struct CircuitBreaker {
     config: BreakerConfig,
     failures: VecDeque<Instant>,
     state: State,
+    probes: u64,
 }
 
 impl CircuitBreaker {
@@ -103,6 +123,7 @@ impl CircuitBreaker {
             config,
             failures: VecDeque::new(),
             state: State::Closed,
+            probes: 0,
         })
     }
 
@@ -145,25 +166,63 @@ impl CircuitBreaker {
             State::Closed => None,
             State::Open { until } if now < until => Some(until - now),
             State::Open { .. } => None,
-            State::HalfOpen { probe_out } => probe_out.then_some(self.config.cooldown),
+            State::HalfOpen { probe } => match probe {
+                Some((_, since)) if !self.probe_expired(since, now) => {
+                    Some(self.probe_left(since, now))
+                }
+                _ => None,
+            },
         }
     }
 
+    fn probe_expired(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) >= self.config.probe_timeout
+    }
+
+    /// Until the probe out times out, at least a second.
+    fn probe_left(&self, since: Instant, now: Instant) -> Duration {
+        self.config
+            .probe_timeout
+            .saturating_sub(now.saturating_duration_since(since))
+            .max(Duration::from_secs(1))
+    }
+
     /// Ask to spawn now. In half-open state exactly one caller gets a
-    /// [`Permit::Probe`]; everyone else is refused until it reports back.
+    /// [`Permit::Probe`]; everyone else is refused until it reports back or
+    /// its `probe_timeout` passes.
     pub fn try_acquire(&mut self, now: Instant) -> Result<Permit, SpawnRefused> {
         match self.state {
             State::Closed => Ok(Permit::Normal),
             State::Open { until } if now < until => Err(SpawnRefused {
                 retry_after: until - now,
             }),
-            State::Open { .. } | State::HalfOpen { probe_out: false } => {
-                self.state = State::HalfOpen { probe_out: true };
-                Ok(Permit::Probe)
-            }
-            State::HalfOpen { probe_out: true } => Err(SpawnRefused {
-                retry_after: self.config.cooldown,
+            State::HalfOpen {
+                probe: Some((_, since)),
+            } if !self.probe_expired(since, now) => Err(SpawnRefused {
+                retry_after: self.probe_left(since, now),
             }),
+            State::Open { .. } | State::HalfOpen { .. } => {
+                self.probes += 1;
+                let id = ProbeId(self.probes);
+                self.state = State::HalfOpen {
+                    probe: Some((id, now)),
+                };
+                Ok(Permit::Probe(id))
+            }
+        }
+    }
+
+    /// The probe `id` ended without an outcome of its own (it could not be
+    /// started, it was stopped before it was ready, its record was lost):
+    /// counted as the failure it may be, so the breaker opens again for a
+    /// cooldown and then lets another probe through. A probe that already
+    /// reported, or that timed out and was replaced, changes nothing.
+    pub fn abandon_probe(&mut self, id: ProbeId, now: Instant) -> Option<BreakerTransition> {
+        match self.state {
+            State::HalfOpen {
+                probe: Some((out, _)),
+            } if out == id => self.open(now),
+            _ => None,
         }
     }
 
@@ -285,7 +344,7 @@ mod tests {
         let after = t0 + Duration::from_secs(60);
         assert_eq!(b.status(after), BreakerStatus::HalfOpen);
         assert_eq!(b.would_refuse(after), None);
-        assert_eq!(b.try_acquire(after), Ok(Permit::Probe));
+        assert!(matches!(b.try_acquire(after), Ok(Permit::Probe(_))));
         assert!(b.try_acquire(after).is_err());
         assert!(b.would_refuse(after).is_some());
         assert_eq!(b.record_success(after), Some(BreakerTransition::Closed));
@@ -300,13 +359,47 @@ mod tests {
             b.record_failure(t0);
         }
         let t1 = t0 + Duration::from_secs(61);
-        assert_eq!(b.try_acquire(t1), Ok(Permit::Probe));
+        assert!(matches!(b.try_acquire(t1), Ok(Permit::Probe(_))));
         assert_eq!(b.record_failure(t1), Some(BreakerTransition::Opened));
         assert_eq!(b.status(t1 + Duration::from_secs(59)), BreakerStatus::Open);
         assert_eq!(
             b.status(t1 + Duration::from_secs(60)),
             BreakerStatus::HalfOpen
         );
+    }
+
+    #[test]
+    fn an_abandoned_probe_reopens_and_a_lost_one_times_out() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            b.record_failure(t0);
+        }
+        let t1 = t0 + Duration::from_secs(60);
+        let Ok(Permit::Probe(first)) = b.try_acquire(t1) else {
+            panic!("a probe after the cooldown")
+        };
+        // Given up without an outcome: open for another cooldown, then
+        // another probe.
+        assert_eq!(b.abandon_probe(first, t1), Some(BreakerTransition::Opened));
+        assert_eq!(b.status(t1), BreakerStatus::Open);
+        let t2 = t1 + Duration::from_secs(60);
+        let Ok(Permit::Probe(second)) = b.try_acquire(t2) else {
+            panic!("a probe after the second cooldown")
+        };
+        assert_eq!(b.abandon_probe(first, t2), None, "not the probe out");
+        // Never reported: refused until the probe timeout, then replaced.
+        let waiting = b.try_acquire(t2 + Duration::from_secs(299)).unwrap_err();
+        assert_eq!(waiting.retry_after, Duration::from_secs(1));
+        let t3 = t2 + Duration::from_secs(300);
+        assert_eq!(b.would_refuse(t3), None);
+        let Ok(Permit::Probe(third)) = b.try_acquire(t3) else {
+            panic!("a lost probe is replaced after its timeout")
+        };
+        assert_eq!(b.abandon_probe(second, t3), None, "replaced already");
+        assert_eq!(b.record_success(t3), Some(BreakerTransition::Closed));
+        assert_eq!(b.abandon_probe(third, t3), None, "reported already");
+        assert_eq!(b.try_acquire(t3), Ok(Permit::Normal));
     }
 
     #[test]
@@ -332,7 +425,7 @@ mod tests {
             threshold in 1u32..10,
             gaps in proptest::collection::vec(0u64..200, 1..30),
         ) {
-            let config = BreakerConfig { failure_threshold: threshold, window: Duration::from_secs(300), cooldown: Duration::from_secs(60) };
+            let config = BreakerConfig { failure_threshold: threshold, window: Duration::from_secs(300), cooldown: Duration::from_secs(60), ..Default::default() };
             let mut b = CircuitBreaker::try_new(config).unwrap();
             let t0 = Instant::now();
             let mut now = t0;

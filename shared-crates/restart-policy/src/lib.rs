@@ -21,7 +21,7 @@ mod breaker;
 mod policy;
 
 pub use breaker::{
-    BreakerConfig, BreakerStatus, BreakerTransition, CircuitBreaker, Permit, SpawnRefused,
+    BreakerConfig, BreakerStatus, BreakerTransition, CircuitBreaker, Permit, ProbeId, SpawnRefused,
 };
 pub use policy::{
     ConfigError, Decision, ExitKind, ExitOutcome, PolicyKind, Reason, RestartConfig, RestartPolicy,

@@ -23,6 +23,7 @@ impl Workers {
         spec: Spec,
         stop: CancellationToken,
         lease: Lease,
+        mut probe: super::breaker::Probe,
         request_id: Option<String>,
     ) {
         let inner = &self.inner;
@@ -89,7 +90,7 @@ impl Workers {
             );
             let now = Instant::now();
             let outcome = {
-                let mut breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
+                let mut breakers = self.lock_breakers();
                 let breaker = self.breaker_entry(&mut breakers, &spec.model_ref, spec.device);
                 inner
                     .tuning()
@@ -97,19 +98,8 @@ impl Workers {
                     .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
             };
             if outcome.breaker == Some(BreakerTransition::Opened) {
-                inner
-                    .metrics
-                    .activations
-                    .get_or_create(&vec![("model".to_owned(), spec.model_ref.clone())])
-                    .inc();
                 tracing::warn!(model_ref = %spec.model_ref, device = spec.device, "circuit breaker opened");
-                inner.audit.emit(
-                    request_id,
-                    AuditEvent::CircuitBreakerOpened {
-                        model_ref: spec.model_ref.clone(),
-                        device: spec.device,
-                    },
-                );
+                self.breaker_opened(&spec.model_ref, spec.device, request_id);
             }
             match outcome.decision {
                 Decision::Restart { delay, attempt } => {
@@ -142,18 +132,21 @@ impl Workers {
                             break;
                         }
                     }
-                    if self.acquire_breaker(&spec.model_ref, spec.device).is_err() {
-                        self.give_up(
-                            &spec,
-                            WorkerFailureReason::CircuitOpen,
-                            "circuit_open",
-                            format!(
-                                "{}; the circuit breaker of its model and device is open",
-                                ended(cause, &exit)
-                            ),
-                            request_id,
-                        );
-                        break;
+                    match self.acquire_breaker(&spec.model_ref, spec.device, request_id) {
+                        Ok(next) => probe = next,
+                        Err(_) => {
+                            self.give_up(
+                                &spec,
+                                WorkerFailureReason::CircuitOpen,
+                                "circuit_open",
+                                format!(
+                                    "{}; the circuit breaker of its model and device is open",
+                                    ended(cause, &exit)
+                                ),
+                                request_id,
+                            );
+                            break;
+                        }
                     }
                 }
                 Decision::Stop { reason, .. } => {
@@ -182,6 +175,7 @@ impl Workers {
             }
         }
         drop(lease);
+        drop(probe);
     }
 
     /// Mark a worker `failed` (kept in the registry, no process).
