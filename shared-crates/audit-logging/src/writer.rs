@@ -204,14 +204,20 @@ impl TrailWriter {
         Ok(torn)
     }
 
-    /// Chain and write one record, then sync if the policy says so.
+    /// Chain and write one record, then sync if the policy says so. A
+    /// record that could not be written is counted as dropped.
     pub(crate) fn append(&mut self, pending: Pending) -> Result<(), AuditError> {
         if self.disk_is_short() {
             self.dropped.inc();
             return Ok(());
         }
-        self.write_recovery()?;
-        self.write_record(pending)
+        let result = self
+            .write_recovery()
+            .and_then(|()| self.write_record(pending));
+        if result.is_err() {
+            self.dropped.inc();
+        }
+        result
     }
 
     /// Write the record acknowledging a torn line, if one is owed.
@@ -325,14 +331,7 @@ impl TrailWriter {
         };
         if rotate {
             self.sync()?;
-            let name = format!("audit-{:020}-{date}.jsonl", self.next_id);
-            let path = self.dir.join(&name);
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io("create", &path))?;
+            let (file, name) = self.create_file(date)?;
             // Make the new directory entry itself durable.
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
@@ -348,6 +347,54 @@ impl TrailWriter {
         self.current
             .as_mut()
             .ok_or_else(|| AuditError::Config("no audit file open".to_owned()))
+    }
+
+    /// The file the next record starts, `audit-<next id>-<date>.jsonl`. A
+    /// file of that name is there when an earlier attempt created it and
+    /// then wrote nothing (a crash right after creating it, a write that
+    /// failed before its first byte): it is empty and is written into. One
+    /// holding bytes (a torn first line) is left as it is and the chain
+    /// continues in `audit-<next id>-<date>_<n>.jsonl`, which sorts after it.
+    fn create_file(&self, date: &str) -> Result<(File, String), AuditError> {
+        for attempt in 0..1000u32 {
+            let name = if attempt == 0 {
+                format!("audit-{:020}-{date}.jsonl", self.next_id)
+            } else {
+                format!("audit-{:020}-{date}_{attempt}.jsonl", self.next_id)
+            };
+            let path = self.dir.join(&name);
+            match OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => return Ok((file, name)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let empty = std::fs::symlink_metadata(&path)
+                        .is_ok_and(|m| m.file_type().is_file() && m.len() == 0);
+                    if empty {
+                        let file = OpenOptions::new()
+                            .append(true)
+                            .open(&path)
+                            .map_err(io("open", &path))?;
+                        tracing::warn!(file = %name, "resuming the audit trail in an empty file an earlier attempt left");
+                        return Ok((file, name));
+                    }
+                }
+                Err(source) => {
+                    return Err(AuditError::Io {
+                        what: "create",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        Err(AuditError::Config(format!(
+            "no free audit file name for record {} on {date}",
+            self.next_id
+        )))
     }
 
     /// True while free space is under the reserve; checked at most once a second.
@@ -432,11 +479,96 @@ pub(crate) fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// `audit-<id>-<yyyymmdd>.jsonl` → `yyyymmdd`.
+/// `audit-<id>-<yyyymmdd>[_<n>].jsonl` → `yyyymmdd`.
 fn file_date(name: &str) -> Option<String> {
     name.strip_suffix(".jsonl")?
         .rsplit('-')
         .next()
+        .map(|d| d.split('_').next().unwrap_or(d))
         .filter(|d| d.len() == 8)
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuditConfig;
+
+    fn pending(i: u64) -> Pending {
+        Pending {
+            at: SystemTime::now(),
+            request_id: None,
+            event: AuditEvent::ModelEvicted {
+                model_ref: format!("file:/models/m{i}.gguf"),
+            },
+        }
+    }
+
+    fn today() -> String {
+        humantime::format_rfc3339(SystemTime::now())
+            .to_string()
+            .chars()
+            .take(10)
+            .filter(char::is_ascii_digit)
+            .collect()
+    }
+
+    #[test]
+    fn a_write_that_fails_before_its_first_byte_is_counted_and_the_next_record_takes_its_file() {
+        let root = tempfile::tempdir().expect("dir");
+        let config = AuditConfig {
+            min_free_bytes: 0,
+            flush: FlushPolicy::Immediate,
+            ..AuditConfig::local(root.path(), "svc")
+        };
+        let dropped = Counter::default();
+        let mut writer = TrailWriter::open(&config, dropped.clone()).expect("open");
+        writer.append(pending(0)).expect("first record");
+        // Rotate into a new file, then make its first write fail as a full
+        // disk would: nothing reaches the file.
+        writer.max_file_bytes = 1;
+        let date = today();
+        let name = writer.file_for(&date, 100).expect("rotate").name.clone();
+        assert_eq!(name, format!("audit-{:020}-{date}.jsonl", 2));
+        let path = writer.dir.join(&name);
+        if let Some(current) = writer.current.as_mut() {
+            current.file = File::open(&path).expect("a read-only handle");
+        }
+        assert!(writer.append(pending(1)).is_err());
+        assert_eq!(dropped.get(), 1, "the unwritten record is counted");
+        // The empty file is written into; no EEXIST from here on.
+        writer.max_file_bytes = 1 << 20;
+        writer.append(pending(2)).expect("the next record");
+        writer.append(pending(3)).expect("and the one after");
+        drop(writer);
+        let report = crate::verify_dir(&root.path().join("svc")).expect("verifies");
+        assert_eq!((report.records, report.files), (3, 2));
+        assert_eq!(dropped.get(), 1);
+    }
+
+    #[test]
+    fn a_file_name_holding_a_torn_line_is_continued_under_a_name_that_sorts_after_it() {
+        assert_eq!(
+            file_date("audit-00000000000000000004-20261207_1.jsonl").as_deref(),
+            Some("20261207")
+        );
+        assert_eq!(
+            file_date("audit-00000000000000000004-20261207.jsonl").as_deref(),
+            Some("20261207")
+        );
+        let mut names = [
+            "audit-00000000000000000004-20261207_1.jsonl",
+            "audit-00000000000000000005-20261207.jsonl",
+            "audit-00000000000000000004-20261207.jsonl",
+        ];
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "audit-00000000000000000004-20261207.jsonl",
+                "audit-00000000000000000004-20261207_1.jsonl",
+                "audit-00000000000000000005-20261207.jsonl",
+            ]
+        );
+    }
 }

@@ -435,3 +435,57 @@ fn a_new_day_starts_a_new_file_chained_from_the_last_one() {
     let report = verify_dir(&dir).expect("chain verifies across the day boundary");
     assert_eq!(report.records, 5);
 }
+
+fn today() -> String {
+    humantime::format_rfc3339(std::time::SystemTime::now())
+        .to_string()
+        .chars()
+        .take(10)
+        .filter(char::is_ascii_digit)
+        .collect()
+}
+
+#[test]
+fn an_empty_newest_file_left_by_a_crash_after_its_creation_is_resumed_into() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let dir = service_dir(root.path());
+    // Crash between creating the first file ever and writing to it.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let first = dir.join(format!("audit-{:020}-{}.jsonl", 1, today()));
+    std::fs::write(&first, b"").unwrap();
+    write(&config, 0..3);
+    // And again after a rotation: the file for record 4 exists, empty.
+    let fourth = dir.join(format!("audit-{:020}-{}.jsonl", 4, today()));
+    std::fs::write(&fourth, b"").unwrap();
+    write(&config, 3..6);
+    let report = verify_dir(&dir).unwrap();
+    assert_eq!(report.records, 6);
+    assert_eq!(lines_of(&first).len(), 3);
+    assert_eq!(lines_of(&fourth).len(), 3, "records 4 to 6 went into it");
+}
+
+#[test]
+fn a_torn_first_line_of_the_newest_file_is_acknowledged_at_the_next_start() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let dir = service_dir(root.path());
+    write(&config, 0..3);
+    // Crash while writing the first record of a new file.
+    let torn = dir.join(format!("audit-{:020}-{}.jsonl", 4, today()));
+    std::fs::write(&torn, br#"{"audit_id":4,"event":{"type":"hive_reg"#).unwrap();
+    // Used to fail at every start (the next file's name was taken).
+    write(&config, 3..6);
+    let report = verify_dir(&dir).unwrap();
+    assert_eq!(
+        report.records,
+        3 + 1 + 3,
+        "the recovery record, then 3 more"
+    );
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let files = trail_files(&dir).unwrap();
+    assert_eq!(files.len(), 3);
+    assert_eq!(files[1], torn, "left as it was");
+    assert!(files[2].to_string_lossy().ends_with("_1.jsonl"));
+}
