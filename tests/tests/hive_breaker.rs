@@ -109,3 +109,35 @@ fn a_probe_spawn_that_ends_before_ready_reopens_the_breaker_instead_of_wedging_i
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "CIRCUIT_OPEN");
 }
+
+#[test]
+fn supervision_durations_out_of_range_are_refused_at_startup_not_met_as_a_panic_later() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (flag, value) in [
+        ("--breaker-cooldown-s", "18446744073709551615"),
+        ("--breaker-window-s", "0"),
+        ("--restart-backoff-cap-ms", "18446744073709551615"),
+        ("--restart-backoff-base-ms", "0"),
+        ("--restart-stable-uptime-s", "18446744073709551615"),
+        ("--download-retention-s", "18446744073709551615"),
+    ] {
+        let out = DaemonSpec::new("rbee-hive")
+            .args([flag, value])
+            .run_to_exit(Duration::from_secs(10));
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+    // The same bounds hold in the settings file.
+    let settings = dir.path().join("hive.toml");
+    std::fs::write(&settings, "breaker_cooldown_s = 18446744073709551615\n").expect("write");
+    let out = DaemonSpec::new("rbee-hive")
+        .args(["--config", settings.to_str().expect("UTF-8")])
+        .run_to_exit(Duration::from_secs(10));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("breaker_cooldown_s"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -82,8 +82,10 @@ fn pid_of(w: &Value) -> u64 {
 #[test]
 fn a_spawned_worker_calls_back_serves_and_is_restarted_after_sigkill() {
     let audit = tempfile::tempdir().expect("audit dir");
+    let run = tempfile::tempdir().expect("run dir");
     let hive = DaemonSpec::new("rbee-hive")
         .with_token()
+        .args(["--run-dir", run.path().to_str().expect("UTF-8")])
         .env("LLORCH_AUDIT_MODE", "local")
         .env("LLORCH_AUDIT_DIR", audit.path().to_str().expect("UTF-8"))
         .env("LLORCH_AUDIT_FLUSH", "immediate")
@@ -187,6 +189,24 @@ fn a_spawned_worker_calls_back_serves_and_is_restarted_after_sigkill() {
         );
     }
     assert!(trail.contains("\"cause\":\"exited\""));
+
+    // The worker's copy of the token lives as long as the worker.
+    let token_file = run.path().join("w-paris").join("api-token");
+    assert!(token_file.exists());
+    let (status, body, _) = send(
+        auth(client().post(hive.url("/v1/workers/shutdown")))
+            .json(&json!({ "worker_id": "w-paris" })),
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        Duration::from_secs(10),
+        "the token file to be deleted",
+        || !token_file.exists(),
+    );
+    assert!(
+        run.path().join("w-paris").join("worker.log").exists(),
+        "the log stays"
+    );
 }
 
 #[test]

@@ -63,7 +63,7 @@ pub struct Config {
     pub download_attempts: u32,
 
     /// Seconds a finished download stays queryable on the progress route.
-    #[arg(long, env = "RBEE_DOWNLOAD_RETENTION_S", default_value_t = 900)]
+    #[arg(long, env = "RBEE_DOWNLOAD_RETENTION_S", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=2_592_000))]
     pub download_retention_s: u64,
 
     /// The `llm-worker-rbee` binary (default: next to `rbee-hive`).
@@ -100,32 +100,32 @@ pub struct Config {
     pub worker_stop_grace_s: u64,
 
     /// First restart delay in milliseconds (doubles per attempt, +-20 % jitter).
-    #[arg(long, env = "RBEE_RESTART_BACKOFF_BASE_MS", default_value_t = 1000)]
+    #[arg(long, env = "RBEE_RESTART_BACKOFF_BASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub restart_backoff_base_ms: u64,
 
     /// Longest restart delay in milliseconds.
-    #[arg(long, env = "RBEE_RESTART_BACKOFF_CAP_MS", default_value_t = 60_000)]
+    #[arg(long, env = "RBEE_RESTART_BACKOFF_CAP_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub restart_backoff_cap_ms: u64,
 
     /// Restart attempts before a worker is marked failed.
-    #[arg(long, env = "RBEE_RESTART_MAX_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "RBEE_RESTART_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub restart_max_attempts: u32,
 
     /// Healthy uptime in seconds after which the attempt count resets.
-    #[arg(long, env = "RBEE_RESTART_STABLE_UPTIME_S", default_value_t = 300)]
+    #[arg(long, env = "RBEE_RESTART_STABLE_UPTIME_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub restart_stable_uptime_s: u64,
 
     /// Failures of one (model, device) pair within the window that open its
     /// circuit breaker.
-    #[arg(long, env = "RBEE_BREAKER_THRESHOLD", default_value_t = 5)]
+    #[arg(long, env = "RBEE_BREAKER_THRESHOLD", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub breaker_threshold: u32,
 
     /// The breaker's failure window, in seconds.
-    #[arg(long, env = "RBEE_BREAKER_WINDOW_S", default_value_t = 300)]
+    #[arg(long, env = "RBEE_BREAKER_WINDOW_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub breaker_window_s: u64,
 
     /// How long an open breaker refuses before letting one probe spawn through.
-    #[arg(long, env = "RBEE_BREAKER_COOLDOWN_S", default_value_t = 60)]
+    #[arg(long, env = "RBEE_BREAKER_COOLDOWN_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub breaker_cooldown_s: u64,
 
     /// Report ready only when at least one worker is ready.

@@ -53,8 +53,12 @@ pub fn required_bytes(
         .saturating_mul(weights_factor_tenths(format, backend))
         .div_ceil(10);
     let element = if backend == Backend::Cpu { 2 } else { 4 };
+    // The shape comes from the model file: a header with absurd numbers
+    // saturates (and fails the memory check) instead of overflowing.
     let kv_per_position = shape.map_or(FALLBACK_KV_PER_POSITION, |s| {
-        2 * s.layers * s.kv_heads * s.head_dim * element
+        [s.layers, s.kv_heads, s.head_dim, element]
+            .into_iter()
+            .fold(2u64, u64::saturating_mul)
     });
     weights.saturating_add(kv_per_position.saturating_mul(u64::from(kv_tokens)))
 }
@@ -282,6 +286,20 @@ mod tests {
         assert_eq!(
             required_bytes(100_000_000, "safetensors", Backend::Cpu, None, 4096),
             220_000_000 + 4096 * FALLBACK_KV_PER_POSITION
+        );
+    }
+
+    #[test]
+    fn a_header_with_absurd_numbers_saturates_instead_of_overflowing() {
+        let absurd = Shape {
+            layers: u64::MAX / 3,
+            kv_heads: 1 << 40,
+            head_dim: 1 << 40,
+            context: 4096,
+        };
+        assert_eq!(
+            required_bytes(u64::MAX, "gguf", Backend::Cuda, Some(absurd), u32::MAX),
+            u64::MAX
         );
     }
 

@@ -176,6 +176,16 @@ impl Workers {
         }
         drop(lease);
         drop(probe);
+        // The worker is gone for good: its copy of the API token goes too
+        // (its log stays, for whoever asks why it ended).
+        let token = inner.tuning().settings.token_file(&spec.id);
+        match std::fs::remove_file(&token) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(worker_id = %spec.id, path = %token.display(), error = %e, "cannot delete the worker's token file");
+            }
+        }
     }
 
     /// Mark a worker `failed` (kept in the registry, no process).
