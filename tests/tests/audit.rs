@@ -73,6 +73,7 @@ fn every_daemon_audits_config_and_auth_decisions_in_a_verifiable_chain() {
         // Probes are public and not audited.
         http.get(daemon.url("/health")).send().unwrap();
         http.post(daemon.url("/v1/admin/shutdown"))
+            .json(&serde_json::json!({}))
             .header("authorization", format!("Bearer {TEST_TOKEN}"))
             .send()
             .unwrap();

@@ -184,14 +184,19 @@ fn protected_routes_require_the_token_and_count_failures() {
     let http = client();
     for name in DAEMONS {
         let mut daemon = DaemonSpec::new(name).with_token().spawn();
-        let (status, headers, body) =
-            json(http.post(daemon.url("/v1/admin/shutdown")).send().unwrap());
+        let (status, headers, body) = json(
+            http.post(daemon.url("/v1/admin/shutdown"))
+                .json(&serde_json::json!({}))
+                .send()
+                .unwrap(),
+        );
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(headers["www-authenticate"], "Bearer");
         assert_envelope(&body, "MISSING_API_KEY");
 
         let (status, headers, body) = json(
             http.post(daemon.url("/v1/admin/shutdown"))
+                .json(&serde_json::json!({}))
                 .header("authorization", "Bearer wrong-token-000000000000")
                 .send()
                 .unwrap(),
@@ -221,6 +226,7 @@ fn protected_routes_require_the_token_and_count_failures() {
 
         let response = http
             .post(daemon.url("/v1/admin/shutdown"))
+            .json(&serde_json::json!({}))
             .header("authorization", bearer())
             .send()
             .unwrap();
@@ -258,6 +264,7 @@ fn no_log_line_contains_the_raw_token() {
             request.send().unwrap();
         }
         http.post(daemon.url("/v1/admin/shutdown"))
+            .json(&serde_json::json!({}))
             .header("authorization", bearer())
             .send()
             .unwrap();
@@ -281,6 +288,7 @@ fn deadlines_are_enforced_before_any_handler() {
         let mut daemon = DaemonSpec::new(name).with_token().spawn();
         let (status, _, body) = json(
             http.post(daemon.url("/v1/admin/shutdown"))
+                .json(&serde_json::json!({}))
                 .header("authorization", bearer())
                 .header("x-deadline", "1700000000000")
                 .send()
@@ -292,6 +300,7 @@ fn deadlines_are_enforced_before_any_handler() {
 
         let (status, _, body) = json(
             http.post(daemon.url("/v1/admin/shutdown"))
+                .json(&serde_json::json!({}))
                 .header("authorization", bearer())
                 .header("x-timeout-ms", "soon")
                 .send()
@@ -311,6 +320,7 @@ fn deadlines_are_enforced_before_any_handler() {
         );
         let ok = http
             .post(daemon.url("/v1/admin/shutdown"))
+            .json(&serde_json::json!({}))
             .header("authorization", bearer())
             .header("x-timeout-ms", "5000")
             .send()
@@ -444,7 +454,11 @@ fn loopback_without_a_token_is_open_with_exactly_one_warning() {
     let http = client();
     for name in DAEMONS {
         let mut daemon = DaemonSpec::new(name).spawn();
-        let response = http.post(daemon.url("/v1/admin/shutdown")).send().unwrap();
+        let response = http
+            .post(daemon.url("/v1/admin/shutdown"))
+            .json(&serde_json::json!({}))
+            .send()
+            .unwrap();
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         daemon.wait_exit(Duration::from_secs(10)).expect("exit");
         let warnings = daemon

@@ -221,3 +221,46 @@ fn ten_thousand_bogus_model_names_leave_the_queens_series_and_memory_flat() {
         "no client-chosen name is a label value"
     );
 }
+
+#[test]
+fn a_web_page_cannot_stop_a_daemon_serving_without_a_token_on_loopback() {
+    let hive = DaemonSpec::new("rbee-hive").spawn();
+    let client = reqwest::blocking::Client::new();
+    // What a form or a no-cors fetch from any page can send to loopback.
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+    ] {
+        let response = client
+            .post(hive.url("/v1/admin/shutdown"))
+            .header("content-type", content_type)
+            .header("origin", "https://evil.example")
+            .body("a=1")
+            .send()
+            .expect("answered");
+        assert_eq!(response.status(), 415, "{content_type}");
+        let body: serde_json::Value = response.json().expect("envelope");
+        assert_eq!(body["error"]["code"], "UNSUPPORTED_MEDIA_TYPE");
+    }
+    let response = client
+        .post(hive.url("/v1/admin/shutdown"))
+        .send()
+        .expect("answered");
+    assert_eq!(response.status(), 415, "no content type at all");
+    assert_eq!(
+        client
+            .get(hive.url("/health/live"))
+            .send()
+            .expect("alive")
+            .status(),
+        200
+    );
+    // What curl or another daemon sends.
+    let response = client
+        .post(hive.url("/v1/admin/shutdown"))
+        .json(&serde_json::json!({}))
+        .send()
+        .expect("answered");
+    assert_eq!(response.status(), 202);
+}

@@ -84,7 +84,25 @@ async fn metrics(State(core): State<CoreState>) -> Response {
     }
 }
 
-async fn admin_shutdown(State(core): State<CoreState>) -> Response {
+/// `POST /v1/admin/shutdown`. It must say `Content-Type: application/json`
+/// (a body is optional): a web page can make a browser POST to loopback
+/// without a custom header or a JSON content type (a form, a `no-cors`
+/// fetch), but not with one unless the daemon answers a CORS preflight,
+/// which no rbee daemon does. On a daemon serving without a token on
+/// loopback this is what stops any page the operator visits from stopping it.
+async fn admin_shutdown(State(core): State<CoreState>, headers: http::HeaderMap) -> Response {
+    let json = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "POST /v1/admin/shutdown needs Content-Type: application/json (a body is optional), so that a web page cannot send it",
+        )
+        .into_response();
+    }
     tracing::info!("shutdown requested over HTTP; draining");
     core.shutdown.cancel();
     (

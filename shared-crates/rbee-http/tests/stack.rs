@@ -205,13 +205,34 @@ async fn request_id_traceparent_and_deadline_are_forwarded() {
 }
 
 #[tokio::test]
-async fn admin_shutdown_cancels_the_token() {
+async fn admin_shutdown_cancels_the_token_only_for_a_request_no_web_page_can_send() {
     let mut registry = Registry::default();
     let stack = HttpStack::new(&mut registry, "rbee_test", Authenticator::open());
     let shutdown = CancellationToken::new();
     let core = CoreState::new(registry, shutdown.clone(), "1");
     let router = stack.apply(rbee_http::core_routes().into_router().with_state(core));
+    // What a web page can make a browser send to loopback: no custom
+    // header, a form's or text/plain content type.
+    for content_type in [
+        None,
+        Some("application/x-www-form-urlencoded"),
+        Some("text/plain"),
+    ] {
+        let mut request = Request::post("/v1/admin/shutdown");
+        if let Some(t) = content_type {
+            request = request.header("content-type", t);
+        }
+        let (status, _, body) = send(&router, request.body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        assert!(body.contains("application/json"), "{body}");
+        assert!(!shutdown.is_cancelled());
+    }
     let request = Request::post("/v1/admin/shutdown")
+        .header("content-type", "application/json")
         .body(Body::empty())
         .unwrap();
     let (status, _, body) = send(&router, request).await;
