@@ -211,3 +211,39 @@ fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() 
         .iter()
         .any(|l| l.contains("retrying once on another worker")));
 }
+
+#[test]
+fn a_request_right_after_a_hive_registers_finds_its_models() {
+    let hive = hive_with_model(DaemonSpec::new("rbee-hive"), None);
+    // Polls far apart: only the registration itself can tell the queen.
+    let queen = DaemonSpec::new("queen-rbee")
+        .args(["--hive-poll-interval-ms", "600000"])
+        .spawn();
+    let model = default_ref();
+    for round in 0..5 {
+        let (status, body, _) = send(
+            client()
+                .post(queen.url("/v2/hives/register"))
+                .json(&json!({"node_name": "h1", "url": hive.url("")})),
+        );
+        assert_eq!(status, 201, "round {round}: {body}");
+        let (_, models, _) = send(client().get(queen.url("/v1/models")));
+        assert!(
+            models["data"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == model.as_str())),
+            "round {round}: {models}"
+        );
+        let (status, body, _) = infer(
+            &queen,
+            &json!({"model": model, "prompt": "Hi", "max_tokens": 2, "stream": false}),
+        );
+        assert_eq!(status, 200, "round {round}: {body}");
+        let (status, _, _) = send(
+            client()
+                .post(queen.url("/v2/hives/remove"))
+                .json(&json!({"node_name": "h1"})),
+        );
+        assert_eq!(status, 200);
+    }
+}

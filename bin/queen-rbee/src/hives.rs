@@ -204,7 +204,7 @@ impl Hives {
     pub async fn load(&self, flag_urls: &[String]) -> Result<(), ApiError> {
         let stored = self.inner.store.list().await.map_err(internal)?;
         for hive in stored {
-            self.track(hive);
+            let _ = self.track(hive, false);
         }
         for url in flag_urls {
             self.add_configured(url).await?;
@@ -243,7 +243,15 @@ impl Hives {
             .upsert(stored.clone())
             .await
             .map_err(internal)?;
-        let created = self.track(stored);
+        let registered = source == "registered";
+        let (created, stop) = self.track(stored, registered);
+        if registered {
+            // Learn its workers and models before answering: a request sent
+            // right after the registration is answered would otherwise find
+            // no hive that has its model (404) until the first poll.
+            let result = self.poll_once(url).await;
+            self.apply(node_name, url, &stop, result);
+        }
         self.inner.audit.emit(
             None,
             AuditEvent::HiveRegistered {
@@ -292,8 +300,10 @@ impl Hives {
             .collect()
     }
 
-    /// Put `hive` in the view and (re)start its poller; true when new.
-    fn track(&self, hive: StoredHive) -> bool {
+    /// Put `hive` in the view and (re)start its poller (which waits one
+    /// interval first when `polled_now`: the caller polls it at once);
+    /// true when new, and the poller's stop token.
+    fn track(&self, hive: StoredHive, polled_now: bool) -> (bool, CancellationToken) {
         let stop = self.inner.shutdown.child_token();
         let summary = HiveSummary {
             node_name: hive.node_name.clone(),
@@ -319,8 +329,17 @@ impl Hives {
         }
         self.inner.sched.hive_added(&hive.node_name, &hive.url);
         let this = self.clone();
-        tokio::spawn(async move { this.poll_loop(hive.node_name, hive.url, stop).await });
-        previous.is_none()
+        let poller = stop.clone();
+        tokio::spawn(async move {
+            if polled_now {
+                tokio::select! {
+                    () = poller.cancelled() => return,
+                    () = tokio::time::sleep(this.poll().interval) => {}
+                }
+            }
+            this.poll_loop(hive.node_name, hive.url, poller).await;
+        });
+        (previous.is_none(), stop)
     }
 
     async fn poll_loop(self, node_name: String, url: String, stop: CancellationToken) {
