@@ -156,6 +156,12 @@ impl QueenMetrics {
             });
         }
         m.set_hives(0, 0);
+        // Rejects for models no hive knows share one label value; its
+        // client_error series exists from the start.
+        let _ = m.requests.get_or_create(&ModelOutcome {
+            model: UNKNOWN_MODEL.to_owned(),
+            outcome: Outcome::ClientError.as_str(),
+        });
         m
     }
 
@@ -186,6 +192,37 @@ impl QueenMetrics {
                 .entry(model.into())
                 .or_insert(series),
         )
+    }
+
+    /// `model` is served by a hive: its series are exported (counters at
+    /// 0 for every outcome) before its first request.
+    pub fn model_known(&self, model: &str) {
+        if self
+            .by_model
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(model)
+        {
+            return;
+        }
+        let series = self.series(model);
+        let mut requests = series
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for outcome in Outcome::ALL {
+            let outcome = outcome.as_str();
+            if !requests.iter().any(|(o, _)| *o == outcome) {
+                let counter = self
+                    .requests
+                    .get_or_create(&ModelOutcome {
+                        model: model.to_owned(),
+                        outcome,
+                    })
+                    .clone();
+                requests.push((outcome, counter));
+            }
+        }
     }
 
     /// A request ended.

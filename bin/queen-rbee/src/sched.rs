@@ -298,6 +298,9 @@ impl Scheduler {
 
     /// A hive answered: replace its workers and models, mark it reachable.
     pub fn hive_seen(&self, hive: &str, url: &str, workers: Vec<WorkerInfo>, models: Vec<String>) {
+        for model in models.iter().chain(workers.iter().map(|w| &w.model_ref)) {
+            self.inner.metrics.model_known(model);
+        }
         let spawns = {
             let mut st = self.lock();
             let view = st.hives.entry(hive.to_owned()).or_default();

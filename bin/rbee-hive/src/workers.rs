@@ -141,6 +141,21 @@ impl Inner {
     }
 }
 
+/// Whether `id` can be a worker's id: 1 to 64 of `A-Z a-z 0-9 . _ - :`,
+/// without `..` (it names the worker's directory).
+pub(crate) fn is_worker_id(id: &str) -> bool {
+    rbee_api::inference::is_valid_id(id, 64) && !id.contains("..")
+}
+
+/// The field error for an id [`is_worker_id`] refuses.
+pub(crate) fn worker_id_error() -> FieldError {
+    FieldError::new(
+        "worker_id",
+        "format",
+        "worker_id must be 1 to 64 of A-Z a-z 0-9 . _ - : and not contain ..",
+    )
+}
+
 /// The worker service; cheap to clone.
 #[derive(Clone)]
 pub struct Workers {
@@ -282,6 +297,13 @@ impl Workers {
             "Circuit breaker openings, by model",
             metrics.activations.clone(),
         );
+        // Labels known in advance are exported at 0 from the start: every
+        // failure reason now, each model when a worker of it is spawned.
+        for reason in ["max_attempts", "circuit_open", "spawn_failed"] {
+            let _ = metrics
+                .restart_failures
+                .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]);
+        }
         let workers = Self {
             inner: Arc::new(Inner {
                 tuning: RwLock::new(Arc::new(tuning)),
@@ -374,12 +396,8 @@ impl Workers {
             .worker_id
             .clone()
             .unwrap_or_else(|| format!("w-{:08x}", rand::random::<u32>()));
-        if !rbee_api::inference::is_valid_id(&worker_id, 64) || worker_id.contains("..") {
-            fields.push(FieldError::new(
-                "worker_id",
-                "format",
-                "worker_id must be 1 to 64 of A-Z a-z 0-9 . _ - : and not contain ..",
-            ));
+        if !is_worker_id(&worker_id) {
+            fields.push(worker_id_error());
         }
         let kv_tokens = req.kv_tokens.unwrap_or_else(|| {
             rbee_api::worker::default_kv_tokens(rbee_api::worker::DEFAULT_CONTEXT)
@@ -397,7 +415,22 @@ impl Workers {
         if !(1..=64).contains(&slots) {
             fields.push(FieldError::new("slots", "range", "slots must be 1..=64"));
         }
-        let backend = req.backend.unwrap_or(Backend::Cpu);
+        let backend = match req.backend.as_deref().map(str::parse::<Backend>) {
+            None => Backend::Cpu,
+            Some(Ok(backend)) => backend,
+            Some(Err(_)) => {
+                let offered: Vec<&str> = inner.backends.iter().map(|b| b.as_str()).collect();
+                return Err(ApiError::new(
+                    ErrorCode::BackendUnavailable,
+                    format!(
+                        "backend {:?} is not one rbee runs on (cpu, cuda, metal); available on this hive: {}",
+                        req.backend.as_deref().unwrap_or_default(),
+                        offered.join(", ")
+                    ),
+                )
+                .with_details(serde_json::json!({ "available": offered })));
+            }
+        };
         if backend == Backend::Cpu && req.device.is_some_and(|d| d != 0) {
             fields.push(FieldError::new(
                 "device",
@@ -535,6 +568,9 @@ impl Workers {
             (device, required, probe)
         };
         let _ = inner.models.mark_used(&model_ref).await;
+        let model_label = vec![("model".to_owned(), model_ref.clone())];
+        let _ = inner.metrics.restarts.get_or_create(&model_label);
+        let _ = inner.metrics.activations.get_or_create(&model_label);
         let spec = Spec {
             id: worker_id.clone(),
             model_ref,

@@ -28,6 +28,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, for exporting each `outcome` series at 0 from the start.
+    pub const ALL: [Self; 9] = [
+        Self::Ok,
+        Self::ClientError,
+        Self::DeadlineExceeded,
+        Self::Cancelled,
+        Self::Busy,
+        Self::QueueFull,
+        Self::NoCapacity,
+        Self::WorkerFailed,
+        Self::Error,
+    ];
+
     /// The label string.
     pub fn as_str(self) -> &'static str {
         match self {

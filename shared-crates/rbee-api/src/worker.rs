@@ -125,9 +125,11 @@ pub struct WorkerReadiness {
 pub struct SpawnRequest {
     /// A provisioned model reference.
     pub model_ref: String,
-    /// Backend; `cpu` when omitted.
+    /// Backend (`cpu`, `cuda`, `metal`); `cpu` when omitted. A string, so
+    /// that a backend this build does not know is answered
+    /// `BACKEND_UNAVAILABLE` like one this host lacks, not `INVALID_JSON`.
     #[serde(default)]
-    pub backend: Option<Backend>,
+    pub backend: Option<String>,
     /// Device ordinal; for `cuda` the GPU with the most free VRAM when
     /// omitted, always 0 for `cpu`.
     #[serde(default)]

@@ -190,6 +190,15 @@ impl WorkerMetrics {
             "Rows (prompt and generated tokens) of the engine's forward passes",
             m.engine_step_rows.clone(),
         );
+        // Every outcome at 0 from the start, so rate() and alerts work
+        // before the first request of each kind.
+        for outcome in Outcome::ALL {
+            let label = OutcomeLabel {
+                outcome: outcome.as_str(),
+            };
+            let _ = m.requests.get_or_create(&label);
+            let _ = m.request_duration.get_or_create(&label);
+        }
         m
     }
 

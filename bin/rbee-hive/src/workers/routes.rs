@@ -11,7 +11,7 @@ use rbee_api::worker::{
     Heartbeat, ReadyCallback, ScrapeTargetGroup, ShutdownWorkerRequest, SpawnRequest, WorkerInfo,
     WorkerList,
 };
-use rbee_api::ApiError;
+use rbee_api::{ApiError, ErrorCode};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde_json::json;
 
@@ -109,6 +109,7 @@ async fn ready(
     ctx: RequestContext,
     ApiJson(body): ApiJson<ReadyCallback>,
 ) -> Result<Response, ApiError> {
+    check_worker_id(&body.worker_id)?;
     workers.on_ready(&body, Some(ctx.request_id.as_str()))?;
     Ok(Json(json!({ "status": "ok" })).into_response())
 }
@@ -117,6 +118,7 @@ async fn heartbeat(
     State(workers): State<Workers>,
     ApiJson(body): ApiJson<Heartbeat>,
 ) -> Result<Response, ApiError> {
+    check_worker_id(&body.worker_id)?;
     workers
         .registry()
         .on_heartbeat(&body.worker_id, body.state, Instant::now())?;
@@ -127,8 +129,23 @@ async fn shutdown(
     State(workers): State<Workers>,
     ApiJson(body): ApiJson<ShutdownWorkerRequest>,
 ) -> Result<Response, ApiError> {
+    check_worker_id(&body.worker_id)?;
     workers.shutdown(&body.worker_id).await?;
     Ok(Json(json!({ "worker_id": body.worker_id, "state": "stopped" })).into_response())
+}
+
+/// 400 `INVALID_REQUEST` naming `worker_id` when `id` could not be a
+/// worker's id (the rule [`is_worker_id`](super::is_worker_id) gives
+/// spawns), so a malformed id is told apart from one that is not there.
+fn check_worker_id(id: &str) -> Result<(), ApiError> {
+    if super::is_worker_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_fields(
+            ErrorCode::InvalidRequest,
+            vec![super::worker_id_error()],
+        ))
+    }
 }
 
 async fn status(
@@ -151,7 +168,25 @@ async fn status(
         })
         .collect();
     let catalog = models.catalog().await?;
+    // One entry per device a worker can be placed on: the host (CPU and
+    // RAM), then each GPU.
+    let mut devices = vec![json!({
+        "kind": "cpu",
+        "index": 0,
+        "cpu_count": host::cpu_count(),
+        "ram_total_bytes": memory.map(|m| m.total_bytes),
+        "ram_available_bytes": memory.map(|m| m.available_bytes),
+        "ram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cpu, 0),
+    })];
+    devices.extend(gpus.iter().map(|g| {
+        let mut gpu = g.clone();
+        if let Some(map) = gpu.as_object_mut() {
+            map.insert("kind".to_owned(), json!("cuda"));
+        }
+        gpu
+    }));
     Ok(Json(json!({
+        "devices": devices,
         "hostname": host::hostname(),
         "cpu_count": host::cpu_count(),
         "ram_total_bytes": memory.map(|m| m.total_bytes),
