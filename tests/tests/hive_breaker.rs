@@ -108,6 +108,16 @@ fn a_probe_spawn_that_ends_before_ready_reopens_the_breaker_instead_of_wedging_i
     let (status, body) = spawn(&hive, "w-other", &model_ref);
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "CIRCUIT_OPEN");
+
+    // The probe exits before it is ready (the model is corrupt): a failure,
+    // open again, and after the cooldown another probe.
+    wait_for(Duration::from_secs(30), "w-probe to fail", || {
+        state(&hive, "w-probe") == "failed"
+    });
+    assert_eq!(metric(&hive, &activations), 4.0);
+    after_cooldown();
+    let (status, body) = spawn(&hive, "w-last", &model_ref);
+    assert_eq!(status, 202, "{body}");
 }
 
 #[test]

@@ -590,7 +590,7 @@ fn every_spawn_validation_error_has_its_code() {
         (
             json!({ "model_ref": model_ref, "backend": "tpu" }),
             400,
-            "INVALID_JSON",
+            "BACKEND_UNAVAILABLE",
         ),
         (
             json!({ "model_ref": "hf:acme/not-provisioned" }),

@@ -213,16 +213,18 @@ impl QueenMetrics {
         for outcome in Outcome::ALL {
             let outcome = outcome.as_str();
             if !requests.iter().any(|(o, _)| *o == outcome) {
-                let counter = self
-                    .requests
-                    .get_or_create(&ModelOutcome {
-                        model: model.to_owned(),
-                        outcome,
-                    })
-                    .clone();
-                requests.push((outcome, counter));
+                requests.push((outcome, self.requests_counter(model, outcome)));
             }
         }
+    }
+
+    fn requests_counter(&self, model: &str, outcome: &'static str) -> Counter {
+        self.requests
+            .get_or_create(&ModelOutcome {
+                model: model.to_owned(),
+                outcome,
+            })
+            .clone()
     }
 
     /// A request ended.
@@ -238,13 +240,7 @@ impl QueenMetrics {
             .find(|(o, _)| *o == outcome)
             .map(|(_, c)| c.clone());
         let counter = known.unwrap_or_else(|| {
-            let counter = self
-                .requests
-                .get_or_create(&ModelOutcome {
-                    model: model.to_owned(),
-                    outcome,
-                })
-                .clone();
+            let counter = self.requests_counter(model, outcome);
             series
                 .requests
                 .write()
