@@ -399,7 +399,7 @@ fn a_reload_is_checked_whole_and_applies_limits_or_changes_nothing() {
     assert!(
         hive_invalid[0]["errors"]
             .to_string()
-            .contains("circuit breaker"),
+            .contains("breaker-threshold"),
         "{hive_invalid:?}"
     );
     assert!(
