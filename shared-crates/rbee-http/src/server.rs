@@ -275,10 +275,17 @@ impl Daemon {
         let drain_started = std::sync::Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
         let started = std::sync::Arc::clone(&drain_started);
         let watch = shutdown.clone();
+        // Whoever sees the drain start first tells systemd, once: this task,
+        // or the code after the server returns (an idle server can stop
+        // before the task has run).
+        let stopping = |started: &std::sync::OnceLock<tokio::time::Instant>| {
+            if started.set(tokio::time::Instant::now()).is_ok() {
+                notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+            }
+        };
         tokio::spawn(async move {
             watch.cancelled().await;
-            let _ = started.set(tokio::time::Instant::now());
-            notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+            stopping(&started);
         });
         let result = tokio::select! {
             () = server => {
@@ -293,6 +300,7 @@ impl Daemon {
                 Ok(())
             }
         };
+        stopping(&drain_started);
         let bound = drain_started
             .get()
             .map_or(drain, |t| drain.saturating_sub(t.elapsed()));
