@@ -15,7 +15,8 @@ one question, and keep it serving.
 
 Usage: scripts/quickstart.sh [--queen-addr 127.0.0.1:8080] [--hive-addr 127.0.0.1:9200]
                              [--state-dir DIR] [--prompt TEXT] [--exit-after-answer]
-The binaries are read from --bin-dir (default target/release; the .sh
+The binaries are read from --bin-dir (default $CARGO_TARGET_DIR/release or
+target/release; the .sh
 wrapper builds them first).
 """
 
@@ -135,7 +136,8 @@ def stop_all(procs, grace):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    ap.add_argument("--bin-dir", default=os.path.join(os.path.join(ROOT, target), "release"))
     ap.add_argument("--queen-addr", default=os.environ.get("RBEE_QUICKSTART_QUEEN_ADDR", "127.0.0.1:8080"))
     ap.add_argument("--hive-addr", default=os.environ.get("RBEE_QUICKSTART_HIVE_ADDR", "127.0.0.1:9200"))
     cache = os.environ.get("RBEE_CACHE_DIR") or os.path.join(

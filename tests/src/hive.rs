@@ -107,3 +107,34 @@ pub fn metric(hive: &RunningDaemon, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("metric {name} missing"))
 }
+
+/// Provision `model_ref` on `hive` and wait until it is in the catalog.
+pub fn provision_listed(hive: &RunningDaemon, model_ref: &str) {
+    let (status, body) = provision(hive, model_ref);
+    assert_eq!(status, 202, "{body}");
+    crate::http::wait_for(
+        Duration::from_secs(60),
+        "the model to be provisioned",
+        || list(hive).iter().any(|m| m["model_ref"] == model_ref),
+    );
+}
+
+/// `POST /v1/workers/spawn` with `body`: status, JSON body, headers.
+pub fn spawn_worker(
+    hive: &RunningDaemon,
+    body: &Value,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    crate::http::send(
+        crate::http::client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(body),
+    )
+}
+
+/// Worker `id`'s record in `GET /v1/workers/list`, if it is there.
+pub fn worker_record(hive: &RunningDaemon, id: &str) -> Option<Value> {
+    let (_, list, _) = crate::http::send(crate::http::client().get(hive.url("/v1/workers/list")));
+    list["workers"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["worker_id"] == id).cloned())
+}

@@ -5,26 +5,18 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use rbee_system_tests::hive::{metric, provision_to_end};
+use rbee_system_tests::hive::{metric, provision_to_end, spawn_worker, worker_record};
 use rbee_system_tests::http::{client, send, wait_for};
 use rbee_system_tests::{binary, DaemonSpec, RunningDaemon, FAULT_INJECTION_WORKER};
 use serde_json::{json, Value};
 
 fn spawn(hive: &RunningDaemon, id: &str, model_ref: &str) -> (u16, Value) {
-    let (status, body, _) = send(
-        client()
-            .post(hive.url("/v1/workers/spawn"))
-            .json(&json!({ "model_ref": model_ref, "worker_id": id })),
-    );
+    let (status, body, _) = spawn_worker(hive, &json!({ "model_ref": model_ref, "worker_id": id }));
     (status, body)
 }
 
 fn state(hive: &RunningDaemon, id: &str) -> Value {
-    let (_, list, _) = send(client().get(hive.url("/v1/workers/list")));
-    list["workers"]
-        .as_array()
-        .and_then(|w| w.iter().find(|w| w["worker_id"] == id))
-        .map_or(Value::Null, |w| w["state"].clone())
+    worker_record(hive, id).map_or(Value::Null, |w| w["state"].clone())
 }
 
 /// Wait out the breaker's 1 s cooldown: it is half-open again.
