@@ -324,6 +324,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         threads: threads(&config),
         kv: config.kv_cache,
         candle_on_cpu: false,
+        dequantize: false,
     };
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     let slots = slots(&config);

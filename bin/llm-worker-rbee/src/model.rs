@@ -65,6 +65,12 @@ pub struct LoadOptions {
     /// Run candle's device path even on the CPU device, instead of the
     /// project's kernels (for comparing the two).
     pub candle_on_cpu: bool,
+    /// Dequantize a GGUF file's weights to f32 at load for the CPU kernels
+    /// (candle devices ignore it), so every product takes f32 activations:
+    /// about 8 times the weights' memory and a fraction of the speed, for
+    /// measuring the forward pass against a reference without the 8-bit
+    /// rounding of activations.
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +81,7 @@ impl Default for LoadOptions {
             threads: default_threads(),
             kv: KvType::default(),
             candle_on_cpu: false,
+            dequantize: false,
         }
     }
 }
@@ -235,6 +242,7 @@ pub fn load_gguf(
     let mut source = Source::Gguf {
         content: &content,
         file: &mut file,
+        dequantize: options.dequantize,
     };
     let built = build(config, &mut source, device, DType::F32, options).map_err(format)?;
     Ok(built.loaded(tokenizer, chat_template, eos_token_ids, started))

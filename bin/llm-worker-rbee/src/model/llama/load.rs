@@ -93,6 +93,8 @@ pub(crate) enum Source<'a> {
     Gguf {
         content: &'a gguf_file::Content,
         file: &'a mut std::fs::File,
+        /// Dequantize every weight to f32 instead of packing it as stored.
+        dequantize: bool,
     },
     /// The tensors of a safetensors directory, all shards.
     Safetensors(HashMap<String, Tensor>),
@@ -253,7 +255,7 @@ impl Source<'_> {
 
     /// Read a GGUF tensor's stored bytes.
     fn gguf_bytes(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>), String> {
-        let Self::Gguf { content, file } = self else {
+        let Self::Gguf { content, file, .. } = self else {
             unreachable!("GGUF only")
         };
         let info = content
@@ -301,34 +303,37 @@ impl Source<'_> {
         let (rows, k) = w.shape(c);
         let name = self.name(w, layer);
         let packed = match self {
-            Self::Gguf { .. } => {
+            Self::Gguf { dequantize, .. } => {
+                let dequantize = *dequantize;
                 let (dtype, dims, bytes) = self.gguf_bytes(&name)?;
                 check_dims(&name, &dims, rows, k)?;
                 match source_type(dtype) {
-                    Some(ty) => PackedMatrix::pack(ty, &bytes, rows, k),
-                    None => {
-                        tracing::warn!(tensor = %name, dtype = ?dtype, "no CPU kernel for this type; repacked as Q8_0");
-                        let Self::Gguf { content, file } = self else {
+                    Some(ty) if !dequantize => PackedMatrix::pack(ty, &bytes, rows, k),
+                    _ => {
+                        let Self::Gguf { content, file, .. } = self else {
                             unreachable!("GGUF")
                         };
-                        let q8 = content
+                        let values = content
                             .tensor(*file, &name, &Device::Cpu)
                             .and_then(|t| t.dequantize(&Device::Cpu))
-                            .and_then(|t| QTensor::quantize(&t, GgmlDType::Q8_0))
-                            .and_then(|t| t.data().map(|d| d.into_owned()))
                             .map_err(|e| format!("`{name}`: {}", first_line(&e)))?;
-                        PackedMatrix::pack(SourceType::Q8_0, &q8, rows, k)
+                        if dequantize {
+                            let bytes = f32_bytes(&values).map_err(|e| first_line(&e))?;
+                            PackedMatrix::pack(SourceType::F32, &bytes, rows, k)
+                        } else {
+                            tracing::warn!(tensor = %name, dtype = ?dtype, "no CPU kernel for this type; repacked as Q8_0");
+                            let q8 = QTensor::quantize(&values, GgmlDType::Q8_0)
+                                .and_then(|t| t.data().map(|d| d.into_owned()))
+                                .map_err(|e| format!("`{name}`: {}", first_line(&e)))?;
+                            PackedMatrix::pack(SourceType::Q8_0, &q8, rows, k)
+                        }
                     }
                 }
             }
             Self::Safetensors(_) => {
                 let t = self.hf_tensor(w, layer, c)?;
                 check_dims(&name, t.dims(), rows, k)?;
-                let values = t
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| first_line(&e))?;
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let bytes = f32_bytes(&t).map_err(|e| first_line(&e))?;
                 PackedMatrix::pack(SourceType::F32, &bytes, rows, k)
             }
         };
@@ -343,7 +348,7 @@ impl Source<'_> {
 
     fn vector_named(&mut self, name: &str) -> Result<Vec<f32>, String> {
         let t = match self {
-            Self::Gguf { content, file } => content
+            Self::Gguf { content, file, .. } => content
                 .tensor(*file, name, &Device::Cpu)
                 .and_then(|t| t.dequantize(&Device::Cpu)),
             Self::Safetensors(tensors) => tensors
@@ -370,7 +375,7 @@ impl Source<'_> {
         let name = self.name(w, layer);
         let err = |e: candle_core::Error| format!("`{name}`: {}", first_line(&e));
         match self {
-            Self::Gguf { content, file } => {
+            Self::Gguf { content, file, .. } => {
                 let q = content.tensor(*file, &name, device).map_err(err)?;
                 check_dims(&name, q.shape().dims(), rows, k)?;
                 Ok(DeviceMatrix::Quantized(
@@ -399,7 +404,7 @@ impl Source<'_> {
         let name = self.name(Weight::Embed, 0);
         let err = |e: candle_core::Error| format!("`{name}`: {}", first_line(&e));
         let t = match self {
-            Self::Gguf { content, file } => content
+            Self::Gguf { content, file, .. } => content
                 .tensor(*file, &name, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .map_err(err)?,
@@ -422,6 +427,12 @@ impl Source<'_> {
             _ => Ok(None),
         }
     }
+}
+
+/// A tensor's values as little-endian f32 bytes.
+fn f32_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn check_dims(name: &str, dims: &[usize], rows: usize, k: usize) -> Result<(), String> {
