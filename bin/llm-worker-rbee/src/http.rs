@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
 use rbee_api::{ApiError, ErrorCode, Outcome};
@@ -343,12 +343,43 @@ async fn inference(
             model: state.model_ref.clone(),
             started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         };
-        Ok(Sse::new(sse_stream(started, admitted))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        Ok(Sse::new(keep_alive(&state, sse_stream(started, admitted))).into_response())
     } else {
         collect(admitted).await.map(IntoResponse::into_response)
     }
+}
+
+/// `events`, with a comment whenever they have been quiet for the
+/// keep-alive interval while the engine still finishes steps (a long
+/// prompt's prefill, a request waiting for cache blocks): a client or proxy
+/// that times out quiet streams sees a live one. A wedged engine finishes
+/// no steps, so its streams go quiet and their callers' timeouts fire
+/// (axum's own keep-alive would write comments for it forever).
+pub(crate) fn keep_alive(
+    state: &AppState,
+    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let every = state.keep_alive;
+    let model = state.model.get().cloned();
+    futures_util::stream::unfold(Box::pin(events), move |mut events| {
+        let model = model.clone();
+        async move {
+            loop {
+                match tokio::time::timeout(every, events.next()).await {
+                    Ok(Some(event)) => return Some((event, events)),
+                    Ok(None) => return None,
+                    Err(_) => {
+                        let progressing = model
+                            .as_ref()
+                            .is_some_and(|m| m.engine.stalled_for().is_none_or(|d| d < every));
+                        if progressing {
+                            return Some((Ok(Event::default().comment("keep-alive")), events));
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
 fn sse_stream(

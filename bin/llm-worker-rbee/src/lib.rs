@@ -120,7 +120,11 @@ pub struct Config {
     #[arg(long, env = "RBEE_WORKER_KV_CACHE", value_enum, default_value_t = model::llama::cpu::KvType::F16)]
     pub kv_cache: model::llama::cpu::KvType,
 
-    /// Seconds with work but no token before readiness reports `ENGINE_STALLED`.
+    /// Seconds with work but no finished engine step before readiness
+    /// reports `ENGINE_STALLED`. A quiet stream gets a keep-alive comment
+    /// every half of it (at most 15 s) while the engine progresses, and none
+    /// while it is stalled, so the queen (same variable) can tell a stalled
+    /// worker from a slow one.
     #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stall_timeout_s: u64,
 
@@ -184,6 +188,9 @@ pub struct AppState {
     model_ref: String,
     jobs: http::Jobs,
     stalled: Arc<AtomicBool>,
+    /// A quiet stream gets a keep-alive comment this often while the
+    /// engine progresses: half the stall timeout, within [0.5 s, 15 s].
+    keep_alive: Duration,
 }
 
 impl FromRef<AppState> for CoreState {
@@ -287,6 +294,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             model_ref,
             jobs: http::Jobs::default(),
             stalled: state_stalled,
+            keep_alive: (stall_timeout / 2)
+                .clamp(Duration::from_millis(500), Duration::from_secs(15)),
         })
         .await?;
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use audit_logging::{AuditSink, ConfigSetting};
 use auth_min::{send_authenticated, Authenticator};
 use axum::extract::FromRef;
-use deadline_propagation::DefaultDeadline;
+use deadline_propagation::{DefaultDeadline, MaxDeadline};
 use rbee_http::{Bootstrap, CommonArgs, CoreState, Daemon, DaemonConfig, Identity, StartupError};
 
 use hives::{normalize_url, Hives, PollSettings};
@@ -68,6 +68,19 @@ pub struct Config {
     /// `X-Timeout-Ms`, in milliseconds.
     #[arg(long, env = "RBEE_DEFAULT_DEADLINE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub default_deadline_ms: u64,
+
+    /// The longest deadline a request may carry, in milliseconds: a later
+    /// `X-Deadline` or a longer `X-Timeout-Ms` is shortened to it (and
+    /// forwarded so), so that no request holds a worker for longer.
+    #[arg(long, env = "RBEE_MAX_DEADLINE_MS", default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1..=deadline_propagation::MAX_TIMEOUT_MS))]
+    pub max_deadline_ms: u64,
+
+    /// The workers' stall timeout (`llm-worker-rbee --stall-timeout-s`,
+    /// the same environment variable), in seconds. A streaming answer
+    /// whose head does not come, or whose body goes quiet, for this much
+    /// plus as much again up to 5 s is a failed worker.
+    #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub worker_stall_timeout_s: u64,
 
     /// Time between polls of each hive, in milliseconds.
     #[arg(long, env = "RBEE_HIVE_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
@@ -123,6 +136,7 @@ const RELOADABLE: &[&str] = &[
     "hives",
     "max_queue",
     "default_deadline_ms",
+    "max_deadline_ms",
     "hive_poll_interval_ms",
     "hive_poll_timeout_ms",
     "hive_misses",
@@ -137,6 +151,8 @@ fn settings(config: &Config) -> Vec<ConfigSetting> {
         ConfigSetting::new("database", config.database_path().display()),
         ConfigSetting::new("max_queue", config.max_queue),
         ConfigSetting::new("default_deadline_ms", config.default_deadline_ms),
+        ConfigSetting::new("max_deadline_ms", config.max_deadline_ms),
+        ConfigSetting::new("worker_stall_timeout_s", config.worker_stall_timeout_s),
         ConfigSetting::new("hive_poll_interval_ms", config.hive_poll_interval_ms),
         ConfigSetting::new("hive_poll_timeout_ms", config.hive_poll_timeout_ms),
         ConfigSetting::new("hive_misses", config.hive_misses),
@@ -255,6 +271,10 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .map_err(|e| StartupError::Config(e.body().error.message.clone()))?;
     let default_deadline = DefaultDeadline::new(Duration::from_millis(config.default_deadline_ms));
     boot.stack = boot.stack.with_default_deadline(default_deadline.clone());
+    let max_deadline = MaxDeadline::new(Duration::from_millis(config.max_deadline_ms));
+    boot.stack = boot.stack.with_max_deadline(max_deadline.clone());
+    let timeouts =
+        upstream::Timeouts::from_stall(Duration::from_secs(config.worker_stall_timeout_s));
     let expired = metrics.clone();
     boot.stack = boot.stack.on_deadline_expired(std::sync::Arc::new(move || {
         expired.deadline_exceeded(metrics::Stage::Admission);
@@ -284,7 +304,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
                 metrics,
                 audit,
                 client: rbee_http::client::http_client(),
-                upstream: upstream_pool(),
+                upstream: upstream_pool(timeouts),
                 auth,
             }))
         })
@@ -300,6 +320,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         let sched = reload_sched.clone();
         let cascade = std::sync::Arc::clone(&reload_cascade);
         let default_deadline = default_deadline.clone();
+        let max_deadline = max_deadline.clone();
         async move {
             reloader
                 .reload(
@@ -307,6 +328,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
                     |(urls, new), _| async move {
                         sched.set_max_queue(new.max_queue as usize);
                         default_deadline.set(Duration::from_millis(new.default_deadline_ms));
+                        max_deadline.set(Duration::from_millis(new.max_deadline_ms));
                         hives.set_poll(poll_settings(&new));
                         cascade.store(new.cascade_shutdown, std::sync::atomic::Ordering::Relaxed);
                         for url in &urls {
@@ -324,8 +346,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
 
 /// The worker connection pool, with a task that closes its stale
 /// connections (the task ends with the runtime).
-fn upstream_pool() -> std::sync::Arc<upstream::Upstream> {
-    let pool = std::sync::Arc::new(upstream::Upstream::default());
+fn upstream_pool(timeouts: upstream::Timeouts) -> std::sync::Arc<upstream::Upstream> {
+    let pool = std::sync::Arc::new(upstream::Upstream::new(timeouts));
     let weak = std::sync::Arc::downgrade(&pool);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(upstream::IDLE_MAX / 2);

@@ -41,6 +41,18 @@ pub const X_JOB_ID: &str = "x-job-id";
 /// itself before the queen ends the call.
 const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 
+/// The longest non-streaming answer taken from a worker: far above the
+/// text of a whole context window, and a bound on what a faulty worker
+/// can make the queen hold.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// The longest refusal (a 4xx answer) taken from a worker.
+const MAX_REFUSAL_BYTES: usize = 1 << 20;
+
+/// The longest single SSE event taken from a worker: an event is held
+/// until its end arrives, so this bounds what one can make the queen hold.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// Which worker route a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -280,6 +292,7 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         path: prep.api.path().to_owned(),
         headers,
         body: prep.body.clone(),
+        streaming: prep.stream,
     };
     let call = Call {
         state,
@@ -494,7 +507,7 @@ impl Call {
                 }
             };
             let body = tokio::select! {
-                b = exchange.bytes() => b,
+                b = exchange.bytes(MAX_ANSWER_BYTES) => b,
                 () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
                 () = cancel.cancelled() => {
                     cancel_on_worker(&self.state, &lease, &self.prep);
@@ -639,6 +652,12 @@ impl Relay {
                 }
             };
             let failure = match chunk {
+                Ok(Some(bytes))
+                    if self.sse.buf.len() + bytes.len() > MAX_EVENT_BYTES
+                        && self.sse.unfinished_after(&bytes) > MAX_EVENT_BYTES =>
+                {
+                    format!("an event from the worker is longer than {MAX_EVENT_BYTES} bytes")
+                }
                 Ok(Some(bytes)) => {
                     let mut out = Vec::with_capacity(bytes.len() + self.sse.held.len());
                     if self.sse.feed(&bytes, self.openai, &mut out) {
@@ -744,7 +763,7 @@ async fn passthrough(
         }
     };
     let body = tokio::select! {
-        b = exchange.bytes() => b,
+        b = exchange.bytes(MAX_REFUSAL_BYTES) => b,
         () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
     };
     match body {

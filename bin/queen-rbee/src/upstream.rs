@@ -1,41 +1,52 @@
-//! The queen's HTTP/1.1 client for calls to workers.
+//! The queen's client for calls to workers: hyper's HTTP/1.1 client
+//! connection, with the queen's own pool and a relay that drives it.
 //!
 //! Every inference request is one exchange with a worker, so this path is
-//! the queen's hot loop. A general-purpose client (reqwest, or hyper's
-//! connection and its dispatcher) hands the request to the connection over
-//! a channel, the answer's head back over another, and its body one chunk
-//! at a time over a third. Here the connection belongs to whoever makes
-//! the call: the request goes out in one write, the answer's head is parsed
-//! from the same read buffer its body is decoded from, and everything the
-//! worker has sent so far comes back as one batch, so a batch of events is
-//! one write to the client.
+//! the queen's hot loop. hyper parses and frames the wire (its parser is
+//! the fuzzed one every hyper server and client uses); what is the queen's
+//! own is around it:
 //!
-//! Only what workers speak is read: HTTP/1.1 answers whose body is chunked,
-//! has a `Content-Length`, or ends with the connection; anything else is an
-//! error naming what was wrong, and that connection is never reused.
+//! - **The connection is driven by whoever reads the answer.** hyper hands
+//!   the answer's body from its connection task over a channel; running
+//!   that task inside the same poll as the reader (instead of as its own
+//!   task) makes each hand-over a local wake-up, and everything the worker
+//!   has sent so far comes back as one batch, so a batch of events is one
+//!   write to the client.
+//! - **A request is sent again only when it was never written.** hyper
+//!   gives a request back when its connection failed before any of it went
+//!   out (an idle connection the worker had closed); that one is sent once
+//!   more on another connection. A request that was written is never sent
+//!   again by this client: the worker may have started generating it
+//!   (RFC 9110 §9.2.2 for POST).
+//! - **Timeouts.** A streaming answer's head must come within
+//!   [`Timeouts::first_byte`], and no body may go quiet for longer than
+//!   [`Timeouts::idle`]: the worker's stall timeout plus a grace, because a
+//!   live worker sends a token, or a keep-alive comment while its engine
+//!   progresses, well within it. A non-streaming answer's head comes when
+//!   its generation ends, so only the request's deadline bounds it.
+//! - **Caps.** An answer's head is at most [`MAX_HEAD_BYTES`]; a body read
+//!   whole is at most the caller's limit, refused by its `Content-Length`
+//!   before reading or as the bytes arrive.
 //!
-//! Connections are kept per worker address and reused (newest first). One
-//! found closed when it is taken is dropped; a request that a reused
-//! connection could not deliver (the worker closed it before answering a
-//! byte) is sent once more on a fresh connection, because the worker never
-//! saw it. Idle connections older than [`IDLE_MAX`] are closed by
-//! [`Upstream::prune`].
+//! Connections are kept per worker address and reused (newest first); one
+//! found closed when it is taken is dropped. Idle connections older than
+//! [`IDLE_MAX`] are closed by [`Upstream::prune`].
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, StatusCode};
-use tokio::io::AsyncWriteExt;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::client::conn::TrySendError;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-
-mod wire;
-
-use wire::{decode, encode, parse_head, Framing};
 
 /// Idle connections older than this are closed: the same bound as the
 /// other daemons' pools ([`rbee_http::client::POOL_IDLE`]), under the
@@ -45,54 +56,106 @@ pub const IDLE_MAX: Duration = rbee_http::client::POOL_IDLE;
 /// Idle connections kept per worker address.
 const MAX_IDLE_PER_HOST: usize = 256;
 
-/// Time allowed to open a TCP connection to a worker.
+/// Time allowed to open a connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Longest answer head (status line and headers) accepted.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest answer head (status line and headers) read: hyper's read
+/// buffer, which a head must fit in (hyper gives up on a head still
+/// incomplete once it has read this much; one read may take it past).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Bytes read from a worker's socket at a time.
-const READ_BYTES: usize = 16 * 1024;
+/// A batch grows from what has already arrived up to about this size, so
+/// that a body's cap is checked as it arrives.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-/// One connection to a worker, with what has been read from it and not
-/// consumed yet.
-struct Conn {
-    io: TcpStream,
-    buf: BytesMut,
+/// Most headers in an answer head.
+const MAX_HEADERS: usize = 64;
+
+type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
+
+/// How long a worker may keep the queen waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From a streaming request written to its answer's head.
+    pub first_byte: Duration,
+    /// The longest quiet gap inside an answer's body.
+    pub idle: Duration,
 }
 
-impl Conn {
-    /// True when an idle connection is still open: it has nothing to read,
-    /// while one the worker closed reads as its end.
-    fn alive(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
+impl Timeouts {
+    /// Both timeouts from the workers' stall timeout (`--stall-timeout-s`
+    /// of `llm-worker-rbee`): that, plus as much again up to 5 s, so that a
+    /// worker that is only slow reports its own stall first.
+    pub fn from_stall(stall: Duration) -> Self {
+        let bound = stall + stall.min(Duration::from_secs(5));
+        Self {
+            first_byte: bound,
+            idle: bound,
         }
     }
+}
 
-    /// Read what the socket has into `buf`; 0 at the end of the stream.
-    ///
-    /// Through `AsyncRead`, which forgets the socket's readiness when a read
-    /// comes back short: the next wait then costs no read that can only
-    /// answer "nothing yet", and an idle connection looks idle.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        self.buf.reserve(READ_BYTES);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+impl Default for Timeouts {
+    /// From the workers' default stall timeout, 30 s.
+    fn default() -> Self {
+        Self::from_stall(Duration::from_secs(30))
+    }
+}
+
+/// A connection to one worker, with its driver.
+struct Link {
+    sender: SendRequest<Full<Bytes>>,
+    /// `None` once the connection has ended.
+    conn: Option<Conn>,
+    /// Why the connection ended, when it ended with an error.
+    ended: Option<String>,
+}
+
+impl Link {
+    /// Drive the connection's I/O; true while it is still open.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Poll::Ready(result) = Pin::new(conn).poll(cx) {
+                self.conn = None;
+                if let Err(e) = result {
+                    self.ended = Some(e.to_string());
+                }
+            }
+        }
+        self.conn.is_some()
     }
 
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        poll_fn(|cx| self.poll_fill(cx)).await
+    /// True when the connection is still open and idle, without waiting.
+    fn alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.drive(&mut cx) && !self.sender.is_closed()
     }
+
+    /// `e` with its causes, and why the connection ended when that adds
+    /// something.
+    fn explain(&mut self, e: &hyper::Error) -> String {
+        let why = chain(e);
+        match self.ended.take() {
+            Some(ended) if !why.contains(&ended) => format!("{why} ({ended})"),
+            _ => why,
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 struct Idle {
-    conn: Conn,
+    link: Box<Link>,
     since: Instant,
 }
 
@@ -117,6 +180,9 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     /// The body, sent as it is.
     pub body: Bytes,
+    /// The answer streams: its head comes at once, so it gets
+    /// [`Timeouts::first_byte`].
+    pub streaming: bool,
 }
 
 /// The head of a worker's answer.
@@ -129,15 +195,22 @@ pub struct Head {
 }
 
 /// The pool of worker connections.
-#[derive(Default)]
 pub struct Upstream {
     idle: Mutex<HashMap<String, Vec<Idle>, ahash::RandomState>>,
+    timeouts: Timeouts,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new(Timeouts::default())
+    }
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("idle", &self.idle_count())
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
@@ -158,14 +231,21 @@ fn authority(base_url: &str) -> Result<&str, UpstreamError> {
 
 /// How a call on one connection failed.
 enum Failed {
-    /// The connection ended before a byte of the answer: the worker may
-    /// never have seen the request.
-    Unanswered(String),
+    /// Before any of the request was written: it is handed back.
+    Unsent(Box<Request<Full<Bytes>>>, String),
     /// Anything else.
     Other(String),
 }
 
 impl Upstream {
+    /// A pool whose calls wait as `timeouts` say.
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self {
+            idle: Mutex::default(),
+            timeouts,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>, ahash::RandomState>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -178,96 +258,113 @@ impl Upstream {
     /// Close idle connections older than [`IDLE_MAX`].
     pub fn prune(&self) {
         let mut idle = self.lock();
-        for conns in idle.values_mut() {
-            conns.retain(|c| c.since.elapsed() < IDLE_MAX);
+        for links in idle.values_mut() {
+            links.retain(|l| l.since.elapsed() < IDLE_MAX);
         }
-        idle.retain(|_, conns| !conns.is_empty());
+        idle.retain(|_, links| !links.is_empty());
     }
 
     /// The newest idle connection to `authority` that is still open.
-    fn checkout(&self, authority: &str) -> Option<Conn> {
+    fn checkout(&self, authority: &str) -> Option<Box<Link>> {
         let mut idle = self.lock();
-        let conns = idle.get_mut(authority)?;
-        while let Some(mut idle) = conns.pop() {
+        let links = idle.get_mut(authority)?;
+        while let Some(mut idle) = links.pop() {
             if idle.since.elapsed() >= IDLE_MAX {
                 // Everything below is older still.
-                conns.clear();
+                links.clear();
                 return None;
             }
-            if idle.conn.alive() {
-                return Some(idle.conn);
+            if idle.link.alive() {
+                return Some(idle.link);
             }
         }
         None
     }
 
-    fn checkin(&self, authority: &str, conn: Conn) {
+    fn checkin(&self, authority: &str, link: Box<Link>) {
         let mut idle = self.lock();
-        let conns = match idle.get_mut(authority) {
-            Some(c) => c,
+        let links = match idle.get_mut(authority) {
+            Some(l) => l,
             None => idle.entry(authority.to_owned()).or_default(),
         };
-        if conns.len() >= MAX_IDLE_PER_HOST {
-            conns.remove(0);
+        if links.len() >= MAX_IDLE_PER_HOST {
+            links.remove(0);
         }
-        conns.push(Idle {
-            conn,
+        links.push(Idle {
+            link,
             since: Instant::now(),
         });
     }
 
-    async fn connect(authority: &str) -> Result<Conn, UpstreamError> {
-        let io = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+    /// A new connection; boxed, because hyper's connection state is large
+    /// and a relay moves its exchange with every batch.
+    async fn connect(authority: &str) -> Result<Box<Link>, UpstreamError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
             .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
             .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
         // Small SSE writes must not wait for delayed ACKs.
-        io.set_nodelay(true)
+        stream
+            .set_nodelay(true)
             .map_err(|e| UpstreamError(format!("cannot set TCP_NODELAY: {e}")))?;
-        Ok(Conn {
-            io,
-            buf: BytesMut::new(),
-        })
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError(format!("HTTP handshake with {authority}: {e}")))?;
+        Ok(Box::new(Link {
+            sender,
+            conn: Some(conn),
+            ended: None,
+        }))
     }
 
     /// Send `outgoing` to the worker at `base_url` (`http://host:port`) and
     /// wait for the head of its answer. The body is read from the returned
-    /// [`Exchange`], which gives the connection back to the pool once the
-    /// body is read to its end.
+    /// [`Exchange`], which drives the connection and gives it back to the
+    /// pool once the body is read to its end.
     pub async fn send(
         self: &Arc<Self>,
         base_url: &str,
         outgoing: &Outgoing,
     ) -> Result<(Head, Exchange), UpstreamError> {
         let authority = authority(base_url)?;
-        let request = encode(authority, outgoing)?;
-        let mut fresh_only = false;
+        let mut request = build(authority, outgoing)?;
+        let first_byte = outgoing.streaming.then_some(self.timeouts.first_byte);
         loop {
-            let (mut conn, reused) = match (!fresh_only).then(|| self.checkout(authority)).flatten()
-            {
-                Some(conn) => (conn, true),
+            let (mut link, reused) = match self.checkout(authority) {
+                Some(link) => (link, true),
                 None => (Self::connect(authority).await?, false),
             };
-            match exchange(&mut conn, &request, &outgoing.method).await {
-                Ok((head, body, keep_alive)) => {
+            match exchange(&mut link, request, first_byte).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
                     let exchange = Exchange {
-                        conn: Some(conn),
+                        link: Some(link),
                         body,
-                        keep_alive,
                         pending_error: None,
                         done: false,
                         authority: authority.to_owned(),
                         pool: Arc::clone(self),
+                        idle: self.timeouts.idle,
+                        timer: None,
+                        last_data: tokio::time::Instant::now(),
+                    };
+                    let head = Head {
+                        status: parts.status,
+                        headers: parts.headers,
                     };
                     return Ok((head, exchange));
                 }
-                // The worker closed an idle connection as the request went
-                // out on it: it never saw the request, so send it again once.
-                Err(Failed::Unanswered(why)) if reused => {
-                    tracing::debug!(worker = %authority, error = %why, "a reused connection was closed; sending again");
-                    fresh_only = true;
+                // The connection failed before any of the request went out
+                // (the worker had closed it while it was idle): the worker
+                // never saw it, so it may go on another connection.
+                Err(Failed::Unsent(again, why)) if reused => {
+                    tracing::debug!(worker = %authority, error = %why, "a reused connection was closed; sending on another");
+                    request = *again;
                 }
-                Err(Failed::Unanswered(why) | Failed::Other(why)) => {
+                Err(Failed::Unsent(_, why) | Failed::Other(why)) => {
                     return Err(UpstreamError(format!("{authority}: {why}")))
                 }
             }
@@ -275,65 +372,78 @@ impl Upstream {
     }
 }
 
-/// Send `request` on `conn` and read the answer's head: the head, how its
-/// body is framed, and whether the connection may be reused after it.
-async fn exchange(
-    conn: &mut Conn,
-    request: &[u8],
-    method: &Method,
-) -> Result<(Head, Framing, bool), Failed> {
-    if let Err(e) = conn.io.write_all(request).await {
-        // A worker may answer before it has read the whole request (a
-        // refusal) and close: what it said is still there to read.
-        return match read_head(conn, method).await {
-            Ok((head, framing, _)) => Ok((head, framing, false)),
-            Err(_) => Err(Failed::Unanswered(format!("sending the request: {e}"))),
-        };
-    }
-    read_head(conn, method).await
+fn build(authority: &str, outgoing: &Outgoing) -> Result<Request<Full<Bytes>>, UpstreamError> {
+    let mut request = Request::builder()
+        .method(outgoing.method.clone())
+        .uri(outgoing.path.as_str())
+        .body(Full::new(outgoing.body.clone()))
+        .map_err(|e| UpstreamError(format!("cannot build the request: {e}")))?;
+    let headers = request.headers_mut();
+    headers.clone_from(&outgoing.headers);
+    let host = http::HeaderValue::from_str(authority)
+        .map_err(|_| UpstreamError(format!("`{authority}` is not a valid host")))?;
+    headers.insert(http::header::HOST, host);
+    Ok(request)
 }
 
-/// Read the answer's head from `conn`.
-async fn read_head(conn: &mut Conn, method: &Method) -> Result<(Head, Framing, bool), Failed> {
-    loop {
-        if let Some(parsed) = parse_head(&mut conn.buf, method).map_err(Failed::Other)? {
-            return Ok(parsed);
+/// Wait until the connection can take a request, send it, and wait for the
+/// answer's head (at most `first_byte`, when given), driving the
+/// connection all along.
+async fn exchange(
+    link: &mut Link,
+    request: Request<Full<Bytes>>,
+    first_byte: Option<Duration>,
+) -> Result<http::Response<Incoming>, Failed> {
+    let ready = poll_fn(|cx| {
+        let open = link.drive(cx);
+        match link.sender.poll_ready(cx) {
+            Poll::Pending if !open => Poll::Ready(Err("the connection closed".to_owned())),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| link.explain(&e))),
         }
-        if conn.buf.len() > MAX_HEAD_BYTES {
-            return Err(Failed::Other(format!(
-                "the answer's head is longer than {MAX_HEAD_BYTES} bytes"
-            )));
-        }
-        let answered = !conn.buf.is_empty();
-        match conn.fill().await {
-            Ok(0) if answered => {
-                return Err(Failed::Other(
-                    "the connection closed in the answer's head".to_owned(),
-                ))
-            }
-            Ok(0) => {
-                return Err(Failed::Unanswered(
-                    "the connection closed before an answer".to_owned(),
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if answered => return Err(Failed::Other(format!("reading the answer: {e}"))),
-            Err(e) => return Err(Failed::Unanswered(format!("reading the answer: {e}"))),
-        }
+    })
+    .await;
+    if let Err(why) = ready {
+        return Err(Failed::Unsent(Box::new(request), why));
     }
+    let mut response = std::pin::pin!(link.sender.try_send_request(request));
+    let head = poll_fn(|cx| {
+        link.drive(cx);
+        response.as_mut().poll(cx)
+    });
+    let result = match first_byte {
+        Some(limit) => tokio::time::timeout(limit, head).await.map_err(|_| {
+            Failed::Other(format!(
+                "no answer within {} s of the request",
+                limit.as_secs_f64()
+            ))
+        })?,
+        None => head.await,
+    };
+    result.map_err(|mut e: TrySendError<_>| {
+        let why = link.explain(e.error());
+        match e.take_message() {
+            Some(request) => Failed::Unsent(Box::new(request), why),
+            None => Failed::Other(why),
+        }
+    })
 }
 
 /// The body of a worker's answer, read batch by batch.
 pub struct Exchange {
-    /// `None` once the body has ended or failed.
-    conn: Option<Conn>,
-    body: Framing,
-    keep_alive: bool,
+    link: Option<Box<Link>>,
+    body: Incoming,
     /// An error seen after data that was returned first.
     pending_error: Option<String>,
     done: bool,
     authority: String,
     pool: Arc<Upstream>,
+    /// The longest quiet gap allowed.
+    idle: Duration,
+    /// Fires at `last_data + idle` or earlier; made at the first wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the last bytes (or the head) arrived.
+    last_data: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -359,72 +469,149 @@ impl Exchange {
         if self.done {
             return Poll::Ready(Ok(None));
         }
-        let mut out = BytesMut::new();
+        let mut first: Option<Bytes> = None;
+        let mut more: Option<BytesMut> = None;
+        let batch = |first: Option<Bytes>, more: Option<BytesMut>| match more {
+            Some(m) => Some(m.freeze()),
+            None => first,
+        };
         loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(Err(UpstreamError("the connection has ended".to_owned())));
-            };
-            let ended = match decode(&mut self.body, &mut conn.buf, &mut out) {
-                Ok(ended) => ended,
-                Err(why) => {
-                    let why = format!("{}: {why}", self.authority);
-                    return Poll::Ready(self.fail(out, why));
+            if let Some(link) = self.link.as_mut() {
+                link.drive(cx);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: nothing to relay
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let size = match (&mut more, first.take()) {
+                        (Some(m), _) => {
+                            m.extend_from_slice(&data);
+                            m.len()
+                        }
+                        (None, None) => {
+                            first = Some(data);
+                            first.as_ref().map_or(0, Bytes::len)
+                        }
+                        (None, Some(f)) => {
+                            let mut m = BytesMut::with_capacity(f.len() + data.len());
+                            m.extend_from_slice(&f);
+                            m.extend_from_slice(&data);
+                            let size = m.len();
+                            more = Some(m);
+                            size
+                        }
+                    };
+                    if size >= MAX_BATCH_BYTES {
+                        self.last_data = tokio::time::Instant::now();
+                        return Poll::Ready(Ok(batch(first, more)));
+                    }
                 }
-            };
-            if ended {
-                self.done = true;
-                self.give_back();
-                return Poll::Ready(Ok((!out.is_empty()).then(|| out.freeze())));
-            }
-            if !out.is_empty() {
-                return Poll::Ready(Ok(Some(out.freeze())));
-            }
-            let why = match conn.poll_fill(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) if self.body == Framing::UntilClose => {
+                Poll::Ready(Some(Err(e))) => {
+                    let why = match self.link.as_mut() {
+                        Some(link) => link.explain(&e),
+                        None => chain(&e),
+                    };
+                    return Poll::Ready(self.fail(batch(first, more), why));
+                }
+                Poll::Ready(None) => {
                     self.done = true;
-                    self.conn = None;
-                    return Poll::Ready(Ok(None));
+                    self.give_back();
+                    return Poll::Ready(Ok(batch(first, more)));
                 }
-                Poll::Ready(Ok(0)) => {
-                    "the connection closed before the end of the answer".to_owned()
+                Poll::Pending => {
+                    if let Some(b) = batch(first, more) {
+                        self.last_data = tokio::time::Instant::now();
+                        return Poll::Ready(Ok(Some(b)));
+                    }
+                    return match self.poll_quiet(cx) {
+                        Poll::Ready(()) => {
+                            let why = format!(
+                                "the worker sent nothing for {} s",
+                                self.idle.as_secs_f64()
+                            );
+                            Poll::Ready(self.fail(None, why))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
-                Poll::Ready(Ok(_)) => continue,
-                Poll::Ready(Err(e)) => format!("reading the answer: {e}"),
-            };
-            let why = format!("{}: {why}", self.authority);
-            return Poll::Ready(self.fail(out, why));
+            }
         }
     }
 
-    /// End the exchange with an error, after handing out `out` if it holds
-    /// data. The connection is closed, never reused.
-    fn fail(&mut self, out: BytesMut, why: String) -> Result<Option<Bytes>, UpstreamError> {
-        self.conn = None;
-        if out.is_empty() {
-            Err(UpstreamError(why))
-        } else {
-            self.pending_error = Some(why);
-            Ok(Some(out.freeze()))
+    /// Ready once the body has been quiet for the idle timeout. The timer
+    /// is set once and moved on only when it fires early, so that a stream
+    /// of batches does not reset a timer for each.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = self.last_data + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last_data + self.idle;
+            if tokio::time::Instant::now() >= due {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(due);
         }
     }
 
-    /// The whole body.
-    pub async fn bytes(&mut self) -> Result<Bytes, UpstreamError> {
+    /// End the exchange with an error, after handing out `data` if there
+    /// is some. The connection is closed, never reused.
+    fn fail(&mut self, data: Option<Bytes>, why: String) -> Result<Option<Bytes>, UpstreamError> {
+        self.link = None;
+        self.done = true;
+        let why = format!("{}: {why}", self.authority);
+        match data {
+            Some(b) => {
+                self.pending_error = Some(why);
+                Ok(Some(b))
+            }
+            None => Err(UpstreamError(why)),
+        }
+    }
+
+    /// The whole body, refused when longer than `limit` bytes: by its
+    /// `Content-Length` before reading, or as the bytes arrive.
+    pub async fn bytes(&mut self, limit: usize) -> Result<Bytes, UpstreamError> {
+        let too_long = |authority: &str| {
+            UpstreamError(format!(
+                "{authority}: the answer is longer than {limit} bytes"
+            ))
+        };
+        if self
+            .body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+        {
+            self.link = None;
+            return Err(too_long(&self.authority));
+        }
         let mut all = BytesMut::new();
         while let Some(b) = self.chunk().await? {
+            if all.len() + b.len() > limit {
+                self.link = None;
+                self.done = true;
+                return Err(too_long(&self.authority));
+            }
             all.extend_from_slice(&b);
         }
         Ok(all.freeze())
     }
 
     /// A body read to its end leaves the connection ready for the next
-    /// request: keep it, unless the worker said it would close it or sent
-    /// more than the answer.
+    /// request: keep it, unless the worker closed it.
     fn give_back(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.buf.is_empty() {
-                self.pool.checkin(&self.authority, conn);
+        if let Some(mut link) = self.link.take() {
+            if link.alive() {
+                self.pool.checkin(&self.authority, link);
             }
         }
     }
@@ -434,229 +621,4 @@ impl Exchange {
 // worker learns that the client went away and stops generating.
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    #[test]
-    fn authority_of_worker_urls() {
-        assert_eq!(
-            authority("http://127.0.0.1:9000").expect("plain"),
-            "127.0.0.1:9000"
-        );
-        assert_eq!(
-            authority("http://host:1/ignored").expect("with a path"),
-            "host:1"
-        );
-        assert!(authority("https://host:1").is_err());
-        assert!(authority("http://").is_err());
-    }
-
-    /// How the test server treats a connection after its first answer.
-    #[derive(Clone, Copy)]
-    enum After {
-        KeepAlive,
-        Close,
-        /// Answer the first request, then close on the next without
-        /// answering: an idle close racing the next request.
-        DropSecond,
-    }
-
-    /// A raw HTTP/1.1 server on loopback: counts connections, answers each
-    /// request with three SSE events written in one `write`, and either
-    /// keeps the connection or closes it after the first answer.
-    async fn server(after: After) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut answered = 0;
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        let Ok(n) = socket.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        // Bodies here are short: head and body arrive together.
-                        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().expect("length"));
-                        if buf.len() < head_end + 4 + len {
-                            continue;
-                        }
-                        buf.drain(..head_end + 4 + len);
-                        if matches!(after, After::DropSecond) && answered == 1 {
-                            return;
-                        }
-                        answered += 1;
-                        let events = ["data: a\n\n", "data: b\n\n", "data: [DONE]\n\n"];
-                        let mut answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                        for e in events {
-                            answer
-                                .extend_from_slice(format!("{:X}\r\n{e}\r\n", e.len()).as_bytes());
-                        }
-                        answer.extend_from_slice(b"0\r\n\r\n");
-                        if socket.write_all(&answer).await.is_err() {
-                            return;
-                        }
-                        if matches!(after, After::Close) {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (url, accepted)
-    }
-
-    fn outgoing() -> Outgoing {
-        Outgoing {
-            method: Method::POST,
-            path: "/v1/inference".to_owned(),
-            headers: HeaderMap::new(),
-            body: Bytes::from_static(b"{}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn events_written_together_come_back_as_one_batch_and_the_connection_is_reused() {
-        let (url, accepted) = server(After::KeepAlive).await;
-        let pool = Arc::new(Upstream::default());
-        for _ in 0..3 {
-            let (head, mut exchange) = pool.send(&url, &outgoing()).await.expect("send");
-            assert_eq!(head.status, 200);
-            let first = exchange.chunk().await.expect("read").expect("a batch");
-            let mut all = first.to_vec();
-            while let Some(more) = exchange.chunk().await.expect("read") {
-                all.extend_from_slice(&more);
-            }
-            assert_eq!(all, b"data: a\n\ndata: b\n\ndata: [DONE]\n\n");
-            assert_eq!(
-                pool.idle_count(),
-                1,
-                "a body read to its end keeps the connection"
-            );
-        }
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection for three requests"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_worker_closed_is_replaced_without_an_error() {
-        let (url, accepted) = server(After::Close).await;
-        let pool = Arc::new(Upstream::default());
-        for round in 1..=3 {
-            let (_, mut exchange) = pool.send(&url, &outgoing()).await.expect("send");
-            let body = exchange.bytes().await.expect("body");
-            assert!(body.ends_with(b"data: [DONE]\n\n"));
-            // Let the close reach this side before the next request.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            assert_eq!(accepted.load(Ordering::SeqCst), round);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_request_lost_on_a_reused_connection_is_sent_again_on_a_fresh_one() {
-        let (url, accepted) = server(After::DropSecond).await;
-        let pool = Arc::new(Upstream::default());
-        for _ in 0..2 {
-            let (head, mut exchange) = pool.send(&url, &outgoing()).await.expect("send");
-            assert_eq!(head.status, 200);
-            exchange.bytes().await.expect("body");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn an_exchange_dropped_mid_body_closes_its_connection() {
-        let (url, accepted) = server(After::KeepAlive).await;
-        let pool = Arc::new(Upstream::default());
-        let (_, exchange) = pool.send(&url, &outgoing()).await.expect("send");
-        drop(exchange);
-        assert_eq!(
-            pool.idle_count(),
-            0,
-            "a half-read connection is never reused"
-        );
-        let (_, mut exchange) = pool.send(&url, &outgoing()).await.expect("send");
-        exchange.bytes().await.expect("body");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    /// A server that reads one request and answers `answer` as raw bytes,
-    /// then closes.
-    async fn raw_server(answer: &'static [u8]) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut chunk = [0u8; 4096];
-                let _ = socket.read(&mut chunk).await;
-                let _ = socket.write_all(answer).await;
-            }
-        });
-        url
-    }
-
-    #[tokio::test]
-    async fn an_answer_that_is_not_http_is_an_error_and_its_connection_is_dropped() {
-        let url = raw_server(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
-        let pool = Arc::new(Upstream::default());
-        let err = pool.send(&url, &outgoing()).await.expect_err("not HTTP");
-        assert!(err.0.contains("not HTTP/1.1"), "{err}");
-        assert_eq!(pool.idle_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_body_cut_short_hands_out_what_came_then_an_error() {
-        let url = raw_server(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: a\n\n\r\n20\r\ndata: b",
-        )
-        .await;
-        let pool = Arc::new(Upstream::default());
-        let (head, mut exchange) = pool.send(&url, &outgoing()).await.expect("head");
-        assert_eq!(head.status, 200);
-        let mut got = Vec::new();
-        let err = loop {
-            match exchange.chunk().await {
-                Ok(Some(b)) => got.extend_from_slice(&b),
-                Ok(None) => panic!("a cut body must not end cleanly"),
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(got, b"data: a\n\ndata: b");
-        assert!(err.0.contains("closed before the end"), "{err}");
-        assert_eq!(pool.idle_count(), 0, "a cut connection is never reused");
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_worker_is_an_error_naming_it() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let pool = Arc::new(Upstream::default());
-        let err = pool
-            .send(&format!("http://{addr}"), &outgoing())
-            .await
-            .expect_err("nothing listens");
-        assert!(err.0.contains(&addr.to_string()), "{err}");
-    }
-}
+mod tests;

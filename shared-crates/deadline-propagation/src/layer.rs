@@ -15,12 +15,14 @@ use crate::deadline::{Deadline, DeadlineExceeded, X_DEADLINE, X_TIMEOUT_MS};
 ///
 /// - invalid value: 400 `INVALID_DEADLINE`, handler not called;
 /// - already expired: 504 `DEADLINE_EXCEEDED`, handler not called;
-/// - otherwise the [`Deadline`] (or the configured default, if any) goes into
-///   the request's extensions, and the request's headers are normalised to a
-///   single absolute `X-Deadline`, ready to forward.
+/// - otherwise the [`Deadline`] (or the configured default, if any),
+///   shortened to the configured maximum (if any), goes into the request's
+///   extensions, and the request's headers are normalised to a single
+///   absolute `X-Deadline`, ready to forward.
 #[derive(Clone, Default)]
 pub struct DeadlineLayer {
     default: Option<DefaultDeadline>,
+    max: Option<MaxDeadline>,
     on_expired: Option<OnExpired>,
 }
 
@@ -46,6 +48,28 @@ impl DefaultDeadline {
     }
 }
 
+/// The longest deadline a request may have: a later one is shortened to
+/// it. Clones share the value, so a daemon can change it while it serves.
+#[derive(Debug, Clone)]
+pub struct MaxDeadline(std::sync::Arc<AtomicU64>);
+
+impl MaxDeadline {
+    /// Starting at `max` (whole milliseconds).
+    pub fn new(max: Duration) -> Self {
+        Self(std::sync::Arc::new(AtomicU64::new(millis(max))))
+    }
+
+    /// The value now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Change it for the requests that arrive from now on.
+    pub fn set(&self, max: Duration) {
+        self.0.store(millis(max), Ordering::Relaxed);
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -57,6 +81,7 @@ impl std::fmt::Debug for DeadlineLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadlineLayer")
             .field("default", &self.default)
+            .field("max", &self.max)
             .field("on_expired", &self.on_expired.is_some())
             .finish()
     }
@@ -79,8 +104,16 @@ impl DeadlineLayer {
     pub fn with_shared_default(default: DefaultDeadline) -> Self {
         Self {
             default: Some(default),
+            max: None,
             on_expired: None,
         }
+    }
+
+    /// Shorten deadlines further away than `max` to `max` from arrival
+    /// (the queen's `--max-deadline-ms`).
+    pub fn max(mut self, max: MaxDeadline) -> Self {
+        self.max = Some(max);
+        self
     }
 
     /// Call `f` for each request refused as already expired (a daemon
@@ -98,6 +131,7 @@ impl<S> Layer<S> for DeadlineLayer {
         DeadlineService {
             inner,
             default: self.default.clone(),
+            max: self.max.clone(),
             on_expired: self.on_expired.clone(),
         }
     }
@@ -108,6 +142,7 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct DeadlineService<S> {
     inner: S,
     default: Option<DefaultDeadline>,
+    max: Option<MaxDeadline>,
     on_expired: Option<OnExpired>,
 }
 
@@ -116,6 +151,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for DeadlineService<S> {
         f.debug_struct("DeadlineService")
             .field("inner", &self.inner)
             .field("default", &self.default)
+            .field("max", &self.max)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +175,11 @@ where
                 tracing::debug!(error = %err, "invalid deadline header");
                 return Either::Left(futures_util::future::ready(Ok(err.into_response())));
             }
+        };
+        let deadline = match (deadline, &self.max) {
+            (Some(d), Some(max)) => Some(d.min(Deadline::after(max.get()))),
+            (None, Some(max)) => Some(Deadline::after(max.get())),
+            (d, None) => d,
         };
         if let Some(deadline) = deadline {
             if deadline.is_expired() {
@@ -262,5 +303,38 @@ mod tests {
         let short = deadline_ms(&short) - before;
         assert!((59_000..=61_000).contains(&long), "{long}");
         assert!((4_000..=6_000).contains(&short), "{short}");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_past_the_maximum_is_shortened_and_forwarded_so() {
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let max = MaxDeadline::new(Duration::from_secs(10));
+        let layer = DeadlineLayer::with_default(Duration::from_secs(60)).max(max.clone());
+        for header in [
+            None,
+            Some(("x-timeout-ms", "31536000000".to_owned())),
+            Some(("x-deadline", (now_ms() + 3_600_000).to_string())),
+        ] {
+            let before = now_ms();
+            let (status, body) = run(layer.clone(), header.clone()).await;
+            assert_eq!(status, StatusCode::OK);
+            let mut parts = body.split('|');
+            let deadline: u64 = parts.next().unwrap().parse().unwrap();
+            let forwarded: u64 = parts.next().unwrap().parse().unwrap();
+            assert_eq!(deadline, forwarded, "{header:?}");
+            let ahead = deadline - before;
+            assert!((9_000..=11_000).contains(&ahead), "{header:?}: {ahead}");
+        }
+        // A nearer deadline is kept as it is.
+        let (_, body) = run(layer, Some(("x-timeout-ms", "2000".to_owned()))).await;
+        let ahead = body.split('|').next().unwrap().parse::<u64>().unwrap() - now_ms();
+        assert!(ahead <= 2_000, "{ahead}");
+        max.set(Duration::from_secs(1));
+        assert_eq!(max.get(), Duration::from_secs(1));
     }
 }

@@ -67,6 +67,14 @@ impl HttpStack {
         self
     }
 
+    /// Shorten deadlines further away than `max` to it (the queen's
+    /// `--max-deadline-ms`); the caller keeps a clone to change it while
+    /// serving. Set after [`with_default_deadline`](Self::with_default_deadline).
+    pub fn with_max_deadline(mut self, max: deadline_propagation::MaxDeadline) -> Self {
+        self.deadline = self.deadline.max(max);
+        self
+    }
+
     /// Call `f` for each request refused because its deadline had passed
     /// on arrival. Set after [`with_default_deadline`](Self::with_default_deadline).
     pub fn on_deadline_expired(mut self, f: deadline_propagation::OnExpired) -> Self {

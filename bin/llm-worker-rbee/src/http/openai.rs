@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
@@ -113,9 +113,7 @@ async fn respond(
         kind,
     };
     if request.stream {
-        Ok(Sse::new(chunks(meta, admitted))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        Ok(Sse::new(super::keep_alive(&state, chunks(meta, admitted))).into_response())
     } else {
         whole(meta, admitted).await.map(IntoResponse::into_response)
     }

@@ -94,6 +94,19 @@ impl SseState {
         first
     }
 
+    /// How long the incomplete event left after `bytes` would be: what
+    /// [`feed`](Self::feed) would hold until its end arrives.
+    pub(super) fn unfinished_after(&self, bytes: &[u8]) -> usize {
+        let mut all = Vec::with_capacity(self.buf.len() + bytes.len());
+        all.extend_from_slice(&self.buf);
+        all.extend_from_slice(bytes);
+        let mut at = 0;
+        while let Some(len) = find_event_end(&all[at..]) {
+            at += len;
+        }
+        all.len() - at
+    }
+
     /// Classify each complete event in `data`: how many bytes they took, and
     /// whether the first token was among them.
     fn events(&mut self, data: &[u8], openai: bool, out: &mut Vec<u8>) -> (usize, bool) {
@@ -207,6 +220,16 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unfinished_event_is_measured_across_batches() {
+        let mut s = SseState::default();
+        let many = "data: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\n".repeat(1000);
+        assert_eq!(s.unfinished_after(many.as_bytes()), 0);
+        feed(&mut s, b"data: {\"type\":\"tok", false);
+        assert_eq!(s.unfinished_after(b"en\""), 21);
+        assert_eq!(s.unfinished_after(b"en\"}\n\ndata: x"), 7);
+    }
 
     /// Feed `bytes`; what goes to the client, and whether the first token
     /// was in it.
