@@ -39,6 +39,19 @@ pub fn hive_with_model(spec: DaemonSpec, token: Option<&str>) -> RunningDaemon {
     hive
 }
 
+/// Start `spec` (a hive), provision the default model and spawn one
+/// worker for it.
+pub fn hive_with_a_worker(spec: DaemonSpec) -> RunningDaemon {
+    let hive = hive_with_model(spec, None);
+    let (status, _, _) = send(
+        client()
+            .post(hive.url("/v1/workers/spawn"))
+            .json(&json!({"model_ref": default_ref()})),
+    );
+    assert_eq!(status, 202);
+    hive
+}
+
 /// A queen that knows `hives` and polls them every 200 ms.
 pub fn queen_spec(hives: &[&RunningDaemon]) -> DaemonSpec {
     let mut spec = DaemonSpec::new("queen-rbee").args(["--hive-poll-interval-ms", "200"]);

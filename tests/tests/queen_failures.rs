@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rbee_system_tests::queen::{
-    client, default_ref, error_code, hive_with_model, infer, long_request, queen_metric,
-    queen_spec, ready_queen, send, stream, wait_for, wait_ready_workers,
+    client, default_ref, error_code, hive_with_a_worker, hive_with_model, infer, long_request,
+    queen_metric, queen_spec, ready_queen, send, stream, wait_for, wait_ready_workers,
 };
 use rbee_system_tests::{DaemonSpec, RunningDaemon};
 use serde_json::{json, Value};
@@ -116,18 +116,6 @@ fn a_hive_that_stops_answering_leaves_routing_and_comes_back() {
         &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
     );
     assert_eq!(status, 200, "{body}");
-}
-
-/// A hive with the default model and one worker spawned.
-fn hive_with_a_worker(spec: DaemonSpec) -> RunningDaemon {
-    let hive = hive_with_model(spec, None);
-    let (status, _, _) = send(
-        client()
-            .post(hive.url("/v1/workers/spawn"))
-            .json(&json!({"model_ref": default_ref()})),
-    );
-    assert_eq!(status, 202);
-    hive
 }
 
 /// A hive whose workers crash after `tokens` generated tokens (the

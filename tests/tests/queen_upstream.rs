@@ -10,30 +10,18 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rbee_system_tests::queen::{
-    client, default_ref, error_code, hive_with_model, infer, long_request, queen_spec, ready_queen,
-    send, stream, wait_ready_workers,
+    client, error_code, hive_with_a_worker, infer, long_request, queen_spec, ready_queen, send,
+    stream, wait_ready_workers,
 };
-use rbee_system_tests::{DaemonSpec, RunningDaemon};
+use rbee_system_tests::DaemonSpec;
 use serde_json::json;
-
-/// A hive with the default model and one worker spawned, ready at `queen`.
-fn one_worker(spec: DaemonSpec) -> RunningDaemon {
-    let hive = hive_with_model(spec, None);
-    let (status, _, _) = send(
-        client()
-            .post(hive.url("/v1/workers/spawn"))
-            .json(&json!({"model_ref": default_ref()})),
-    );
-    assert_eq!(status, 202);
-    hive
-}
 
 #[test]
 fn a_worker_whose_engine_wedges_mid_stream_is_given_up_after_the_stall_timeout() {
     // The worker's engine blocks for good after 3 tokens; its HTTP side
     // stays up. Stall timeout 1 s at both ends: the queen gives up on a
     // stream quiet for 2 s, where the client's deadline is 60 s.
-    let hive = one_worker(
+    let hive = hive_with_a_worker(
         DaemonSpec::new("rbee-hive")
             .env("RBEE_FAULT_WEDGE_AFTER_TOKENS", "3")
             .env("RBEE_WORKER_STALL_TIMEOUT_S", "1")
@@ -74,7 +62,7 @@ fn a_worker_whose_engine_wedges_mid_stream_is_given_up_after_the_stall_timeout()
 
 #[test]
 fn a_stopped_worker_fails_a_stream_at_the_first_byte_timeout_and_a_whole_answer_at_its_deadline() {
-    let hive = one_worker(DaemonSpec::new("rbee-hive"));
+    let hive = hive_with_a_worker(DaemonSpec::new("rbee-hive"));
     let queen = ready_queen(
         &queen_spec(&[&hive]).args(["--worker-stall-timeout-s", "1"]),
         None,
@@ -139,7 +127,7 @@ fn a_stopped_worker_fails_a_stream_at_the_first_byte_timeout_and_a_whole_answer_
 
 #[test]
 fn a_deadline_past_the_queens_maximum_is_shortened_to_it() {
-    let hive = one_worker(DaemonSpec::new("rbee-hive"));
+    let hive = hive_with_a_worker(DaemonSpec::new("rbee-hive"));
     let queen = ready_queen(
         &queen_spec(&[&hive]).args(["--max-deadline-ms", "2000"]),
         None,

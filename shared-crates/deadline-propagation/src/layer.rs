@@ -26,15 +26,15 @@ pub struct DeadlineLayer {
     on_expired: Option<OnExpired>,
 }
 
-/// The deadline given to requests without deadline headers. Clones share
-/// the value, so a daemon can change it while it serves (a reload).
+/// A duration a daemon can change while it serves (a reload): clones
+/// share the value.
 #[derive(Debug, Clone)]
-pub struct DefaultDeadline(std::sync::Arc<AtomicU64>);
+pub struct SharedDuration(std::sync::Arc<AtomicU64>);
 
-impl DefaultDeadline {
-    /// Starting at `default` (whole milliseconds).
-    pub fn new(default: Duration) -> Self {
-        Self(std::sync::Arc::new(AtomicU64::new(millis(default))))
+impl SharedDuration {
+    /// Starting at `value` (whole milliseconds).
+    pub fn new(value: Duration) -> Self {
+        Self(std::sync::Arc::new(AtomicU64::new(millis(value))))
     }
 
     /// The value now.
@@ -43,32 +43,16 @@ impl DefaultDeadline {
     }
 
     /// Change it for the requests that arrive from now on.
-    pub fn set(&self, default: Duration) {
-        self.0.store(millis(default), Ordering::Relaxed);
+    pub fn set(&self, value: Duration) {
+        self.0.store(millis(value), Ordering::Relaxed);
     }
 }
 
-/// The longest deadline a request may have: a later one is shortened to
-/// it. Clones share the value, so a daemon can change it while it serves.
-#[derive(Debug, Clone)]
-pub struct MaxDeadline(std::sync::Arc<AtomicU64>);
+/// The deadline given to requests without deadline headers.
+pub type DefaultDeadline = SharedDuration;
 
-impl MaxDeadline {
-    /// Starting at `max` (whole milliseconds).
-    pub fn new(max: Duration) -> Self {
-        Self(std::sync::Arc::new(AtomicU64::new(millis(max))))
-    }
-
-    /// The value now.
-    pub fn get(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed))
-    }
-
-    /// Change it for the requests that arrive from now on.
-    pub fn set(&self, max: Duration) {
-        self.0.store(millis(max), Ordering::Relaxed);
-    }
-}
+/// The longest deadline a request may have: a later one is shortened to it.
+pub type MaxDeadline = SharedDuration;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -18,4 +18,6 @@ mod layer;
 pub use deadline::{
     Deadline, DeadlineError, DeadlineExceeded, MAX_TIMEOUT_MS, X_DEADLINE, X_TIMEOUT_MS,
 };
-pub use layer::{DeadlineLayer, DeadlineService, DefaultDeadline, MaxDeadline, OnExpired};
+pub use layer::{
+    DeadlineLayer, DeadlineService, DefaultDeadline, MaxDeadline, OnExpired, SharedDuration,
+};
