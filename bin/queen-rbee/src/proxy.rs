@@ -289,7 +289,7 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
     );
     let outgoing = Outgoing {
         method: Method::POST,
-        path: prep.api.path().to_owned(),
+        path: http::Uri::from_static(prep.api.path()),
         headers,
         body: prep.body.clone(),
         streaming: prep.stream,

@@ -175,7 +175,7 @@ pub struct Outgoing {
     /// `POST`, `DELETE`.
     pub method: Method,
     /// The path on the worker, e.g. `/v1/inference`.
-    pub path: String,
+    pub path: http::Uri,
     /// Headers besides `host` and `content-length`.
     pub headers: HeaderMap,
     /// The body, sent as it is.
@@ -375,7 +375,7 @@ impl Upstream {
 fn build(authority: &str, outgoing: &Outgoing) -> Result<Request<Full<Bytes>>, UpstreamError> {
     let mut request = Request::builder()
         .method(outgoing.method.clone())
-        .uri(outgoing.path.as_str())
+        .uri(outgoing.path.clone())
         .body(Full::new(outgoing.body.clone()))
         .map_err(|e| UpstreamError(format!("cannot build the request: {e}")))?;
     let headers = request.headers_mut();

@@ -120,7 +120,7 @@ async fn server(after: After) -> (String, Arc<Seen>) {
 fn outgoing() -> Outgoing {
     Outgoing {
         method: Method::POST,
-        path: "/v1/inference".to_owned(),
+        path: http::Uri::from_static("/v1/inference"),
         headers: HeaderMap::new(),
         body: Bytes::from_static(b"{}"),
         streaming: true,
