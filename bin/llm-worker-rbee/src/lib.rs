@@ -311,7 +311,10 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let advertise_url = config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", daemon.local_addr()));
+        .unwrap_or_else(|| format!("{}://{}", daemon.scheme(), daemon.local_addr()));
+    if let Some(url) = &config.hive_url {
+        rbee_http::tls::warn_if_plain("--hive-url", url);
+    }
     let reporter = config.hive_url.clone().map(|hive_url| hive::HiveReporter {
         hive_url,
         auth,

@@ -523,11 +523,14 @@ impl Hives {
 async fn decode<T: serde::de::DeserializeOwned>(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<T, String> {
-    let response = response.map_err(|e| e.to_string())?;
+    let response = response.map_err(|e| rbee_http::client::error_chain(&e))?;
     if !response.status().is_success() {
         return Err(format!("HTTP {}", response.status().as_u16()));
     }
-    response.json::<T>().await.map_err(|e| e.to_string())
+    response
+        .json::<T>()
+        .await
+        .map_err(|e| rbee_http::client::error_chain(&e))
 }
 
 /// The hive's error, as it reported it.

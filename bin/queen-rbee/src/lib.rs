@@ -238,6 +238,9 @@ impl FromRef<AppState> for CoreState {
 /// until SIGTERM/SIGINT or `POST /v1/admin/shutdown` ([`Daemon::run`]).
 pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let flag_urls = hive_urls(&config).map_err(|bad| StartupError::Config(bad.join("; ")))?;
+    for url in &flag_urls {
+        rbee_http::tls::warn_if_plain("--hive", url);
+    }
     let database = config.database_path();
     let mut boot = Bootstrap::new(
         Identity {

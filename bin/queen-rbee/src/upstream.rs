@@ -46,7 +46,8 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use rbee_http::client::error_chain as chain;
+use rbee_http::tls::Stream;
 
 /// Idle connections older than this are closed: the same bound as the
 /// other daemons' pools ([`rbee_http::client::POOL_IDLE`]), under the
@@ -71,7 +72,7 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Most headers in an answer head.
 const MAX_HEADERS: usize = 64;
 
-type Conn = Connection<TokioIo<TcpStream>, Full<Bytes>>;
+type Conn = Connection<TokioIo<Stream>, Full<Bytes>>;
 
 /// How long a worker may keep the queen waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,18 +143,6 @@ impl Link {
     }
 }
 
-/// An error and its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
 struct Idle {
     link: Box<Link>,
     since: Instant,
@@ -215,18 +204,27 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// `host:port` of an `http://` base URL.
-fn authority(base_url: &str) -> Result<&str, UpstreamError> {
-    let rest = base_url.strip_prefix("http://").ok_or_else(|| {
-        UpstreamError(format!("the worker URL `{base_url}` is not an http:// URL"))
-    })?;
+/// Whether a base URL is `https://`, and its `host:port`.
+fn authority(base_url: &str) -> Result<(bool, &str), UpstreamError> {
+    let (https, rest) = match (
+        base_url.strip_prefix("http://"),
+        base_url.strip_prefix("https://"),
+    ) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => {
+            return Err(UpstreamError(format!(
+                "the worker URL `{base_url}` is not an http:// or https:// URL"
+            )))
+        }
+    };
     let authority = rest.split('/').next().unwrap_or(rest);
     if authority.is_empty() {
         return Err(UpstreamError(format!(
             "the worker URL `{base_url}` has no host"
         )));
     }
-    Ok(authority)
+    Ok((https, authority))
 }
 
 /// How a call on one connection failed.
@@ -298,15 +296,11 @@ impl Upstream {
 
     /// A new connection; boxed, because hyper's connection state is large
     /// and a relay moves its exchange with every batch.
-    async fn connect(authority: &str) -> Result<Box<Link>, UpstreamError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+    async fn connect(authority: &str, https: bool) -> Result<Box<Link>, UpstreamError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, Stream::connect(authority, https))
             .await
             .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
             .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
-        // Small SSE writes must not wait for delayed ACKs.
-        stream
-            .set_nodelay(true)
-            .map_err(|e| UpstreamError(format!("cannot set TCP_NODELAY: {e}")))?;
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS)
@@ -329,13 +323,15 @@ impl Upstream {
         base_url: &str,
         outgoing: &Outgoing,
     ) -> Result<(Head, Exchange), UpstreamError> {
-        let authority = authority(base_url)?;
+        let (https, authority) = authority(base_url)?;
+        // Pooled by scheme and authority.
+        let key = &base_url[..base_url.find(authority).unwrap_or(0) + authority.len()];
         let mut request = build(authority, outgoing)?;
         let first_byte = outgoing.streaming.then_some(self.timeouts.first_byte);
         loop {
-            let (mut link, reused) = match self.checkout(authority) {
+            let (mut link, reused) = match self.checkout(key) {
                 Some(link) => (link, true),
-                None => (Self::connect(authority).await?, false),
+                None => (Self::connect(authority, https).await?, false),
             };
             match exchange(&mut link, request, first_byte).await {
                 Ok(response) => {
@@ -347,6 +343,7 @@ impl Upstream {
                         done: false,
                         authority: authority.to_owned(),
                         pool: Arc::clone(self),
+                        key: key.to_owned(),
                         idle: self.timeouts.idle,
                         timer: None,
                         last_data: tokio::time::Instant::now(),
@@ -437,6 +434,8 @@ pub struct Exchange {
     pending_error: Option<String>,
     done: bool,
     authority: String,
+    /// The pool's key for the connection: scheme and authority.
+    key: String,
     pool: Arc<Upstream>,
     /// The longest quiet gap allowed.
     idle: Duration,
@@ -611,7 +610,7 @@ impl Exchange {
     fn give_back(&mut self) {
         if let Some(mut link) = self.link.take() {
             if link.alive() {
-                self.pool.checkin(&self.authority, link);
+                self.pool.checkin(&self.key, link);
             }
         }
     }

@@ -407,24 +407,48 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
     } else {
         local.ip()
     };
+    let scheme = daemon.scheme();
     workers.set_hive_url(format!(
-        "http://{}",
+        "{scheme}://{}",
         SocketAddr::new(callback_host, local.port())
     ));
     let draining = workers.clone();
     daemon.on_drain(async move { draining.shutdown_all().await });
     if let Some(queen_url) = &config.queen_url {
+        rbee_http::tls::warn_if_plain("--queen-url", queen_url);
         let registration = queen::Registration {
             queen_url: queen_url.trim_end_matches('/').to_owned(),
             node_name: config.node_name.clone().unwrap_or_else(host::hostname),
             url: config.advertise_url.clone().unwrap_or_else(|| {
-                format!("http://{}", SocketAddr::new(callback_host, local.port()))
+                format!(
+                    "{scheme}://{}",
+                    SocketAddr::new(callback_host, local.port())
+                )
             }),
             interval: Duration::from_secs(config.queen_register_interval_s),
         };
         tokio::spawn(queen::keep_registered(registration, auth, shutdown));
     }
     Ok(Hive { daemon, workers })
+}
+
+/// The TLS flags a worker gets from its hive, with absolute paths: workers
+/// start in their own directories.
+fn tls_args(common: &rbee_http::CommonArgs) -> Result<Vec<String>, StartupError> {
+    let mut args = Vec::new();
+    for (flag, path) in [
+        ("--tls-cert", &common.tls_cert),
+        ("--tls-key", &common.tls_key),
+        ("--tls-ca", &common.tls_ca),
+    ] {
+        if let Some(path) = path {
+            let path = std::path::absolute(path)
+                .map_err(|e| StartupError::Config(format!("{flag} {}: {e}", path.display())))?;
+            args.push(flag.to_owned());
+            args.push(path.display().to_string());
+        }
+    }
+    Ok(args)
 }
 
 fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
@@ -453,6 +477,7 @@ fn worker_settings(config: &Config) -> Result<WorkerSettings, StartupError> {
             .unwrap_or_else(|| config.models_dir.join("run")),
         bind_host: config.addr.ip(),
         advertise_host: config.advertise_url.as_deref().and_then(workers::url_host),
+        tls_args: tls_args(&config.common)?,
         heartbeat_interval: Duration::from_secs(config.worker_heartbeat_interval_s),
         heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_s),
         health_interval: Duration::from_secs(config.health_interval_s),

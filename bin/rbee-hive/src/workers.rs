@@ -53,6 +53,11 @@ pub struct WorkerSettings {
     /// The host part of `--advertise-url`: how other hosts reach this one.
     /// A worker bound to every interface (`0.0.0.0`) is listed under it.
     pub advertise_host: Option<String>,
+    /// The hive's TLS flags with absolute paths (`--tls-cert`, `--tls-key`,
+    /// `--tls-ca`), passed on to every worker: a worker serves HTTPS with
+    /// the hive's certificate (it listens on the hive's host) and verifies
+    /// the hive with the hive's CA bundle.
+    pub tls_args: Vec<String>,
     /// Heartbeat interval given to workers.
     pub heartbeat_interval: Duration,
     /// A ready worker silent for this long is declared dead.
@@ -197,6 +202,7 @@ impl Workers {
         tuning.settings.run_dir = fixed.run_dir.clone();
         tuning.settings.bind_host = fixed.bind_host;
         tuning.settings.advertise_host = fixed.advertise_host.clone();
+        tuning.settings.tls_args = fixed.tls_args.clone();
         let breaker = tuning.settings.breaker;
         *slot = Arc::new(tuning);
         drop(slot);
@@ -722,15 +728,21 @@ pub fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
-/// A worker bound to every interface reports `http://0.0.0.0:PORT`, which
+/// A worker bound to every interface reports `http(s)://0.0.0.0:PORT`, which
 /// only works from its own host; list it under the hive's advertised host.
 fn reachable_url(url: &str, advertise_host: Option<&str>) -> String {
     let Some(host) = advertise_host else {
         return url.to_owned();
     };
-    for unspecified in ["http://0.0.0.0:", "http://[::]:"] {
-        if let Some(port) = url.strip_prefix(unspecified) {
-            return format!("http://{host}:{port}");
+    for scheme in ["http", "https"] {
+        for unspecified in ["0.0.0.0:", "[::]:"] {
+            if let Some(port) = url
+                .strip_prefix(scheme)
+                .and_then(|rest| rest.strip_prefix("://"))
+                .and_then(|rest| rest.strip_prefix(unspecified))
+            {
+                return format!("{scheme}://{host}:{port}");
+            }
         }
     }
     url.to_owned()

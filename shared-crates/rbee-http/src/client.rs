@@ -17,18 +17,34 @@ use crate::request_id::{RequestId, X_REQUEST_ID};
 pub const POOL_IDLE: Duration = Duration::from_secs(5);
 
 /// A client builder for calls to other daemons: pooled connections idle at
-/// most [`POOL_IDLE`], TCP keepalive, no Nagle delay.
+/// most [`POOL_IDLE`], TCP keepalive, no Nagle delay, and `https://` peers
+/// verified against the process's CA bundle ([`crate::tls::client_config`]).
 pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .pool_idle_timeout(POOL_IDLE)
         .tcp_keepalive(Duration::from_secs(60))
         .tcp_nodelay(true)
+        .use_preconfigured_tls((*crate::tls::client_config()).clone())
 }
 
 /// [`http_client_builder`], built; falls back to reqwest's defaults if the
-/// TLS backend cannot start (it has none to start: plain HTTP only).
+/// client cannot be built.
 pub fn http_client() -> reqwest::Client {
     http_client_builder().build().unwrap_or_default()
+}
+
+/// An error and its causes on one line, `: `-separated: reqwest's own
+/// message ("error sending request") hides the useful part (a refused
+/// connection, a certificate from an unknown issuer).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Why [`read_limited`] gave up.

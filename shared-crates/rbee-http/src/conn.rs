@@ -317,11 +317,13 @@ pub(crate) async fn serve(
     limits: ConnectionLimits,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
     let table = Arc::new(Table::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         router,
+        tls,
         header_timeout: limits.header_timeout,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
@@ -400,6 +402,9 @@ fn configure_socket(stream: &TcpStream) {
 /// What every connection of one server shares.
 struct Shared {
     router: Router,
+    /// HTTPS: each connection's handshake comes first, within the header
+    /// read timeout.
+    tls: Option<Arc<crate::tls::ServerTls>>,
     header_timeout: Duration,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
@@ -415,12 +420,46 @@ struct Accepted {
 }
 
 async fn serve_connection(accepted: Accepted, shared: Arc<Shared>) {
-    let Accepted {
-        stream,
-        remote,
-        conn,
-        place,
-    } = accepted;
+    let Some(tls) = shared.tls.as_ref() else {
+        let stream = accepted.stream;
+        return serve_io(
+            stream,
+            accepted.remote,
+            accepted.conn,
+            accepted.place,
+            shared,
+        )
+        .await;
+    };
+    let handshake = tls.acceptor().accept(accepted.stream);
+    match tokio::time::timeout(shared.header_timeout, handshake).await {
+        Ok(Ok(stream)) => {
+            serve_io(
+                stream,
+                accepted.remote,
+                accepted.conn,
+                accepted.place,
+                shared,
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, peer = %accepted.remote, "TLS handshake failed");
+        }
+        Err(_) => shared.metrics.drop(DropReason::HeaderTimeout),
+    }
+}
+
+/// Serve HTTP/1.1 on `stream` (a TCP or TLS stream) until it closes.
+async fn serve_io<I>(
+    stream: I,
+    remote: SocketAddr,
+    conn: Option<Arc<Conn>>,
+    place: Place,
+    shared: Arc<Shared>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let reserve = conn.is_none();
     let evicted = conn
         .as_ref()

@@ -32,6 +32,7 @@ mod routes;
 pub mod server;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 
 pub use client::{Propagate, RequestContext};
 pub use conn::{ConnectionLimits, ConnectionMetrics};

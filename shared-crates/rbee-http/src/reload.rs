@@ -119,7 +119,14 @@ pub fn common_settings(
                 .max_connections
                 .map_or_else(|| "auto".to_owned(), |n| n.to_string()),
         ),
+        ConfigSetting::new("tls_cert", path_or_none(common.tls_cert.as_deref())),
+        ConfigSetting::new("tls_key", path_or_none(common.tls_key.as_deref())),
+        ConfigSetting::new("tls_ca", path_or_none(common.tls_ca.as_deref())),
     ]
+}
+
+fn path_or_none(path: Option<&std::path::Path>) -> String {
+    path.map_or_else(|| "none".to_owned(), |p| p.display().to_string())
 }
 
 /// One daemon's reload: the configuration in effect, and how to render it.
@@ -251,6 +258,8 @@ impl ReloadMetrics {
 /// What SIGHUP runs: a daemon's hook, and where its outcome is reported.
 pub(crate) struct Reload {
     pub(crate) name: &'static str,
+    /// The certificate and key, read again first.
+    pub(crate) tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
     pub(crate) hook: ReloadHook,
     pub(crate) audit: Option<AuditSink>,
     pub(crate) metrics: ReloadMetrics,
@@ -261,12 +270,21 @@ impl Reload {
     pub(crate) async fn run(&self) {
         let Self {
             name,
+            tls,
             hook,
             audit,
             metrics,
         } = self;
         let audit = audit.as_ref();
         tracing::info!("SIGHUP received; reloading the configuration");
+        if let Some(tls) = tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate and key read again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the TLS certificate and key again; serving the previous ones")
+                }
+            }
+        }
         match hook().await {
             Ok(reloaded) => {
                 let changed: Vec<&str> = reloaded.changed.iter().map(|s| s.name.as_str()).collect();
@@ -335,6 +353,9 @@ mod tests {
             shutdown_timeout_s: 30,
             header_read_timeout_s: 10,
             max_connections: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
             routes: false,
         }
     }

@@ -44,6 +44,31 @@ pub struct CommonArgs {
     #[arg(long, env = "LLORCH_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: Option<u64>,
 
+    /// Serve HTTPS with this certificate chain (PEM; read again on
+    /// SIGHUP). Needs `--tls-key`.
+    #[arg(
+        long,
+        env = "LLORCH_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM; read again on SIGHUP).
+    #[arg(
+        long,
+        env = "LLORCH_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Verify the daemons this one calls over https:// against these CA
+    /// certificates (PEM) and no others. Without it, against the Mozilla
+    /// roots.
+    #[arg(long, env = "LLORCH_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Print every route this daemon serves (method, path, whether it needs
     /// the token) as JSON lines, and exit.
     #[arg(long)]
@@ -145,6 +170,7 @@ pub struct Daemon {
     reload_metrics: crate::reload::ReloadMetrics,
     limits: ConnectionLimits,
     conn_metrics: ConnectionMetrics,
+    tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 /// Work to do while draining, awaited (within the drain bound) before
@@ -195,7 +221,18 @@ impl Daemon {
             reload_metrics: crate::reload::ReloadMetrics::default(),
             limits: ConnectionLimits::default(),
             conn_metrics: ConnectionMetrics::default(),
+            tls: None,
         })
+    }
+
+    /// `https` when this daemon serves TLS, else `http`: the scheme of the
+    /// URLs it gives others for itself.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Serve with `limits` instead of the defaults.
@@ -236,14 +273,16 @@ impl Daemon {
         // Register the handlers before announcing the address: a SIGTERM that
         // arrives right after the listening line must drain, not kill.
         let signals = SignalHandlers::install();
+        let scheme = self.scheme();
         let reload = self.reload.map(|hook| crate::reload::Reload {
             name: self.name,
+            tls: self.tls.clone(),
             hook,
             audit: self.audit.as_ref().map(AuditLogger::sink),
             metrics: self.reload_metrics,
         });
         tokio::spawn(signals.cancel_on_signal(self.shutdown.clone(), reload));
-        tracing::info!(addr = %self.local_addr, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
+        tracing::info!(addr = %self.local_addr, scheme, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
         // Under systemd (`Type=notify`) the unit becomes active now, once
         // the socket accepts; without NOTIFY_SOCKET this does nothing.
         notify_service_manager(&[sd_notify::NotifyState::Ready]);
@@ -258,6 +297,7 @@ impl Daemon {
             self.limits,
             self.conn_metrics,
             self.shutdown.clone(),
+            self.tls,
         );
         let shutdown = self.shutdown.clone();
         let drain = self.drain;
@@ -543,6 +583,7 @@ pub struct Bootstrap {
     reload_metrics: crate::reload::ReloadMetrics,
     limits: ConnectionLimits,
     conn_metrics: ConnectionMetrics,
+    tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
     /// Emits audit events (a no-op when audit is disabled).
     pub audit: AuditSink,
     /// The accepted token set, shared with the auth layer, and the token
@@ -571,7 +612,11 @@ impl Bootstrap {
         let audit_config = AuditConfig::from_env(identity.service_id.clone())?;
         let audit_logger = AuditLogger::open(&audit_config)?;
         let audit = audit_logger.sink();
-        let auth = match resolve_auth(addr, common) {
+        let auth = match resolve_auth(addr, common).and_then(|auth| {
+            crate::tls::set_client_ca(common.tls_ca.as_deref())
+                .map_err(|e| StartupError::Config(format!("--tls-ca: {e}")))?;
+            Ok(auth)
+        }) {
             Ok(auth) => auth,
             Err(e) => {
                 audit.emit(
@@ -583,6 +628,23 @@ impl Bootstrap {
                 audit_logger.shutdown();
                 return Err(e);
             }
+        };
+        let tls = match (&common.tls_cert, &common.tls_key) {
+            (Some(cert), Some(key)) => match crate::tls::ServerTls::load(cert, key) {
+                Ok(tls) => Some(std::sync::Arc::new(tls)),
+                Err(e) => {
+                    let e = StartupError::Config(format!("--tls-cert/--tls-key: {e}"));
+                    audit.emit(
+                        None,
+                        AuditEvent::ConfigInvalid {
+                            errors: vec![e.to_string()],
+                        },
+                    );
+                    audit_logger.shutdown();
+                    return Err(e);
+                }
+            },
+            _ => None,
         };
         let mut all = crate::reload::common_settings(addr, common, auth.token().as_ref());
         all.push(ConfigSetting::new(
@@ -625,6 +687,7 @@ impl Bootstrap {
             reload_metrics,
             limits,
             conn_metrics,
+            tls,
             registry,
             shutdown: CancellationToken::new(),
             stack,
@@ -664,6 +727,7 @@ impl Bootstrap {
         daemon.reload_metrics = self.reload_metrics;
         daemon.limits = self.limits;
         daemon.conn_metrics = self.conn_metrics;
+        daemon.tls = self.tls;
         Ok(daemon)
     }
 }

@@ -18,6 +18,7 @@ use hf_hub::api::tokio::{Api, ApiBuilder, ApiError as HubError};
 use hf_hub::{Cache, Repo, RepoType};
 use prometheus_client::metrics::counter::Counter;
 use rbee_api::{ApiError, ErrorCode, HfRef};
+use rbee_http::client::error_chain;
 use serde::Deserialize;
 
 /// How long resolving a reference (the repository listing) may take.
@@ -352,18 +353,6 @@ impl Hub {
             retry,
         }
     }
-}
-
-/// The cause chain of an error on one line (reqwest hides the useful part).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[derive(Debug, Deserialize)]

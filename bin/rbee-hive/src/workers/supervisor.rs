@@ -277,6 +277,7 @@ impl Workers {
             args.push("--hive-url".to_owned());
             args.push(url.clone());
         }
+        args.extend(s.tls_args.iter().cloned());
         if let Some(token) = self.inner.auth.token() {
             let path = s.token_file(&spec.id);
             if std::fs::create_dir_all(&dir).is_ok() && token.write_private_file(&path).is_ok() {
