@@ -69,9 +69,6 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// that a body's cap is checked as it arrives.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-/// Most headers in an answer head.
-const MAX_HEADERS: usize = 64;
-
 type Conn = Connection<TokioIo<Stream>, Full<Bytes>>;
 
 /// How long a worker may keep the queen waiting.
@@ -303,7 +300,6 @@ impl Upstream {
             .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError(format!("HTTP handshake with {authority}: {e}")))?;
