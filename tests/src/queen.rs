@@ -52,6 +52,21 @@ pub fn hive_with_a_worker(spec: DaemonSpec) -> RunningDaemon {
     hive
 }
 
+/// Assert that a stream's events hold `tokens` tokens, then a
+/// `WORKER_FAILED` error event.
+pub fn assert_worker_failed_after(events: &[Value], tokens: usize) {
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "token").count(),
+        tokens,
+        "{events:?}"
+    );
+    let error = events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("an error event");
+    assert_eq!(error_code(error), "WORKER_FAILED", "{events:?}");
+}
+
 /// A queen that knows `hives` and polls them every 200 ms.
 pub fn queen_spec(hives: &[&RunningDaemon]) -> DaemonSpec {
     let mut spec = DaemonSpec::new("queen-rbee").args(["--hive-poll-interval-ms", "200"]);

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rbee_system_tests::queen::{
-    client, default_ref, error_code, hive_with_a_worker, hive_with_model, infer, long_request,
-    queen_metric, queen_spec, ready_queen, send, stream, wait_for, wait_ready_workers,
+    assert_worker_failed_after, client, default_ref, error_code, hive_with_a_worker,
+    hive_with_model, infer, long_request, queen_metric, queen_spec, ready_queen, send, stream,
+    wait_for, wait_ready_workers,
 };
 use rbee_system_tests::{DaemonSpec, RunningDaemon};
 use serde_json::{json, Value};
@@ -183,17 +184,7 @@ fn a_failure_before_the_first_token_is_retried_once_elsewhere_and_never_after() 
         .filter(|events| events.iter().any(|e| e["type"] == "error"))
         .collect();
     assert_eq!(failed.len(), 1, "{outcomes:?}");
-    let events = failed[0];
-    assert_eq!(
-        events.iter().filter(|e| e["type"] == "token").count(),
-        2,
-        "{events:?}"
-    );
-    let error = events
-        .iter()
-        .find(|e| e["type"] == "error")
-        .expect("error event");
-    assert_eq!(error_code(error), "WORKER_FAILED");
+    assert_worker_failed_after(failed[0], 2);
     assert!(!queen
         .logs()
         .iter()

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rbee_system_tests::queen::{
-    client, error_code, hive_with_a_worker, infer, long_request, queen_spec, ready_queen, send,
-    stream, wait_ready_workers,
+    assert_worker_failed_after, client, hive_with_a_worker, infer, long_request, queen_spec,
+    ready_queen, send, stream, wait_ready_workers,
 };
 use rbee_system_tests::DaemonSpec;
 use serde_json::json;
@@ -42,16 +42,7 @@ fn a_worker_whose_engine_wedges_mid_stream_is_given_up_after_the_stall_timeout()
     let events = s.rest();
     let took = started.elapsed();
     // The engine blocks on its third step; two tokens have gone out.
-    assert_eq!(
-        events.iter().filter(|e| e["type"] == "token").count(),
-        2,
-        "{events:?}"
-    );
-    let error = events
-        .iter()
-        .find(|e| e["type"] == "error")
-        .expect("an error event");
-    assert_eq!(error_code(error), "WORKER_FAILED", "{events:?}");
+    assert_worker_failed_after(&events, 2);
     assert_eq!(events.last(), Some(&json!("[DONE]")));
     assert!(
         (Duration::from_secs(2)..Duration::from_secs(10)).contains(&took),

@@ -420,32 +420,18 @@ struct Accepted {
 }
 
 async fn serve_connection(accepted: Accepted, shared: Arc<Shared>) {
+    let Accepted {
+        stream,
+        remote,
+        conn,
+        place,
+    } = accepted;
     let Some(tls) = shared.tls.as_ref() else {
-        let stream = accepted.stream;
-        return serve_io(
-            stream,
-            accepted.remote,
-            accepted.conn,
-            accepted.place,
-            shared,
-        )
-        .await;
+        return serve_io(stream, remote, conn, place, shared).await;
     };
-    let handshake = tls.acceptor().accept(accepted.stream);
-    match tokio::time::timeout(shared.header_timeout, handshake).await {
-        Ok(Ok(stream)) => {
-            serve_io(
-                stream,
-                accepted.remote,
-                accepted.conn,
-                accepted.place,
-                shared,
-            )
-            .await;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, peer = %accepted.remote, "TLS handshake failed");
-        }
+    match tokio::time::timeout(shared.header_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => serve_io(stream, remote, conn, place, shared).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, peer = %remote, "TLS handshake failed"),
         Err(_) => shared.metrics.drop(DropReason::HeaderTimeout),
     }
 }
