@@ -28,9 +28,11 @@
 //!   whole is at most the caller's limit, refused by its `Content-Length`
 //!   before reading or as the bytes arrive.
 //!
-//! Connections are kept per worker address and reused (newest first); one
-//! found closed when it is taken is dropped. Idle connections older than
-//! [`IDLE_MAX`] are closed by [`Upstream::prune`].
+//! An `https://` worker is reached over TLS ([`rbee_http::tls::Stream`]),
+//! its certificate verified against the process's CA bundle (`--tls-ca`).
+//! Connections are kept per worker scheme and address and reused (newest
+//! first); one found closed when it is taken is dropped. Idle connections
+//! older than [`IDLE_MAX`] are closed by [`Upstream::prune`].
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
