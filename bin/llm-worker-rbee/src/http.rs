@@ -361,25 +361,26 @@ pub(crate) fn keep_alive(
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let every = state.keep_alive;
     let model = state.model.get().cloned();
-    futures_util::stream::unfold(Box::pin(events), move |mut events| {
-        let model = model.clone();
-        async move {
+    futures_util::stream::unfold(
+        (Box::pin(events), model),
+        move |(mut events, model)| async move {
             loop {
                 match tokio::time::timeout(every, events.next()).await {
-                    Ok(Some(event)) => return Some((event, events)),
+                    Ok(Some(event)) => return Some((event, (events, model))),
                     Ok(None) => return None,
                     Err(_) => {
                         let progressing = model
                             .as_ref()
                             .is_some_and(|m| m.engine.stalled_for().is_none_or(|d| d < every));
                         if progressing {
-                            return Some((Ok(Event::default().comment("keep-alive")), events));
+                            let comment = Event::default().comment("keep-alive");
+                            return Some((Ok(comment), (events, model)));
                         }
                     }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 fn sse_stream(

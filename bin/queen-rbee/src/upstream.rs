@@ -48,7 +48,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
-use rbee_http::client::error_chain as chain;
+use rbee_http::client::error_chain;
 use rbee_http::tls::Stream;
 
 /// Idle connections older than this are closed: the same bound as the
@@ -134,7 +134,7 @@ impl Link {
     /// `e` with its causes, and why the connection ended when that adds
     /// something.
     fn explain(&mut self, e: &hyper::Error) -> String {
-        let why = chain(e);
+        let why = error_chain(e);
         match self.ended.take() {
             Some(ended) if !why.contains(&ended) => format!("{why} ({ended})"),
             _ => why,
@@ -203,8 +203,9 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// Whether a base URL is `https://`, and its `host:port`.
-fn authority(base_url: &str) -> Result<(bool, &str), UpstreamError> {
+/// Whether a base URL is `https://`, its `host:port`, and the two as the
+/// pool's key (`scheme://host:port`).
+fn authority(base_url: &str) -> Result<(bool, &str, &str), UpstreamError> {
     let (https, rest) = match (
         base_url.strip_prefix("http://"),
         base_url.strip_prefix("https://"),
@@ -223,7 +224,8 @@ fn authority(base_url: &str) -> Result<(bool, &str), UpstreamError> {
             "the worker URL `{base_url}` has no host"
         )));
     }
-    Ok((https, authority))
+    let key = &base_url[..base_url.len() - rest.len() + authority.len()];
+    Ok((https, authority, key))
 }
 
 /// How a call on one connection failed.
@@ -296,10 +298,11 @@ impl Upstream {
     /// A new connection; boxed, because hyper's connection state is large
     /// and a relay moves its exchange with every batch.
     async fn connect(authority: &str, https: bool) -> Result<Box<Link>, UpstreamError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, Stream::connect(authority, https))
-            .await
-            .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
-            .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
+        let stream =
+            tokio::time::timeout(CONNECT_TIMEOUT, rbee_http::tls::connect(authority, https))
+                .await
+                .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
+                .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
         let (sender, conn) = http1::Builder::new()
             .read_buf_exact_size(Some(MAX_HEAD_BYTES))
             .handshake(TokioIo::new(stream))
@@ -321,9 +324,7 @@ impl Upstream {
         base_url: &str,
         outgoing: &Outgoing,
     ) -> Result<(Head, Exchange), UpstreamError> {
-        let (https, authority) = authority(base_url)?;
-        // Pooled by scheme and authority.
-        let key = &base_url[..base_url.find(authority).unwrap_or(0) + authority.len()];
+        let (https, authority, key) = authority(base_url)?;
         let mut request = build(authority, outgoing)?;
         let first_byte = outgoing.streaming.then_some(self.timeouts.first_byte);
         loop {
@@ -510,7 +511,7 @@ impl Exchange {
                 Poll::Ready(Some(Err(e))) => {
                     let why = match self.link.as_mut() {
                         Some(link) => link.explain(&e),
-                        None => chain(&e),
+                        None => error_chain(&e),
                     };
                     return Poll::Ready(self.fail(batch(first, more), why));
                 }

@@ -734,13 +734,9 @@ fn reachable_url(url: &str, advertise_host: Option<&str>) -> String {
     let Some(host) = advertise_host else {
         return url.to_owned();
     };
-    for scheme in ["http", "https"] {
+    if let Some((scheme, rest)) = url.split_once("://") {
         for unspecified in ["0.0.0.0:", "[::]:"] {
-            if let Some(port) = url
-                .strip_prefix(scheme)
-                .and_then(|rest| rest.strip_prefix("://"))
-                .and_then(|rest| rest.strip_prefix(unspecified))
-            {
+            if let Some(port) = rest.strip_prefix(unspecified) {
                 return format!("{scheme}://{host}:{port}");
             }
         }

@@ -155,6 +155,21 @@ pub fn resolve_auth(addr: SocketAddr, common: &CommonArgs) -> Result<Authenticat
     Ok(Authenticator::from_config(token.as_ref()))
 }
 
+/// The process's CA bundle for its clients (`--tls-ca`), and the server's
+/// certificate and key when it serves HTTPS (`--tls-cert`, `--tls-key`).
+fn load_tls(
+    common: &CommonArgs,
+) -> Result<Option<std::sync::Arc<crate::tls::ServerTls>>, StartupError> {
+    crate::tls::set_client_ca(common.tls_ca.as_deref())
+        .map_err(|e| StartupError::Config(format!("--tls-ca: {e}")))?;
+    match (&common.tls_cert, &common.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::ServerTls::load(cert, key)
+            .map(|tls| Some(std::sync::Arc::new(tls)))
+            .map_err(|e| StartupError::Config(format!("--tls-cert/--tls-key: {e}"))),
+        _ => Ok(None),
+    }
+}
+
 /// A bound, not yet serving daemon.
 pub struct Daemon {
     name: &'static str,
@@ -612,12 +627,9 @@ impl Bootstrap {
         let audit_config = AuditConfig::from_env(identity.service_id.clone())?;
         let audit_logger = AuditLogger::open(&audit_config)?;
         let audit = audit_logger.sink();
-        let auth = match resolve_auth(addr, common).and_then(|auth| {
-            crate::tls::set_client_ca(common.tls_ca.as_deref())
-                .map_err(|e| StartupError::Config(format!("--tls-ca: {e}")))?;
-            Ok(auth)
-        }) {
-            Ok(auth) => auth,
+        let checked = resolve_auth(addr, common).and_then(|auth| Ok((auth, load_tls(common)?)));
+        let (auth, tls) = match checked {
+            Ok(checked) => checked,
             Err(e) => {
                 audit.emit(
                     None,
@@ -628,23 +640,6 @@ impl Bootstrap {
                 audit_logger.shutdown();
                 return Err(e);
             }
-        };
-        let tls = match (&common.tls_cert, &common.tls_key) {
-            (Some(cert), Some(key)) => match crate::tls::ServerTls::load(cert, key) {
-                Ok(tls) => Some(std::sync::Arc::new(tls)),
-                Err(e) => {
-                    let e = StartupError::Config(format!("--tls-cert/--tls-key: {e}"));
-                    audit.emit(
-                        None,
-                        AuditEvent::ConfigInvalid {
-                            errors: vec![e.to_string()],
-                        },
-                    );
-                    audit_logger.shutdown();
-                    return Err(e);
-                }
-            },
-            _ => None,
         };
         let mut all = crate::reload::common_settings(addr, common, auth.token().as_ref());
         all.push(ConfigSetting::new(

@@ -175,106 +175,37 @@ pub fn client_config() -> Arc<rustls::ClientConfig> {
     }))
 }
 
-/// A connection to a peer: plain TCP, or TLS over it.
-#[derive(Debug)]
-pub enum Stream {
-    /// `http://`.
-    Plain(tokio::net::TcpStream),
-    /// `https://`.
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
+/// A connection to a peer: plain TCP (`Left`), or TLS over it (`Right`).
+pub type Stream = tokio_util::either::Either<
+    tokio::net::TcpStream,
+    Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+>;
 
-impl Stream {
-    /// Open a connection to `authority` (`host:port`), with TLS when
-    /// `https`: the peer's certificate must chain to the process's CA
-    /// bundle and name `host`.
-    pub async fn connect(authority: &str, https: bool) -> std::io::Result<Self> {
-        let tcp = tokio::net::TcpStream::connect(authority).await?;
-        // Small SSE writes must not wait for delayed ACKs.
-        tcp.set_nodelay(true)?;
-        if !https {
-            return Ok(Self::Plain(tcp));
-        }
-        let host = match authority.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-            _ => authority,
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("`{host}` is not a TLS server name: {e}"),
-            )
-        })?;
-        let tls = tokio_rustls::TlsConnector::from(client_config())
-            .connect(name, tcp)
-            .await?;
-        Ok(Self::Tls(Box::new(tls)))
+/// Open a connection to `authority` (`host:port`), with TLS when `https`:
+/// the peer's certificate must chain to the process's CA bundle and name
+/// `host`.
+pub async fn connect(authority: &str, https: bool) -> std::io::Result<Stream> {
+    let tcp = tokio::net::TcpStream::connect(authority).await?;
+    // Small SSE writes must not wait for delayed ACKs.
+    tcp.set_nodelay(true)?;
+    if !https {
+        return Ok(Stream::Left(tcp));
     }
-}
-
-impl tokio::io::AsyncRead for Stream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Stream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{host}` is not a TLS server name: {e}"),
+        )
+    })?;
+    let tls = tokio_rustls::TlsConnector::from(client_config())
+        .connect(name, tcp)
+        .await?;
+    Ok(Stream::Right(Box::new(tls)))
 }
 
 /// True for a URL whose host is a loopback address or `localhost`.

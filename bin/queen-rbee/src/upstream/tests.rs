@@ -10,13 +10,16 @@ use tokio::net::TcpListener;
 fn authority_of_worker_urls() {
     assert_eq!(
         authority("http://127.0.0.1:9000").expect("plain"),
-        (false, "127.0.0.1:9000")
+        (false, "127.0.0.1:9000", "http://127.0.0.1:9000")
     );
     assert_eq!(
         authority("http://host:1/ignored").expect("with a path"),
-        (false, "host:1")
+        (false, "host:1", "http://host:1")
     );
-    assert_eq!(authority("https://host:1").expect("TLS"), (true, "host:1"));
+    assert_eq!(
+        authority("https://host:1").expect("TLS"),
+        (true, "host:1", "https://host:1")
+    );
     assert!(authority("ftp://host:1").is_err());
     assert!(authority("http://").is_err());
 }
