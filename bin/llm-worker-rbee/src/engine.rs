@@ -20,13 +20,13 @@
 //! engine checks each sequence's cancellation and deadline, so a
 //! disconnect, a `DELETE` or an expired deadline stops it within one step.
 
-pub mod blocks;
-pub mod detokenizer;
+pub(crate) mod blocks;
+pub(crate) mod detokenizer;
 #[cfg(feature = "fault-injection")]
-pub mod fault;
-pub mod metrics;
+pub(crate) mod fault;
+pub(crate) mod metrics;
 pub mod sampler;
-pub mod stop;
+pub(crate) mod stop;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

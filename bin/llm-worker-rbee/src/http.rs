@@ -1,7 +1,7 @@
 //! The worker's routes: inference (SSE and JSON), cancellation, readiness,
 //! models, and the OpenAI-compatible routes ([`openai`]).
 
-pub mod openai;
+pub(crate) mod openai;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

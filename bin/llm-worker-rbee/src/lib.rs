@@ -6,8 +6,8 @@
 //! and job events into SSE. This is the only crate that depends on candle.
 
 pub mod engine;
-pub mod hive;
-pub mod http;
+pub(crate) mod hive;
+pub(crate) mod http;
 // The one module where `unsafe` is allowed: SIMD bodies behind run-time
 // feature checks, and the compute threads' shared writes.
 #[allow(unsafe_code)]

@@ -9,8 +9,8 @@
 
 pub mod chat;
 pub mod llama;
-pub mod safetensors;
-pub mod tokenizer;
+pub(crate) mod safetensors;
+pub(crate) mod tokenizer;
 
 use std::path::Path;
 use std::time::Instant;

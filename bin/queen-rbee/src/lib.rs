@@ -9,13 +9,13 @@
 //! - [`proxy`]: one request through the queen, streaming relay included;
 //! - [`routes`]: the HTTP surface; [`metrics`]: `rbee_queen_*`.
 
-pub mod hives;
-pub mod metrics;
-pub mod proxy;
-pub mod routes;
-pub mod sched;
-pub mod store;
-pub mod upstream;
+pub(crate) mod hives;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod routes;
+pub(crate) mod sched;
+pub(crate) mod store;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -153,16 +153,6 @@ impl Jobs {
             None => false,
         }
     }
-
-    /// Jobs queued or running.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// True when no job is queued or running.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Accounting for one admitted request, done once.

@@ -10,7 +10,7 @@
 //!
 //! When a model has waiters, no worker that is or may become ready, and a
 //! reachable hive has it provisioned, the scheduler asks that hive to spawn
-//! one ([`crate::spawn`]); one spawn per model at a time, however many
+//! one ([`crate::hives::Hives::spawn`]); one spawn per model at a time, however many
 //! requests wait.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -138,10 +138,6 @@ pub struct Lease {
     key: String,
     /// The worker's base URL.
     pub url: String,
-    /// The worker's id.
-    pub worker_id: String,
-    /// The hive that runs it.
-    pub hive: String,
     model: String,
     armed: bool,
 }
@@ -449,14 +445,9 @@ impl Scheduler {
 
     /// Admit a request for `model`: 404 for a model no hive knows, 503 when
     /// no reachable hive can serve it, 429 when its queue is full; else a
-    /// place in the queue (often granted at once).
-    pub fn admit(&self, model: &str, request_id: &str) -> Result<Ticket, ApiError> {
-        self.enqueue(model, request_id, None, false)
-    }
-
-    /// [`admit`](Self::admit) a request that continues the conversation
-    /// keyed `affinity`: among the workers with a free place, the one that
-    /// served that conversation last is preferred.
+    /// place in the queue (often granted at once). A request that continues
+    /// the conversation keyed `affinity` prefers, among the workers with a
+    /// free place, the one that served that conversation last.
     pub fn admit_for(
         &self,
         model: &str,
@@ -560,24 +551,17 @@ impl Scheduler {
     }
 
     fn lease(&self, st: &mut State, key: String, model: &str) -> Lease {
-        let slot = st.slots.get_mut(&key);
-        let (url, worker_id, hive) = match slot {
+        let url = match st.slots.get_mut(&key) {
             Some(slot) => {
                 slot.outstanding += 1;
-                (
-                    slot.info.url.clone().unwrap_or_default(),
-                    slot.info.worker_id.clone(),
-                    slot.hive.clone(),
-                )
+                slot.info.url.clone().unwrap_or_default()
             }
-            None => Default::default(),
+            None => String::new(),
         };
         Lease {
             sched: self.clone(),
             key,
             url,
-            worker_id,
-            hive,
             model: model.to_owned(),
             armed: true,
         }

@@ -7,10 +7,10 @@
 //! ids, JSON errors); its HTTP metrics carry the contract's names
 //! `rbee_hive_requests_total` and `rbee_hive_request_duration_seconds`.
 
-pub mod host;
+pub(crate) mod host;
 pub mod models;
-pub mod queen;
-pub mod workers;
+pub(crate) mod queen;
+pub(crate) mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

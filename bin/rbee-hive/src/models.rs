@@ -9,11 +9,11 @@
 //! downloads; at startup it is reconciled with the disk and pending
 //! downloads resume.
 
-pub mod catalog;
-pub mod downloads;
-pub mod hub;
-pub mod leases;
-pub mod local;
+pub(crate) mod catalog;
+pub(crate) mod downloads;
+pub(crate) mod hub;
+pub(crate) mod leases;
+pub(crate) mod local;
 mod provision;
 pub mod routes;
 

@@ -10,10 +10,10 @@
 
 mod breaker;
 mod metrics;
-pub mod preflight;
-pub mod process;
-pub mod registry;
-pub mod routes;
+pub(crate) mod preflight;
+pub(crate) mod process;
+pub(crate) mod registry;
+pub(crate) mod routes;
 mod supervisor;
 
 use std::collections::HashMap;

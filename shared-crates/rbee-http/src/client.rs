@@ -145,25 +145,6 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
     }
 }
 
-/// Adds `X-Request-Id`, `traceparent` and `X-Deadline` to an outgoing request
-/// and bounds it by the time that remains.
-pub trait Propagate {
-    /// Forward `ctx`.
-    fn propagate(self, ctx: &RequestContext) -> Self;
-}
-
-impl Propagate for reqwest::RequestBuilder {
-    fn propagate(self, ctx: &RequestContext) -> Self {
-        let mut headers = http::HeaderMap::new();
-        ctx.forward_headers(&mut headers);
-        let builder = self.headers(headers);
-        match &ctx.deadline {
-            Some(deadline) => builder.timeout(deadline.remaining().max(Duration::from_millis(1))),
-            None => builder,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,7 +93,7 @@ pub fn raise_descriptor_limit() -> u64 {
     }
 }
 
-/// Half of the descriptors left after [`RESERVED_DESCRIPTORS`], less the
+/// Half of the descriptors left after the 64 a daemon keeps for itself, less the
 /// probe reserve, within 32..=65,536.
 pub fn default_max_connections() -> usize {
     let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);

@@ -34,7 +34,7 @@ pub mod stack;
 pub mod telemetry;
 pub mod tls;
 
-pub use client::{Propagate, RequestContext};
+pub use client::RequestContext;
 pub use conn::{ConnectionLimits, ConnectionMetrics};
 pub use errors::ApiJson;
 pub use metrics::{register_build_info, HttpMetrics};

@@ -11,7 +11,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use prometheus_client::registry::Registry;
-use rbee_http::{ApiJson, CoreState, HttpStack, Propagate, RequestContext};
+use rbee_http::{ApiJson, CoreState, HttpStack, RequestContext};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -32,19 +32,16 @@ async fn item(Path(id): Path<u32>) -> String {
     id.to_string()
 }
 
-/// Builds the outgoing request a handler would send, and returns its headers.
+/// The headers a handler would forward on its outgoing call, and the time
+/// that remains to bound that call by.
 async fn forward(ctx: RequestContext) -> axum::Json<Value> {
-    let request = reqwest::Client::new()
-        .get("http://127.0.0.1:9/downstream")
-        .propagate(&ctx)
-        .build()
-        .expect("build the outgoing request");
-    let h = request.headers();
+    let mut h = http::HeaderMap::new();
+    ctx.forward_headers(&mut h);
     axum::Json(serde_json::json!({
         "x-request-id": h.get("x-request-id").map(|v| v.to_str().expect("header is ASCII")),
         "traceparent": h.get("traceparent").map(|v| v.to_str().expect("header is ASCII")),
         "x-deadline": h.get("x-deadline").map(|v| v.to_str().expect("header is ASCII")),
-        "timeout_ms": request.timeout().map(|t| t.as_millis() as u64),
+        "timeout_ms": ctx.deadline.map(|d| d.remaining().as_millis() as u64),
     }))
 }
 

@@ -59,13 +59,6 @@ pub struct Prefix {
     pub copy: Option<(u32, usize)>,
 }
 
-impl Prefix {
-    /// Prompt positions whose K/V the cache provides.
-    pub fn positions(&self) -> usize {
-        self.shared.len() * KV_BLOCK + self.copy.map_or(0, |(_, n)| n)
-    }
-}
-
 /// A sequence's blocks, reservation and registered prefix.
 #[derive(Debug, Default)]
 pub struct SeqBlocks {
@@ -326,6 +319,11 @@ impl BlockPool {
 mod tests {
     use super::*;
 
+    /// Prompt positions whose K/V the cache provides.
+    fn positions(prefix: &Prefix) -> usize {
+        prefix.shared.len() * KV_BLOCK + prefix.copy.map_or(0, |(_, n)| n)
+    }
+
     fn prompt(len: usize, salt: u32) -> Vec<u32> {
         (0..len as u32).map(|i| i * 7 + salt).collect()
     }
@@ -349,7 +347,7 @@ mod tests {
     fn a_repeated_prompt_shares_its_full_blocks_and_copies_the_rest() {
         let mut pool = BlockPool::new(16);
         let system = prompt(400, 3);
-        assert_eq!(run(&mut pool, &system, 400, 5).positions(), 0);
+        assert_eq!(positions(&run(&mut pool, &system, 400, 5)), 0);
         assert_eq!(pool.used(), 0);
         assert_eq!(pool.cached(), 4, "three full blocks and the partial one");
         // The same prompt again: three blocks shared, 15 of the last 16
@@ -357,13 +355,13 @@ mod tests {
         let again = pool.lookup(&system, 399);
         assert_eq!(again.shared.len(), 3);
         assert_eq!(again.copy.map(|(_, n)| n), Some(399 - 384));
-        assert_eq!(again.positions(), 399);
+        assert_eq!(positions(&again), 399);
         // A longer prompt with the same start: the same 399 + 1 positions.
         let mut longer = system.clone();
         longer.extend(prompt(50, 11));
-        assert_eq!(pool.lookup(&longer, longer.len() - 1).positions(), 400);
+        assert_eq!(positions(&pool.lookup(&longer, longer.len() - 1)), 400);
         // A different start shares nothing.
-        assert_eq!(pool.lookup(&prompt(400, 4), 399).positions(), 0);
+        assert_eq!(positions(&pool.lookup(&prompt(400, 4), 399)), 0);
     }
 
     #[test]
@@ -388,7 +386,7 @@ mod tests {
         for _ in 0..5 {
             pool.allocate(&mut sb, None).expect("empty block");
         }
-        assert_eq!(pool.lookup(&a, 299).positions(), 299, "nothing evicted yet");
+        assert_eq!(positions(&pool.lookup(&a, 299)), 299, "nothing evicted yet");
         pool.allocate(&mut sb, None).expect("evicts");
         assert_eq!(pool.lookup(&a, 299).shared.len(), 2, "the end went first");
         assert_eq!(pool.lookup(&a, 299).copy, None);
@@ -396,7 +394,7 @@ mod tests {
             pool.allocate(&mut sb, None).expect("evicts");
         }
         assert!(pool.allocate(&mut sb, None).is_none(), "reservation spent");
-        assert_eq!(pool.lookup(&a, 299).positions(), 0);
+        assert_eq!(positions(&pool.lookup(&a, 299)), 0);
         assert_eq!(pool.available(), 0);
         pool.release(sb, &b, None);
         assert_eq!(pool.available(), 8);

@@ -14,8 +14,8 @@
 //! into chunks or on which blocks hold its K/V.
 
 pub mod cpu;
-pub mod device;
-pub mod load;
+pub(crate) mod device;
+pub(crate) mod load;
 
 use std::fmt;
 

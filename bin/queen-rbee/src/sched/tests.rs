@@ -51,19 +51,19 @@ async fn granted(ticket: &mut Ticket) -> Lease {
 async fn least_outstanding_wins_and_ties_go_round_robin() {
     let s = sched(8);
     two_idle_workers(&s, 4);
-    let mut first = s.admit("m", "req").unwrap();
+    let mut first = s.admit_for("m", "req", None).unwrap();
     let l1 = granted(&mut first).await;
-    let mut second = s.admit("m", "req").unwrap();
+    let mut second = s.admit_for("m", "req", None).unwrap();
     let l2 = granted(&mut second).await;
     assert_ne!(l1.key(), l2.key(), "the second goes to the idle worker");
     let (k1, k2) = (l1.key().to_owned(), l2.key().to_owned());
     drop(l1);
-    let mut third = s.admit("m", "req").unwrap();
+    let mut third = s.admit_for("m", "req", None).unwrap();
     let l3 = granted(&mut third).await;
     assert_eq!(l3.key(), k1, "the worker with fewer outstanding wins");
     drop((l2, l3));
     let picks: Vec<String> = futures_util::future::join_all((0..4).map(|_| async {
-        let mut t = s.admit("m", "req").unwrap();
+        let mut t = s.admit_for("m", "req", None).unwrap();
         granted(&mut t).await.key().to_owned()
     }))
     .await;
@@ -79,11 +79,11 @@ async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
         vec![worker("a", "m", WorkerState::Busy, 1)],
         vec!["m".into()],
     );
-    let mut t0 = s.admit("m", "req").unwrap();
+    let mut t0 = s.admit_for("m", "req", None).unwrap();
     let l0 = granted(&mut t0).await;
-    let mut t1 = s.admit("m", "req").unwrap();
-    let mut t2 = s.admit("m", "req").unwrap();
-    let err = s.admit("m", "req").unwrap_err();
+    let mut t1 = s.admit_for("m", "req", None).unwrap();
+    let mut t2 = s.admit_for("m", "req", None).unwrap();
+    let err = s.admit_for("m", "req", None).unwrap_err();
     assert_eq!(err.code(), ErrorCode::QueueFull);
     drop(l0);
     let l1 = granted(&mut t1).await;
@@ -101,20 +101,22 @@ async fn a_reloaded_queue_bound_applies_to_the_next_request() {
         vec![worker("a", "m", WorkerState::Busy, 1)],
         vec!["m".into()],
     );
-    let mut t0 = s.admit("m", "req").unwrap();
+    let mut t0 = s.admit_for("m", "req", None).unwrap();
     let _l0 = granted(&mut t0).await;
-    let _t1 = s.admit("m", "req").unwrap();
+    let _t1 = s.admit_for("m", "req", None).unwrap();
     assert_eq!(
-        s.admit("m", "req").unwrap_err().code(),
+        s.admit_for("m", "req", None).unwrap_err().code(),
         ErrorCode::QueueFull
     );
     s.set_max_queue(2);
     assert_eq!(s.max_queue(), 2);
-    let _t2 = s.admit("m", "req").expect("room under the larger bound");
+    let _t2 = s
+        .admit_for("m", "req", None)
+        .expect("room under the larger bound");
     s.set_max_queue(1);
     // The two already waiting keep their places; a new one is refused.
     assert_eq!(
-        s.admit("m", "req").unwrap_err().code(),
+        s.admit_for("m", "req", None).unwrap_err().code(),
         ErrorCode::QueueFull
     );
 }
@@ -124,12 +126,12 @@ async fn unknown_models_are_404_and_unreachable_hives_are_503() {
     let s = sched(2);
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
     assert_eq!(
-        s.admit("x", "req").unwrap_err().code(),
+        s.admit_for("x", "req", None).unwrap_err().code(),
         ErrorCode::ModelNotFound
     );
     s.hive_unreachable("h", "http://h");
     assert_eq!(
-        s.admit("m", "req").unwrap_err().code(),
+        s.admit_for("m", "req", None).unwrap_err().code(),
         ErrorCode::NoCapacity
     );
     assert_eq!(s.counts().hives_unreachable, 1);
@@ -142,7 +144,9 @@ async fn waiters_without_a_worker_cause_exactly_one_spawn() {
     let seen = Arc::clone(&orders);
     s.set_spawner(move |o: SpawnOrder| seen.lock().unwrap().push(o.hive));
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
-    let mut tickets: Vec<Ticket> = (0..3).map(|_| s.admit("m", "req").unwrap()).collect();
+    let mut tickets: Vec<Ticket> = (0..3)
+        .map(|_| s.admit_for("m", "req", None).unwrap())
+        .collect();
     assert_eq!(orders.lock().unwrap().as_slice(), ["h"]);
     s.hive_seen(
         "h",
@@ -162,7 +166,7 @@ async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
     let s = sched(8);
     s.set_spawner(|_| {});
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
-    let mut t = s.admit("m", "req").unwrap();
+    let mut t = s.admit_for("m", "req", None).unwrap();
     s.spawn_finished(
         "m",
         Err(ApiError::new(ErrorCode::InsufficientRam, "not enough RAM")),
@@ -176,7 +180,7 @@ async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
 async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
     let s = sched(8);
     two_idle_workers(&s, 1);
-    let mut t = s.admit("m", "req").unwrap();
+    let mut t = s.admit_for("m", "req", None).unwrap();
     let lease = granted(&mut t).await;
     let failed = lease.key().to_owned();
     let other = s.try_other("m", &failed).expect("the other worker");
@@ -186,7 +190,7 @@ async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
         "no third place: both workers are full"
     );
     lease.busy();
-    let mut t = s.admit("m", "req").unwrap();
+    let mut t = s.admit_for("m", "req", None).unwrap();
     assert!(
         t.rx.try_recv().is_err(),
         "a worker that said busy is avoided"

@@ -187,14 +187,6 @@ impl Registry {
             .sum()
     }
 
-    /// How many live workers serve `model_ref`.
-    pub fn using(&self, model_ref: &str) -> usize {
-        self.lock()
-            .values()
-            .filter(|r| r.model_ref == model_ref && r.is_live())
-            .count()
-    }
-
     /// Apply a ready callback: the worker is idle at `url`; its reservation
     /// is released (its real use now shows in free memory).
     pub fn on_ready(&self, cb: &ReadyCallback, now: Instant) -> Result<(), ApiError> {
@@ -362,6 +354,9 @@ mod tests {
             reg.on_ready(&cb, Instant::now()).unwrap_err().code(),
             ErrorCode::Conflict
         );
-        assert_eq!(reg.using("hf:o/r"), 1);
+        // The refused callback leaves the record as it was.
+        let record = reg.get("a").expect("still registered");
+        assert_eq!(record.model_ref, "hf:o/r");
+        assert_eq!(reg.stats().ready(), 0);
     }
 }
