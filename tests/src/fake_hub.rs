@@ -9,10 +9,11 @@
 //! comes. Knobs let a test throttle transfers, drop a connection mid-file
 //! or advertise a wrong checksum; every request is recorded.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -132,7 +133,7 @@ impl FakeHub {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Add `repo` (`ORG/NAME`) with `files`; returns its commit id.

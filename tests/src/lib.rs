@@ -2,11 +2,12 @@
 //! on ports the OS chooses, read their logs, signal them, and kill them when
 //! a test ends, even a failing one.
 
+use parking_lot::Mutex;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -276,7 +277,7 @@ impl DaemonSpec {
                 if let Some(addr) = listening_addr(&line) {
                     let _ = tx.send(addr);
                 }
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                sink.lock().push(line);
             }
         });
         let mut daemon = RunningDaemon {
@@ -326,7 +327,7 @@ impl RunningDaemon {
 
     /// Its stderr lines so far.
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.logs.lock().clone()
     }
 
     /// Its process id.
@@ -502,9 +503,7 @@ impl FakeHive {
                 if refuse {
                     refused += 1;
                 }
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(recorded);
+                sink.lock().push(recorded);
                 let (status, body) = if refuse {
                     ("503 Service Unavailable", "{}")
                 } else {
@@ -526,10 +525,7 @@ impl FakeHive {
 
     /// Requests so far.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.requests.lock().clone()
     }
 }
 

@@ -2,9 +2,10 @@
 //! or token file, send SIGHUP (`systemctl reload`), and nothing in flight
 //! fails. Real binaries, the real default model, real signals.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -145,14 +146,14 @@ fn a_token_rotation_under_load_fails_no_request() {
             );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let token = *token.lock().expect("token");
+                    let token = *token.lock();
                     let (status, text) = one_request(&queen, token, stream);
-                    results.lock().expect("results").push((token, status, text));
+                    results.lock().push((token, status, text));
                 }
             })
         })
         .collect();
-    let count = || results.lock().expect("results").len();
+    let count = || results.lock().len();
     let wait_requests = |more: usize, what: &str| {
         let target = count() + more;
         wait_for(Duration::from_secs(60), what, || count() >= target);
@@ -184,14 +185,14 @@ fn a_token_rotation_under_load_fails_no_request() {
         },
     );
     // Clients move to the new token; the old one still works meanwhile.
-    *client_token.lock().expect("token") = NEW;
+    *client_token.lock() = NEW;
     wait_requests(4, "requests after the rotation");
     stop.store(true, Ordering::Relaxed);
     for thread in load {
         thread.join().expect("load thread");
     }
 
-    let results = results.lock().expect("results");
+    let results = results.lock();
     let failed: Vec<_> = results
         .iter()
         .filter(|(_, status, _)| *status != 200)

@@ -6,8 +6,9 @@
 //! It reads SSE `data:` events as they arrive: the first `token` event
 //! (native) or chunk with `choices` (OpenAI) is the first token.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -145,9 +146,7 @@ async fn main() {
                         return;
                     }
                     if n == args.warmup {
-                        if let Ok(mut s) = start.lock() {
-                            s.get_or_insert_with(Instant::now);
-                        }
+                        start.lock().get_or_insert_with(Instant::now);
                     }
                     let result = one(&client, &args, &body).await;
                     if n < args.warmup {
@@ -155,10 +154,9 @@ async fn main() {
                     }
                     match result {
                         Ok((ttft, gaps)) => {
-                            if let Ok(mut s) = samples.lock() {
-                                s.ttft.push(ttft);
-                                s.itl.extend(gaps);
-                            }
+                            let mut s = samples.lock();
+                            s.ttft.push(ttft);
+                            s.itl.extend(gaps);
                         }
                         Err(e) => {
                             if errors.fetch_add(1, Ordering::AcqRel) < 3 {
@@ -175,13 +173,9 @@ async fn main() {
     }
     let wall = measured_start
         .lock()
-        .ok()
-        .and_then(|s| *s)
+        .as_ref()
         .map_or(0.0, |s| s.elapsed().as_secs_f64());
-    let mut s = samples
-        .lock()
-        .map(|mut s| std::mem::take(&mut *s))
-        .unwrap_or_default();
+    let mut s = std::mem::take(&mut *samples.lock());
     s.ttft.sort_by(f64::total_cmp);
     s.itl.sort_by(f64::total_cmp);
     let ok = s.ttft.len() as f64;

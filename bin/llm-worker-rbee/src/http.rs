@@ -3,9 +3,10 @@
 
 pub(crate) mod openai;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
@@ -42,8 +43,8 @@ pub fn routes() -> Routes<AppState> {
 pub struct Jobs(Arc<Mutex<HashMap<String, CancellationToken>>>);
 
 impl Jobs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.0.lock()
     }
 
     /// Register `job_id`; false when it is already running.

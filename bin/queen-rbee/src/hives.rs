@@ -6,8 +6,9 @@
 //! failed, so one slow answer never takes a whole hive out of routing;
 //! one answer brings it back.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_logging::{AuditEvent, AuditSink};
@@ -175,28 +176,17 @@ impl Hives {
 
     /// The polling settings in effect.
     fn poll(&self) -> PollSettings {
-        *self
-            .inner
-            .poll
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.inner.poll.lock()
     }
 
     /// Change the polling settings (a reload); pollers and spawn waits
     /// use them from their next poll or check.
     pub fn set_poll(&self, poll: PollSettings) {
-        *self
-            .inner
-            .poll
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = poll;
+        *self.inner.poll.lock() = poll;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.inner
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.entries.lock()
     }
 
     /// Start polling every stored hive, then add the `--hive` URLs (already

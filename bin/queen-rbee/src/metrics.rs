@@ -1,7 +1,8 @@
 //! The queen's metrics, with the contract's names (`rbee_queen_*`).
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -167,12 +168,7 @@ impl QueenMetrics {
 
     /// `model`'s series, created on first use.
     fn series(&self, model: &str) -> Arc<ModelSeries> {
-        if let Some(series) = self
-            .by_model
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(model)
-        {
+        if let Some(series) = self.by_model.read().get(model) {
             return Arc::clone(series);
         }
         let label = ModelLabel {
@@ -185,31 +181,17 @@ impl QueenMetrics {
             ttft: self.ttft.get_or_create(&label).clone(),
             requests: RwLock::default(),
         });
-        Arc::clone(
-            self.by_model
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(model.into())
-                .or_insert(series),
-        )
+        Arc::clone(self.by_model.write().entry(model.into()).or_insert(series))
     }
 
     /// `model` is served by a hive: its series are exported (counters at
     /// 0 for every outcome) before its first request.
     pub fn model_known(&self, model: &str) {
-        if self
-            .by_model
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(model)
-        {
+        if self.by_model.read().contains_key(model) {
             return;
         }
         let series = self.series(model);
-        let mut requests = series
-            .requests
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut requests = series.requests.write();
         for outcome in Outcome::ALL {
             let outcome = outcome.as_str();
             if !requests.iter().any(|(o, _)| *o == outcome) {
@@ -235,17 +217,12 @@ impl QueenMetrics {
         let known = series
             .requests
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .find(|(o, _)| *o == outcome)
             .map(|(_, c)| c.clone());
         let counter = known.unwrap_or_else(|| {
             let counter = self.requests_counter(model, outcome);
-            series
-                .requests
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((outcome, counter.clone()));
+            series.requests.write().push((outcome, counter.clone()));
             counter
         });
         counter.inc();

@@ -12,9 +12,10 @@
 
 mod sse;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_logging::AuditEvent;
@@ -119,10 +120,8 @@ impl Drop for JobGuard {
 impl Jobs {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken, ahash::RandomState>> {
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    ) -> parking_lot::MutexGuard<'_, HashMap<String, CancellationToken, ahash::RandomState>> {
+        self.map.lock()
     }
 
     /// Register `job_id`; `CONFLICT` when it is already running.

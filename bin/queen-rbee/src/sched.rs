@@ -13,13 +13,14 @@
 //! one ([`crate::hives::Hives::spawn`]); one spawn per model at a time, however many
 //! requests wait.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// The scheduler's maps are looked up several times per request with model
 /// refs and worker keys as keys: a keyed hash faster than SipHash on them.
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = HashSet<K, ahash::RandomState>;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rbee_api::worker::{WorkerInfo, WorkerState};
@@ -275,10 +276,7 @@ impl Scheduler {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data; keep serving.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.state.lock()
     }
 
     fn start(&self, spawns: Vec<SpawnOrder>) {

@@ -34,10 +34,11 @@
 //! first); one found closed when it is taken is dropped. Idle connections
 //! older than [`IDLE_MAX`] are closed by [`Upstream::prune`].
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -245,8 +246,8 @@ impl Upstream {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>, ahash::RandomState>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Vec<Idle>, ahash::RandomState>> {
+        self.idle.lock()
     }
 
     /// Idle connections held, over all workers.

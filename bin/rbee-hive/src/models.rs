@@ -95,7 +95,7 @@ struct Inner {
     metrics: ModelMetrics,
     audit: AuditSink,
     settings: ModelSettings,
-    disk_gate: std::sync::Mutex<()>,
+    disk_gate: parking_lot::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -183,7 +183,7 @@ impl Models {
                 metrics: ModelMetrics::register(registry),
                 audit,
                 settings,
-                disk_gate: std::sync::Mutex::new(()),
+                disk_gate: parking_lot::Mutex::new(()),
                 shutdown,
             }),
         };

@@ -16,10 +16,11 @@ pub(crate) mod registry;
 pub(crate) mod routes;
 mod supervisor;
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use audit_logging::{AuditEvent, AuditSink, CrashCause, ExitInfo};
@@ -142,7 +143,7 @@ struct Inner {
 impl Inner {
     /// The supervision settings in effect now.
     fn tuning(&self) -> Arc<Tuning> {
-        Arc::clone(&self.tuning.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.tuning.read())
     }
 }
 
@@ -192,11 +193,7 @@ impl Workers {
     /// come from and go to (binary, run directory, hosts) stays as started.
     pub fn retune(&self, tuning: Tuning) {
         let mut tuning = tuning;
-        let mut slot = self
-            .inner
-            .tuning
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.inner.tuning.write();
         let fixed = &slot.settings;
         tuning.settings.worker_binary = fixed.worker_binary.clone();
         tuning.settings.run_dir = fixed.run_dir.clone();
@@ -206,13 +203,7 @@ impl Workers {
         let breaker = tuning.settings.breaker;
         *slot = Arc::new(tuning);
         drop(slot);
-        for existing in self
-            .inner
-            .breakers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values_mut()
-        {
+        for existing in self.inner.breakers.lock().values_mut() {
             existing.reconfigure(breaker);
         }
     }
@@ -373,7 +364,7 @@ impl Workers {
                 }
             });
         }
-        *self.inner.gpus.lock().unwrap_or_else(|e| e.into_inner()) = report.gpus.clone();
+        *self.inner.gpus.lock() = report.gpus.clone();
         report.gpus
     }
 
@@ -490,7 +481,7 @@ impl Workers {
         // Check and reserve under one lock: two spawns cannot both claim
         // the same free memory.
         let (device, reserved, probe) = {
-            let _gate = inner.preflight.lock().unwrap_or_else(|e| e.into_inner());
+            let _gate = inner.preflight.lock();
             let (device, available, reserved) = match backend {
                 Backend::Cuda => {
                     let pick = |g: &GpuInfo| {
@@ -588,11 +579,7 @@ impl Workers {
             required,
         };
         let stop = CancellationToken::new();
-        inner
-            .stops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(worker_id.clone(), stop.clone());
+        inner.stops.lock().insert(worker_id.clone(), stop.clone());
         let this = self.clone();
         let request_id = request_id.map(str::to_owned);
         inner.tasks.spawn(async move {
@@ -625,11 +612,7 @@ impl Workers {
             self.inner.registry.on_ready(&cb, Instant::now())?;
         }
         let transition = {
-            let mut breakers = self
-                .inner
-                .breakers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut breakers = self.inner.breakers.lock();
             self.breaker_entry(&mut breakers, &record.model_ref, record.device)
                 .record_success(Instant::now())
         };
@@ -658,13 +641,7 @@ impl Workers {
 
     /// Stop a worker the hive was asked to stop; waits until it is gone.
     pub async fn shutdown(&self, worker_id: &str) -> Result<(), ApiError> {
-        let stop = self
-            .inner
-            .stops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(worker_id)
-            .cloned();
+        let stop = self.inner.stops.lock().get(worker_id).cloned();
         let Some(stop) = stop else {
             // A failed worker has no process: forget it.
             if let Some(r) = self.inner.registry.get(worker_id) {
@@ -690,14 +667,7 @@ impl Workers {
     /// Stop every worker in parallel (hive shutdown) and wait for their
     /// supervisors, then SIGKILL any process group still alive.
     pub async fn shutdown_all(&self) {
-        let stops: Vec<CancellationToken> = self
-            .inner
-            .stops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let stops: Vec<CancellationToken> = self.inner.stops.lock().values().cloned().collect();
         for stop in &stops {
             stop.cancel();
         }

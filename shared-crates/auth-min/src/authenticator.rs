@@ -1,6 +1,7 @@
 //! Constant-time token verification with rotation.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -218,7 +219,7 @@ impl Authenticator {
     /// [`rotate`](Self::rotate) at an explicit time.
     pub fn rotate_at(&self, new: &ApiToken, grace: Duration, now: Instant) {
         let accepted = Accepted::of(new);
-        let mut set = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        let mut set = self.tokens.write();
         if let Some(current) = set.current.take() {
             if bool::from(current.digest.ct_eq(&accepted.digest)) {
                 set.current = Some(current);
@@ -234,10 +235,10 @@ impl Authenticator {
         set.current = Some(accepted);
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, TokenSet> {
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, TokenSet> {
         // The set is replaced whole under the lock, so a poisoned lock still
         // holds a consistent value.
-        self.tokens.read().unwrap_or_else(PoisonError::into_inner)
+        self.tokens.read()
     }
 }
 

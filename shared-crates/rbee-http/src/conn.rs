@@ -21,11 +21,12 @@
 //!   without a FIN (a powered-off host, a dropped NAT entry) is noticed, and
 //!   `TCP_NODELAY`, so streamed tokens are not held back by Nagle's algorithm.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -210,10 +211,8 @@ impl Table {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Slots> {
+        self.slots.lock()
     }
 
     /// A place for a new connection: under the cap, in place of the

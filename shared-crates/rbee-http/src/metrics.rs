@@ -1,8 +1,9 @@
 //! Prometheus metrics kept in the daemon's own registry: HTTP requests per
 //! matched route template, and `rbee_build_info`.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -94,11 +95,7 @@ impl HttpMetrics {
     /// Count one request to `route` answered with `status` after `seconds`.
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
         {
-            let seen = self
-                .inner
-                .seen
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let seen = self.inner.seen.read();
             if let Some(series) = seen.get(route) {
                 if let Some((_, counter)) = series.by_status.iter().find(|(s, _)| *s == status) {
                     counter.inc();
@@ -115,11 +112,7 @@ impl HttpMetrics {
                 status,
             })
             .clone();
-        let mut seen = self
-            .inner
-            .seen
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.inner.seen.write();
         let series = seen.entry(route.into()).or_insert_with(|| RouteSeries {
             duration: self
                 .inner

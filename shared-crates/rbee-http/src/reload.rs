@@ -11,10 +11,11 @@
 //! Settings a daemon cannot change while it runs (its address, its
 //! database) are not applied: the reload names them as needing a restart.
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use audit_logging::{AuditEvent, AuditSink, ConfigSetting};
 use auth_min::{ApiToken, Authenticator, DEFAULT_ROTATION_GRACE};
@@ -184,11 +185,7 @@ impl<C: DaemonConfig + Clone> Reloader<C> {
         Fut: Future<Output = ()>,
     {
         let new = C::try_load()?;
-        let old = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let old = self.current.lock().clone();
         let token = TokenChange::check(new.common(), &self.auth);
         let plan = check(&new);
         let (token, plan) = match (token, plan) {
@@ -209,7 +206,7 @@ impl<C: DaemonConfig + Clone> Reloader<C> {
             &self.render(&new, self.auth.token().as_ref()),
             &reloadable,
         );
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = new;
+        *self.current.lock() = new;
         Ok(out)
     }
 }

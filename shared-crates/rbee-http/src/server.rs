@@ -110,7 +110,7 @@ pub enum StartupError {
 /// shutdown, then [`Daemon::run`] returns [`StartupError::Fatal`] (exit 1).
 #[derive(Debug, Clone)]
 pub struct FatalHandle {
-    message: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    message: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
     shutdown: CancellationToken,
 }
 
@@ -119,9 +119,7 @@ impl FatalHandle {
     pub fn fail(&self, message: impl Into<String>) {
         let message = message.into();
         tracing::error!("{message}");
-        if let Ok(mut slot) = self.message.lock() {
-            slot.get_or_insert(message);
-        }
+        self.message.lock().get_or_insert(message);
         self.shutdown.cancel();
     }
 }
@@ -375,7 +373,7 @@ impl Daemon {
             // Write and fsync every queued record before the process exits.
             let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
         }
-        let fatal = self.fatal.message.lock().ok().and_then(|mut m| m.take());
+        let fatal = self.fatal.message.lock().take();
         match fatal {
             Some(message) => Err(StartupError::Fatal(message)),
             None => result,

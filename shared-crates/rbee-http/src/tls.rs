@@ -10,8 +10,9 @@
 //! daemon builds ([`client_config`], [`crate::client::http_client`]) uses
 //! it.
 
+use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -67,12 +68,7 @@ struct Current(RwLock<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for Current {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self
-                .0
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        ))
+        Some(Arc::clone(&self.0.read()))
     }
 }
 
@@ -109,11 +105,7 @@ impl ServerTls {
     /// an error the running one stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = certified_key(&self.cert, &self.key)?;
-        *self
-            .current
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self.current.0.write() = fresh;
         Ok(())
     }
 

@@ -142,12 +142,12 @@ async fn waiters_without_a_worker_cause_exactly_one_spawn() {
     let s = sched(8);
     let orders = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&orders);
-    s.set_spawner(move |o: SpawnOrder| seen.lock().unwrap().push(o.hive));
+    s.set_spawner(move |o: SpawnOrder| seen.lock().push(o.hive));
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
     let mut tickets: Vec<Ticket> = (0..3)
         .map(|_| s.admit_for("m", "req", None).unwrap())
         .collect();
-    assert_eq!(orders.lock().unwrap().as_slice(), ["h"]);
+    assert_eq!(orders.lock().as_slice(), ["h"]);
     s.hive_seen(
         "h",
         "http://h",
@@ -158,7 +158,7 @@ async fn waiters_without_a_worker_cause_exactly_one_spawn() {
     for t in &mut tickets {
         let _ = granted(t).await;
     }
-    assert_eq!(orders.lock().unwrap().len(), 1);
+    assert_eq!(orders.lock().len(), 1);
 }
 
 #[tokio::test]

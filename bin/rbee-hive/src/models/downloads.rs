@@ -3,8 +3,9 @@
 //! `watch` channel that progress streams subscribe to. Finished downloads
 //! stay queryable for the retention period.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
@@ -135,7 +136,7 @@ impl Downloads {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// The running download of `model_ref`, or a new one in `Resolving`;

@@ -3,8 +3,9 @@
 //! lease is held. Eviction marks the model first, so a spawn racing it sees
 //! the model as gone instead of starting on files about to be deleted.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use rbee_api::{ApiError, ErrorCode};
 
@@ -36,7 +37,7 @@ pub struct EvictGuard {
 
 impl Leases {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Use>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Take a lease on `model_ref`; refused while it is being evicted.

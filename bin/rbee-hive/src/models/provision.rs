@@ -287,11 +287,7 @@ impl Models {
     /// counting what running downloads still have to write; on success the
     /// download's total is set, which claims its bytes.
     fn claim_disk(&self, download: &Download, to_fetch: u64, total: u64) -> Result<(), ApiError> {
-        let _gate = self
-            .inner
-            .disk_gate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _gate = self.inner.disk_gate.lock();
         let available = available_bytes(&self.inner.settings.models_dir).map_err(internal)?;
         let reserved = self.inner.downloads.reserved_bytes();
         let reserve = self.inner.settings.disk_reserve_bytes;

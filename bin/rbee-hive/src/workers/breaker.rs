@@ -45,11 +45,8 @@ impl Drop for Probe {
 impl Workers {
     pub(super) fn lock_breakers(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, u32), CircuitBreaker>> {
-        self.inner
-            .breakers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    ) -> parking_lot::MutexGuard<'_, HashMap<(String, u32), CircuitBreaker>> {
+        self.inner.breakers.lock()
     }
 
     /// A permit to spawn a worker of (`model_ref`, `device`), or 503

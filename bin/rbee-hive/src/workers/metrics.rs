@@ -55,7 +55,7 @@ impl prometheus_client::collector::Collector for Collector {
             MetricType::Gauge,
         )?)?;
         {
-            let breakers = inner.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            let breakers = inner.breakers.lock();
             let mut family = encoder.encode_descriptor(
                 "rbee_hive_circuit_breaker_open",
                 "1 while the breaker of a (model, device) pair is open",
@@ -72,7 +72,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstGauge::new(open).encode(family.encode_family(&labels)?)?;
             }
         }
-        let gpus = inner.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let gpus = inner.gpus.lock().clone();
         {
             let mut family = encoder.encode_descriptor(
                 "rbee_hive_vram_used_bytes",

@@ -1,8 +1,9 @@
 //! The registry of workers: one record per worker id, behind a mutex that
 //! is only ever held for a map operation (never across an await).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use rbee_api::worker::{Backend, ReadyCallback, WorkerInfo, WorkerState};
@@ -96,7 +97,7 @@ pub struct Registry {
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, WorkerRecord>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Add a worker; 409 `CONFLICT` when the id is taken.

@@ -210,11 +210,7 @@ impl Workers {
             r.reserved_bytes = 0;
             r.failure = Some(failure);
         });
-        inner
-            .stops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&spec.id);
+        inner.stops.lock().remove(&spec.id);
         tracing::error!(worker_id = %spec.id, reason = label, "worker failed; not restarting it");
         inner.audit.emit(
             request_id,
@@ -229,11 +225,7 @@ impl Workers {
     /// Drop a stopped worker from the registry.
     fn forget(&self, spec: &Spec, cause: StopCause, request_id: Option<&str>) {
         self.inner.registry.remove(&spec.id);
-        self.inner
-            .stops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&spec.id);
+        self.inner.stops.lock().remove(&spec.id);
         tracing::info!(worker_id = %spec.id, "worker stopped");
         self.inner.audit.emit(
             request_id,

@@ -19,7 +19,7 @@
 mod kv;
 mod ops;
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::kernels::acts::{ActBlock, BLOCK};

@@ -7,13 +7,12 @@
 //! which costs less than another run and its barrier. Both give the same
 //! bits.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 use crate::kernels::acts::{quantize_row, ActBlock, BLOCK};
 use crate::kernels::math::{attention, merge, partial_len, rms_norm, silu_mul, Attention};
 use crate::kernels::matmul::{matmul_group, Input};
 use crate::kernels::packed::{PackedMatrix, GROUP};
 use crate::kernels::pool::{ThreadPool, Tiles};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::super::{BlockTables, RopeTable, Row, KV_BLOCK};
 use super::kv::{KvCache, KvLayout};
@@ -44,7 +43,7 @@ pub(super) struct ThreadScratch {
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A thread that panicked mid-pass leaves only scratch behind.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    m.lock()
 }
 
 /// Where a product's input rows come from.
