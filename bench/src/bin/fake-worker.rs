@@ -18,7 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use serde_json::{json, Value};
+use rbee_api::inference::{InferenceRequest, InferenceResponse, StopReason, StreamEvent};
+use rbee_api::sse;
+use rbee_api::worker::{Backend, Heartbeat, ReadyCallback, WorkerReadiness, WorkerState};
+use rbee_api::{ApiError, ErrorCode};
 
 #[derive(Debug, Default)]
 struct Args {
@@ -79,56 +82,82 @@ impl Drop for SlotGuard {
 }
 
 fn busy(slots: u32) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        [(header::RETRY_AFTER, "1")],
-        Json(json!({"error": {"code": "ALL_SLOTS_BUSY", "message": format!("all {slots} slots are busy"), "retriable": true}})),
+    ApiError::new(
+        ErrorCode::AllSlotsBusy,
+        format!("all {slots} slots are busy"),
     )
-        .into_response()
+    .with_retry_after(1)
+    .into_response()
 }
 
-async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Response {
+/// One event as the worker frames it.
+fn event(event: &StreamEvent) -> Bytes {
+    let mut out = Vec::new();
+    sse::frame(&serde_json::to_string(event).unwrap_or_default(), &mut out);
+    Bytes::from(out)
+}
+
+async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<InferenceRequest>) -> Response {
     let taken = fake.running.fetch_add(1, Ordering::AcqRel);
     let guard = SlotGuard(Arc::clone(&fake));
     if taken >= fake.slots {
         drop(guard);
         return busy(fake.slots);
     }
-    let max_tokens = body["max_tokens"].as_u64().unwrap_or(128).max(1);
-    let job_id = body["job_id"].as_str().unwrap_or("fake-job").to_owned();
+    let max_tokens = body.max_tokens.max(1);
+    let job_id = body.job_id.unwrap_or_else(|| "fake-job".to_owned());
     let interval = fake.interval;
     fake.served.fetch_add(1, Ordering::Relaxed);
-    if body["stream"].as_bool() == Some(false) {
-        tokio::time::sleep(interval * u32::try_from(max_tokens - 1).unwrap_or(u32::MAX)).await;
+    if !body.stream {
+        tokio::time::sleep(interval * (max_tokens - 1)).await;
         drop(guard);
-        return Json(json!({"job_id": job_id, "text": "tok".repeat(max_tokens as usize), "tokens_in": 4, "tokens_out": max_tokens, "stop_reason": "max_tokens", "decode_time_ms": 0})).into_response();
+        return Json(InferenceResponse {
+            job_id,
+            text: "tok".repeat(max_tokens as usize),
+            tokens_in: 4,
+            tokens_out: max_tokens,
+            tokens_cached: 0,
+            stop_reason: StopReason::MaxTokens,
+            decode_time_ms: 0,
+        })
+        .into_response();
     }
     let model = fake.model_ref.clone();
     let started = tokio::time::Instant::now();
-    let events = futures_util::stream::unfold(0u64, move |i| {
+    let events = futures_util::stream::unfold(0u32, move |i| {
         let job_id = job_id.clone();
         let model = model.clone();
         async move {
-            let event = if i == 0 {
-                json!({"type": "started", "job_id": job_id, "request_id": "", "model": model, "started_at": ""}).to_string()
+            let bytes = if i == 0 {
+                event(&StreamEvent::Started {
+                    job_id,
+                    request_id: String::new(),
+                    model,
+                    started_at: String::new(),
+                })
             } else if i <= max_tokens {
                 // The first token at once, then one every interval.
-                tokio::time::sleep_until(
-                    started + interval * u32::try_from(i - 1).unwrap_or(u32::MAX),
-                )
-                .await;
-                json!({"type": "token", "t": "tok", "i": i - 1}).to_string()
+                tokio::time::sleep_until(started + interval * (i - 1)).await;
+                event(&StreamEvent::Token {
+                    t: "tok".to_owned(),
+                    i: i - 1,
+                })
             } else if i == max_tokens + 1 {
-                json!({"type": "end", "tokens_in": 4, "tokens_out": max_tokens, "decode_time_ms": 0, "stop_reason": "max_tokens"}).to_string()
+                event(&StreamEvent::End {
+                    tokens_in: 4,
+                    tokens_out: max_tokens,
+                    tokens_cached: 0,
+                    decode_time_ms: 0,
+                    stop_reason: StopReason::MaxTokens,
+                })
             } else if i == max_tokens + 2 {
-                "[DONE]".to_owned()
+                let mut out = Vec::new();
+                sse::frame(sse::DONE, &mut out);
+                Bytes::from(out)
             } else {
                 return None;
             };
-            Some((
-                Ok::<_, Infallible>(Bytes::from(format!("data: {event}\n\n"))),
-                i + 1,
-            ))
+            Some((Ok::<_, Infallible>(bytes), i + 1))
         }
     });
     let guarded = futures_util::StreamExt::map(events, move |e| {
@@ -167,7 +196,15 @@ async fn report(args: Args, url: String, token: Option<String>) {
         Some(t) => r.bearer_auth(t),
         None => r,
     };
-    let callback = json!({"worker_id": args.worker_id, "url": url, "model_ref": args.model_ref, "backend": "cpu", "device": 0, "slots_total": args.slots, "vram_bytes": 0});
+    let callback = ReadyCallback {
+        worker_id: args.worker_id.clone(),
+        url,
+        model_ref: args.model_ref.clone(),
+        backend: Backend::Cpu,
+        device: 0,
+        slots_total: args.slots,
+        vram_bytes: 0,
+    };
     loop {
         let sent = auth(
             client
@@ -183,7 +220,11 @@ async fn report(args: Args, url: String, token: Option<String>) {
     }
     loop {
         tokio::time::sleep(Duration::from_secs(args.heartbeat_s)).await;
-        let beat = json!({"worker_id": args.worker_id, "timestamp": "1970-01-01T00:00:00Z", "state": "idle"});
+        let beat = Heartbeat {
+            worker_id: args.worker_id.clone(),
+            timestamp: "1970-01-01T00:00:00Z".to_owned(),
+            state: WorkerState::Idle,
+        };
         let _ = auth(
             client
                 .post(format!("{hive}/v1/workers/heartbeat"))
@@ -214,7 +255,11 @@ async fn main() -> std::io::Result<()> {
         model_ref: args.model_ref.clone(),
     });
     let ok = || async {
-        Json(json!({"status": "ok", "ready": true, "state": "idle", "model_loaded": true}))
+        Json(WorkerReadiness {
+            ready: true,
+            state: WorkerState::Idle,
+            model_loaded: true,
+        })
     };
     let app = Router::new()
         .route("/v1/inference", post(inference))

@@ -184,13 +184,10 @@ pub(crate) async fn admit(
 ) -> Result<(Admitted, InferenceRequest), ApiError> {
     let result = admit_checked(state, ctx, request).await;
     if let (Err(e), Some(model)) = (&result, state.model.get()) {
+        // Refusals for the worker's state, not the request's, are not counted.
         let outcome = match e.code() {
-            ErrorCode::AllSlotsBusy => Some(Outcome::Busy),
-            ErrorCode::InvalidRequest | ErrorCode::PromptTooLong | ErrorCode::Conflict => {
-                Some(Outcome::ClientError)
-            }
             ErrorCode::ShuttingDown | ErrorCode::ModelLoading => None,
-            _ => Some(Outcome::Error),
+            code => Some(Outcome::from(code)),
         };
         if let Some(outcome) = outcome {
             model.metrics.request_finished(outcome, 0.0);
@@ -408,7 +405,7 @@ fn sse_stream(
                 Some((Ok(json_event(&event)), (next, admitted)))
             }
             Phase::Done => Some((
-                Ok(Event::default().data("[DONE]")),
+                Ok(Event::default().data(rbee_api::sse::DONE)),
                 (Phase::Finished, admitted),
             )),
             Phase::Finished => {

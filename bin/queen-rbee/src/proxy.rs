@@ -10,7 +10,7 @@
 //! `DELETE /v1/inference/{job_id}`, drops the call to the worker, which
 //! stops generating at its next step.
 
-mod sse;
+mod events;
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -24,6 +24,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use rbee_api::sse::{self, Dialect, Endpoint};
 use rbee_api::{ApiError, ErrorCode, Outcome};
 use rbee_http::RequestContext;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +34,7 @@ use crate::metrics::Stage;
 use crate::sched::{Lease, Ticket};
 use crate::upstream::{Exchange, Head, Outgoing};
 use crate::AppState;
-use sse::{error_event, usage_of, SseState};
+use events::{usage_of, SseState};
 
 /// The response header naming the queen's job id (for `DELETE`).
 pub const X_JOB_ID: &str = "x-job-id";
@@ -54,32 +55,11 @@ const MAX_REFUSAL_BYTES: usize = 1 << 20;
 /// until its end arrives, so this bounds what one can make the queen hold.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
-/// Which worker route a request goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// `POST /v1/inference`.
-    Native,
-    /// `POST /v1/chat/completions`.
-    Chat,
-    /// `POST /v1/completions`.
-    Completions,
-}
-
-impl Api {
-    fn path(self) -> &'static str {
-        match self {
-            Self::Native => "/v1/inference",
-            Self::Chat => "/v1/chat/completions",
-            Self::Completions => "/v1/completions",
-        }
-    }
-}
-
 /// A checked request, ready to route.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// The worker route.
-    pub api: Api,
+    /// The worker route: the one the client called.
+    pub endpoint: Endpoint,
     /// The model ref.
     pub model: String,
     /// The queen's job id.
@@ -194,19 +174,6 @@ impl Drop for Finish {
     }
 }
 
-pub(crate) fn outcome_of(code: ErrorCode) -> Outcome {
-    match code {
-        ErrorCode::DeadlineExceeded => Outcome::DeadlineExceeded,
-        ErrorCode::Cancelled => Outcome::Cancelled,
-        ErrorCode::AllSlotsBusy => Outcome::Busy,
-        ErrorCode::QueueFull => Outcome::QueueFull,
-        ErrorCode::NoCapacity => Outcome::NoCapacity,
-        ErrorCode::WorkerFailed => Outcome::WorkerFailed,
-        c if c.status().is_client_error() => Outcome::ClientError,
-        _ => Outcome::Error,
-    }
-}
-
 /// Route `prep` and answer the client.
 pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Response {
     let arrived = Instant::now();
@@ -226,9 +193,11 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         } else {
             prep.model.as_str()
         };
-        state
-            .metrics
-            .finished(label, outcome_of(e.code()), arrived.elapsed().as_secs_f64());
+        state.metrics.finished(
+            label,
+            Outcome::from(e.code()),
+            arrived.elapsed().as_secs_f64(),
+        );
         e.into_response()
     };
     if state.core.is_draining() {
@@ -278,7 +247,7 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
     );
     let outgoing = Outgoing {
         method: Method::POST,
-        path: http::Uri::from_static(prep.api.path()),
+        path: http::Uri::from_static(prep.endpoint.path()),
         headers,
         body: prep.body.clone(),
         streaming: prep.stream,
@@ -357,7 +326,7 @@ impl Call {
     }
 
     fn fail(&mut self, e: ApiError) -> Response {
-        self.finish.record(outcome_of(e.code()), 0, 0);
+        self.finish.record(Outcome::from(e.code()), 0, 0);
         e.into_response()
     }
 
@@ -553,7 +522,7 @@ impl Call {
             .deadline
             .map(|d| Box::pin(tokio::time::sleep_until(d + DEADLINE_GRACE)));
         let mut relay = Relay {
-            openai: self.prep.api != Api::Native,
+            dialect: self.prep.endpoint.dialect(),
             call: self,
             lease,
             upstream,
@@ -598,7 +567,7 @@ struct Relay {
     upstream: Exchange,
     retried: bool,
     sse: SseState,
-    openai: bool,
+    dialect: Dialect,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     finished: bool,
     span: tracing::Span,
@@ -611,8 +580,9 @@ impl Relay {
         self.call
             .finish
             .record(outcome, self.sse.tokens_in, self.sse.tokens_out);
-        let mut out = error_event(self.openai, code, message).to_vec();
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        let mut out = Vec::new();
+        sse::frame(&sse::error_data(self.dialect, code, message), &mut out);
+        sse::frame(sse::DONE, &mut out);
         Some(Bytes::from(out))
     }
 
@@ -649,7 +619,7 @@ impl Relay {
                 }
                 Ok(Some(bytes)) => {
                     let mut out = Vec::with_capacity(bytes.len() + self.sse.held.len());
-                    if self.sse.feed(&bytes, self.openai, &mut out) {
+                    if self.sse.feed(&bytes, self.dialect, &mut out) {
                         self.call.state.metrics.first_token(
                             &self.call.prep.model,
                             self.call.arrived.elapsed().as_secs_f64(),
@@ -713,7 +683,7 @@ impl Relay {
 /// Tell the worker to stop `prep`'s job (native jobs carry the queen's id;
 /// OpenAI calls stop when their connection is dropped).
 fn cancel_on_worker(state: &AppState, lease: &Lease, prep: &Prepared) {
-    if prep.api != Api::Native {
+    if prep.endpoint != Endpoint::Native {
         return;
     }
     let request = state

@@ -7,6 +7,7 @@ use axum::Json;
 use http::StatusCode;
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
 use rbee_api::openai::{OpenAiRequest, Route};
+use rbee_api::sse::Endpoint;
 use rbee_api::worker::ScrapeTargetGroup;
 use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes, DEFAULT_BODY_LIMIT};
@@ -14,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::hives::{check_node_name, normalize_url};
-use crate::proxy::{self, Api, Prepared};
+use crate::proxy::{self, Prepared};
 use crate::AppState;
 
 /// The queen's own routes (the shared ones are added by the bootstrap).
@@ -93,14 +94,14 @@ fn affinity(model: &str, start: &[u8]) -> u64 {
 }
 
 /// The part of an OpenAI body that keys its conversation.
-fn openai_start(api: Api, body: &Value) -> Vec<u8> {
-    match api {
-        Api::Chat => body
+fn openai_start(route: Route, body: &Value) -> Vec<u8> {
+    match route {
+        Route::Chat => body
             .get("messages")
             .and_then(Value::as_array)
             .map(|m| serde_json::to_vec(&m[..m.len().min(2)]).unwrap_or_default())
             .unwrap_or_default(),
-        _ => match body.get("prompt") {
+        Route::Completions => match body.get("prompt") {
             Some(Value::String(p)) => p.as_bytes().to_vec(),
             Some(other) => other.to_string().into_bytes(),
             None => Vec::new(),
@@ -140,7 +141,7 @@ async fn inference(
         state,
         ctx,
         Prepared {
-            api: Api::Native,
+            endpoint: Endpoint::Native,
             model,
             job_id,
             stream,
@@ -155,19 +156,15 @@ async fn inference(
 /// Check an OpenAI body whole (the worker's checks, from the same code) and
 /// route it. The body is forwarded as the client sent it, so fields the
 /// worker reads and the queen does not are kept.
-fn openai(state: &AppState, api: Api, body: Value) -> Result<Prepared, ApiError> {
-    let route = match api {
-        Api::Chat => Route::Chat,
-        _ => Route::Completions,
-    };
+fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiError> {
     let request = OpenAiRequest::parse(route, &body)
         .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
         .request;
     let model = resolve_model(state, request.model)?;
-    let conversation = affinity(&model, &openai_start(api, &body));
+    let conversation = affinity(&model, &openai_start(route, &body));
     let body = forwarded(&body)?;
     Ok(Prepared {
-        api,
+        endpoint: Endpoint::OpenAi(route),
         model,
         job_id: mint_job_id(),
         stream: request.stream,
@@ -182,7 +179,7 @@ async fn chat(
     ctx: RequestContext,
     ApiJson(body): ApiJson<Value>,
 ) -> Response {
-    match openai(&state, Api::Chat, body) {
+    match openai(&state, Route::Chat, body) {
         Ok(prep) => proxy::run(state, ctx, prep).await,
         Err(e) => e.into_response(),
     }
@@ -193,7 +190,7 @@ async fn completions(
     ctx: RequestContext,
     ApiJson(body): ApiJson<Value>,
 ) -> Response {
-    match openai(&state, Api::Completions, body) {
+    match openai(&state, Route::Completions, body) {
         Ok(prep) => proxy::run(state, ctx, prep).await,
         Err(e) => e.into_response(),
     }

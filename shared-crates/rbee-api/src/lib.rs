@@ -11,10 +11,10 @@ pub mod inference;
 pub mod model_ref;
 pub mod models;
 pub mod openai;
+pub mod outcome;
+pub mod sse;
 pub mod worker;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};
 pub use model_ref::{HfRef, ModelRef, ModelRefError};
-pub mod outcome;
-
 pub use outcome::Outcome;

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ErrorCode;
+
 /// Outcome of an inference request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +55,22 @@ impl Outcome {
             Self::NoCapacity => "no_capacity",
             Self::WorkerFailed => "worker_failed",
             Self::Error => "error",
+        }
+    }
+}
+
+impl From<ErrorCode> for Outcome {
+    /// The outcome of a request that ended with `code`.
+    fn from(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::DeadlineExceeded => Self::DeadlineExceeded,
+            ErrorCode::Cancelled => Self::Cancelled,
+            ErrorCode::AllSlotsBusy => Self::Busy,
+            ErrorCode::QueueFull => Self::QueueFull,
+            ErrorCode::NoCapacity => Self::NoCapacity,
+            ErrorCode::WorkerFailed => Self::WorkerFailed,
+            c if c.status().is_client_error() => Self::ClientError,
+            _ => Self::Error,
         }
     }
 }

@@ -15,6 +15,7 @@ use axum::Json;
 use futures_util::Stream;
 use rbee_api::inference::{InferenceRequest, StopReason};
 use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
+use rbee_api::sse::{self, Dialect};
 use rbee_api::{ApiError, ErrorCode};
 use rbee_http::{ApiJson, RequestContext};
 use serde_json::Value;
@@ -66,12 +67,6 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Chat,
-    Text,
-}
-
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -83,7 +78,7 @@ pub async fn chat_completions(
         mut request,
     } = parse(Route::Chat, &body)?;
     request.prompt = chat_prompt(&state, messages).await?;
-    respond(state, ctx, request, Kind::Chat).await
+    respond(state, ctx, request, Route::Chat).await
 }
 
 /// `POST /v1/completions`.
@@ -93,24 +88,24 @@ pub async fn completions(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let request = parse(Route::Completions, &body)?.request;
-    respond(state, ctx, request, Kind::Text).await
+    respond(state, ctx, request, Route::Completions).await
 }
 
 async fn respond(
     state: AppState,
     ctx: RequestContext,
     request: InferenceRequest,
-    kind: Kind,
+    route: Route,
 ) -> Result<Response, ApiError> {
     let (admitted, request) = admit(&state, &ctx, request).await?;
     let meta = Meta {
-        id: match kind {
-            Kind::Chat => format!("chatcmpl-{}", admitted.job_id),
-            Kind::Text => format!("cmpl-{}", admitted.job_id),
+        id: match route {
+            Route::Chat => format!("chatcmpl-{}", admitted.job_id),
+            Route::Completions => format!("cmpl-{}", admitted.job_id),
         },
         created: now_secs(),
         model: state.model_ref.clone(),
-        kind,
+        route,
     };
     if request.stream {
         Ok(Sse::new(super::keep_alive(&state, chunks(meta, admitted))).into_response())
@@ -123,15 +118,15 @@ struct Meta {
     id: String,
     created: u64,
     model: String,
-    kind: Kind,
+    route: Route,
 }
 
 impl Meta {
     fn object(&self, chunk: bool) -> &'static str {
-        match (self.kind, chunk) {
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-            (Kind::Text, _) => "text_completion",
+        match (self.route, chunk) {
+            (Route::Chat, false) => "chat.completion",
+            (Route::Chat, true) => "chat.completion.chunk",
+            (Route::Completions, _) => "text_completion",
         }
     }
 
@@ -142,8 +137,8 @@ impl Meta {
         finish: Option<&str>,
         chunk: bool,
     ) -> serde_json::Value {
-        match self.kind {
-            Kind::Chat if chunk => {
+        match self.route {
+            Route::Chat if chunk => {
                 let mut delta = serde_json::Map::new();
                 if first {
                     delta.insert("role".into(), "assistant".into());
@@ -153,12 +148,12 @@ impl Meta {
                 }
                 serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
             }
-            Kind::Chat => serde_json::json!({
+            Route::Chat => serde_json::json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text.unwrap_or_default()},
                 "finish_reason": finish,
             }),
-            Kind::Text => serde_json::json!({
+            Route::Completions => serde_json::json!({
                 "index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish,
             }),
         }
@@ -261,13 +256,16 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                         Some(usage(tokens_in, tokens_out, tokens_cached)),
                         true,
                     )));
-                    s.queue.push_back(Event::default().data("[DONE]"));
+                    s.queue.push_back(Event::default().data(sse::DONE));
                     s.finished = true;
                 }
                 Some(JobEvent::Error { code, message }) => {
-                    let err = serde_json::json!({"error": {"code": code, "message": message, "retriable": code.retriable()}});
-                    s.queue.push_back(data(err));
-                    s.queue.push_back(Event::default().data("[DONE]"));
+                    s.queue.push_back(Event::default().data(sse::error_data(
+                        Dialect::OpenAi,
+                        code,
+                        &message,
+                    )));
+                    s.queue.push_back(Event::default().data(sse::DONE));
                     s.finished = true;
                 }
                 Some(JobEvent::Started { .. }) => {}

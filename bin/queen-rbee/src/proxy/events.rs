@@ -1,21 +1,10 @@
-//! The SSE side of the relay: splitting the worker's stream into events,
-//! reading what the queen needs from them (first token, end, error, token
-//! counts) without touching the bytes it forwards, and the events the queen
-//! writes itself.
+//! The worker's events as the relay reads them: split out of the batches
+//! they arrive in, read for what the queen needs (first token, end, error,
+//! token counts; [`rbee_api::sse::classify`]) without touching the bytes it
+//! forwards, and the `started` event held back until the first token.
 
-use bytes::Bytes;
-use rbee_api::{ErrorCode, Outcome};
-
-use super::outcome_of;
-
-pub(super) fn error_event(openai: bool, code: ErrorCode, message: &str) -> Bytes {
-    let value = if openai {
-        serde_json::json!({"error": {"code": code, "message": message, "retriable": code.retriable()}})
-    } else {
-        serde_json::json!({"type": "error", "code": code, "message": message})
-    };
-    Bytes::from(format!("data: {value}\n\n"))
-}
+use rbee_api::sse::{self, Dialect, Said};
+use rbee_api::Outcome;
 
 /// Token counts from a non-streaming answer (native or OpenAI `usage`).
 pub(super) fn usage_of(body: &[u8]) -> (u32, u32) {
@@ -31,16 +20,6 @@ pub(super) fn usage_of(body: &[u8]) -> (u32, u32) {
         Some(u) => (n(u.get("prompt_tokens")), n(u.get("completion_tokens"))),
         None => (n(v.get("tokens_in")), n(v.get("tokens_out"))),
     }
-}
-
-/// The fields of a native stream event the queen reads.
-#[derive(serde::Deserialize)]
-struct NativeEvent<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    tokens_in: Option<u32>,
-    tokens_out: Option<u32>,
-    code: Option<ErrorCode>,
 }
 
 /// Parser state of one relayed SSE stream.
@@ -78,17 +57,17 @@ impl SseState {
     /// Take the complete events out of `bytes` (after what an earlier call
     /// left incomplete), append what they send to `out`, and keep the rest
     /// for the next call. True when the stream's first token was among them.
-    pub(super) fn feed(&mut self, bytes: &[u8], openai: bool, out: &mut Vec<u8>) -> bool {
+    pub(super) fn feed(&mut self, bytes: &[u8], dialect: Dialect, out: &mut Vec<u8>) -> bool {
         if self.buf.is_empty() {
             // The common case: the batch starts where an event starts, and
             // is read where it lies.
-            let (used, first) = self.events(bytes, openai, out);
+            let (used, first) = self.events(bytes, dialect, out);
             self.buf.extend_from_slice(&bytes[used..]);
             return first;
         }
         let mut buf = std::mem::take(&mut self.buf);
         buf.extend_from_slice(bytes);
-        let (used, first) = self.events(&buf, openai, out);
+        let (used, first) = self.events(&buf, dialect, out);
         buf.drain(..used);
         self.buf = buf;
         first
@@ -101,7 +80,7 @@ impl SseState {
         all.extend_from_slice(&self.buf);
         all.extend_from_slice(bytes);
         let mut at = 0;
-        while let Some(len) = find_event_end(&all[at..]) {
+        while let Some(len) = sse::event_end(&all[at..]) {
             at += len;
         }
         all.len() - at
@@ -109,112 +88,51 @@ impl SseState {
 
     /// Classify each complete event in `data`: how many bytes they took, and
     /// whether the first token was among them.
-    fn events(&mut self, data: &[u8], openai: bool, out: &mut Vec<u8>) -> (usize, bool) {
+    fn events(&mut self, data: &[u8], dialect: Dialect, out: &mut Vec<u8>) -> (usize, bool) {
         let mut at = 0;
         let mut first = false;
-        while let Some(len) = find_event_end(&data[at..]) {
-            first |= self.classify(&data[at..at + len], openai, out);
+        while let Some(len) = sse::event_end(&data[at..]) {
+            first |= self.classify(&data[at..at + len], dialect, out);
             at += len;
         }
         (at, first)
     }
 
     /// Decide what one event sends; true when it is the first token.
-    fn classify(&mut self, event: &[u8], openai: bool, out: &mut Vec<u8>) -> bool {
-        let text = std::str::from_utf8(event).unwrap_or("");
-        let mut data_lines = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim_start);
-        // One `data:` line is the common case; join only when there are more.
-        let Some(first) = data_lines.next() else {
+    fn classify(&mut self, event: &[u8], dialect: Dialect, out: &mut Vec<u8>) -> bool {
+        let Some(data) = sse::event_data(event) else {
             // A comment (the worker's keep-alive during a long prefill):
             // pass it on; it is not the answer starting.
             out.extend_from_slice(event);
             return false;
         };
-        let joined;
-        let data = match data_lines.next() {
-            None => first,
-            Some(second) => {
-                joined = [first, second]
-                    .into_iter()
-                    .chain(data_lines)
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                joined.as_str()
-            }
-        };
         let mut first_token = false;
-        let mut is_started = false;
-        if data == "[DONE]" {
-            self.done = true;
-        } else if !openai && data.contains("\"type\":\"token\"") {
-            first_token = self.relayed_tokens == 0;
-            self.relayed_tokens += 1;
-        } else if openai {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
-                if let Some(code) = v.get("error").and_then(|e| e.get("code")) {
-                    self.set_error(code);
-                } else if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                    self.tokens_in = count(u.get("prompt_tokens"));
-                    self.tokens_out = count(u.get("completion_tokens"));
-                    self.outcome = Outcome::Ok;
-                } else {
-                    first_token = self.relayed_tokens == 0;
-                    self.relayed_tokens += 1;
-                }
+        match sse::classify(dialect, &data) {
+            Said::Done => self.done = true,
+            Said::Token => {
+                first_token = self.relayed_tokens == 0;
+                self.relayed_tokens += 1;
             }
-        } else if let Ok(e) = serde_json::from_str::<NativeEvent<'_>>(data) {
-            match e.kind.as_ref() {
-                "started" => is_started = true,
-                "end" => {
-                    self.tokens_in = e.tokens_in.unwrap_or(0);
-                    self.tokens_out = e.tokens_out.unwrap_or(0);
-                    self.outcome = Outcome::Ok;
-                }
-                "error" => {
-                    self.outcome = e.code.map_or(Outcome::Error, outcome_of);
-                }
-                _ => {}
+            Said::Started if !self.started_relay => {
+                self.held.extend_from_slice(event);
+                return false;
             }
-        }
-        if is_started && !self.started_relay {
-            self.held.extend_from_slice(event);
-            return false;
+            Said::End {
+                tokens_in,
+                tokens_out,
+            } => {
+                self.tokens_in = tokens_in;
+                self.tokens_out = tokens_out;
+                self.outcome = Outcome::Ok;
+            }
+            Said::Error(code) => self.outcome = code.map_or(Outcome::Error, Outcome::from),
+            Said::Started | Said::Other => {}
         }
         self.started_relay = true;
         out.append(&mut self.held);
         out.extend_from_slice(event);
         first_token
     }
-
-    fn set_error(&mut self, code: &serde_json::Value) {
-        self.outcome = serde_json::from_value::<ErrorCode>(code.clone())
-            .map(outcome_of)
-            .unwrap_or(Outcome::Error);
-    }
-}
-
-fn count(v: Option<&serde_json::Value>) -> u32 {
-    v.and_then(serde_json::Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
-}
-
-/// The length of the first complete event in `buf`, up to and including
-/// the blank line that ends it (`\n\n`, or a `\n` followed by `\r\n`).
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
-        let lf = from + p;
-        match buf.get(lf + 1) {
-            Some(b'\n') => return Some(lf + 2),
-            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
-            _ => from = lf + 1,
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -226,16 +144,16 @@ mod tests {
         let mut s = SseState::default();
         let many = "data: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\n".repeat(1000);
         assert_eq!(s.unfinished_after(many.as_bytes()), 0);
-        feed(&mut s, b"data: {\"type\":\"tok", false);
+        feed(&mut s, b"data: {\"type\":\"tok", Dialect::Native);
         assert_eq!(s.unfinished_after(b"en\""), 21);
         assert_eq!(s.unfinished_after(b"en\"}\n\ndata: x"), 7);
     }
 
     /// Feed `bytes`; what goes to the client, and whether the first token
     /// was in it.
-    fn feed(s: &mut SseState, bytes: &[u8], openai: bool) -> (String, bool) {
+    fn feed(s: &mut SseState, bytes: &[u8], dialect: Dialect) -> (String, bool) {
         let mut out = Vec::new();
-        let first = s.feed(bytes, openai, &mut out);
+        let first = s.feed(bytes, dialect, &mut out);
         (String::from_utf8(out).expect("utf-8"), first)
     }
 
@@ -245,19 +163,23 @@ mod tests {
         let (out, _) = feed(
             &mut s,
             b"data: {\"type\":\"started\",\"job_id\":\"j\"}\n\ndata: {\"ty",
-            false,
+            Dialect::Native,
         );
         assert!(out.is_empty(), "started is held");
         assert!(!s.started_relay);
 
-        let (out, first) = feed(&mut s, b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n", false);
+        let (out, first) = feed(
+            &mut s,
+            b"pe\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n",
+            Dialect::Native,
+        );
         assert_eq!(
             out,
             "data: {\"type\":\"started\",\"job_id\":\"j\"}\n\ndata: {\"type\":\"token\",\"t\":\"Hi\",\"i\":0}\n\n"
         );
         assert!(first);
         let end = "data: {\"type\":\"end\",\"tokens_in\":5,\"tokens_out\":1,\"decode_time_ms\":3,\"stop_reason\":\"eos\"}\n\ndata: [DONE]\n\n";
-        let (out, first) = feed(&mut s, end.as_bytes(), false);
+        let (out, first) = feed(&mut s, end.as_bytes(), Dialect::Native);
         assert_eq!(out, end);
         assert!(!first);
         assert!(s.done);
@@ -273,7 +195,7 @@ mod tests {
             let mut out = Vec::new();
             let mut firsts = 0;
             for part in [&stream[..cut], &stream[cut..]] {
-                firsts += usize::from(s.feed(part, false, &mut out));
+                firsts += usize::from(s.feed(part, Dialect::Native, &mut out));
             }
             assert_eq!(out, stream, "cut at {cut}");
             assert_eq!(firsts, 1, "cut at {cut}");
@@ -285,10 +207,12 @@ mod tests {
     #[test]
     fn keep_alive_comments_pass_through_without_releasing_started() {
         let mut s = SseState::default();
-        assert!(feed(&mut s, b"data: {\"type\":\"started\"}\n\n", false)
-            .0
-            .is_empty());
-        let (out, _) = feed(&mut s, b":\n\n", false);
+        assert!(
+            feed(&mut s, b"data: {\"type\":\"started\"}\n\n", Dialect::Native)
+                .0
+                .is_empty()
+        );
+        let (out, _) = feed(&mut s, b":\n\n", Dialect::Native);
         assert_eq!(out, ":\n\n");
         assert!(!s.started_relay, "a failure now could still be retried");
     }
@@ -299,22 +223,22 @@ mod tests {
         feed(
             &mut s,
             b"data: {\"type\":\"error\",\"code\":\"DEADLINE_EXCEEDED\",\"message\":\"m\"}\n\n",
-            false,
+            Dialect::Native,
         );
         assert_eq!(s.outcome, Outcome::DeadlineExceeded);
         let mut s = SseState::default();
         let (_, first) = feed(
             &mut s,
             b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n",
-            true,
+            Dialect::OpenAi,
         );
         assert!(first);
-        feed(&mut s, b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n", true);
+        feed(&mut s, b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n", Dialect::OpenAi);
         assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 4, 2));
         feed(
             &mut s,
             b"data: {\"error\":{\"code\":\"CANCELLED\",\"message\":\"m\"}}\n\n",
-            true,
+            Dialect::OpenAi,
         );
         assert_eq!(s.outcome, Outcome::Cancelled);
     }
