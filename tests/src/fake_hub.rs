@@ -9,13 +9,13 @@
 //! comes. Knobs let a test throttle transfers, drop a connection mid-file
 //! or advertise a wrong checksum; every request is recorded.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use sha2::{Digest, Sha256};
 
 /// One file of a fake repository.

@@ -2,7 +2,6 @@
 //! on ports the OS chooses, read their logs, signal them, and kill them when
 //! a test ends, even a failing one.
 
-use parking_lot::Mutex;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use parking_lot::Mutex;
 
 pub mod fake_hub;
 pub mod hive;

@@ -2,13 +2,13 @@
 //! or token file, send SIGHUP (`systemctl reload`), and nothing in flight
 //! fails. Real binaries, the real default model, real signals.
 
-use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use parking_lot::Mutex;
 use rbee_system_tests::queen::{
     client, hive_with_model, metric_at, queen_spec, ready_queen, send, wait_for, wait_ready_workers,
 };

@@ -6,13 +6,13 @@
 //! It reads SSE `data:` events as they arrive: the first `token` event
 //! (native) or chunk with `choices` (OpenAI) is the first token.
 
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use rbee_bench::percentile;
 use serde_json::json;
 

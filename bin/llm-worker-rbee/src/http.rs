@@ -3,7 +3,6 @@
 
 pub(crate) mod openai;
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,7 +14,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
+use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
 use rbee_api::{ApiError, ErrorCode, Outcome};
 use rbee_http::{ApiJson, RequestContext, Routes};
@@ -141,16 +142,11 @@ async fn health_ready(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_ref,
-            "object": "model",
-            "owned_by": "rbee",
-            "ready": state.model.get().is_some(),
-        }]
-    }))
+async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList::new(vec![Model {
+        ready: Some(state.model.get().is_some()),
+        ..Model::new(state.model_ref.clone())
+    }]))
 }
 
 async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> StatusCode {

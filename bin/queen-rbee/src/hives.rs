@@ -6,13 +6,13 @@
 //! failed, so one slow answer never takes a whole hive out of routing;
 //! one answer brings it back.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_logging::{AuditEvent, AuditSink};
 use auth_min::{send_authenticated, Authenticator};
+use parking_lot::{Mutex, MutexGuard};
 use rbee_api::models::ModelList;
 use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};

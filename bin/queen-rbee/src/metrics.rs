@@ -1,9 +1,9 @@
 //! The queen's metrics, with the contract's names (`rbee_queen_*`).
 
-use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

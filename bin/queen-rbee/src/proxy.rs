@@ -12,7 +12,6 @@
 
 mod events;
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use parking_lot::Mutex;
 use rbee_api::sse::{self, Dialect, Endpoint};
 use rbee_api::{ApiError, ErrorCode, Outcome};
 use rbee_http::RequestContext;

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::StatusCode;
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
+use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::openai::{OpenAiRequest, Route};
 use rbee_api::sse::Endpoint;
 use rbee_api::worker::ScrapeTargetGroup;
@@ -217,23 +218,18 @@ async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> Re
 }
 
 /// OpenAI's model list, with where each model is.
-async fn models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state
+async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let data = state
         .sched
         .models()
         .into_iter()
-        .map(|(id, hives, ready)| {
-            json!({
-                "id": id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "rbee",
-                "hives": hives,
-                "workers_ready": ready,
-            })
+        .map(|(id, hives, ready)| Model {
+            hives: Some(hives),
+            workers_ready: Some(ready),
+            ..Model::new(id)
         })
         .collect();
-    Json(json!({ "object": "list", "data": data }))
+    Json(ModelList::new(data))
 }
 
 /// `POST /v2/hives/register`.

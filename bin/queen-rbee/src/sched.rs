@@ -13,8 +13,9 @@
 //! one ([`crate::hives::Hives::spawn`]); one spawn per model at a time, however many
 //! requests wait.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use parking_lot::{Mutex, MutexGuard};
 
 /// The scheduler's maps are looked up several times per request with model
 /// refs and worker keys as keys: a keyed hash faster than SipHash on them.

@@ -34,7 +34,6 @@
 //! first); one found closed when it is taken is dropped. Idle connections
 //! older than [`IDLE_MAX`] are closed by [`Upstream::prune`].
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -49,6 +48,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::client::conn::TrySendError;
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rbee_http::client::error_chain;
 use rbee_http::tls::Stream;
 

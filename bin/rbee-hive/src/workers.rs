@@ -16,7 +16,6 @@ pub(crate) mod registry;
 pub(crate) mod routes;
 mod supervisor;
 
-use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -26,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use audit_logging::{AuditEvent, AuditSink, CrashCause, ExitInfo};
 use auth_min::{ApiToken, Authenticator};
 use nix::sys::signal::Signal;
+use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry as MetricsRegistry;

@@ -1,10 +1,10 @@
 //! Constant-time token verification with rotation.
 
-use parking_lot::RwLock;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
+use parking_lot::RwLock;
 use rbee_api::ErrorCode;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

@@ -7,7 +7,9 @@
 //! route. Fields that OpenAI clients commonly send but that have no effect
 //! here (`user`, `logit_bias`, `stream_options`, zero penalties) are
 //! accepted and ignored; `n` other than 1 and content other than text are
-//! refused.
+//! refused. Their answers are in [`answer`].
+
+pub mod answer;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

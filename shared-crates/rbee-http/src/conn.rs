@@ -21,7 +21,6 @@
 //!   without a FIN (a powered-off host, a dropped NAT entry) is noticed, and
 //!   `TCP_NODELAY`, so streamed tokens are not held back by Nagle's algorithm.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +35,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -1,10 +1,10 @@
 //! Prometheus metrics kept in the daemon's own registry: HTTP requests per
 //! matched route template, and `rbee_build_info`.
 
-use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -11,7 +11,6 @@
 //! Settings a daemon cannot change while it runs (its address, its
 //! database) are not applied: the reload names them as needing a restart.
 
-use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,6 +18,7 @@ use std::sync::Arc;
 
 use audit_logging::{AuditEvent, AuditSink, ConfigSetting};
 use auth_min::{ApiToken, Authenticator, DEFAULT_ROTATION_GRACE};
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

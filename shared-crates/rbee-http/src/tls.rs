@@ -10,10 +10,10 @@
 //! daemon builds ([`client_config`], [`crate::client::http_client`]) uses
 //! it.
 
-use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};

@@ -13,7 +13,10 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
-use rbee_api::inference::{InferenceRequest, StopReason};
+use rbee_api::inference::InferenceRequest;
+use rbee_api::openai::answer::{
+    AnswerMessage, Choice, ChoiceBody, Completion, Delta, FinishReason, Object, Usage,
+};
 use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
 use rbee_api::sse::{self, Dialect};
 use rbee_api::{ApiError, ErrorCode};
@@ -51,13 +54,6 @@ async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<Str
             ErrorCode::Internal,
             "rendering the chat template failed",
         )),
-    }
-}
-
-fn finish_reason(reason: StopReason) -> &'static str {
-    match reason {
-        StopReason::Eos | StopReason::StopSequence => "stop",
-        StopReason::MaxTokens => "length",
     }
 }
 
@@ -122,83 +118,70 @@ struct Meta {
 }
 
 impl Meta {
-    fn object(&self, chunk: bool) -> &'static str {
+    fn object(&self, chunk: bool) -> Object {
         match (self.route, chunk) {
-            (Route::Chat, false) => "chat.completion",
-            (Route::Chat, true) => "chat.completion.chunk",
-            (Route::Completions, _) => "text_completion",
+            (Route::Chat, false) => Object::ChatCompletion,
+            (Route::Chat, true) => Object::ChatCompletionChunk,
+            (Route::Completions, _) => Object::TextCompletion,
         }
     }
 
+    /// The one choice: `text` as a chat message, a chat chunk's delta (the
+    /// role in the `first` one) or completion text.
     fn choice(
         &self,
         text: Option<String>,
         first: bool,
-        finish: Option<&str>,
+        finish: Option<FinishReason>,
         chunk: bool,
-    ) -> serde_json::Value {
-        match self.route {
-            Route::Chat if chunk => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), "assistant".into());
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), t.into());
-                }
-                serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
-            }
-            Route::Chat => serde_json::json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text.unwrap_or_default()},
-                "finish_reason": finish,
-            }),
-            Route::Completions => serde_json::json!({
-                "index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish,
-            }),
+    ) -> Choice {
+        let body = match self.route {
+            Route::Chat if chunk => ChoiceBody::Delta {
+                delta: Delta {
+                    role: first.then(|| "assistant".to_owned()),
+                    content: text,
+                },
+            },
+            Route::Chat => ChoiceBody::Message {
+                message: AnswerMessage {
+                    role: "assistant".to_owned(),
+                    content: text.unwrap_or_default(),
+                },
+            },
+            Route::Completions => ChoiceBody::Text {
+                text: text.unwrap_or_default(),
+                logprobs: None,
+            },
+        };
+        Choice {
+            index: 0,
+            body,
+            finish_reason: finish,
         }
     }
 
-    fn body(
-        &self,
-        choices: Vec<serde_json::Value>,
-        usage: Option<serde_json::Value>,
-        chunk: bool,
-    ) -> serde_json::Value {
-        let mut body = serde_json::json!({
-            "id": self.id,
-            "object": self.object(chunk),
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if let Some(u) = usage {
-            body["usage"] = u;
+    fn body(&self, choices: Vec<Choice>, usage: Option<Usage>, chunk: bool) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: self.object(chunk),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
         }
-        body
     }
 }
 
-fn usage(tokens_in: u32, tokens_out: u32, tokens_cached: u32) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": tokens_in,
-        "completion_tokens": tokens_out,
-        "total_tokens": tokens_in + tokens_out,
-        "prompt_tokens_details": {"cached_tokens": tokens_cached},
-    })
-}
-
-async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<serde_json::Value>, ApiError> {
+async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<Completion>, ApiError> {
     let done = super::collect_text(&mut admitted).await?;
-    let choice = meta.choice(
-        Some(done.text),
-        true,
-        Some(finish_reason(done.stop_reason)),
-        false,
-    );
+    let choice = meta.choice(Some(done.text), true, Some(done.stop_reason.into()), false);
     Ok(Json(meta.body(
         vec![choice],
-        Some(usage(done.tokens_in, done.tokens_out, done.tokens_cached)),
+        Some(Usage::new(
+            done.tokens_in,
+            done.tokens_out,
+            done.tokens_cached,
+        )),
         false,
     )))
 }
@@ -211,7 +194,10 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
         queue: std::collections::VecDeque<Event>,
         finished: bool,
     }
-    let data = |v: serde_json::Value| Event::default().data(v.to_string());
+    let data = |chunk: Completion| {
+        // Serializing an answer cannot fail: string keys, derived impls.
+        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    };
     let start = Chunks {
         meta,
         admitted,
@@ -246,14 +232,14 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     ..
                 }) => {
                     let last = meta.body(
-                        vec![meta.choice(None, s.first, Some(finish_reason(stop_reason)), true)],
+                        vec![meta.choice(None, s.first, Some(stop_reason.into()), true)],
                         None,
                         true,
                     );
                     s.queue.push_back(data(last));
                     s.queue.push_back(data(meta.body(
                         Vec::new(),
-                        Some(usage(tokens_in, tokens_out, tokens_cached)),
+                        Some(Usage::new(tokens_in, tokens_out, tokens_cached)),
                         true,
                     )));
                     s.queue.push_back(Event::default().data(sse::DONE));

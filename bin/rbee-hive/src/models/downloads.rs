@@ -3,11 +3,11 @@
 //! `watch` channel that progress streams subscribe to. Finished downloads
 //! stay queryable for the retention period.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 use rbee_api::models::{DownloadEvent, DownloadInfo};
 use rbee_api::ApiError;

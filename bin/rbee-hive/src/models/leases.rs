@@ -3,10 +3,10 @@
 //! lease is held. Eviction marks the model first, so a spawn racing it sees
 //! the model as gone instead of starting on files about to be deleted.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::{Mutex, MutexGuard};
 use rbee_api::{ApiError, ErrorCode};
 
 #[derive(Debug)]

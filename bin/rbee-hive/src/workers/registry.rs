@@ -1,11 +1,11 @@
 //! The registry of workers: one record per worker id, behind a mutex that
 //! is only ever held for a map operation (never across an await).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use parking_lot::{Mutex, MutexGuard};
 use rbee_api::worker::{Backend, ReadyCallback, WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
 

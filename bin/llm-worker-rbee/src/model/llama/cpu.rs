@@ -19,8 +19,9 @@
 mod kv;
 mod ops;
 
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::kernels::acts::{ActBlock, BLOCK};
 use crate::kernels::math::partial_len;

@@ -7,12 +7,13 @@
 //! which costs less than another run and its barrier. Both give the same
 //! bits.
 
+use parking_lot::{Mutex, MutexGuard};
+
 use crate::kernels::acts::{quantize_row, ActBlock, BLOCK};
 use crate::kernels::math::{attention, merge, partial_len, rms_norm, silu_mul, Attention};
 use crate::kernels::matmul::{matmul_group, Input};
 use crate::kernels::packed::{PackedMatrix, GROUP};
 use crate::kernels::pool::{ThreadPool, Tiles};
-use parking_lot::{Mutex, MutexGuard};
 
 use super::super::{BlockTables, RopeTable, Row, KV_BLOCK};
 use super::kv::{KvCache, KvLayout};
