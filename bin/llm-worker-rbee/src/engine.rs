@@ -34,6 +34,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rbee_api::health::Capacity;
 use rbee_api::inference::{StopReason, StreamEvent};
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
@@ -221,17 +222,17 @@ impl Engine {
 
     /// Capacity in use, for the readiness probe: slots, and KV cache
     /// blocks (as last published by the engine thread).
-    pub fn capacity(&self) -> serde_json::Value {
+    pub fn capacity(&self) -> Capacity {
         let m = &self.shared.metrics;
-        serde_json::json!({
-            "slots_total": self.shared.slots,
-            "slots_running": self.active(),
-            "requests_waiting": m.requests_waiting.get(),
-            "kv_blocks_total": m.kv_blocks_total.get(),
-            "kv_blocks_used": m.kv_blocks_used.get(),
-            "kv_blocks_free": m.kv_blocks_free.get(),
-            "kv_blocks_cached": m.kv_blocks_cached.get(),
-        })
+        Capacity {
+            slots_total: self.shared.slots,
+            slots_running: self.active(),
+            requests_waiting: m.requests_waiting.get(),
+            kv_blocks_total: m.kv_blocks_total.get(),
+            kv_blocks_used: m.kv_blocks_used.get(),
+            kv_blocks_free: m.kv_blocks_free.get(),
+            kv_blocks_cached: m.kv_blocks_cached.get(),
+        }
     }
 
     /// How long the engine has had work without finishing a step, if it has work.

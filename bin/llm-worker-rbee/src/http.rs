@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
+use rbee_api::health::{ReadyStatus, WorkerReady};
 use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
 use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
@@ -123,22 +124,26 @@ async fn health_ready(State(state): State<AppState>) -> Response {
     }
     match s {
         WorkerState::Idle | WorkerState::Busy => {
-            let mut body = serde_json::json!({"status": "ready", "state": s});
-            if let Some(model) = state.model.get() {
-                body["capacity"] = model.engine.capacity();
-            }
+            let body = WorkerReady {
+                status: ReadyStatus::Ready,
+                state: s,
+                capacity: state.model.get().map(|m| m.engine.capacity()),
+            };
             (StatusCode::OK, Json(body)).into_response()
         }
-        WorkerState::Loading => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "loading", "state": s})),
-        )
-            .into_response(),
-        WorkerState::Draining | WorkerState::Failed => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "draining", "state": s})),
-        )
-            .into_response(),
+        WorkerState::Loading | WorkerState::Draining | WorkerState::Failed => {
+            let status = if s == WorkerState::Loading {
+                ReadyStatus::Loading
+            } else {
+                ReadyStatus::Draining
+            };
+            let body = WorkerReady {
+                status,
+                state: s,
+                capacity: None,
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
     }
 }
 

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use audit_logging::{AuditEvent, AuditSink};
 use auth_min::{send_authenticated, Authenticator};
 use parking_lot::{Mutex, MutexGuard};
+use rbee_api::fleet::{HiveState, HiveSummary};
 use rbee_api::models::ModelList;
 use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::sched::{Scheduler, SpawnOrder};
@@ -33,29 +33,6 @@ pub struct PollSettings {
     pub misses: u32,
     /// How long a spawned worker may take to become ready.
     pub spawn_timeout: Duration,
-}
-
-/// A hive as `GET /v2/hives/list` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct HiveSummary {
-    /// Unique name.
-    pub node_name: String,
-    /// Base URL.
-    pub url: String,
-    /// `config` (`--hive` or the settings file) or `registered`.
-    pub source: String,
-    /// `unknown`, `reachable` or `unreachable`.
-    pub state: &'static str,
-    /// When it joined (RFC 3339).
-    pub registered_at: String,
-    /// Its last answer (RFC 3339).
-    pub last_seen: Option<String>,
-    /// Failed polls in a row.
-    pub consecutive_misses: u32,
-    /// Workers at its last answer.
-    pub workers: usize,
-    /// Provisioned models at its last answer.
-    pub models: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -285,7 +262,7 @@ impl Hives {
     pub fn reachable_urls(&self) -> Vec<String> {
         self.lock()
             .values()
-            .filter(|e| e.summary.state == "reachable")
+            .filter(|e| e.summary.state == HiveState::Reachable)
             .map(|e| e.summary.url.clone())
             .collect()
     }
@@ -299,7 +276,7 @@ impl Hives {
             node_name: hive.node_name.clone(),
             url: hive.url.clone(),
             source: hive.source,
-            state: "unknown",
+            state: HiveState::Unknown,
             registered_at: hive.registered_at,
             last_seen: None,
             consecutive_misses: 0,
@@ -381,10 +358,10 @@ impl Hives {
         let s = &mut entry.summary;
         match result {
             Ok(snap) => {
-                if s.state != "reachable" {
+                if s.state != HiveState::Reachable {
                     tracing::info!(node_name, url, "hive reachable");
                 }
-                s.state = "reachable";
+                s.state = HiveState::Reachable;
                 s.consecutive_misses = 0;
                 s.last_seen = Some(now_rfc3339());
                 s.workers = snap.workers.workers.len();
@@ -402,10 +379,11 @@ impl Hives {
             }
             Err(why) => {
                 s.consecutive_misses = s.consecutive_misses.saturating_add(1);
-                let flips = s.consecutive_misses >= self.poll().misses && s.state != "unreachable";
+                let flips =
+                    s.consecutive_misses >= self.poll().misses && s.state != HiveState::Unreachable;
                 tracing::debug!(node_name, url, error = %why, misses = s.consecutive_misses, "hive poll failed");
                 if flips {
-                    s.state = "unreachable";
+                    s.state = HiveState::Unreachable;
                     drop(entries);
                     tracing::warn!(node_name, url, error = %why, "hive unreachable; its workers leave the routing set");
                     self.inner.sched.hive_unreachable(node_name, url);

@@ -372,7 +372,7 @@ async fn cascade(hives: Hives, auth: Authenticator) {
     let calls = hives.reachable_urls().into_iter().map(|url| {
         let request = client
             .post(format!("{url}/v1/admin/shutdown"))
-            .json(&serde_json::json!({}))
+            .json(&rbee_api::health::AdminShutdown {})
             .timeout(Duration::from_secs(10));
         let auth = auth.clone();
         async move {

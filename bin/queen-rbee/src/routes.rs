@@ -5,6 +5,10 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::StatusCode;
+use rbee_api::fleet::{
+    FleetWorkers, HiveList, HiveRegistered, HiveRegistration, HiveRemoval, HiveRemoved,
+};
+use rbee_api::health::{QueenReady, ReadyStatus};
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
 use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::openai::{OpenAiRequest, Route};
@@ -12,8 +16,7 @@ use rbee_api::sse::Endpoint;
 use rbee_api::worker::ScrapeTargetGroup;
 use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes, DEFAULT_BODY_LIMIT};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::hives::{check_node_name, normalize_url};
 use crate::proxy::{self, Prepared};
@@ -232,17 +235,9 @@ async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList::new(data))
 }
 
-/// `POST /v2/hives/register`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterRequest {
-    node_name: String,
-    url: String,
-}
-
 async fn register(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<RegisterRequest>,
+    ApiJson(body): ApiJson<HiveRegistration>,
 ) -> Result<Response, ApiError> {
     let mut bad = Vec::new();
     if let Err(e) = check_node_name(&body.node_name) {
@@ -263,32 +258,32 @@ async fn register(
     };
     Ok((
         status,
-        Json(json!({ "node_name": body.node_name, "url": url, "created": created })),
+        Json(HiveRegistered {
+            node_name: body.node_name,
+            url,
+            created,
+        }),
     )
         .into_response())
 }
 
-async fn list_hives(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "hives": state.hives.list() }))
-}
-
-/// `POST /v2/hives/remove`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RemoveRequest {
-    node_name: String,
+async fn list_hives(State(state): State<AppState>) -> Json<HiveList> {
+    Json(HiveList {
+        hives: state.hives.list(),
+    })
 }
 
 async fn remove(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<RemoveRequest>,
-) -> Result<Json<Value>, ApiError> {
+    ApiJson(body): ApiJson<HiveRemoval>,
+) -> Result<Json<HiveRemoved>, ApiError> {
     check_node_name(&body.node_name)
         .map_err(|e| ApiError::invalid_fields(ErrorCode::InvalidRequest, vec![e]))?;
     if state.hives.remove(&body.node_name).await? {
-        Ok(Json(
-            json!({ "node_name": body.node_name, "removed": true }),
-        ))
+        Ok(Json(HiveRemoved {
+            node_name: body.node_name,
+            removed: true,
+        }))
     } else {
         Err(ApiError::new(
             ErrorCode::NotFound,
@@ -297,22 +292,10 @@ async fn remove(
     }
 }
 
-async fn list_workers(State(state): State<AppState>) -> Json<Value> {
-    let workers: Vec<Value> = state
-        .sched
-        .workers()
-        .into_iter()
-        .map(|(hive, info, outstanding, reachable)| {
-            let mut v = serde_json::to_value(&info).unwrap_or(Value::Null);
-            if let Value::Object(map) = &mut v {
-                map.insert("hive".to_owned(), json!(hive));
-                map.insert("hive_reachable".to_owned(), json!(reachable));
-                map.insert("outstanding".to_owned(), json!(outstanding));
-            }
-            v
-        })
-        .collect();
-    Json(json!({ "workers": workers }))
+async fn list_workers(State(state): State<AppState>) -> Json<FleetWorkers> {
+    Json(FleetWorkers {
+        workers: state.sched.workers(),
+    })
 }
 
 /// Every worker on a reachable hive as a Prometheus HTTP service-discovery
@@ -324,10 +307,10 @@ async fn metrics_targets(State(state): State<AppState>) -> Json<Vec<ScrapeTarget
             .sched
             .workers()
             .into_iter()
-            .filter(|(_, _, _, reachable)| *reachable)
-            .filter_map(|(hive, info, _, _)| {
-                let mut group = info.scrape_target()?;
-                group.labels.insert("hive".to_owned(), hive.to_string());
+            .filter(|w| w.hive_reachable)
+            .filter_map(|w| {
+                let mut group = w.info.scrape_target()?;
+                group.labels.insert("hive".to_owned(), w.hive);
                 Some(group)
             })
             .collect(),
@@ -337,18 +320,19 @@ async fn metrics_targets(State(state): State<AppState>) -> Json<Vec<ScrapeTarget
 /// 200 when at least one hive answers and the queen is not draining.
 async fn ready(State(state): State<AppState>, State(core): State<CoreState>) -> Response {
     let counts = state.sched.counts();
-    let (ok, status) = if core.is_draining() {
-        (false, "draining")
+    let status = if core.is_draining() {
+        ReadyStatus::Draining
     } else if counts.hives_reachable == 0 {
-        (false, "no_reachable_hive")
+        ReadyStatus::NoReachableHive
     } else {
-        (true, "ready")
+        ReadyStatus::Ready
     };
-    let body = Json(json!({
-        "status": status,
-        "hives_reachable": counts.hives_reachable,
-        "hives_unreachable": counts.hives_unreachable,
-    }));
+    let ok = status == ReadyStatus::Ready;
+    let body = Json(QueenReady {
+        status,
+        hives_reachable: counts.hives_reachable,
+        hives_unreachable: counts.hives_unreachable,
+    });
     let code = if ok {
         StatusCode::OK
     } else {

@@ -24,6 +24,7 @@ type Set<K> = HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rbee_api::fleet::FleetWorker;
 use rbee_api::worker::{WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
 use tokio::sync::oneshot;
@@ -401,17 +402,19 @@ impl Scheduler {
     }
 
     /// Every worker of every hive, with the queen's outstanding count.
-    pub fn workers(&self) -> Vec<(String, WorkerInfo, u32, bool)> {
+    pub fn workers(&self) -> Vec<FleetWorker> {
         let st = self.lock();
         let mut list: Vec<_> = st
             .slots
             .values()
-            .map(|s| {
-                let reachable = st.hives.get(&s.hive).is_some_and(|h| h.reachable);
-                (s.hive.clone(), s.info.clone(), s.outstanding, reachable)
+            .map(|s| FleetWorker {
+                info: s.info.clone(),
+                hive: s.hive.clone(),
+                hive_reachable: st.hives.get(&s.hive).is_some_and(|h| h.reachable),
+                outstanding: s.outstanding,
             })
             .collect();
-        list.sort_by(|a, b| (&a.0, &a.1.worker_id).cmp(&(&b.0, &b.1.worker_id)));
+        list.sort_by(|a, b| (&a.hive, &a.info.worker_id).cmp(&(&b.hive, &b.info.worker_id)));
         list
     }
 

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use auth_min::{send_authenticated, Authenticator};
+use rbee_api::fleet::HiveRegistration;
 use tokio_util::sync::CancellationToken;
 
 /// Where and how to register.
@@ -27,7 +28,10 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// Register until `shutdown`; never returns early.
 pub async fn keep_registered(reg: Registration, auth: Authenticator, shutdown: CancellationToken) {
     let client = rbee_http::client::http_client();
-    let body = serde_json::json!({ "node_name": reg.node_name, "url": reg.url });
+    let body = HiveRegistration {
+        node_name: reg.node_name.clone(),
+        url: reg.url.clone(),
+    };
     let mut retry = Duration::from_secs(1);
     let mut registered = false;
     loop {

@@ -6,7 +6,9 @@
 //! shapes follow the project's HTTP contract.
 
 pub mod error;
+pub mod fleet;
 pub mod health;
+pub mod hive;
 pub mod inference;
 pub mod model_ref;
 pub mod models;

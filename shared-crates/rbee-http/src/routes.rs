@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, StatusCode};
 use prometheus_client::registry::Registry;
-use rbee_api::health::{HealthResponse, LiveResponse};
+use rbee_api::health::{Draining, HealthResponse, LiveResponse, ReadyStatus};
 use rbee_api::{ApiError, ErrorCode};
 use tokio_util::sync::CancellationToken;
 
@@ -107,7 +107,9 @@ async fn admin_shutdown(State(core): State<CoreState>, headers: http::HeaderMap)
     core.shutdown.cancel();
     (
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "status": "draining" })),
+        Json(Draining {
+            status: ReadyStatus::Draining,
+        }),
     )
         .into_response()
 }

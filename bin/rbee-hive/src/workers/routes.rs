@@ -7,13 +7,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rbee_api::health::HealthResponse;
+use rbee_api::health::{Ack, HiveReady, ReadyStatus};
+use rbee_api::hive::{CpuStatus, Device, GpuStatus, HiveStatus, WorkerStopped, WorkersHealth};
 use rbee_api::worker::{
-    Heartbeat, ReadyCallback, ScrapeTargetGroup, ShutdownWorkerRequest, SpawnRequest, WorkerInfo,
-    WorkerList,
+    Backend, Heartbeat, ReadyCallback, ScrapeTargetGroup, ShutdownWorkerRequest, SpawnRequest,
+    WorkerInfo, WorkerList,
 };
 use rbee_api::{ApiError, ErrorCode};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
-use serde_json::json;
 
 use super::Workers;
 use crate::host;
@@ -94,13 +95,13 @@ async fn metrics_targets(State(workers): State<Workers>) -> Json<Vec<ScrapeTarge
 
 async fn health(State(workers): State<Workers>) -> Response {
     let stats = workers.registry().stats();
-    Json(json!({
-        "workers_total": stats.total(),
-        "workers_ready": stats.ready(),
-        "workers_loading": stats.loading,
-        "workers_failed": stats.failed,
-        "workers": workers.registry().list(),
-    }))
+    Json(WorkersHealth {
+        workers_total: stats.total(),
+        workers_ready: stats.ready(),
+        workers_loading: stats.loading,
+        workers_failed: stats.failed,
+        workers: workers.registry().list(),
+    })
     .into_response()
 }
 
@@ -111,7 +112,7 @@ async fn ready(
 ) -> Result<Response, ApiError> {
     check_worker_id(&body.worker_id)?;
     workers.on_ready(&body, Some(ctx.request_id.as_str()))?;
-    Ok(Json(json!({ "status": "ok" })).into_response())
+    Ok(Json(Ack::default()).into_response())
 }
 
 async fn heartbeat(
@@ -122,7 +123,7 @@ async fn heartbeat(
     workers
         .registry()
         .on_heartbeat(&body.worker_id, body.state, Instant::now())?;
-    Ok(Json(json!({ "status": "ok" })).into_response())
+    Ok(Json(Ack::default()).into_response())
 }
 
 async fn shutdown(
@@ -131,7 +132,7 @@ async fn shutdown(
 ) -> Result<Response, ApiError> {
     check_worker_id(&body.worker_id)?;
     workers.shutdown(&body.worker_id).await?;
-    Ok(Json(json!({ "worker_id": body.worker_id, "state": "stopped" })).into_response())
+    Ok(Json(WorkerStopped::new(body.worker_id)).into_response())
 }
 
 /// 400 `INVALID_REQUEST` naming `worker_id` when `id` could not be a
@@ -153,51 +154,45 @@ async fn status(
     State(models): State<Models>,
 ) -> Result<Response, ApiError> {
     let memory = host::memory();
-    let gpus = workers.refresh_gpus().await;
-    let gpus: Vec<_> = gpus
-        .iter()
-        .map(|g| {
-            json!({
-                "index": g.index,
-                "name": g.name,
-                "vram_total_bytes": g.vram_total_bytes,
-                "vram_free_bytes": g.vram_free_bytes,
-                "vram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cuda, g.index),
-                "vram_used_by_workers_bytes": workers.registry().vram_used(g.index),
-            })
+    let gpus: Vec<GpuStatus> = workers
+        .refresh_gpus()
+        .await
+        .into_iter()
+        .map(|g| GpuStatus {
+            vram_reserved_bytes: workers.registry().reserved(Backend::Cuda, g.index),
+            vram_used_by_workers_bytes: workers.registry().vram_used(g.index),
+            index: g.index,
+            name: g.name,
+            vram_total_bytes: g.vram_total_bytes,
+            vram_free_bytes: g.vram_free_bytes,
         })
         .collect();
     let catalog = models.catalog().await?;
+    let cpu = CpuStatus {
+        index: 0,
+        cpu_count: host::cpu_count(),
+        ram_total_bytes: memory.map(|m| m.total_bytes),
+        ram_available_bytes: memory.map(|m| m.available_bytes),
+        ram_reserved_bytes: workers.registry().reserved(Backend::Cpu, 0),
+    };
     // One entry per device a worker can be placed on: the host (CPU and
     // RAM), then each GPU.
-    let mut devices = vec![json!({
-        "kind": "cpu",
-        "index": 0,
-        "cpu_count": host::cpu_count(),
-        "ram_total_bytes": memory.map(|m| m.total_bytes),
-        "ram_available_bytes": memory.map(|m| m.available_bytes),
-        "ram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cpu, 0),
-    })];
-    devices.extend(gpus.iter().map(|g| {
-        let mut gpu = g.clone();
-        if let Some(map) = gpu.as_object_mut() {
-            map.insert("kind".to_owned(), json!("cuda"));
-        }
-        gpu
-    }));
-    Ok(Json(json!({
-        "devices": devices,
-        "hostname": host::hostname(),
-        "cpu_count": host::cpu_count(),
-        "ram_total_bytes": memory.map(|m| m.total_bytes),
-        "ram_available_bytes": memory.map(|m| m.available_bytes),
-        "ram_reserved_bytes": workers.registry().reserved(rbee_api::worker::Backend::Cpu, 0),
-        "backends": workers.backends(),
-        "gpus": gpus,
-        "workers": workers.registry().list(),
-        "models": catalog.models,
-        "downloads": catalog.downloads,
-    }))
+    let devices = std::iter::once(Device::Cpu(cpu.clone()))
+        .chain(gpus.iter().cloned().map(Device::Cuda))
+        .collect();
+    Ok(Json(HiveStatus {
+        devices,
+        hostname: host::hostname(),
+        cpu_count: cpu.cpu_count,
+        ram_total_bytes: cpu.ram_total_bytes,
+        ram_available_bytes: cpu.ram_available_bytes,
+        ram_reserved_bytes: cpu.ram_reserved_bytes,
+        backends: workers.backends().to_vec(),
+        gpus,
+        workers: workers.registry().list(),
+        models: catalog.models,
+        downloads: catalog.downloads,
+    })
     .into_response())
 }
 
@@ -207,18 +202,19 @@ async fn readiness(
     State(requires): State<ReadyRequiresWorker>,
 ) -> Response {
     let stats = workers.registry().stats();
-    let (ok, status) = if core.is_draining() {
-        (false, "draining")
+    let status = if core.is_draining() {
+        ReadyStatus::Draining
     } else if requires.get() && stats.ready() == 0 {
-        (false, "no_ready_worker")
+        ReadyStatus::NoReadyWorker
     } else {
-        (true, "ready")
+        ReadyStatus::Ready
     };
-    let body = Json(json!({
-        "status": status,
-        "workers_total": stats.total(),
-        "workers_ready": stats.ready(),
-    }));
+    let ok = status == ReadyStatus::Ready;
+    let body = Json(HiveReady {
+        status,
+        workers_total: stats.total(),
+        workers_ready: stats.ready(),
+    });
     let code = if ok {
         StatusCode::OK
     } else {

@@ -388,7 +388,7 @@ impl Workers {
                 .inner
                 .http
                 .post(format!("{url}/v1/admin/shutdown"))
-                .json(&serde_json::json!({}))
+                .json(&rbee_api::health::AdminShutdown {})
                 .timeout(grace.min(Duration::from_secs(5)));
             let _ = send_authenticated(request, &self.inner.auth).await;
             if tokio::time::timeout(grace, child.wait()).await.is_ok() {
