@@ -92,12 +92,31 @@ fn a_spawned_worker_calls_back_serves_and_is_restarted_after_sigkill() {
     assert_eq!(body["state"], "loading");
     assert!(body["reserved_bytes"].as_u64().expect("reserved") > 0);
 
-    let mut w = Value::Null;
-    wait_for(Duration::from_secs(60), "the worker to be idle", || {
-        let (_, list, _) = send(auth(client().get(hive.url("/v1/workers/list"))));
-        w = list["workers"][0].clone();
-        w["state"] == "idle"
-    });
+    // One request waits for the worker to leave `loading`: the hive
+    // answers it when the ready callback arrives.
+    let (status, w, _) = send(auth(
+        client().get(hive.url("/v1/workers/w-paris?wait_ms=60000")),
+    ));
+    assert_eq!(status, 200, "{w}");
+    assert_eq!(w["state"], "idle", "{w}");
+    let (_, list, _) = send(auth(client().get(hive.url("/v1/workers/list"))));
+    assert_eq!(list["workers"][0], w, "the list shows the same worker");
+    // An unknown id is 404; a wait is bounded, and the query is checked.
+    let (status, body, _) = send(auth(
+        client().get(hive.url("/v1/workers/w-nobody?wait_ms=10")),
+    ));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
+    for query in ["wait_ms=60001", "wait_ms=soon", "wait=1"] {
+        let (status, body, _) = send(auth(
+            client().get(hive.url(&format!("/v1/workers/w-paris?{query}"))),
+        ));
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(
+            body["error"]["details"]["fields"][0]["field"], "wait_ms",
+            "{query}: {body}"
+        );
+    }
     let url = w["url"].as_str().expect("url").to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     assert!(w["last_heartbeat"]

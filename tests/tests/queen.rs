@@ -47,6 +47,22 @@ fn a_cold_start_spawns_one_worker_for_many_requests_then_load_goes_to_the_least_
     }
     let (_, list, _) = send(client().get(hive.url("/v1/workers/list")));
     assert_eq!(list["workers"].as_array().map(Vec::len), Some(1), "{list}");
+    // The queen learned of readiness by waiting on the hive's worker route,
+    // not by polling the list.
+    let waits = client()
+        .get(hive.url("/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .expect("hive metrics")
+        .lines()
+        .filter(|l| {
+            l.starts_with("rbee_hive_requests_total{")
+                && l.contains(r#"route="/v1/workers/{worker_id}""#)
+                && l.contains(r#"status="200""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(waits >= 1.0, "the queen waited on the hive's worker route");
 
     // A second worker; two concurrent streams land on different workers.
     let (status, _, _) = send(

@@ -15,12 +15,20 @@ use auth_min::{send_authenticated, Authenticator};
 use parking_lot::{Mutex, MutexGuard};
 use rbee_api::fleet::{HiveState, HiveSummary};
 use rbee_api::models::ModelList;
-use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerList, WorkerState};
+use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerInfo, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};
+use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::sched::{Scheduler, SpawnOrder};
 use crate::store::{Store, StoredHive};
+
+/// Longest single wait on a hive for a spawned worker to leave `loading`
+/// (the hive's `wait_ms`); a longer spawn asks again.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Pause before asking a hive about a spawn again after it did not answer.
+const RETRY_WAIT: Duration = Duration::from_millis(250);
 
 /// How hives are polled.
 #[derive(Debug, Clone, Copy)]
@@ -445,45 +453,91 @@ impl Hives {
             .json()
             .await
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("bad spawn answer: {e}")))?;
-        let started = Instant::now();
+        let deadline = Instant::now() + self.poll().spawn_timeout;
         let stop = self.inner.shutdown.clone();
         loop {
-            if started.elapsed() > self.poll().spawn_timeout {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(ApiError::new(
                     ErrorCode::NoCapacity,
                     format!("worker {} did not become ready in time", accepted.worker_id),
                 ));
             }
-            tokio::select! {
+            // The hive answers as soon as the worker leaves `loading`.
+            let wait = left.min(READY_WAIT);
+            let seen = tokio::select! {
                 () = stop.cancelled() => return Err(ApiError::new(ErrorCode::ShuttingDown, "the queen is shutting down")),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            let Ok(snap) = self.poll_once(&order.hive_url).await else {
-                continue;
+                seen = self.wait_for_worker(&order.hive_url, &accepted.worker_id, wait) => seen,
             };
-            let state = snap
-                .workers
-                .workers
-                .iter()
-                .find(|w| w.worker_id == accepted.worker_id)
-                .map(|w| w.state);
-            let live = self
-                .lock()
-                .get(&order.hive)
-                .map(|e| (e.stop.clone(), e.summary.url.clone()));
-            if let Some((entry_stop, url)) = live {
-                self.apply(&order.hive, &url, &entry_stop, Ok(snap));
-            }
+            let state = match seen {
+                Ok(Some(info)) => info.state,
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        ErrorCode::WorkerFailed,
+                        format!("worker {} is gone from its hive", accepted.worker_id),
+                    ))
+                }
+                Err(why) => {
+                    // The hive did not answer this time; ask again shortly,
+                    // within the spawn's time.
+                    tracing::debug!(hive = %order.hive, error = %why, "waiting for a spawned worker");
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(RETRY_WAIT.min(left)) => {}
+                    }
+                    continue;
+                }
+            };
             match state {
-                Some(WorkerState::Idle | WorkerState::Busy) => return Ok(()),
-                Some(WorkerState::Loading) => {}
-                Some(WorkerState::Failed | WorkerState::Draining) | None => {
+                WorkerState::Idle | WorkerState::Busy => {
+                    // Bring the routing view up to date now rather than at
+                    // the next poll.
+                    let snap = self.poll_once(&order.hive_url).await;
+                    let live = self
+                        .lock()
+                        .get(&order.hive)
+                        .map(|e| (e.stop.clone(), e.summary.url.clone()));
+                    if let (Ok(snap), Some((entry_stop, url))) = (snap, live) {
+                        self.apply(&order.hive, &url, &entry_stop, Ok(snap));
+                    }
+                    return Ok(());
+                }
+                WorkerState::Loading => {}
+                WorkerState::Failed | WorkerState::Draining => {
                     return Err(ApiError::new(
                         ErrorCode::WorkerFailed,
                         format!("worker {} failed to start", accepted.worker_id),
                     ))
                 }
             }
+        }
+    }
+
+    /// The worker `worker_id` at `hive_url` once it leaves `loading`, or as
+    /// it is after `wait`; `None` when the hive does not know it.
+    async fn wait_for_worker(
+        &self,
+        hive_url: &str,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<Option<WorkerInfo>, String> {
+        let request = self
+            .inner
+            .client
+            .get(format!("{hive_url}/v1/workers/{worker_id}"))
+            .query(&[("wait_ms", wait.as_millis().to_string())])
+            .timeout(wait + Duration::from_secs(5));
+        let response = send_authenticated(request, &self.inner.auth)
+            .await
+            .map_err(|e| rbee_http::client::error_chain(&e))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => response
+                .json::<WorkerInfo>()
+                .await
+                .map(Some)
+                .map_err(|e| format!("bad worker answer: {e}")),
+            s => Err(format!("the hive answered HTTP {}", s.as_u16())),
         }
     }
 }

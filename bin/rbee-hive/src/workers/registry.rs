@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, MutexGuard};
 use rbee_api::worker::{Backend, ReadyCallback, WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
+use tokio::sync::Notify;
 
 /// One worker.
 #[derive(Debug, Clone)]
@@ -93,6 +94,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     inner: Arc<Mutex<HashMap<String, WorkerRecord>>>,
+    /// Woken after every change, for [`wait_while_loading`](Self::wait_while_loading).
+    changed: Arc<Notify>,
 }
 
 impl Registry {
@@ -110,6 +113,8 @@ impl Registry {
             ));
         }
         map.insert(record.id.clone(), record);
+        drop(map);
+        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -128,12 +133,38 @@ impl Registry {
 
     /// Change one record; `None` when the id is unknown.
     pub fn update<T>(&self, id: &str, f: impl FnOnce(&mut WorkerRecord) -> T) -> Option<T> {
-        self.lock().get_mut(id).map(f)
+        let result = self.lock().get_mut(id).map(f);
+        self.changed.notify_waiters();
+        result
     }
 
     /// Forget a worker.
     pub fn remove(&self, id: &str) -> Option<WorkerRecord> {
-        self.lock().remove(id)
+        let removed = self.lock().remove(id);
+        self.changed.notify_waiters();
+        removed
+    }
+
+    /// The worker `id` once it is no longer loading, or as it is when `wait`
+    /// has passed; `None` when there is no such worker (or it is removed
+    /// meanwhile).
+    pub async fn wait_while_loading(&self, id: &str, wait: Duration) -> Option<WorkerInfo> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the look, so a change between the look and
+            // the wait is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let info = self.lock().get(id).map(WorkerRecord::info)?;
+            if info.state != WorkerState::Loading {
+                return Some(info);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => return Some(info),
+            }
+        }
     }
 
     /// Every worker, by id.
@@ -359,5 +390,56 @@ mod tests {
         let record = reg.get("a").expect("still registered");
         assert_eq!(record.model_ref, "hf:o/r");
         assert_eq!(reg.stats().ready(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_when_the_worker_leaves_loading_or_when_it_is_up() {
+        let reg = Registry::default();
+        reg.insert(record("a", Backend::Cpu, 0, 0)).unwrap();
+        let started = tokio::time::Instant::now();
+        let callback = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                reg.on_ready(&ready("a", 0), Instant::now()).unwrap();
+            })
+        };
+        let info = reg
+            .wait_while_loading("a", Duration::from_secs(30))
+            .await
+            .expect("known");
+        assert_eq!(info.state, WorkerState::Idle);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(250),
+            "at the callback, not later"
+        );
+        callback.await.unwrap();
+
+        reg.insert(record("b", Backend::Cpu, 0, 0)).unwrap();
+        let started = tokio::time::Instant::now();
+        let info = reg
+            .wait_while_loading("b", Duration::from_secs(2))
+            .await
+            .expect("known");
+        assert_eq!(info.state, WorkerState::Loading);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        assert!(reg
+            .wait_while_loading("nobody", Duration::from_secs(1))
+            .await
+            .is_none());
+        let remover = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                reg.remove("b");
+            })
+        };
+        assert!(reg
+            .wait_while_loading("b", Duration::from_secs(5))
+            .await
+            .is_none());
+        remover.await.unwrap();
     }
 }

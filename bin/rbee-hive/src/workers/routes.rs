@@ -1,8 +1,9 @@
 //! The `/v1/workers/*` routes, `/v1/status` and the hive's probes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::{FromRef, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,8 +14,9 @@ use rbee_api::worker::{
     Backend, Heartbeat, ReadyCallback, ScrapeTargetGroup, ShutdownWorkerRequest, SpawnRequest,
     WorkerInfo, WorkerList,
 };
-use rbee_api::{ApiError, ErrorCode};
+use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
+use serde::Deserialize;
 
 use super::Workers;
 use crate::host;
@@ -54,6 +56,7 @@ where
     Routes::new()
         .post("/v1/workers/spawn", spawn)
         .get("/v1/workers/list", list)
+        .get("/v1/workers/{worker_id}", one)
         .get("/v1/workers/health", health)
         .get("/v1/workers/metrics-targets", metrics_targets)
         .post("/v1/workers/ready", ready)
@@ -77,6 +80,63 @@ async fn list(State(workers): State<Workers>) -> Json<WorkerList> {
     Json(WorkerList {
         workers: workers.registry().list(),
     })
+}
+
+/// Longest `wait_ms` taken by `GET /v1/workers/{worker_id}`.
+pub(crate) const MAX_WAIT_MS: u64 = 60_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Wait up to this long while the worker is loading.
+    wait_ms: Option<u64>,
+}
+
+/// `GET /v1/workers/{worker_id}[?wait_ms=N]`: one worker as the list shows
+/// it. With `wait_ms`, a worker still loading is answered when it leaves
+/// `loading` (ready, failed or stopping) or when `wait_ms` has passed,
+/// whichever comes first: how a spawner learns of readiness at once
+/// without polling.
+async fn one(
+    State(workers): State<Workers>,
+    Path(worker_id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    check_worker_id(&worker_id)?;
+    let wait_ms = match query {
+        Ok(Query(WaitQuery { wait_ms })) => wait_ms.unwrap_or(0),
+        Err(e) => {
+            return Err(ApiError::invalid_fields(
+                ErrorCode::InvalidRequest,
+                vec![FieldError::new(
+                    "wait_ms",
+                    "type",
+                    format!("the query must be at most `wait_ms`, a number of milliseconds: {e}"),
+                )],
+            ))
+        }
+    };
+    if wait_ms > MAX_WAIT_MS {
+        return Err(ApiError::invalid_fields(
+            ErrorCode::InvalidRequest,
+            vec![FieldError::new(
+                "wait_ms",
+                "maximum",
+                format!("wait_ms is at most {MAX_WAIT_MS}"),
+            )],
+        ));
+    }
+    workers
+        .registry()
+        .wait_while_loading(&worker_id, Duration::from_millis(wait_ms))
+        .await
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no worker with id {worker_id}"),
+            )
+        })
 }
 
 /// The workers' `/metrics` endpoints in Prometheus's HTTP service-discovery
