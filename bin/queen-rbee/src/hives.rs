@@ -18,7 +18,9 @@ use rbee_api::models::ModelList;
 use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerInfo, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};
 use reqwest::StatusCode;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::sched::{Scheduler, SpawnOrder};
 use crate::store::{Store, StoredHive};
@@ -400,9 +402,29 @@ impl Hives {
         }
     }
 
+    /// Start every spawn the scheduler decides on, until shutdown.
+    pub fn run_spawns(&self, mut orders: mpsc::Receiver<SpawnOrder>) {
+        let this = self.clone();
+        let stop = self.inner.shutdown.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        order = orders.recv() => match order {
+                            Some(order) => this.spawn(order),
+                            None => return,
+                        },
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("spawns")),
+        );
+    }
+
     /// Ask `order.hive` to spawn a worker for `order.model` and follow it
     /// until it is ready; the scheduler hears how it ended.
-    pub fn spawn(&self, order: SpawnOrder) {
+    fn spawn(&self, order: SpawnOrder) {
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.spawn_and_wait(&order).await;

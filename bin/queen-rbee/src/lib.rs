@@ -257,7 +257,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .await
         .map_err(|e| StartupError::Config(e.to_string()))?;
     let metrics = QueenMetrics::register(&mut boot.registry);
-    let sched = Scheduler::new(config.max_queue as usize, metrics.clone());
+    let (sched, spawn_orders) = Scheduler::new(config.max_queue as usize, metrics.clone());
     let hives = Hives::new(
         store,
         sched.clone(),
@@ -266,8 +266,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         boot.audit.clone(),
         boot.shutdown.clone(),
     );
-    let spawner = hives.clone();
-    sched.set_spawner(move |order| spawner.spawn(order));
+    hives.run_spawns(spawn_orders);
     hives
         .load(&flag_urls)
         .await

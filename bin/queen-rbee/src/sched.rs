@@ -9,9 +9,11 @@
 //! fewest outstanding requests, ties broken round-robin.
 //!
 //! When a model has waiters, no worker that is or may become ready, and a
-//! reachable hive has it provisioned, the scheduler asks that hive to spawn
-//! one ([`crate::hives::Hives::spawn`]); one spawn per model at a time, however many
-//! requests wait.
+//! reachable hive has it provisioned, the scheduler orders a spawn on that
+//! hive, over a bounded channel to the task that starts spawns
+//! ([`crate::hives::Hives::run_spawns`]); one spawn per model at a time,
+//! however many requests wait. The routing decision itself is [`pick`], a
+//! function of the view alone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 use rbee_api::fleet::FleetWorker;
 use rbee_api::worker::{WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use self::affinity::Affinity;
 use crate::metrics::QueenMetrics;
@@ -111,13 +113,17 @@ pub struct SpawnOrder {
     pub request_id: Option<Arc<str>>,
 }
 
-type SpawnFn = Arc<dyn Fn(SpawnOrder) + Send + Sync>;
+/// Spawn orders that may wait to be started. One spawn per model is in
+/// flight at a time, so this bounds the models cold-starting at once.
+pub const SPAWN_QUEUE: usize = 64;
 
 struct Inner {
     state: Mutex<State>,
     max_queue: std::sync::atomic::AtomicUsize,
     metrics: QueenMetrics,
-    spawner: std::sync::OnceLock<SpawnFn>,
+    /// Where the spawns decided on go; whoever holds the receiver starts
+    /// them ([`crate::hives::Hives::run_spawns`]).
+    spawns: mpsc::Sender<SpawnOrder>,
 }
 
 /// The routing view and queues; cheap to clone.
@@ -244,16 +250,19 @@ pub struct Counts {
 }
 
 impl Scheduler {
-    /// At most `max_queue` waiting requests per model.
-    pub fn new(max_queue: usize, metrics: QueenMetrics) -> Self {
-        Self {
+    /// At most `max_queue` waiting requests per model; the receiver gets
+    /// the spawns the scheduler decides on.
+    pub fn new(max_queue: usize, metrics: QueenMetrics) -> (Self, mpsc::Receiver<SpawnOrder>) {
+        let (spawns, orders) = mpsc::channel(SPAWN_QUEUE);
+        let sched = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 max_queue: max_queue.into(),
                 metrics,
-                spawner: std::sync::OnceLock::new(),
+                spawns,
             }),
-        }
+        };
+        (sched, orders)
     }
 
     /// Waiting requests allowed per model.
@@ -271,23 +280,23 @@ impl Scheduler {
             .store(max_queue, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Install what starts spawns (set once, at startup).
-    pub fn set_spawner(&self, f: impl Fn(SpawnOrder) + Send + Sync + 'static) {
-        let _ = self.inner.spawner.set(Arc::new(f));
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data; keep serving.
         self.inner.state.lock()
     }
 
+    /// Hand `spawns` (decided under the lock) to whoever starts them; one
+    /// that cannot be queued ends at once, failing its model's waiters.
     fn start(&self, spawns: Vec<SpawnOrder>) {
-        if spawns.is_empty() {
-            return;
-        }
-        if let Some(spawner) = self.inner.spawner.get() {
-            for order in spawns {
-                spawner(order);
+        for order in spawns {
+            if let Err(e) = self.inner.spawns.try_send(order) {
+                let (order, why) = match e {
+                    mpsc::error::TrySendError::Full(o) => {
+                        (o, "too many models are starting at once")
+                    }
+                    mpsc::error::TrySendError::Closed(o) => (o, "the queen is shutting down"),
+                };
+                tracing::warn!(model = %order.model, hive = %order.hive, why, "spawn not started");
+                self.spawn_finished(&order.model, Err(ApiError::new(ErrorCode::NoCapacity, why)));
             }
         }
     }
@@ -548,7 +557,7 @@ impl Scheduler {
     /// has room now (the single retry after a worker failed).
     pub fn try_other(&self, model: &str, exclude: &str) -> Option<Lease> {
         let mut st = self.lock();
-        let key = pick(&mut st, model, Some(exclude), None)?;
+        let key = choose(&mut st, model, Some(exclude), None)?;
         Some(self.lease(&mut st, key, model))
     }
 
@@ -595,7 +604,7 @@ impl Scheduler {
             let Some(affinity) = q.waiting.front().map(|w| w.affinity) else {
                 break;
             };
-            let Some(key) = pick(st, model, None, affinity) else {
+            let Some(key) = choose(st, model, None, affinity) else {
                 if let Some(order) = self.maybe_spawn(st, model) {
                     spawns.push(order);
                 }
@@ -732,16 +741,35 @@ fn can_serve(st: &State, model: &str) -> bool {
         })
 }
 
-/// The ready worker of `model` with a free place: the one that served the
-/// conversation `affinity` last if it is one of them, else the one with
-/// the fewest outstanding requests; ties go round-robin.
-fn pick(
+/// [`pick`] now, moving `model`'s round-robin on when it was used.
+fn choose(
     st: &mut State,
     model: &str,
     exclude: Option<&str>,
     affinity: Option<u64>,
 ) -> Option<String> {
-    let now = Instant::now();
+    let (key, round_robin) = pick(st, model, exclude, affinity, Instant::now())?;
+    if round_robin {
+        if let Some(q) = st.queues.get_mut(model) {
+            q.rr = q.rr.wrapping_add(1);
+        }
+    }
+    Some(key)
+}
+
+/// The routing decision, a function of the view alone: the ready worker
+/// of `model` on a reachable hive with a free place and not passed over at
+/// `now`, other than `exclude`: the one that served the conversation
+/// `affinity` last if it is one of them, else the one with the fewest
+/// outstanding requests, ties taken in turn by the model's round-robin
+/// count (true when that count decided).
+fn pick(
+    st: &State,
+    model: &str,
+    exclude: Option<&str>,
+    affinity: Option<u64>,
+    now: Instant,
+) -> Option<(String, bool)> {
     let mut best: Vec<(&String, u32)> = st
         .slots
         .iter()
@@ -757,18 +785,14 @@ fn pick(
         .collect();
     if let Some(previous) = affinity.and_then(|a| st.affinity.get(a)) {
         if best.iter().any(|(key, _)| *key == previous) {
-            return Some(previous.clone());
+            return Some((previous.clone(), false));
         }
     }
     let least = best.iter().map(|(_, n)| *n).min()?;
     best.retain(|(_, n)| *n == least);
     best.sort();
     let rr = st.queues.get(model).map_or(0, |q| q.rr);
-    let chosen = best[rr % best.len()].0.clone();
-    if let Some(q) = st.queues.get_mut(model) {
-        q.rr = q.rr.wrapping_add(1);
-    }
-    Some(chosen)
+    Some((best[rr % best.len()].0.clone(), true))
 }
 
 fn fail_all(st: &mut State, model: &str, err: &ApiError) {

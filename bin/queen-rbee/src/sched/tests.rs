@@ -22,7 +22,9 @@ fn worker(id: &str, model: &str, state: WorkerState, slots: u32) -> WorkerInfo {
     }
 }
 
-fn sched(max_queue: usize) -> Scheduler {
+/// A scheduler, and the receiving end of its spawn orders (kept, or the
+/// scheduler fails every spawn as the queen's shutdown would).
+fn sched(max_queue: usize) -> (Scheduler, mpsc::Receiver<SpawnOrder>) {
     let mut registry = prometheus_client::registry::Registry::default();
     Scheduler::new(max_queue, QueenMetrics::register(&mut registry))
 }
@@ -49,7 +51,7 @@ async fn granted(ticket: &mut Ticket) -> Lease {
 
 #[tokio::test]
 async fn least_outstanding_wins_and_ties_go_round_robin() {
-    let s = sched(8);
+    let (s, _orders) = sched(8);
     two_idle_workers(&s, 4);
     let mut first = s.admit_for("m", "req", None).unwrap();
     let l1 = granted(&mut first).await;
@@ -72,7 +74,7 @@ async fn least_outstanding_wins_and_ties_go_round_robin() {
 
 #[tokio::test]
 async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
-    let s = sched(2);
+    let (s, _orders) = sched(2);
     s.hive_seen(
         "h",
         "http://h",
@@ -94,7 +96,7 @@ async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
 
 #[tokio::test]
 async fn a_reloaded_queue_bound_applies_to_the_next_request() {
-    let s = sched(1);
+    let (s, _orders) = sched(1);
     s.hive_seen(
         "h",
         "http://h",
@@ -123,7 +125,7 @@ async fn a_reloaded_queue_bound_applies_to_the_next_request() {
 
 #[tokio::test]
 async fn unknown_models_are_404_and_unreachable_hives_are_503() {
-    let s = sched(2);
+    let (s, _orders) = sched(2);
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
     assert_eq!(
         s.admit_for("x", "req", None).unwrap_err().code(),
@@ -139,15 +141,13 @@ async fn unknown_models_are_404_and_unreachable_hives_are_503() {
 
 #[tokio::test]
 async fn waiters_without_a_worker_cause_exactly_one_spawn() {
-    let s = sched(8);
-    let orders = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&orders);
-    s.set_spawner(move |o: SpawnOrder| seen.lock().push(o.hive));
+    let (s, mut orders) = sched(8);
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
     let mut tickets: Vec<Ticket> = (0..3)
         .map(|_| s.admit_for("m", "req", None).unwrap())
         .collect();
-    assert_eq!(orders.lock().as_slice(), ["h"]);
+    assert_eq!(orders.try_recv().map(|o| o.hive).as_deref(), Ok("h"));
+    assert!(orders.try_recv().is_err(), "one spawn for three waiters");
     s.hive_seen(
         "h",
         "http://h",
@@ -158,13 +158,12 @@ async fn waiters_without_a_worker_cause_exactly_one_spawn() {
     for t in &mut tickets {
         let _ = granted(t).await;
     }
-    assert_eq!(orders.lock().len(), 1);
+    assert!(orders.try_recv().is_err(), "still one spawn");
 }
 
 #[tokio::test]
 async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
-    let s = sched(8);
-    s.set_spawner(|_| {});
+    let (s, _orders) = sched(8);
     s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
     let mut t = s.admit_for("m", "req", None).unwrap();
     s.spawn_finished(
@@ -178,7 +177,7 @@ async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
 
 #[tokio::test]
 async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
-    let s = sched(8);
+    let (s, _orders) = sched(8);
     two_idle_workers(&s, 1);
     let mut t = s.admit_for("m", "req", None).unwrap();
     let lease = granted(&mut t).await;
@@ -201,7 +200,7 @@ async fn a_busy_worker_is_passed_over_and_try_other_skips_the_failed_one() {
 
 #[tokio::test]
 async fn a_conversation_returns_to_its_worker_while_that_worker_has_room() {
-    let s = sched(8);
+    let (s, _orders) = sched(8);
     two_idle_workers(&s, 2);
     let mut t = s.admit_for("m", "req", Some(7)).unwrap();
     let first = granted(&mut t).await;
@@ -227,4 +226,219 @@ async fn a_conversation_returns_to_its_worker_while_that_worker_has_room() {
     drop((la, lb, lc));
     let mut d = s.admit_for("m", "req", Some(7)).unwrap();
     assert_eq!(granted(&mut d).await.key(), moved);
+}
+
+#[tokio::test]
+async fn a_spawn_that_cannot_be_started_fails_its_waiters_at_once() {
+    let (s, orders) = sched(8);
+    // Nobody starts spawns any more (the queen is stopping).
+    drop(orders);
+    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    let mut ticket = s.admit_for("m", "req", None).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(1), ticket.wait())
+        .await
+        .expect("answered at once")
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoCapacity);
+}
+
+mod routing {
+    //! The scheduler against random traffic: what it grants is checked
+    //! after every step against the fleet it was shown.
+    use super::*;
+    use proptest::prelude::*;
+
+    const MODELS: [&str; 2] = ["m0", "m1"];
+    const HIVES: [&str; 2] = ["h0", "h1"];
+
+    /// A worker of the fleet: its hive, model and slots never change, its
+    /// state does.
+    #[derive(Debug, Clone)]
+    struct Spec {
+        hive: usize,
+        model: usize,
+        slots: u32,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A request for a model arrives.
+        Admit(usize),
+        /// A granted request ends (the n-th lease held, modulo).
+        Finish(usize),
+        /// A waiting client goes away (the n-th ticket, modulo).
+        Leave(usize),
+        /// A hive's poll reports each of its workers' states.
+        Poll(usize, Vec<WorkerState>),
+        /// A hive stops answering.
+        Unreachable(usize),
+    }
+
+    fn state() -> impl Strategy<Value = WorkerState> {
+        prop_oneof![
+            3 => Just(WorkerState::Idle),
+            2 => Just(WorkerState::Busy),
+            1 => Just(WorkerState::Loading),
+            1 => Just(WorkerState::Failed),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            5 => (0..MODELS.len()).prop_map(Step::Admit),
+            4 => any::<usize>().prop_map(Step::Finish),
+            1 => any::<usize>().prop_map(Step::Leave),
+            2 => ((0..HIVES.len()), prop::collection::vec(state(), 6)).prop_map(|(h, s)| Step::Poll(h, s)),
+            1 => (0..HIVES.len()).prop_map(Step::Unreachable),
+        ]
+    }
+
+    fn poll(s: &Scheduler, fleet: &[Spec], hive: usize, states: &[WorkerState]) {
+        let workers = fleet
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.hive == hive)
+            .map(|(i, w)| {
+                worker(
+                    &format!("w{i}"),
+                    MODELS[w.model],
+                    states[i % states.len()],
+                    w.slots,
+                )
+            })
+            .collect();
+        s.hive_seen(
+            HIVES[hive],
+            &format!("http://{}", HIVES[hive]),
+            workers,
+            MODELS.iter().map(|m| (*m).to_owned()).collect(),
+        );
+    }
+
+    /// Whether `w` could take one more of `model`'s requests now.
+    fn has_room(w: &FleetWorker, model: &str) -> bool {
+        w.info.model_ref == model
+            && matches!(w.info.state, WorkerState::Idle | WorkerState::Busy)
+            && w.hive_reachable
+            && w.outstanding < w.info.slots_total.max(1)
+    }
+
+    proptest! {
+        #[test]
+        fn pick_chooses_an_eligible_worker_whenever_there_is_one(
+            slots in prop::collection::vec(
+                (0..HIVES.len(), 0..MODELS.len(), state(), 1u32..4, 0u32..5, any::<bool>(), any::<bool>()),
+                0..8,
+            ),
+            unreachable in prop::collection::vec(any::<bool>(), HIVES.len()),
+            rr in any::<usize>(),
+        ) {
+            let now = Instant::now();
+            let mut st = State::default();
+            for (h, name) in HIVES.iter().enumerate() {
+                st.hives.insert((*name).to_owned(), HiveView { url: String::new(), reachable: !unreachable[h], models: Set::default() });
+            }
+            for (i, (h, m, state, slots_total, outstanding, avoided, _)) in slots.iter().enumerate() {
+                let key = format!("{}/w{i}", HIVES[*h]);
+                st.slots.insert(key, Slot {
+                    hive: HIVES[*h].to_owned(),
+                    info: worker(&format!("w{i}"), MODELS[*m], *state, *slots_total),
+                    outstanding: *outstanding,
+                    avoid_until: avoided.then(|| now + Duration::from_secs(1)),
+                });
+            }
+            st.queues.entry("m0".to_owned()).or_default().rr = rr;
+            let exclude = slots.iter().position(|s| s.6).map(|i| format!("{}/w{i}", HIVES[slots[i].0]));
+            let eligible = |key: &str| {
+                let s = &st.slots[key];
+                s.info.model_ref == "m0"
+                    && matches!(s.info.state, WorkerState::Idle | WorkerState::Busy)
+                    && !unreachable[HIVES.iter().position(|h| *h == s.hive).expect("hive")]
+                    && s.outstanding < s.info.slots_total
+                    && s.avoid_until.is_none()
+                    && Some(key) != exclude.as_deref()
+            };
+            let any_eligible = st.slots.keys().any(|k| eligible(k));
+            match pick(&st, "m0", exclude.as_deref(), None, now) {
+                Some((key, _)) => {
+                    prop_assert!(eligible(&key), "picked {key}, which has no room");
+                    let least = st.slots.iter().filter(|(k, _)| eligible(k)).map(|(_, s)| s.outstanding).min();
+                    prop_assert_eq!(Some(st.slots[&key].outstanding), least, "not the least busy");
+                }
+                None => prop_assert!(!any_eligible, "nothing picked beside a free worker"),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn never_over_capacity_and_never_a_waiter_beside_a_free_worker(
+            fleet in prop::collection::vec(
+                ((0..HIVES.len()), (0..MODELS.len()), 1u32..4).prop_map(|(hive, model, slots)| Spec { hive, model, slots }),
+                1..6,
+            ),
+            steps in prop::collection::vec(step(), 1..60),
+        ) {
+            let (s, mut orders) = sched(64);
+            for h in 0..HIVES.len() {
+                poll(&s, &fleet, h, &[WorkerState::Idle]);
+            }
+            let mut leases: Vec<(usize, Lease)> = Vec::new();
+            let mut tickets: Vec<(usize, Ticket)> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Admit(m) => match s.admit_for(MODELS[m], "req", None) {
+                        Ok(t) => tickets.push((m, t)),
+                        Err(e) => prop_assert!(
+                            matches!(e.code(), ErrorCode::NoCapacity | ErrorCode::QueueFull),
+                            "refused with {:?}", e.code()
+                        ),
+                    },
+                    Step::Finish(n) if !leases.is_empty() => {
+                        let at = n % leases.len();
+                        drop(leases.swap_remove(at));
+                    }
+                    Step::Leave(n) if !tickets.is_empty() => {
+                        let at = n % tickets.len();
+                        drop(tickets.swap_remove(at));
+                    }
+                    Step::Poll(h, states) => poll(&s, &fleet, h, &states),
+                    Step::Unreachable(h) => s.hive_unreachable(HIVES[h], &format!("http://{}", HIVES[h])),
+                    Step::Finish(_) | Step::Leave(_) => {}
+                }
+                while orders.try_recv().is_ok() {}
+                // Collect what the scheduler granted or refused.
+                let mut waiting = Vec::new();
+                for (m, mut t) in tickets.drain(..) {
+                    match t.rx.try_recv() {
+                        Ok(Ok(lease)) => {
+                            let (hive, id) = lease.key().split_once('/').expect("hive/worker key");
+                            let i: usize = id.trim_start_matches('w').parse().expect("worker index");
+                            prop_assert_eq!(HIVES[fleet[i].hive], hive);
+                            prop_assert_eq!(fleet[i].model, m, "a lease on a worker of another model");
+                            leases.push((m, lease));
+                        }
+                        Ok(Err(e)) => prop_assert_eq!(e.code(), ErrorCode::NoCapacity),
+                        Err(_) => waiting.push((m, t)),
+                    }
+                }
+                tickets = waiting;
+                let workers = s.workers();
+                for w in &workers {
+                    prop_assert!(
+                        w.outstanding <= w.info.slots_total.max(1),
+                        "{} holds {} requests with {} slots", w.info.worker_id, w.outstanding, w.info.slots_total
+                    );
+                }
+                for (m, _) in &tickets {
+                    prop_assert!(
+                        !workers.iter().any(|w| has_room(w, MODELS[*m])),
+                        "a request for {} waits while a worker has room", MODELS[*m]
+                    );
+                }
+            }
+        }
+    }
 }
