@@ -267,6 +267,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         boot.shutdown.clone(),
     );
     hives.run_spawns(spawn_orders);
+    sched.run_rechecks(boot.shutdown.clone());
     hives
         .load(&flag_urls)
         .await

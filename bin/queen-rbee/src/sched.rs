@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use rbee_api::fleet::FleetWorker;
 use rbee_api::worker::{WorkerInfo, WorkerState};
 use rbee_api::{ApiError, ErrorCode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use self::affinity::Affinity;
 use crate::metrics::QueenMetrics;
@@ -124,6 +126,9 @@ struct Inner {
     /// Where the spawns decided on go; whoever holds the receiver starts
     /// them ([`crate::hives::Hives::run_spawns`]).
     spawns: mpsc::Sender<SpawnOrder>,
+    /// A worker was passed over until a stored time: the recheck task
+    /// ([`Scheduler::run_rechecks`]) looks at its deadlines again.
+    recheck: Notify,
 }
 
 /// The routing view and queues; cheap to clone.
@@ -186,14 +191,10 @@ impl Lease {
             }
             self.sched.pump(&mut st, &self.model)
         };
-        if let Some(d) = avoid {
-            // Look again once the worker may be usable.
-            let sched = self.sched.clone();
-            let model = self.model.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(d).await;
-                sched.pump_model(&model);
-            });
+        if avoid.is_some() {
+            // The deadline is stored on the worker; the recheck task
+            // hands its place out again once it passes.
+            self.sched.inner.recheck.notify_one();
         }
         self.sched.start(spawns);
     }
@@ -260,9 +261,54 @@ impl Scheduler {
                 max_queue: max_queue.into(),
                 metrics,
                 spawns,
+                recheck: Notify::new(),
             }),
         };
         (sched, orders)
+    }
+
+    /// Until `stop`, hand out the places of workers whose pass-over time
+    /// has come: one task and one timer, set to the earliest stored
+    /// deadline, instead of a timer per passed-over worker.
+    pub fn run_rechecks(&self, stop: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    let next = this.next_recheck();
+                    let due = async {
+                        match next {
+                            Some(t) => tokio::time::sleep_until(t.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        // A new deadline: look again.
+                        () = this.inner.recheck.notified() => {}
+                        () = due => {
+                            let spawns = {
+                                let mut st = this.lock();
+                                this.pump_all(&mut st)
+                            };
+                            this.start(spawns);
+                        }
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("rechecks")),
+        );
+    }
+
+    /// The earliest pass-over time still to come.
+    fn next_recheck(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.lock()
+            .slots
+            .values()
+            .filter_map(|s| s.avoid_until)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Waiting requests allowed per model.
@@ -576,15 +622,6 @@ impl Scheduler {
             model: model.to_owned(),
             armed: true,
         }
-    }
-
-    /// Hand out what capacity there is for `model`.
-    pub fn pump_model(&self, model: &str) {
-        let spawns = {
-            let mut st = self.lock();
-            self.pump(&mut st, model)
-        };
-        self.start(spawns);
     }
 
     fn pump_all(&self, st: &mut State) -> Vec<SpawnOrder> {

@@ -442,3 +442,24 @@ mod routing {
         }
     }
 }
+
+#[tokio::test]
+async fn a_passed_over_worker_is_used_again_when_its_time_is_up() {
+    let (s, _orders) = sched(8);
+    s.run_rechecks(CancellationToken::new());
+    s.hive_seen(
+        "h",
+        "http://h",
+        vec![worker("a", "m", WorkerState::Idle, 1)],
+        vec!["m".into()],
+    );
+    let mut t = s.admit_for("m", "req", None).unwrap();
+    let passed_over = Instant::now();
+    granted(&mut t).await.busy();
+    // Nothing else happens: the recheck task alone hands the place out.
+    let mut t = s.admit_for("m", "req", None).unwrap();
+    assert!(t.rx.try_recv().is_err(), "passed over at first");
+    let lease = granted(&mut t).await;
+    assert_eq!(lease.key(), "h/a");
+    assert!(passed_over.elapsed() >= BUSY_AVOID);
+}
