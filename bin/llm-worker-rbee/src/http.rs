@@ -259,7 +259,7 @@ async fn admit_checked(
     let prompt = request.prompt.clone();
     let tokenizer = Arc::clone(&model);
     let tokenizing = Instant::now();
-    let ids = tokio::task::spawn_blocking(move || {
+    let ids = rbee_http::task::spawn_blocking(move || {
         tokenizer
             .tokenizer
             .encode(prompt.as_str(), false)

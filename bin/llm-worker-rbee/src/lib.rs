@@ -340,8 +340,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     };
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     let slots = slots(&config);
-    tokio::spawn(async move {
-        let loaded = tokio::task::spawn_blocking(move || {
+    rbee_http::task::spawn(async move {
+        let loaded = rbee_http::task::spawn_blocking(move || {
             #[cfg(feature = "fault-injection")]
             engine::fault::before_load();
             model::load(&path, &device, options)
@@ -403,19 +403,19 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             metrics,
         });
         let _ = model.set(Arc::clone(&ready));
-        tokio::spawn(watch_for_stalls(
+        rbee_http::task::spawn(watch_for_stalls(
             Arc::clone(&ready),
             stalled,
             stall_timeout,
             shutdown.clone(),
         ));
-        tokio::spawn(abort_before_drain_bound(
+        rbee_http::task::spawn(abort_before_drain_bound(
             Arc::clone(&ready),
             shutdown.clone(),
             drain,
         ));
         if let Some(reporter) = reporter {
-            tokio::spawn(reporter.run(ready, shutdown));
+            rbee_http::task::spawn(reporter.run(ready, shutdown));
         }
     });
     Ok(daemon)

@@ -307,7 +307,7 @@ impl Hives {
         self.inner.sched.hive_added(&hive.node_name, &hive.url);
         let this = self.clone();
         let poller = stop.clone();
-        tokio::spawn(async move {
+        rbee_http::task::spawn(async move {
             if polled_now {
                 tokio::select! {
                     () = poller.cancelled() => return,
@@ -406,7 +406,7 @@ impl Hives {
     pub fn run_spawns(&self, mut orders: mpsc::Receiver<SpawnOrder>) {
         let this = self.clone();
         let stop = self.inner.shutdown.clone();
-        tokio::spawn(
+        rbee_http::task::spawn(
             async move {
                 loop {
                     tokio::select! {
@@ -426,7 +426,7 @@ impl Hives {
     /// until it is ready; the scheduler hears how it ended.
     fn spawn(&self, order: SpawnOrder) {
         let this = self.clone();
-        tokio::spawn(async move {
+        rbee_http::task::spawn(async move {
             let result = this.spawn_and_wait(&order).await;
             match &result {
                 Ok(()) => {

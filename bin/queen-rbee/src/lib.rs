@@ -352,7 +352,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
 fn upstream_pool(timeouts: upstream::Timeouts) -> std::sync::Arc<upstream::Upstream> {
     let pool = std::sync::Arc::new(upstream::Upstream::new(timeouts));
     let weak = std::sync::Arc::downgrade(&pool);
-    tokio::spawn(async move {
+    rbee_http::task::spawn(async move {
         let mut tick = tokio::time::interval(upstream::IDLE_MAX / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

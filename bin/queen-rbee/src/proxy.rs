@@ -691,7 +691,7 @@ fn cancel_on_worker(state: &AppState, lease: &Lease, prep: &Prepared) {
         .delete(format!("{}/v1/inference/{}", lease.url, prep.job_id))
         .timeout(Duration::from_secs(5));
     let auth = state.auth.clone();
-    tokio::spawn(async move {
+    rbee_http::task::spawn(async move {
         let _ = send_authenticated(request, &auth).await;
     });
 }

@@ -272,7 +272,7 @@ impl Scheduler {
     /// deadline, instead of a timer per passed-over worker.
     pub fn run_rechecks(&self, stop: CancellationToken) {
         let this = self.clone();
-        tokio::spawn(
+        rbee_http::task::spawn(
             async move {
                 loop {
                     let next = this.next_recheck();

@@ -89,7 +89,7 @@ pub struct GpuReport {
 
 /// Ask NVML, then `nvidia-smi`; an empty report when neither answers.
 pub async fn gpus(launcher: &Launcher) -> GpuReport {
-    if let Ok(Some(report)) = tokio::task::spawn_blocking(nvml_report).await {
+    if let Ok(Some(report)) = rbee_http::task::spawn_blocking(nvml_report).await {
         return report;
     }
     let Some(listing) = launcher

@@ -427,7 +427,7 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
             }),
             interval: Duration::from_secs(config.queen_register_interval_s),
         };
-        tokio::spawn(queen::keep_registered(registration, auth, shutdown));
+        rbee_http::task::spawn(queen::keep_registered(registration, auth, shutdown));
     }
     Ok(Hive { daemon, workers })
 }

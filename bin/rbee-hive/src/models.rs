@@ -315,7 +315,7 @@ impl Models {
                 .collect();
             let cache = self.inner.hub.cache_dir().to_path_buf();
             let files = record.files.clone();
-            tokio::task::spawn_blocking(move || delete_unshared(&files, &others, &cache))
+            rbee_http::task::spawn_blocking(move || delete_unshared(&files, &others, &cache))
                 .await
                 .map_err(|e| internal(e.to_string()))?
         } else {
@@ -346,7 +346,7 @@ impl Models {
         if created {
             let models = self.clone();
             let task_download = Arc::clone(&download);
-            tokio::spawn(async move {
+            rbee_http::task::spawn(async move {
                 models.run(task_download, parsed, request_id).await;
             });
         }

@@ -325,7 +325,7 @@ impl Workers {
         if workers.inner.backends.contains(&Backend::Cuda) {
             // Keep the VRAM gauges and per-worker VRAM current.
             let refresher = workers.clone();
-            tokio::spawn(async move {
+            rbee_http::task::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(10));
                 loop {
                     tick.tick().await;
@@ -465,7 +465,7 @@ impl Workers {
         };
         let local_path = PathBuf::from(&model.local_path);
         let shape_path = local_path.clone();
-        let shape = tokio::task::spawn_blocking(move || preflight::shape(&shape_path))
+        let shape = rbee_http::task::spawn_blocking(move || preflight::shape(&shape_path))
             .await
             .ok()
             .flatten();

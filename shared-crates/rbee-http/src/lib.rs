@@ -31,6 +31,7 @@ pub mod route_table;
 mod routes;
 pub mod server;
 pub mod stack;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 

@@ -294,7 +294,7 @@ impl Daemon {
             audit: self.audit.as_ref().map(AuditLogger::sink),
             metrics: self.reload_metrics,
         });
-        tokio::spawn(signals.cancel_on_signal(self.shutdown.clone(), reload));
+        crate::task::spawn(signals.cancel_on_signal(self.shutdown.clone(), reload));
         tracing::info!(addr = %self.local_addr, scheme, version = env!("CARGO_PKG_VERSION"), "{} listening", self.name);
         // Under systemd (`Type=notify`) the unit becomes active now, once
         // the socket accepts; without NOTIFY_SOCKET this does nothing.
@@ -319,7 +319,7 @@ impl Daemon {
             .into_iter()
             .map(|hook| {
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move {
+                crate::task::spawn(async move {
                     shutdown.cancelled().await;
                     hook.await;
                 })
@@ -336,7 +336,7 @@ impl Daemon {
                 notify_service_manager(&[sd_notify::NotifyState::Stopping]);
             }
         };
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             watch.cancelled().await;
             stopping(&started);
         });
@@ -371,7 +371,7 @@ impl Daemon {
         }
         if let Some(audit) = self.audit {
             // Write and fsync every queued record before the process exits.
-            let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
+            let _ = crate::task::spawn_blocking(move || audit.shutdown()).await;
         }
         let fatal = self.fatal.message.lock().take();
         match fatal {

@@ -46,7 +46,8 @@ async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<Str
         model.metrics.request_finished(rbee_api::Outcome::Busy, 0.0);
         return Err(super::all_slots_busy(&model));
     }
-    let rendered = tokio::task::spawn_blocking(move || model.chat_template.render(&messages)).await;
+    let rendered =
+        rbee_http::task::spawn_blocking(move || model.chat_template.render(&messages)).await;
     match rendered {
         Ok(Ok(prompt)) => Ok(prompt),
         Ok(Err(e)) => Err(ApiError::new(ErrorCode::InvalidRequest, e)),

@@ -171,7 +171,7 @@ impl Models {
         let shutdown = self.inner.shutdown.clone();
         let display = display.to_owned();
         let cache = self.inner.hub.cache_dir().to_path_buf();
-        tokio::task::spawn_blocking(move || {
+        rbee_http::task::spawn_blocking(move || {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let mismatch = if size != expected.size {
                 Some(format!("{} has {size} bytes, the Hub reported {}", expected.name, expected.size))
@@ -207,10 +207,11 @@ impl Models {
         let display = download.model_ref.clone();
         let named = named.to_path_buf();
         let inspect_display = display.clone();
-        let local = tokio::task::spawn_blocking(move || local::inspect(&named, &inspect_display))
-            .await
-            .map_err(|e| Failure::Rejected(internal(e.to_string())))?
-            .map_err(Failure::Rejected)?;
+        let local =
+            rbee_http::task::spawn_blocking(move || local::inspect(&named, &inspect_display))
+                .await
+                .map_err(|e| Failure::Rejected(internal(e.to_string())))?
+                .map_err(Failure::Rejected)?;
         let total: u64 = local.files.iter().map(|(_, s)| s).sum();
         download.total.store(total, Ordering::Relaxed);
         download.set(Phase::Event(DownloadEvent::Downloading {
@@ -221,7 +222,7 @@ impl Models {
         let counters = Arc::clone(&download.counters);
         let shutdown = self.inner.shutdown.clone();
         let files = local.files.clone();
-        let hashed = tokio::task::spawn_blocking(move || {
+        let hashed = rbee_http::task::spawn_blocking(move || {
             let mut digests = Vec::new();
             for (path, size) in &files {
                 let name = path
@@ -321,7 +322,7 @@ impl Models {
         let stop = CancellationToken::new();
         let download = Arc::clone(download);
         let token = stop.clone();
-        tokio::spawn(async move {
+        rbee_http::task::spawn(async move {
             let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last = u64::MAX;
