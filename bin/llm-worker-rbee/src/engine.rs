@@ -136,7 +136,7 @@ impl Engine {
             abort: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(slots);
-        let worker = Worker {
+        let batcher = Batcher {
             model,
             pool: BlockPool::new(limits.blocks),
             rows: Vec::with_capacity(limits.max_rows),
@@ -156,7 +156,8 @@ impl Engine {
             .spawn(move || {
                 // Unwinding drops the running jobs' event senders, so their
                 // streams end with an error at once.
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(rx)));
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batcher.run(rx)));
                 if let Err(panic) = run {
                     let what = panic
                         .downcast_ref::<&str>()
@@ -245,7 +246,9 @@ impl Engine {
     }
 }
 
-struct Worker {
+/// What the engine thread owns: the model, the KV block pool and the
+/// buffers of a step; it admits jobs and runs one batched pass per step.
+struct Batcher {
     model: Box<dyn Forward>,
     /// The KV cache's blocks.
     pool: BlockPool,
@@ -353,7 +356,7 @@ fn step_failed(error: &ForwardError, jobs: &[&Job]) -> JobEvent {
     }
 }
 
-impl Worker {
+impl Batcher {
     fn run(mut self, rx: Receiver<(Job, SlotPermit)>) {
         let mut waiting: VecDeque<Waiting> = VecDeque::new();
         let mut active: Vec<Sequence> = Vec::new();

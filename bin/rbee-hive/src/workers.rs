@@ -1,7 +1,7 @@
 //! Workers: spawn, supervise, restart, stop.
 //!
 //! [`Workers`] validates and preflights a spawn, records the worker in the
-//! [`registry::Registry`] and hands it to its own supervisor task. The task
+//! [`registry::WorkerRegistry`] and hands it to its own supervisor task. The task
 //! starts the process (through [`process::Launcher`], the only code that
 //! creates processes), then watches it: process exit (reaped at once), the
 //! load timeout, missed heartbeats, and failed readiness checks. A worker
@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::host::{self, GpuInfo};
 use crate::models::Models;
 use process::Launcher;
-use registry::{Registry, WorkerRecord};
+use registry::{WorkerRecord, WorkerRegistry};
 use supervisor::Spec;
 
 /// Supervision settings.
@@ -122,7 +122,7 @@ impl Tuning {
 
 struct Inner {
     tuning: RwLock<Arc<Tuning>>,
-    registry: Registry,
+    registry: WorkerRegistry,
     launcher: Launcher,
     models: Models,
     audit: AuditSink,
@@ -304,7 +304,7 @@ impl Workers {
         let workers = Self {
             inner: Arc::new(Inner {
                 tuning: RwLock::new(Arc::new(tuning)),
-                registry: Registry::default(),
+                registry: WorkerRegistry::default(),
                 launcher,
                 models,
                 audit,
@@ -342,7 +342,7 @@ impl Workers {
     }
 
     /// The registry.
-    pub fn registry(&self) -> &Registry {
+    pub fn registry(&self) -> &WorkerRegistry {
         &self.inner.registry
     }
 

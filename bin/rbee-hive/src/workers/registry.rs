@@ -27,7 +27,7 @@ pub struct WorkerRecord {
     pub device: u32,
     /// Slots.
     pub slots: u16,
-    /// Registry state.
+    /// Its state in the registry.
     pub state: WorkerState,
     /// Restarts counted by the policy.
     pub restart_count: u32,
@@ -92,13 +92,13 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 /// The registry; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct Registry {
+pub struct WorkerRegistry {
     inner: Arc<Mutex<HashMap<String, WorkerRecord>>>,
     /// Woken after every change, for [`wait_while_loading`](Self::wait_while_loading).
     changed: Arc<Notify>,
 }
 
-impl Registry {
+impl WorkerRegistry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, WorkerRecord>> {
         self.inner.lock()
     }
@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn ready_moves_loading_to_idle_and_releases_the_reservation() {
-        let reg = Registry::default();
+        let reg = WorkerRegistry::default();
         reg.insert(record("a", Backend::Cuda, 1, 500)).unwrap();
         reg.insert(record("b", Backend::Cuda, 0, 300)).unwrap();
         assert_eq!(reg.reserved(Backend::Cuda, 1), 500);
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn heartbeats_move_state_but_never_out_of_failed() {
-        let reg = Registry::default();
+        let reg = WorkerRegistry::default();
         reg.insert(record("a", Backend::Cpu, 0, 0)).unwrap();
         reg.on_heartbeat("a", WorkerState::Busy, Instant::now())
             .unwrap();
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_a_ready_callback_must_match_the_model() {
-        let reg = Registry::default();
+        let reg = WorkerRegistry::default();
         reg.insert(record("a", Backend::Cpu, 0, 0)).unwrap();
         assert_eq!(
             reg.insert(record("a", Backend::Cpu, 0, 0))
@@ -394,7 +394,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_ends_when_the_worker_leaves_loading_or_when_it_is_up() {
-        let reg = Registry::default();
+        let reg = WorkerRegistry::default();
         reg.insert(record("a", Backend::Cpu, 0, 0)).unwrap();
         let started = tokio::time::Instant::now();
         let callback = {
