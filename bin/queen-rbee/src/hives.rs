@@ -17,6 +17,7 @@ use rbee_api::fleet::{HiveState, HiveSummary};
 use rbee_api::models::ModelList;
 use rbee_api::worker::{SpawnAccepted, SpawnRequest, WorkerInfo, WorkerList, WorkerState};
 use rbee_api::{ApiError, ErrorCode, FieldError};
+use rbee_http::client::error_chain;
 use reqwest::StatusCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -333,7 +334,7 @@ impl Hives {
         }
     }
 
-    async fn poll_once(&self, url: &str) -> Result<Snapshot, String> {
+    async fn poll_once(&self, url: &str) -> Result<Snapshot, HiveCallError> {
         let timeout = self.poll().timeout;
         let get = |path: &str| {
             send_authenticated(
@@ -356,7 +357,7 @@ impl Hives {
         node_name: &str,
         url: &str,
         stop: &CancellationToken,
-        result: Result<Snapshot, String>,
+        result: Result<Snapshot, HiveCallError>,
     ) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(node_name) else {
@@ -391,6 +392,7 @@ impl Hives {
                 s.consecutive_misses = s.consecutive_misses.saturating_add(1);
                 let flips =
                     s.consecutive_misses >= self.poll().misses && s.state != HiveState::Unreachable;
+                let why = error_chain(&why);
                 tracing::debug!(node_name, url, error = %why, misses = s.consecutive_misses, "hive poll failed");
                 if flips {
                     s.state = HiveState::Unreachable;
@@ -502,7 +504,7 @@ impl Hives {
                 Err(why) => {
                     // The hive did not answer this time; ask again shortly,
                     // within the spawn's time.
-                    tracing::debug!(hive = %order.hive, error = %why, "waiting for a spawned worker");
+                    tracing::debug!(hive = %order.hive, error = %error_chain(&why), "waiting for a spawned worker");
                     tokio::select! {
                         () = stop.cancelled() => {}
                         () = tokio::time::sleep(RETRY_WAIT.min(left)) => {}
@@ -542,7 +544,7 @@ impl Hives {
         hive_url: &str,
         worker_id: &str,
         wait: Duration,
-    ) -> Result<Option<WorkerInfo>, String> {
+    ) -> Result<Option<WorkerInfo>, HiveCallError> {
         let request = self
             .inner
             .client
@@ -551,30 +553,36 @@ impl Hives {
             .timeout(wait + Duration::from_secs(5));
         let response = send_authenticated(request, &self.inner.auth)
             .await
-            .map_err(|e| rbee_http::client::error_chain(&e))?;
+            .map_err(HiveCallError::Send)?;
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => response
-                .json::<WorkerInfo>()
-                .await
-                .map(Some)
-                .map_err(|e| format!("bad worker answer: {e}")),
-            s => Err(format!("the hive answered HTTP {}", s.as_u16())),
+            _ => decode::<WorkerInfo>(Ok(response)).await.map(Some),
         }
     }
 }
 
+/// Why a call to a hive gave nothing to use.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HiveCallError {
+    /// No answer: the connection, TLS, or the call's timeout.
+    #[error("no answer")]
+    Send(#[source] reqwest::Error),
+    /// An answer other than success.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// A success whose body is not what the route returns.
+    #[error("an unreadable answer")]
+    Body(#[source] reqwest::Error),
+}
+
 async fn decode<T: serde::de::DeserializeOwned>(
     response: Result<reqwest::Response, reqwest::Error>,
-) -> Result<T, String> {
-    let response = response.map_err(|e| rbee_http::client::error_chain(&e))?;
+) -> Result<T, HiveCallError> {
+    let response = response.map_err(HiveCallError::Send)?;
     if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status().as_u16()));
+        return Err(HiveCallError::Status(response.status().as_u16()));
     }
-    response
-        .json::<T>()
-        .await
-        .map_err(|e| rbee_http::client::error_chain(&e))
+    response.json::<T>().await.map_err(HiveCallError::Body)
 }
 
 /// The hive's error, as it reported it.

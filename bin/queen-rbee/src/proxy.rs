@@ -26,6 +26,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use parking_lot::Mutex;
 use rbee_api::sse::{self, Dialect, Endpoint};
 use rbee_api::{ApiError, ErrorCode, Outcome};
+use rbee_http::client::error_chain;
 use rbee_http::RequestContext;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -448,7 +449,7 @@ impl Call {
             Ok(r) if r.0.status.is_client_error() => Sent::Refused(r),
             Ok(r) => Sent::Failed(format!("HTTP {}", r.0.status.as_u16())),
             Err(_) if self.expired_now() => Sent::Expired,
-            Err(e) => Sent::Failed(e.to_string()),
+            Err(e) => Sent::Failed(error_chain(&e)),
         }
     }
 
@@ -466,7 +467,7 @@ impl Call {
             };
             let body = tokio::select! {
                 b = exchange.bytes(MAX_ANSWER_BYTES) => b,
-                () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
+                () = limit => Err(crate::upstream::UpstreamError::DeadlinePassed),
                 () = cancel.cancelled() => {
                     cancel_on_worker(&self.state, &lease, &self.prep);
                     return self.fail(ApiError::new(ErrorCode::Cancelled, "the request was cancelled"));
@@ -491,7 +492,7 @@ impl Call {
                     let Some(next) = self.retry(&key, retried) else {
                         return self.fail(ApiError::new(
                             ErrorCode::WorkerFailed,
-                            format!("the worker failed mid-answer: {e}"),
+                            format!("the worker failed mid-answer: {}", error_chain(&e)),
                         ));
                     };
                     lease = next;
@@ -607,7 +608,7 @@ impl Relay {
                         return self.end_with(ErrorCode::Cancelled, "the request was cancelled", Outcome::Cancelled);
                     }
                     () = deadline => Err("deadline".to_owned()),
-                    c = self.upstream.chunk() => c.map_err(|e| e.to_string()),
+                    c = self.upstream.chunk() => c.map_err(|e| error_chain(&e)),
                 }
             };
             let failure = match chunk {
@@ -723,7 +724,7 @@ async fn passthrough(
     };
     let body = tokio::select! {
         b = exchange.bytes(MAX_REFUSAL_BYTES) => b,
-        () = limit => Err(crate::upstream::UpstreamError("the deadline passed".to_owned())),
+        () = limit => Err(crate::upstream::UpstreamError::DeadlinePassed),
     };
     match body {
         Ok(body) => {
@@ -740,7 +741,10 @@ async fn passthrough(
         }
         Err(e) => ApiError::new(
             ErrorCode::WorkerFailed,
-            format!("the worker's refusal could not be read: {e}"),
+            format!(
+                "the worker's refusal could not be read: {}",
+                error_chain(&e)
+            ),
         )
         .into_response(),
     }

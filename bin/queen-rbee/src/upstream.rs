@@ -148,14 +148,75 @@ struct Idle {
     since: Instant,
 }
 
-/// Why a call to a worker failed.
-#[derive(Debug)]
-pub struct UpstreamError(pub String);
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a call to a worker failed. Each variant's message leaves out its
+/// cause; [`error_chain`] writes both, at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The worker's URL is not an `http://` or `https://` URL.
+    #[error("the worker URL `{url}` is not an http:// or https:// URL")]
+    NotHttp {
+        /// The URL.
+        url: String,
+    },
+    /// The worker's URL names no host.
+    #[error("the worker URL `{url}` has no host")]
+    NoHost {
+        /// The URL.
+        url: String,
+    },
+    /// The host cannot be a `Host` header.
+    #[error("`{authority}` is not a valid host")]
+    BadHost {
+        /// The worker's address.
+        authority: String,
+    },
+    /// No connection within the connect timeout.
+    #[error("connecting to {authority} timed out")]
+    ConnectTimeout {
+        /// The worker's address.
+        authority: String,
+    },
+    /// The connection (or its TLS handshake) failed.
+    #[error("cannot connect to {authority}")]
+    Connect {
+        /// The worker's address.
+        authority: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// hyper could not start HTTP on the connection.
+    #[error("HTTP handshake with {authority}")]
+    Handshake {
+        /// The worker's address.
+        authority: String,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request could not be built.
+    #[error("cannot build the request")]
+    Request(#[source] http::Error),
+    /// The exchange failed: the connection, the answer's framing, a
+    /// timeout; `why` says which, with hyper's causes.
+    #[error("{authority}: {why}")]
+    Exchange {
+        /// The worker's address.
+        authority: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The answer is longer than the caller takes.
+    #[error("{authority}: the answer is longer than {limit} bytes")]
+    TooLong {
+        /// The worker's address.
+        authority: String,
+        /// The caller's limit.
+        limit: usize,
+    },
+    /// The request's deadline passed while the answer was read.
+    #[error("the deadline passed")]
+    DeadlinePassed,
 }
 
 /// A request to send to a worker.
@@ -214,16 +275,16 @@ fn authority(base_url: &str) -> Result<(bool, &str, &str), UpstreamError> {
         (Some(rest), _) => (false, rest),
         (_, Some(rest)) => (true, rest),
         _ => {
-            return Err(UpstreamError(format!(
-                "the worker URL `{base_url}` is not an http:// or https:// URL"
-            )))
+            return Err(UpstreamError::NotHttp {
+                url: base_url.to_owned(),
+            })
         }
     };
     let authority = rest.split('/').next().unwrap_or(rest);
     if authority.is_empty() {
-        return Err(UpstreamError(format!(
-            "the worker URL `{base_url}` has no host"
-        )));
+        return Err(UpstreamError::NoHost {
+            url: base_url.to_owned(),
+        });
     }
     let key = &base_url[..base_url.len() - rest.len() + authority.len()];
     Ok((https, authority, key))
@@ -302,13 +363,21 @@ impl Upstream {
         let stream =
             tokio::time::timeout(CONNECT_TIMEOUT, rbee_http::tls::connect(authority, https))
                 .await
-                .map_err(|_| UpstreamError(format!("connecting to {authority} timed out")))?
-                .map_err(|e| UpstreamError(format!("cannot connect to {authority}: {e}")))?;
+                .map_err(|_| UpstreamError::ConnectTimeout {
+                    authority: authority.to_owned(),
+                })?
+                .map_err(|source| UpstreamError::Connect {
+                    authority: authority.to_owned(),
+                    source,
+                })?;
         let (sender, conn) = http1::Builder::new()
             .read_buf_exact_size(Some(MAX_HEAD_BYTES))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| UpstreamError(format!("HTTP handshake with {authority}: {e}")))?;
+            .map_err(|source| UpstreamError::Handshake {
+                authority: authority.to_owned(),
+                source,
+            })?;
         Ok(Box::new(Link {
             sender,
             conn: Some(conn),
@@ -362,7 +431,10 @@ impl Upstream {
                     request = *again;
                 }
                 Err(Failed::Unsent(_, why) | Failed::Other(why)) => {
-                    return Err(UpstreamError(format!("{authority}: {why}")))
+                    return Err(UpstreamError::Exchange {
+                        authority: authority.to_owned(),
+                        why,
+                    })
                 }
             }
         }
@@ -374,11 +446,12 @@ fn build(authority: &str, outgoing: &Outgoing) -> Result<Request<Full<Bytes>>, U
         .method(outgoing.method.clone())
         .uri(outgoing.path.clone())
         .body(Full::new(outgoing.body.clone()))
-        .map_err(|e| UpstreamError(format!("cannot build the request: {e}")))?;
+        .map_err(UpstreamError::Request)?;
     let headers = request.headers_mut();
     headers.clone_from(&outgoing.headers);
-    let host = http::HeaderValue::from_str(authority)
-        .map_err(|_| UpstreamError(format!("`{authority}` is not a valid host")))?;
+    let host = http::HeaderValue::from_str(authority).map_err(|_| UpstreamError::BadHost {
+        authority: authority.to_owned(),
+    })?;
     headers.insert(http::header::HOST, host);
     Ok(request)
 }
@@ -431,7 +504,7 @@ pub struct Exchange {
     link: Option<Box<Link>>,
     body: Incoming,
     /// An error seen after data that was returned first.
-    pending_error: Option<String>,
+    pending_error: Option<UpstreamError>,
     done: bool,
     authority: String,
     /// The pool's key for the connection: scheme and authority.
@@ -463,7 +536,7 @@ impl Exchange {
 
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, UpstreamError>> {
         if let Some(e) = self.pending_error.take() {
-            return Poll::Ready(Err(UpstreamError(e)));
+            return Poll::Ready(Err(e));
         }
         if self.done {
             return Poll::Ready(Ok(None));
@@ -566,23 +639,25 @@ impl Exchange {
     fn fail(&mut self, data: Option<Bytes>, why: String) -> Result<Option<Bytes>, UpstreamError> {
         self.link = None;
         self.done = true;
-        let why = format!("{}: {why}", self.authority);
+        let error = UpstreamError::Exchange {
+            authority: self.authority.clone(),
+            why,
+        };
         match data {
             Some(b) => {
-                self.pending_error = Some(why);
+                self.pending_error = Some(error);
                 Ok(Some(b))
             }
-            None => Err(UpstreamError(why)),
+            None => Err(error),
         }
     }
 
     /// The whole body, refused when longer than `limit` bytes: by its
     /// `Content-Length` before reading, or as the bytes arrive.
     pub async fn bytes(&mut self, limit: usize) -> Result<Bytes, UpstreamError> {
-        let too_long = |authority: &str| {
-            UpstreamError(format!(
-                "{authority}: the answer is longer than {limit} bytes"
-            ))
+        let too_long = |authority: &str| UpstreamError::TooLong {
+            authority: authority.to_owned(),
+            limit,
         };
         if self
             .body
