@@ -16,7 +16,9 @@ use axum::Json;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use rbee_api::health::{ReadyStatus, WorkerReady};
-use rbee_api::inference::{InferenceRequest, InferenceResponse, StreamEvent};
+use rbee_api::inference::{
+    InferenceRequest, InferenceResponse, StreamEvent, ValidInferenceRequest,
+};
 use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
 use rbee_api::{ApiError, ErrorCode, Outcome};
@@ -182,7 +184,7 @@ pub(crate) async fn admit(
     state: &AppState,
     ctx: &RequestContext,
     request: InferenceRequest,
-) -> Result<(Admitted, InferenceRequest), ApiError> {
+) -> Result<(Admitted, ValidInferenceRequest), ApiError> {
     let result = admit_checked(state, ctx, request).await;
     if let (Err(e), Some(model)) = (&result, state.model.get()) {
         // Refusals for the worker's state, not the request's, are not counted.
@@ -201,7 +203,7 @@ async fn admit_checked(
     state: &AppState,
     ctx: &RequestContext,
     request: InferenceRequest,
-) -> Result<(Admitted, InferenceRequest), ApiError> {
+) -> Result<(Admitted, ValidInferenceRequest), ApiError> {
     if state.core.is_draining() {
         return Err(
             ApiError::new(ErrorCode::ShuttingDown, "the worker is shutting down")
@@ -214,10 +216,11 @@ async fn admit_checked(
                 .with_retry_after(1),
         );
     };
+    // From here on the request is the validated one, read-only, down to
+    // the job it becomes.
     let request = request
         .validate()
-        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
-        .into_inner();
+        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?;
     let job_id = request
         .job_id
         .clone()

@@ -127,6 +127,16 @@ impl ValidInferenceRequest {
     }
 }
 
+/// Read access to the validated fields; there is no write access, so they
+/// stay valid.
+impl std::ops::Deref for ValidInferenceRequest {
+    type Target = InferenceRequest;
+
+    fn deref(&self) -> &InferenceRequest {
+        &self.0
+    }
+}
+
 impl InferenceRequest {
     /// Check every field against the contract's limits, reporting all
     /// violations at once. The model's context limit is checked by the worker,
