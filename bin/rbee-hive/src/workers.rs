@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::host::{self, GpuInfo};
 use crate::models::Models;
+use breaker::Breakers;
 use process::Launcher;
 use registry::{WorkerRecord, WorkerRegistry};
 use supervisor::Spec;
@@ -128,7 +129,7 @@ struct Inner {
     audit: AuditSink,
     auth: Authenticator,
     hive_url: OnceLock<String>,
-    breakers: Mutex<HashMap<(String, u32), CircuitBreaker>>,
+    breakers: Arc<Breakers>,
     preflight: Mutex<()>,
     stops: Mutex<HashMap<String, CancellationToken>>,
     /// The supervisors; a finished one leaves nothing behind.
@@ -203,9 +204,7 @@ impl Workers {
         let breaker = tuning.settings.breaker;
         *slot = Arc::new(tuning);
         drop(slot);
-        for existing in self.inner.breakers.lock().values_mut() {
-            existing.reconfigure(breaker);
-        }
+        self.inner.breakers.reconfigure(breaker);
     }
 
     /// Hand a rotated API token to every running worker: replace its token
@@ -301,6 +300,7 @@ impl Workers {
                 .restart_failures
                 .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]);
         }
+        let breakers = Arc::new(Breakers::new(audit.clone(), metrics.activations.clone()));
         let workers = Self {
             inner: Arc::new(Inner {
                 tuning: RwLock::new(Arc::new(tuning)),
@@ -310,7 +310,7 @@ impl Workers {
                 audit,
                 auth,
                 hive_url: OnceLock::new(),
-                breakers: Mutex::default(),
+                breakers,
                 preflight: Mutex::default(),
                 stops: Mutex::default(),
                 tasks: tokio_util::task::TaskTracker::new(),
@@ -540,7 +540,12 @@ impl Workers {
                     "device": device,
                 })));
             }
-            let probe = self.acquire_breaker(&model_ref, device, request_id)?;
+            let probe = inner.breakers.acquire(
+                &model_ref,
+                device,
+                &inner.tuning().breaker_template,
+                request_id,
+            )?;
             let now = Instant::now();
             inner.registry.insert(WorkerRecord {
                 id: worker_id.clone(),
@@ -611,11 +616,12 @@ impl Workers {
             let cb = ReadyCallback { url, ..cb.clone() };
             self.inner.registry.on_ready(&cb, Instant::now())?;
         }
-        let transition = {
-            let mut breakers = self.inner.breakers.lock();
-            self.breaker_entry(&mut breakers, &record.model_ref, record.device)
-                .record_success(Instant::now())
-        };
+        let transition = self.inner.breakers.with(
+            &record.model_ref,
+            record.device,
+            &self.inner.tuning().breaker_template,
+            |b| b.record_success(Instant::now()),
+        );
         if transition == Some(BreakerTransition::Closed) {
             tracing::info!(model_ref = %record.model_ref, device = record.device, "circuit breaker closed: a probe spawn became ready");
             self.inner.audit.emit(

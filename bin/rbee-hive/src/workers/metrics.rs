@@ -7,7 +7,6 @@ use std::time::Instant;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
-use restart_policy::BreakerStatus;
 
 use super::Workers;
 
@@ -55,16 +54,15 @@ impl prometheus_client::collector::Collector for Collector {
             MetricType::Gauge,
         )?)?;
         {
-            let breakers = inner.breakers.lock();
+            let breakers = inner.breakers.open_at(Instant::now());
             let mut family = encoder.encode_descriptor(
                 "rbee_hive_circuit_breaker_open",
                 "1 while the breaker of a (model, device) pair is open",
                 None,
                 MetricType::Gauge,
             )?;
-            let now = Instant::now();
-            for ((model, device), breaker) in breakers.iter() {
-                let open = i64::from(breaker.status(now) == BreakerStatus::Open);
+            for ((model, device), open) in breakers {
+                let open = i64::from(open);
                 let labels = vec![
                     ("model".to_owned(), model.clone()),
                     ("device".to_owned(), device.to_string()),

@@ -89,17 +89,22 @@ impl Workers {
                 },
             );
             let now = Instant::now();
-            let outcome = {
-                let mut breakers = self.lock_breakers();
-                let breaker = self.breaker_entry(&mut breakers, &spec.model_ref, spec.device);
-                inner
-                    .tuning()
-                    .policy
-                    .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
-            };
+            let tuning = inner.tuning();
+            let outcome = inner.breakers.with(
+                &spec.model_ref,
+                spec.device,
+                &tuning.breaker_template,
+                |breaker| {
+                    tuning
+                        .policy
+                        .on_exit(&mut state, breaker, ExitKind::Failure, now, &mut rng)
+                },
+            );
             if outcome.breaker == Some(BreakerTransition::Opened) {
                 tracing::warn!(model_ref = %spec.model_ref, device = spec.device, "circuit breaker opened");
-                self.breaker_opened(&spec.model_ref, spec.device, request_id);
+                inner
+                    .breakers
+                    .opened(&spec.model_ref, spec.device, request_id);
             }
             match outcome.decision {
                 Decision::Restart { delay, attempt } => {
@@ -132,7 +137,11 @@ impl Workers {
                             break;
                         }
                     }
-                    match self.acquire_breaker(&spec.model_ref, spec.device, request_id) {
+                    let template = &inner.tuning().breaker_template;
+                    match inner
+                        .breakers
+                        .acquire(&spec.model_ref, spec.device, template, request_id)
+                    {
                         Ok(next) => probe = next,
                         Err(_) => {
                             self.give_up(
