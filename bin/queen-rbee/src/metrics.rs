@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use rbee_api::fleet::HiveState;
 use rbee_api::worker::WorkerState;
 use rbee_api::Outcome;
 
@@ -252,9 +253,14 @@ impl QueenMetrics {
     }
 
     pub(crate) fn set_hives(&self, reachable: usize, unreachable: usize) {
-        for (state, n) in [("reachable", reachable), ("unreachable", unreachable)] {
+        for (state, n) in [
+            (HiveState::Reachable, reachable),
+            (HiveState::Unreachable, unreachable),
+        ] {
             self.hives
-                .get_or_create(&StateLabel { state })
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
                 .set(n as i64);
         }
     }
