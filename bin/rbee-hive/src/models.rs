@@ -11,6 +11,7 @@
 
 pub(crate) mod catalog;
 pub(crate) mod downloads;
+pub(crate) mod error;
 pub(crate) mod hub;
 pub(crate) mod leases;
 pub(crate) mod local;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use catalog::{Catalog, CatalogError, StoredFile};
 use downloads::{Download, Downloads, Phase};
+use error::ModelError;
 use hub::Hub;
 use leases::Leases;
 
@@ -128,8 +130,8 @@ pub enum ModelsError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     /// The Hub client could not be built.
-    #[error("{0}")]
-    Hub(String),
+    #[error("cannot build the Hugging Face client")]
+    Hub(#[source] hf_hub::api::tokio::ApiError),
 }
 
 impl Models {
@@ -233,12 +235,7 @@ impl Models {
         raw: &str,
         request_id: Option<&str>,
     ) -> Result<ProvisionAccepted, ApiError> {
-        let parsed = ModelRef::parse(raw).map_err(|e| {
-            ApiError::invalid_fields(
-                ErrorCode::InvalidRequest,
-                vec![e.into_field_error("model_ref")],
-            )
-        })?;
+        let parsed = ModelRef::parse(raw).map_err(ModelError::from)?;
         let download = self.start(parsed, request_id.map(str::to_owned));
         let mut phase = download.subscribe();
         let resolved = phase
@@ -286,26 +283,15 @@ impl Models {
     /// Remove `raw` from the catalog and delete the files only it uses
     /// (never the files of a `file:` model, which are the operator's).
     pub async fn evict(&self, raw: &str, request_id: Option<&str>) -> Result<Evicted, ApiError> {
-        let parsed = ModelRef::parse(raw).map_err(|e| {
-            ApiError::invalid_fields(
-                ErrorCode::InvalidRequest,
-                vec![e.into_field_error("model_ref")],
-            )
-        })?;
+        let parsed = ModelRef::parse(raw).map_err(ModelError::from)?;
         let model_ref = parsed.to_string();
         if self.inner.downloads.is_active(&model_ref) {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("{model_ref} is being downloaded; evict it when the download has ended"),
-            ));
+            return Err(ModelError::Downloading { model_ref }.into());
         }
         let _evicting = self.inner.leases.begin_evict(&model_ref)?;
         let all = self.inner.catalog.list().await.map_err(internal)?;
         let Some(record) = all.iter().find(|r| r.entry.model_ref == model_ref).cloned() else {
-            return Err(ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("{model_ref} is not in the catalog"),
-            ));
+            return Err(ModelError::NotInCatalog { model_ref }.into());
         };
         let bytes_freed = if record.entry.provider == "hf" {
             let others: Vec<PathBuf> = all

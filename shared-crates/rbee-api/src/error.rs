@@ -260,7 +260,7 @@ impl ApiError {
             [one] => one.message.clone(),
             many => format!("{} fields are invalid", many.len()),
         };
-        Self::new(code, message).with_details(serde_json::json!({ "fields": fields }))
+        Self::new(code, message).with_details(fields_details(&fields))
     }
 
     /// Attach structured details.
@@ -298,6 +298,60 @@ impl ApiError {
     }
 }
 
+/// The `details` of a validation error: `{"fields": [...]}`.
+pub fn fields_details(fields: &[FieldError]) -> serde_json::Value {
+    #[derive(Serialize)]
+    struct Details<'a> {
+        fields: &'a [FieldError],
+    }
+    serde_json::to_value(Details { fields }).unwrap_or_default()
+}
+
+/// A component's own error that a daemon answers with: its contract code,
+/// any structured details, and a message made of its `Display` and every
+/// `source` below it. Components return their typed errors; the edge turns
+/// them into the envelope with `?` (the blanket `From` below) and nowhere
+/// else.
+pub trait Coded: std::error::Error {
+    /// The contract code (and so the status and the retriable flag).
+    fn code(&self) -> ErrorCode;
+
+    /// Structured `details`, where a client can act on them.
+    fn details(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Seconds for `Retry-After`, where a retry has a known earliest time.
+    fn retry_after(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// An error and its causes on one line, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+impl<E: Coded> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        let mut error = ApiError::new(e.code(), chain(&e));
+        if let Some(details) = e.details() {
+            error = error.with_details(details);
+        }
+        if let Some(seconds) = e.retry_after() {
+            error = error.with_retry_after(seconds);
+        }
+        error
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.body.error.code, self.body.error.message)
@@ -321,6 +375,32 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Sample {
+        #[error("cannot read {0}")]
+        Read(&'static str, #[source] std::io::Error),
+    }
+
+    impl Coded for Sample {
+        fn code(&self) -> ErrorCode {
+            ErrorCode::ModelNotFound
+        }
+        fn details(&self) -> Option<serde_json::Value> {
+            Some(serde_json::json!({ "path": "/m" }))
+        }
+    }
+
+    #[test]
+    fn a_typed_error_becomes_the_envelope_with_its_causes_in_the_message() {
+        let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err: ApiError = Sample::Read("/m", cause).into();
+        let json = serde_json::to_value(err.body()).unwrap();
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(json["error"]["code"], "MODEL_NOT_FOUND");
+        assert_eq!(json["error"]["message"], "cannot read /m: no such file");
+        assert_eq!(json["error"]["details"]["path"], "/m");
+    }
 
     #[test]
     fn envelope_serializes_in_the_contract_shape() {

@@ -17,6 +17,6 @@ pub mod outcome;
 pub mod sse;
 pub mod worker;
 
-pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, FieldError};
+pub use error::{ApiError, Coded, ErrorBody, ErrorCode, ErrorDetail, FieldError};
 pub use model_ref::{HfRef, ModelRef, ModelRefError};
 pub use outcome::Outcome;

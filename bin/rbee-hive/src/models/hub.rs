@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hf_hub::api::tokio::{Api, ApiBuilder, ApiError as HubError};
+use hf_hub::api::tokio::{Api, ApiBuilder, ApiError as HfError};
 use hf_hub::{Cache, Repo, RepoType};
 use prometheus_client::metrics::counter::Counter;
-use rbee_api::{ApiError, ErrorCode, HfRef};
-use rbee_http::client::error_chain;
+use rbee_api::{Coded, ErrorCode, FieldError, HfRef, ModelRefError};
+use rbee_http::client::BodyError;
 use serde::Deserialize;
 
 /// How long resolving a reference (the repository listing) may take.
@@ -84,13 +84,191 @@ impl Plan {
     }
 }
 
-/// Why fetching one file failed.
-#[derive(Debug)]
-pub struct FetchError {
-    /// What to answer.
-    pub error: ApiError,
-    /// Whether another attempt may succeed (network trouble, 5xx).
-    pub retry: bool,
+/// Why resolving a reference or fetching one of its files failed. Every
+/// variant names the reference as the user wrote it (`display`).
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The listing request did not finish in time.
+    #[error("the Hub did not answer within {:?} for {display}", RESOLVE_TIMEOUT)]
+    Timeout { display: String },
+    /// The listing request failed on the network.
+    #[error("cannot reach the Hub for {display}")]
+    Unreachable {
+        display: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The listing could not be read.
+    #[error("cannot read the Hub's listing for {display}")]
+    ListingUnread {
+        display: String,
+        #[source]
+        source: BodyError,
+    },
+    /// The listing is not the JSON the Hub sends.
+    #[error("the Hub's listing for {display} is not valid")]
+    ListingInvalid {
+        display: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The listing's commit id is not 40 hex digits.
+    #[error("the Hub's listing for {display} has no valid commit id")]
+    NoCommit { display: String },
+    /// The listing names a file that would leave the snapshot folder.
+    #[error("the Hub's listing for {display} names an unsafe file")]
+    UnsafeName {
+        display: String,
+        #[source]
+        source: ModelRefError,
+    },
+    /// The listing has no size for a file.
+    #[error("the Hub did not report the size of {name} for {display}")]
+    NoSize { display: String, name: String },
+    /// The listing's SHA-256 for a file is not 64 hex digits.
+    #[error("the Hub reported an invalid sha256 for {name} of {display}")]
+    BadSha256 { display: String, name: String },
+    /// No such repository.
+    #[error("{display}: repository {repo} not found on the Hub")]
+    RepoNotFound { display: String, repo: String },
+    /// No such branch, tag or commit.
+    #[error("{display}: revision {revision} not found in {repo}")]
+    RevisionNotFound {
+        display: String,
+        revision: String,
+        repo: String,
+    },
+    /// The Hub says the entry does not exist.
+    #[error("{display}: file not found in {repo}")]
+    EntryNotFound { display: String, repo: String },
+    /// The Hub answered 404 with an error code we do not know.
+    #[error("{display}: not found on the Hub")]
+    NotFound { display: String },
+    /// The configured token is not granted the repository.
+    #[error("{display}: the configured Hugging Face token is not granted access to {repo}")]
+    TokenDenied { display: String, repo: String },
+    /// The repository is gated and no token is configured.
+    #[error(
+        "{display}: {repo} requires authentication; set HF_TOKEN (or --hf-token-file) on the hive"
+    )]
+    NeedsToken { display: String, repo: String },
+    /// Any other HTTP status for the listing.
+    #[error("the Hub answered HTTP {status} for {display}")]
+    Status { display: String, status: u16 },
+    /// `:FILE` names a file the repository does not have.
+    #[error("{display}: {repo} has no file {file}")]
+    NoSuchFile {
+        display: String,
+        repo: String,
+        file: String,
+    },
+    /// `:FILE` names something other than a GGUF file.
+    #[error("{display}: only a .gguf file can be selected with :FILE; name the repository alone for a safetensors model")]
+    NotGguf { display: String },
+    /// Several GGUF files and none named.
+    #[error("{display} holds {} GGUF files; name one as hf:{repo}:FILE ({})", files.len(), files.join(", "))]
+    ManyGguf {
+        display: String,
+        repo: String,
+        files: Vec<String>,
+    },
+    /// Neither a GGUF file nor a complete safetensors model.
+    #[error("{display}: {repo} holds no GGUF file and no safetensors model (config.json, tokenizer.json and *.safetensors)")]
+    NoModel { display: String, repo: String },
+    /// A file fetch got 404.
+    #[error("{display}: file {name} not found on the Hub")]
+    FileNotFound { display: String, name: String },
+    /// A file fetch got 401 or 403.
+    #[error("{display}: access to {name} denied by the Hub")]
+    FileDenied { display: String, name: String },
+    /// A file fetch got another HTTP status.
+    #[error("{display}: the Hub answered HTTP {status} for {name}")]
+    FileStatus {
+        display: String,
+        name: String,
+        status: u16,
+    },
+    /// A file fetch failed otherwise.
+    #[error("{display}: downloading {name} failed")]
+    Download {
+        display: String,
+        name: String,
+        #[source]
+        source: HfError,
+    },
+    /// A fetched file's real path could not be found.
+    #[error("{display}: the fetched file {} cannot be checked", path.display())]
+    Unchecked {
+        display: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A fetched file resolves (through symlinks) outside the cache.
+    #[error("{display}: the fetched file {} lies outside {}", path.display(), root.display())]
+    Outside {
+        display: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
+}
+
+impl HubError {
+    /// Whether another attempt at the same file may succeed (network
+    /// trouble, 5xx, 429).
+    pub fn retry(&self) -> bool {
+        match self {
+            Self::FileStatus { status, .. } => *status >= 500 || *status == 429,
+            Self::Download { source, .. } => matches!(
+                source,
+                HfError::RequestError(_) | HfError::TooManyRetries(_) | HfError::Join(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl Coded for HubError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::RepoNotFound { .. }
+            | Self::RevisionNotFound { .. }
+            | Self::EntryNotFound { .. }
+            | Self::NotFound { .. }
+            | Self::NoSuchFile { .. }
+            | Self::NoModel { .. }
+            | Self::FileNotFound { .. } => ErrorCode::ModelNotFound,
+            Self::TokenDenied { .. } | Self::NeedsToken { .. } | Self::FileDenied { .. } => {
+                ErrorCode::ModelAccessDenied
+            }
+            Self::NotGguf { .. } | Self::ManyGguf { .. } => ErrorCode::InvalidRequest,
+            Self::Timeout { .. }
+            | Self::Unreachable { .. }
+            | Self::ListingUnread { .. }
+            | Self::ListingInvalid { .. }
+            | Self::NoCommit { .. }
+            | Self::UnsafeName { .. }
+            | Self::NoSize { .. }
+            | Self::BadSha256 { .. }
+            | Self::Status { .. }
+            | Self::FileStatus { .. }
+            | Self::Download { .. }
+            | Self::Unchecked { .. }
+            | Self::Outside { .. } => ErrorCode::DownloadFailed,
+        }
+    }
+
+    fn details(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::NotGguf { .. } => Some(rbee_api::error::fields_details(&[FieldError::new(
+                "model_ref",
+                "format",
+                self.to_string(),
+            )])),
+            Self::ManyGguf { files, .. } => Some(serde_json::json!({ "files": files })),
+            _ => None,
+        }
+    }
 }
 
 /// The Hub client (endpoint, token, cache directory).
@@ -104,7 +282,7 @@ pub struct Hub {
 }
 
 /// A client for `endpoint` with `token`, writing under `cache_dir`.
-fn build_api(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Api, HubError> {
+fn build_api(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Api, HfError> {
     ApiBuilder::from_cache(Cache::new(cache_dir))
         .with_endpoint(endpoint.trim_end_matches('/').to_owned())
         .with_token(token)
@@ -115,10 +293,9 @@ fn build_api(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Resul
 
 impl Hub {
     /// A client for `endpoint` writing under `cache_dir`.
-    pub fn new(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Self, String> {
+    pub fn new(endpoint: &str, token: Option<String>, cache_dir: PathBuf) -> Result<Self, HfError> {
         let has_token = token.is_some();
-        let api = build_api(endpoint, token.clone(), cache_dir.clone())
-            .map_err(|e| format!("cannot build the Hugging Face client: {e}"))?;
+        let api = build_api(endpoint, token.clone(), cache_dir.clone())?;
         Ok(Self {
             api,
             endpoint: endpoint.to_owned(),
@@ -149,7 +326,7 @@ impl Hub {
 
     /// Ask the Hub which files `r` means. Errors are what the provision
     /// request answers.
-    pub async fn resolve(&self, r: &HfRef, display: &str) -> Result<Plan, ApiError> {
+    pub async fn resolve(&self, r: &HfRef, display: &str) -> Result<Plan, HubError> {
         let repo = Repo::with_revision(
             r.repo.clone(),
             RepoType::Model,
@@ -161,19 +338,10 @@ impl Hub {
             .info_request()
             .query(&[("blobs", "true")])
             .send();
+        let display = display.to_owned();
         let response = match tokio::time::timeout(RESOLVE_TIMEOUT, request).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    ErrorCode::DownloadFailed,
-                    format!("the Hub did not answer within {RESOLVE_TIMEOUT:?} for {display}"),
-                ))
-            }
-            Ok(Err(e)) => {
-                return Err(ApiError::new(
-                    ErrorCode::DownloadFailed,
-                    format!("cannot reach the Hub for {display}: {}", error_chain(&e)),
-                ))
-            }
+            Err(_) => return Err(HubError::Timeout { display }),
+            Ok(Err(source)) => return Err(HubError::Unreachable { display, source }),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -185,65 +353,37 @@ impl Hub {
                 .map(str::to_owned);
             return Err(self.status_error(status.as_u16(), hub_code.as_deref(), display, r));
         }
-        let body = rbee_http::client::read_limited(response, MAX_LISTING_BYTES)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::DownloadFailed,
-                    format!("cannot read the Hub's listing for {display}: {e}"),
-                )
-            })?;
-        let info: RepoInfo = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!("the Hub's listing for {display} is not valid: {e}"),
-            )
-        })?;
-        select_files(r, display, info)
+        let body = match rbee_http::client::read_limited(response, MAX_LISTING_BYTES).await {
+            Ok(body) => body,
+            Err(source) => return Err(HubError::ListingUnread { display, source }),
+        };
+        let info: RepoInfo = match serde_json::from_slice(&body) {
+            Ok(info) => info,
+            Err(source) => return Err(HubError::ListingInvalid { display, source }),
+        };
+        select_files(r, &display, info)
     }
 
     fn status_error(
         &self,
         status: u16,
         hub_code: Option<&str>,
-        display: &str,
+        display: String,
         r: &HfRef,
-    ) -> ApiError {
+    ) -> HubError {
+        let repo = r.repo.clone();
         match (status, hub_code) {
-            (_, Some("RepoNotFound")) | (404, None) => ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("{display}: repository {} not found on the Hub", r.repo),
-            ),
-            (_, Some("RevisionNotFound")) => ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!(
-                    "{display}: revision {} not found in {}",
-                    r.revision_or_main(),
-                    r.repo
-                ),
-            ),
-            (_, Some("EntryNotFound")) => ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("{display}: file not found in {}", r.repo),
-            ),
-            (401 | 403, _) => {
-                ApiError::new(
-                    ErrorCode::ModelAccessDenied,
-                    if self.has_token {
-                        format!("{display}: the configured Hugging Face token is not granted access to {}", r.repo)
-                    } else {
-                        format!("{display}: {} requires authentication; set HF_TOKEN (or --hf-token-file) on the hive", r.repo)
-                    },
-                )
-            }
-            (404, Some(_)) => ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("{display}: not found on the Hub"),
-            ),
-            (status, _) => ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!("the Hub answered HTTP {status} for {display}"),
-            ),
+            (_, Some("RepoNotFound")) | (404, None) => HubError::RepoNotFound { display, repo },
+            (_, Some("RevisionNotFound")) => HubError::RevisionNotFound {
+                display,
+                revision: r.revision_or_main().to_owned(),
+                repo,
+            },
+            (_, Some("EntryNotFound")) => HubError::EntryNotFound { display, repo },
+            (401 | 403, _) if self.has_token => HubError::TokenDenied { display, repo },
+            (401 | 403, _) => HubError::NeedsToken { display, repo },
+            (404, Some(_)) => HubError::NotFound { display },
+            (status, _) => HubError::Status { display, status },
         }
     }
 
@@ -263,7 +403,7 @@ impl Hub {
         file: &RepoFile,
         display: &str,
         progress: FileProgress,
-    ) -> Result<PathBuf, FetchError> {
+    ) -> Result<PathBuf, HubError> {
         let repo = Repo::with_revision(plan.repo.clone(), RepoType::Model, plan.commit.clone());
         let endpoint = self.endpoint.clone();
         let token = self
@@ -279,7 +419,7 @@ impl Hub {
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(HubError::IoError)
+                    .map_err(HfError::IoError)
                     .and_then(|runtime| {
                         let api = build_api(&endpoint, token, cache_dir)?;
                         runtime.block_on(api.repo(repo).download_with_progress(&name, progress))
@@ -288,9 +428,9 @@ impl Hub {
             });
         let result = match spawned {
             Ok(_) => rx.await.map_err(|_| {
-                HubError::IoError(std::io::Error::other("the download thread stopped"))
+                HfError::IoError(std::io::Error::other("the download thread stopped"))
             }),
-            Err(e) => Err(HubError::IoError(e)),
+            Err(e) => Err(HfError::IoError(e)),
         };
         let path = result
             .and_then(|r| r)
@@ -300,57 +440,45 @@ impl Hub {
 
     /// `path`, once it is known to lie under the cache root after every
     /// symlink is followed.
-    fn confined(&self, path: &Path, display: &str) -> Result<PathBuf, FetchError> {
-        let outside = |why: String| FetchError {
-            error: ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!("{display}: the fetched file {} {why}", path.display()),
-            ),
-            retry: false,
+    fn confined(&self, path: &Path, display: &str) -> Result<PathBuf, HubError> {
+        let unchecked = |source| HubError::Unchecked {
+            display: display.to_owned(),
+            path: path.to_path_buf(),
+            source,
         };
-        let root = std::fs::canonicalize(&self.cache_dir)
-            .map_err(|e| outside(format!("cannot be checked: {e}")))?;
-        let real =
-            std::fs::canonicalize(path).map_err(|e| outside(format!("cannot be checked: {e}")))?;
+        let root = std::fs::canonicalize(&self.cache_dir).map_err(unchecked)?;
+        let real = std::fs::canonicalize(path).map_err(unchecked)?;
         if real.starts_with(&root) {
             Ok(path.to_path_buf())
         } else {
-            Err(outside(format!("lies outside {}", root.display())))
+            Err(HubError::Outside {
+                display: display.to_owned(),
+                path: path.to_path_buf(),
+                root,
+            })
         }
     }
 
-    fn fetch_error(&self, e: HubError, display: &str, name: &str) -> FetchError {
-        if let HubError::RequestError(inner) = &e {
-            if let Some(status) = inner.status() {
-                let status = status.as_u16();
-                let retry = status >= 500 || status == 429;
-                let error = match status {
-                    404 => ApiError::new(
-                        ErrorCode::ModelNotFound,
-                        format!("{display}: file {name} not found on the Hub"),
-                    ),
-                    401 | 403 => ApiError::new(
-                        ErrorCode::ModelAccessDenied,
-                        format!("{display}: access to {name} denied by the Hub"),
-                    ),
-                    _ => ApiError::new(
-                        ErrorCode::DownloadFailed,
-                        format!("{display}: the Hub answered HTTP {status} for {name}"),
-                    ),
-                };
-                return FetchError { error, retry };
-            }
-        }
-        let retry = matches!(
-            e,
-            HubError::RequestError(_) | HubError::TooManyRetries(_) | HubError::Join(_)
-        );
-        FetchError {
-            error: ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!("{display}: downloading {name} failed: {}", error_chain(&e)),
-            ),
-            retry,
+    fn fetch_error(&self, e: HfError, display: &str, name: &str) -> HubError {
+        let display = display.to_owned();
+        let name = name.to_owned();
+        let status = match &e {
+            HfError::RequestError(inner) => inner.status().map(|s| s.as_u16()),
+            _ => None,
+        };
+        match status {
+            Some(404) => HubError::FileNotFound { display, name },
+            Some(401 | 403) => HubError::FileDenied { display, name },
+            Some(status) => HubError::FileStatus {
+                display,
+                name,
+                status,
+            },
+            None => HubError::Download {
+                display,
+                name,
+                source: e,
+            },
         }
     }
 }
@@ -381,44 +509,39 @@ fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiError> {
+fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, HubError> {
+    let display = || display.to_owned();
     if !is_commit(&info.sha) {
-        return Err(ApiError::new(
-            ErrorCode::DownloadFailed,
-            format!("the Hub's listing for {display} has no valid commit id"),
-        ));
+        return Err(HubError::NoCommit { display: display() });
     }
-    let to_file = |s: &Sibling| -> Result<RepoFile, ApiError> {
+    let to_file = |s: &Sibling| -> Result<RepoFile, HubError> {
         // The listing is the Hub's (or whatever answers at HF_ENDPOINT): a
         // name that would leave the snapshot folder is refused like a
         // user-given one.
-        if let Err(e) = rbee_api::model_ref::check_repo_file_name(&s.rfilename) {
-            return Err(ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!("the Hub's listing for {display} names an unsafe file: {e}"),
-            ));
+        if let Err(source) = rbee_api::model_ref::check_repo_file_name(&s.rfilename) {
+            return Err(HubError::UnsafeName {
+                display: display(),
+                source,
+            });
         }
-        let size = s.lfs.as_ref().map(|l| l.size).or(s.size).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!(
-                    "the Hub did not report the size of {} for {display}",
-                    s.rfilename
-                ),
-            )
-        })?;
+        let size = s
+            .lfs
+            .as_ref()
+            .map(|l| l.size)
+            .or(s.size)
+            .ok_or_else(|| HubError::NoSize {
+                display: display(),
+                name: s.rfilename.clone(),
+            })?;
         let sha256 = s.lfs.as_ref().map(|l| l.sha256.to_ascii_lowercase());
         if sha256
             .as_deref()
             .is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
         {
-            return Err(ApiError::new(
-                ErrorCode::DownloadFailed,
-                format!(
-                    "the Hub reported an invalid sha256 for {} of {display}",
-                    s.rfilename
-                ),
-            ));
+            return Err(HubError::BadSha256 {
+                display: display(),
+                name: s.rfilename.clone(),
+            });
         }
         Ok(RepoFile {
             name: s.rfilename.clone(),
@@ -435,20 +558,14 @@ fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiErr
     };
     if let Some(wanted) = &r.file {
         let Some(sibling) = info.siblings.iter().find(|s| &s.rfilename == wanted) else {
-            return Err(ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("{display}: {} has no file {wanted}", r.repo),
-            ));
+            return Err(HubError::NoSuchFile {
+                display: display(),
+                repo: r.repo.clone(),
+                file: wanted.clone(),
+            });
         };
         if !is_gguf(wanted) {
-            return Err(ApiError::invalid_fields(
-                ErrorCode::InvalidRequest,
-                vec![rbee_api::FieldError::new(
-                    "model_ref",
-                    "format",
-                    format!("{display}: only a .gguf file can be selected with :FILE; name the repository alone for a safetensors model"),
-                )],
-            ));
+            return Err(HubError::NotGguf { display: display() });
         }
         return Ok(plan(Format::Gguf, vec![to_file(sibling)?]));
     }
@@ -461,17 +578,11 @@ fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiErr
         [one] => return Ok(plan(Format::Gguf, vec![to_file(one)?])),
         [] => {}
         many => {
-            let names: Vec<&str> = many.iter().map(|s| s.rfilename.as_str()).collect();
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "{display} holds {} GGUF files; name one as hf:{}:FILE ({})",
-                    names.len(),
-                    r.repo,
-                    names.join(", ")
-                ),
-            )
-            .with_details(serde_json::json!({ "files": names })));
+            return Err(HubError::ManyGguf {
+                display: display(),
+                repo: r.repo.clone(),
+                files: many.iter().map(|s| s.rfilename.clone()).collect(),
+            });
         }
     }
     let top_level = |s: &&Sibling| !s.rfilename.contains('/');
@@ -483,13 +594,10 @@ fn select_files(r: &HfRef, display: &str, info: RepoInfo) -> Result<Plan, ApiErr
         .collect();
     let has = |name: &str| info.siblings.iter().any(|s| s.rfilename == name);
     if weights.is_empty() || !has("config.json") || !has("tokenizer.json") {
-        return Err(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!(
-                "{display}: {} holds no GGUF file and no safetensors model (config.json, tokenizer.json and *.safetensors)",
-                r.repo
-            ),
-        ));
+        return Err(HubError::NoModel {
+            display: display(),
+            repo: r.repo.clone(),
+        });
     }
     let mut files = Vec::new();
     for sibling in info.siblings.iter().filter(top_level) {
@@ -576,6 +684,8 @@ impl hf_hub::api::tokio::Progress for FileProgress {
 
 #[cfg(test)]
 mod tests {
+    use rbee_api::ApiError;
+
     use super::*;
 
     fn info(files: &[(&str, u64, bool)]) -> RepoInfo {
@@ -635,12 +745,13 @@ mod tests {
 
     #[test]
     fn several_ggufs_without_a_file_list_them() {
-        let err = select_files(
+        let err: ApiError = select_files(
             &hf(None),
             "hf:o/r",
             info(&[("a.gguf", 1, true), ("b.gguf", 2, true)]),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .into();
         assert_eq!(err.code(), ErrorCode::InvalidRequest);
         let details = err.body().error.details.clone().unwrap();
         assert_eq!(details["files"], serde_json::json!(["a.gguf", "b.gguf"]));
@@ -693,7 +804,7 @@ mod tests {
             "hf:o/r:x.gguf",
             info(&[("a.gguf", 1, true)]),
         );
-        let err = missing.unwrap_err();
+        let err: ApiError = missing.unwrap_err().into();
         assert_eq!(err.code(), ErrorCode::ModelNotFound);
         assert!(err.body().error.message.contains("hf:o/r:x.gguf"));
         let not_gguf = select_files(

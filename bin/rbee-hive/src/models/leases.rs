@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
-use rbee_api::{ApiError, ErrorCode};
+
+use super::error::ModelError;
 
 #[derive(Debug)]
 enum Use {
@@ -41,14 +42,13 @@ impl Leases {
     }
 
     /// Take a lease on `model_ref`; refused while it is being evicted.
-    pub fn acquire(&self, model_ref: &str) -> Result<Lease, ApiError> {
+    pub fn acquire(&self, model_ref: &str) -> Result<Lease, ModelError> {
         let mut map = self.lock();
         match map.get_mut(model_ref) {
             Some(Use::Evicting) => {
-                return Err(ApiError::new(
-                    ErrorCode::ModelNotFound,
-                    format!("{model_ref} is being evicted"),
-                ))
+                return Err(ModelError::Evicting {
+                    model_ref: model_ref.to_owned(),
+                })
             }
             Some(Use::Workers(n)) => *n += 1,
             None => {
@@ -70,18 +70,16 @@ impl Leases {
     }
 
     /// Mark `model_ref` as being evicted; 409 `MODEL_IN_USE` while leased.
-    pub fn begin_evict(&self, model_ref: &str) -> Result<EvictGuard, ApiError> {
+    pub fn begin_evict(&self, model_ref: &str) -> Result<EvictGuard, ModelError> {
         let mut map = self.lock();
         match map.get(model_ref) {
-            Some(Use::Workers(n)) => Err(ApiError::new(
-                ErrorCode::ModelInUse,
-                format!("{model_ref} is used by {n} worker(s); stop them before evicting it"),
-            )
-            .with_details(serde_json::json!({ "workers": n }))),
-            Some(Use::Evicting) => Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("{model_ref} is already being evicted"),
-            )),
+            Some(Use::Workers(n)) => Err(ModelError::InUse {
+                model_ref: model_ref.to_owned(),
+                workers: *n,
+            }),
+            Some(Use::Evicting) => Err(ModelError::AlreadyEvicting {
+                model_ref: model_ref.to_owned(),
+            }),
             None => {
                 map.insert(model_ref.to_owned(), Use::Evicting);
                 Ok(EvictGuard {
@@ -116,6 +114,8 @@ impl Drop for EvictGuard {
 
 #[cfg(test)]
 mod tests {
+    use rbee_api::{Coded, ErrorCode};
+
     use super::*;
 
     #[test]
@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(leases.count("hf:o/r"), 2);
         let err = leases.begin_evict("hf:o/r").unwrap_err();
         assert_eq!(err.code(), ErrorCode::ModelInUse);
-        assert_eq!(err.status(), http_status_conflict());
+        assert_eq!(err.code().status(), http_status_conflict());
         drop(a);
         assert!(leases.begin_evict("hf:o/r").is_err());
         drop(b);

@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rbee_api::{ApiError, ErrorCode, FieldError};
+use rbee_api::{Coded, ErrorCode, FieldError};
 use sha2::{Digest, Sha256};
 
 use super::hub::Format;
@@ -29,28 +29,144 @@ pub struct LocalModel {
     pub files: Vec<(PathBuf, u64)>,
 }
 
+/// Why a `file:` reference names no model a worker can load. Every
+/// variant but `Missing` is the request's fault (`details.fields` names
+/// `model_ref`).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// Nothing at the path.
+    #[error("{display}: no such file or directory")]
+    Missing { display: String },
+    /// The path exists but cannot be read.
+    #[error("{display} cannot be read")]
+    Unreadable {
+        display: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its symlinks cannot be followed.
+    #[error("{display} cannot be resolved")]
+    Unresolved {
+        display: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose first four bytes cannot be read.
+    #[error("{display} cannot be read as a GGUF file")]
+    ShortFile {
+        display: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file without the GGUF magic.
+    #[error("{display} is neither a GGUF file (no GGUF magic) nor a safetensors directory")]
+    NotGguf { display: String },
+    /// Neither a file nor a directory.
+    #[error("{display} is not a regular file or a directory")]
+    NotFileOrDir { display: String },
+    /// The directory cannot be listed.
+    #[error("{display} cannot list the directory")]
+    Unlisted {
+        display: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the directory cannot be resolved.
+    #[error("{display} {name} cannot be resolved")]
+    EntryUnresolved {
+        display: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the directory resolves outside it.
+    #[error("{display} {name} resolves to {}, outside the named directory", target.display())]
+    Escapes {
+        display: String,
+        name: String,
+        target: PathBuf,
+    },
+    /// A file of the directory cannot be read.
+    #[error("{display} {name} cannot be read")]
+    EntryUnreadable {
+        display: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `*.safetensors` file with a bad header.
+    #[error("{display} {name} is not a safetensors file")]
+    NotSafetensors {
+        display: String,
+        name: String,
+        #[source]
+        source: HeaderError,
+    },
+    /// A directory without config, tokenizer and weights.
+    #[error("{display} is a directory without a safetensors model (config.json, tokenizer.json and *.safetensors)")]
+    NoModel { display: String },
+}
+
+impl Coded for LocalError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Missing { .. } => ErrorCode::ModelNotFound,
+            _ => ErrorCode::InvalidRequest,
+        }
+    }
+
+    fn details(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Missing { .. } => None,
+            _ => Some(rbee_api::error::fields_details(&[FieldError::new(
+                "model_ref",
+                "model",
+                rbee_api::error::chain(self),
+            )])),
+        }
+    }
+}
+
+/// Why a safetensors header is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// The file cannot be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The declared length is zero, too large, or past the end.
+    #[error("header length {len} does not fit a file of {size} bytes")]
+    Length { len: u64, size: u64 },
+    /// The header does not start with `{`.
+    #[error("the header is not JSON")]
+    NotJson,
+}
+
 /// Check `named` (from `file:NAMED`). Blocking: call it on a blocking thread.
-pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, ApiError> {
-    let meta = std::fs::metadata(named).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!("{display}: no such file or directory"),
-        ),
-        _ => invalid(display, format!("cannot be read: {e}")),
+pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, LocalError> {
+    let d = || display.to_owned();
+    let meta = std::fs::metadata(named).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => LocalError::Missing { display: d() },
+        _ => LocalError::Unreadable {
+            display: d(),
+            source,
+        },
     })?;
     let path = named
         .canonicalize()
-        .map_err(|e| invalid(display, format!("cannot be resolved: {e}")))?;
+        .map_err(|source| LocalError::Unresolved {
+            display: d(),
+            source,
+        })?;
     if meta.is_file() {
         let mut magic = [0u8; 4];
         std::fs::File::open(&path)
             .and_then(|mut f| f.read_exact(&mut magic))
-            .map_err(|e| invalid(display, format!("cannot be read as a GGUF file: {e}")))?;
+            .map_err(|source| LocalError::ShortFile {
+                display: d(),
+                source,
+            })?;
         if &magic != b"GGUF" {
-            return Err(invalid(
-                display,
-                "is neither a GGUF file (no GGUF magic) nor a safetensors directory".to_owned(),
-            ));
+            return Err(LocalError::NotGguf { display: d() });
         }
         return Ok(LocalModel {
             files: vec![(path.clone(), meta.len())],
@@ -59,18 +175,17 @@ pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, ApiError> {
         });
     }
     if !meta.is_dir() {
-        return Err(invalid(
-            display,
-            "is not a regular file or a directory".to_owned(),
-        ));
+        return Err(LocalError::NotFileOrDir { display: d() });
     }
-    let entries = std::fs::read_dir(&path)
-        .map_err(|e| invalid(display, format!("cannot list the directory: {e}")))?;
+    let unlisted = |source| LocalError::Unlisted {
+        display: d(),
+        source,
+    };
+    let entries = std::fs::read_dir(&path).map_err(unlisted)?;
     let mut files = Vec::new();
     let mut weights = 0usize;
     for entry in entries {
-        let entry =
-            entry.map_err(|e| invalid(display, format!("cannot list the directory: {e}")))?;
+        let entry = entry.map_err(unlisted)?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_weights = name.ends_with(".safetensors");
         let wanted = is_weights
@@ -86,26 +201,41 @@ pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, ApiError> {
         if !wanted {
             continue;
         }
-        let resolved = entry
-            .path()
-            .canonicalize()
-            .map_err(|e| invalid(display, format!("{name} cannot be resolved: {e}")))?;
+        let resolved = match entry.path().canonicalize() {
+            Ok(resolved) => resolved,
+            Err(source) => {
+                return Err(LocalError::EntryUnresolved {
+                    display: d(),
+                    name,
+                    source,
+                })
+            }
+        };
         if resolved.parent() != Some(path.as_path()) {
-            return Err(invalid(
-                display,
-                format!(
-                    "{name} resolves to {}, outside the named directory",
-                    resolved.display()
-                ),
-            ));
+            return Err(LocalError::Escapes {
+                display: d(),
+                name,
+                target: resolved,
+            });
         }
-        let size = std::fs::metadata(&resolved)
-            .map_err(|e| invalid(display, format!("{name} cannot be read: {e}")))?
-            .len();
+        let size = match std::fs::metadata(&resolved) {
+            Ok(meta) => meta.len(),
+            Err(source) => {
+                return Err(LocalError::EntryUnreadable {
+                    display: d(),
+                    name,
+                    source,
+                })
+            }
+        };
         if is_weights {
-            check_safetensors_header(&resolved, size).map_err(|why| {
-                invalid(display, format!("{name} is not a safetensors file: {why}"))
-            })?;
+            if let Err(source) = check_safetensors_header(&resolved, size) {
+                return Err(LocalError::NotSafetensors {
+                    display: d(),
+                    name,
+                    source,
+                });
+            }
             weights += 1;
         }
         files.push((resolved, size));
@@ -117,11 +247,7 @@ pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, ApiError> {
             .any(|(p, _)| p.file_name().is_some_and(|f| f == n))
     };
     if weights == 0 || !has("config.json") || !has("tokenizer.json") {
-        return Err(invalid(
-            display,
-            "is a directory without a safetensors model (config.json, tokenizer.json and *.safetensors)"
-                .to_owned(),
-        ));
+        return Err(LocalError::NoModel { display: d() });
     }
     Ok(LocalModel {
         path,
@@ -130,31 +256,18 @@ pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, ApiError> {
     })
 }
 
-fn invalid(display: &str, what: String) -> ApiError {
-    ApiError::invalid_fields(
-        ErrorCode::InvalidRequest,
-        vec![FieldError::new(
-            "model_ref",
-            "model",
-            format!("{display} {what}"),
-        )],
-    )
-}
-
-fn check_safetensors_header(path: &Path, size: u64) -> Result<(), String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn check_safetensors_header(path: &Path, size: u64) -> Result<(), HeaderError> {
+    let mut f = std::fs::File::open(path)?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| e.to_string())?;
+    f.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
     if len == 0 || len > MAX_SAFETENSORS_HEADER || len + 8 > size {
-        return Err(format!(
-            "header length {len} does not fit a file of {size} bytes"
-        ));
+        return Err(HeaderError::Length { len, size });
     }
     let mut first = [0u8; 1];
-    f.read_exact(&mut first).map_err(|e| e.to_string())?;
+    f.read_exact(&mut first)?;
     if first[0] != b'{' {
-        return Err("the header is not JSON".to_owned());
+        return Err(HeaderError::NotJson);
     }
     Ok(())
 }
@@ -198,6 +311,8 @@ pub fn manifest_digest(files: &[(String, String)]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use rbee_api::ApiError;
+
     use super::*;
 
     fn safetensors_bytes() -> Vec<u8> {
@@ -219,11 +334,13 @@ mod tests {
 
         let text = dir.path().join("notes.txt");
         std::fs::write(&text, b"hello world").unwrap();
-        let err = inspect(&text, "file:notes").unwrap_err();
+        let err: ApiError = inspect(&text, "file:notes").unwrap_err().into();
         assert_eq!(err.code(), ErrorCode::InvalidRequest);
         assert!(err.body().error.message.contains("GGUF"));
 
-        let err = inspect(&dir.path().join("absent.gguf"), "file:absent").unwrap_err();
+        let err: ApiError = inspect(&dir.path().join("absent.gguf"), "file:absent")
+            .unwrap_err()
+            .into();
         assert_eq!(err.code(), ErrorCode::ModelNotFound);
     }
 
@@ -233,12 +350,12 @@ mod tests {
         let model = dir.path().join("model");
         std::fs::create_dir(&model).unwrap();
         std::fs::write(model.join("config.json"), b"{}").unwrap();
-        let err = inspect(&model, "file:model").unwrap_err();
+        let err: ApiError = inspect(&model, "file:model").unwrap_err().into();
         assert_eq!(err.code(), ErrorCode::InvalidRequest);
 
         std::fs::write(model.join("tokenizer.json"), b"{}").unwrap();
         std::fs::write(model.join("model.safetensors"), b"garbage!garbage").unwrap();
-        let err = inspect(&model, "file:model").unwrap_err();
+        let err: ApiError = inspect(&model, "file:model").unwrap_err().into();
         assert!(err.body().error.message.contains("not a safetensors file"));
 
         std::fs::write(model.join("model.safetensors"), safetensors_bytes()).unwrap();
@@ -258,7 +375,7 @@ mod tests {
         let outside = dir.path().join("secret.json");
         std::fs::write(&outside, b"{}").unwrap();
         std::os::unix::fs::symlink(&outside, model.join("tokenizer.json")).unwrap();
-        let err = inspect(&model, "file:model").unwrap_err();
+        let err: ApiError = inspect(&model, "file:model").unwrap_err().into();
         assert!(
             err.body()
                 .error

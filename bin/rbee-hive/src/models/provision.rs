@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rbee_api::models::{DownloadEvent, ModelEntry};
-use rbee_api::{ApiError, ErrorCode, HfRef};
+use rbee_api::{ApiError, HfRef};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{CatalogRecord, StoredFile};
 use super::downloads::{Download, Phase};
+use super::error::{DiskShortfall, ModelError};
 use super::hub::{FileProgress, Format, Plan, RepoFile};
 use super::{
     available_bytes, internal, local, now_rfc3339, remove_with_blob, Failure, Models,
@@ -31,7 +32,7 @@ impl Models {
             .hub
             .resolve(r, &display)
             .await
-            .map_err(Failure::Rejected)?;
+            .map_err(|e| Failure::Rejected(e.into()))?;
         let present: Vec<bool> = plan
             .files
             .iter()
@@ -147,13 +148,13 @@ impl Models {
             );
             match self.inner.hub.fetch(plan, file, display, progress).await {
                 Ok(path) => return Ok(path),
-                Err(e) if e.retry && attempt < attempts => {
+                Err(e) if e.retry() && attempt < attempts => {
                     let delay = Duration::from_secs(1 << (attempt - 1).min(5));
-                    tracing::warn!(model_ref = %download.model_ref, file = %file.name, attempt, error = %e.error.body().error.message, retry_in_s = delay.as_secs(), "download attempt failed; resuming after a pause");
+                    tracing::warn!(model_ref = %download.model_ref, file = %file.name, attempt, error = %rbee_api::error::chain(&e), retry_in_s = delay.as_secs(), "download attempt failed; resuming after a pause");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e.error),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -172,28 +173,37 @@ impl Models {
         let display = display.to_owned();
         let cache = self.inner.hub.cache_dir().to_path_buf();
         rbee_http::task::spawn_blocking(move || {
+            let name = expected.name.clone();
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let mismatch = if size != expected.size {
-                Some(format!("{} has {size} bytes, the Hub reported {}", expected.name, expected.size))
+                ModelError::SizeMismatch {
+                    display,
+                    name,
+                    have: size,
+                    want: expected.size,
+                }
             } else {
                 let sink = AtomicU64::new(0);
                 match local::hash_file(&path, &sink, &|| shutdown.is_cancelled()) {
-                    Ok(Some(sha)) => match &expected.sha256 {
-                        Some(want) if *want != sha => Some(format!(
-                            "sha256 mismatch for {}: the Hub reported {want}, the download has {sha}",
-                            expected.name
-                        )),
+                    Ok(Some(sha)) => match expected.sha256 {
+                        Some(want) if want != sha => ModelError::ShaMismatch {
+                            display,
+                            name,
+                            want,
+                            have: sha,
+                        },
                         _ => return Ok(sha),
                     },
-                    Ok(None) => {
-                        return Err(ApiError::new(ErrorCode::ShuttingDown, "the hive is shutting down"))
-                    }
-                    Err(e) => Some(format!("cannot read {}: {e}", expected.name)),
+                    Ok(None) => return Err(ModelError::ShuttingDown.into()),
+                    Err(source) => ModelError::Unverifiable {
+                        display,
+                        name,
+                        source,
+                    },
                 }
             };
-            let why = mismatch.unwrap_or_default();
             remove_with_blob(&path, &cache);
-            Err(ApiError::new(ErrorCode::DownloadFailed, format!("{display}: {why}; the file was deleted")))
+            Err(mismatch.into())
         })
         .await
         .map_err(|e| internal(e.to_string()))?
@@ -211,7 +221,7 @@ impl Models {
             rbee_http::task::spawn_blocking(move || local::inspect(&named, &inspect_display))
                 .await
                 .map_err(|e| Failure::Rejected(internal(e.to_string())))?
-                .map_err(Failure::Rejected)?;
+                .map_err(|e| Failure::Rejected(e.into()))?;
         let total: u64 = local.files.iter().map(|(_, s)| s).sum();
         download.total.store(total, Ordering::Relaxed);
         download.set(Phase::Event(DownloadEvent::Downloading {
@@ -231,17 +241,12 @@ impl Models {
                     .unwrap_or_default();
                 match local::hash_file(path, &counters.current, &|| shutdown.is_cancelled()) {
                     Ok(Some(sha)) => digests.push((name, sha)),
-                    Ok(None) => {
-                        return Err(ApiError::new(
-                            ErrorCode::ShuttingDown,
-                            "the hive is shutting down",
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(ApiError::new(
-                            ErrorCode::InvalidRequest,
-                            format!("cannot read {}: {e}", path.display()),
-                        ))
+                    Ok(None) => return Err(ModelError::ShuttingDown),
+                    Err(source) => {
+                        return Err(ModelError::Unreadable {
+                            path: path.clone(),
+                            source,
+                        })
                     }
                 }
                 counters.finish_file(*size);
@@ -252,7 +257,7 @@ impl Models {
         ticker.cancel();
         let digests = hashed
             .map_err(|e| Failure::Failed(internal(e.to_string())))?
-            .map_err(Failure::Failed)?;
+            .map_err(|e| Failure::Failed(e.into()))?;
         let sha256 = match local.format {
             Format::Gguf => digests[0].1.clone(),
             Format::Safetensors => local::manifest_digest(&digests),
@@ -294,19 +299,16 @@ impl Models {
         let reserve = self.inner.settings.disk_reserve_bytes;
         let needed = to_fetch.saturating_add(reserved).saturating_add(reserve);
         if available < needed {
-            return Err(ApiError::new(
-                ErrorCode::InsufficientDisk,
-                format!(
-                    "{} needs {to_fetch} bytes; {available} are free on the models filesystem, {reserved} are claimed by running downloads and {reserve} are kept in reserve",
-                    download.model_ref
-                ),
-            )
-            .with_details(serde_json::json!({
-                "required_bytes": to_fetch,
-                "available_bytes": available,
-                "reserved_bytes": reserved,
-                "reserve_bytes": reserve,
-            })));
+            return Err(ModelError::InsufficientDisk {
+                model_ref: download.model_ref.clone(),
+                disk: DiskShortfall {
+                    required_bytes: to_fetch,
+                    available_bytes: available,
+                    reserved_bytes: reserved,
+                    reserve_bytes: reserve,
+                },
+            }
+            .into());
         }
         download.total.store(total, Ordering::Relaxed);
         download.set(Phase::Event(DownloadEvent::Downloading {

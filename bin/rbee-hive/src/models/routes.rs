@@ -15,6 +15,7 @@ use rbee_http::{ApiJson, RequestContext, Routes};
 use serde::Deserialize;
 
 use super::downloads::Phase;
+use super::error::ModelError;
 use super::Models;
 
 /// The model routes, for a state that yields [`Models`].
@@ -64,10 +65,7 @@ async fn progress(
         ));
     }
     let Some(download) = models.download(&id) else {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!("no download with id {id:?} (finished downloads are kept for a while, then forgotten)"),
-        ));
+        return Err(ModelError::NoDownload { id }.into());
     };
     let receiver = download.subscribe();
     // The first item is the current phase, so late subscribers see where
