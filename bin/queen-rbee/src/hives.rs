@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::sched::{Scheduler, SpawnOrder};
+use crate::sched::{Scheduler, SpawnError, SpawnOrder};
 use crate::store::{Store, StoredHive};
 
 /// Longest single wait on a hive for a spawned worker to leave `loading`
@@ -435,14 +435,14 @@ impl Hives {
                     tracing::info!(model = %order.model, hive = %order.hive, "spawned worker is ready")
                 }
                 Err(e) => {
-                    tracing::warn!(model = %order.model, hive = %order.hive, error = %e.body().error.message, "spawn failed")
+                    tracing::warn!(model = %order.model, hive = %order.hive, error = %rbee_api::error::chain(e), "spawn failed")
                 }
             }
             this.inner.sched.spawn_finished(&order.model, result);
         });
     }
 
-    async fn spawn_and_wait(&self, order: &SpawnOrder) -> Result<(), ApiError> {
+    async fn spawn_and_wait(&self, order: &SpawnOrder) -> Result<(), SpawnError> {
         tracing::info!(model = %order.model, hive = %order.hive, "no worker for the model; asking the hive to spawn one");
         let body = SpawnRequest {
             model_ref: order.model.clone(),
@@ -464,42 +464,33 @@ impl Hives {
             &self.inner.auth,
         )
         .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::NoCapacity,
-                format!("the hive did not answer: {e}"),
-            )
-        })?;
+        .map_err(SpawnError::HiveSilent)?;
         if !response.status().is_success() {
             return Err(hive_error(response).await);
         }
-        let accepted: SpawnAccepted = response
-            .json()
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("bad spawn answer: {e}")))?;
+        let accepted: SpawnAccepted = response.json().await.map_err(SpawnError::BadAnswer)?;
+        let worker_id = || accepted.worker_id.clone();
         let deadline = Instant::now() + self.poll().spawn_timeout;
         let stop = self.inner.shutdown.clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ApiError::new(
-                    ErrorCode::NoCapacity,
-                    format!("worker {} did not become ready in time", accepted.worker_id),
-                ));
+                return Err(SpawnError::NotReady {
+                    worker_id: worker_id(),
+                });
             }
             // The hive answers as soon as the worker leaves `loading`.
             let wait = left.min(READY_WAIT);
             let seen = tokio::select! {
-                () = stop.cancelled() => return Err(ApiError::new(ErrorCode::ShuttingDown, "the queen is shutting down")),
+                () = stop.cancelled() => return Err(SpawnError::Closed),
                 seen = self.wait_for_worker(&order.hive_url, &accepted.worker_id, wait) => seen,
             };
             let state = match seen {
                 Ok(Some(info)) => info.state,
                 Ok(None) => {
-                    return Err(ApiError::new(
-                        ErrorCode::WorkerFailed,
-                        format!("worker {} is gone from its hive", accepted.worker_id),
-                    ))
+                    return Err(SpawnError::Gone {
+                        worker_id: worker_id(),
+                    })
                 }
                 Err(why) => {
                     // The hive did not answer this time; ask again shortly,
@@ -528,10 +519,9 @@ impl Hives {
                 }
                 WorkerState::Loading => {}
                 WorkerState::Failed | WorkerState::Draining => {
-                    return Err(ApiError::new(
-                        ErrorCode::WorkerFailed,
-                        format!("worker {} failed to start", accepted.worker_id),
-                    ))
+                    return Err(SpawnError::FailedToStart {
+                        worker_id: worker_id(),
+                    })
                 }
             }
         }
@@ -586,15 +576,15 @@ async fn decode<T: serde::de::DeserializeOwned>(
 }
 
 /// The hive's error, as it reported it.
-async fn hive_error(response: reqwest::Response) -> ApiError {
+async fn hive_error(response: reqwest::Response) -> SpawnError {
     let status = response.status();
     let body: Option<rbee_api::ErrorBody> = response.json().await.ok();
     match body {
-        Some(b) => ApiError::new(b.error.code, b.error.message),
-        None => ApiError::new(
-            ErrorCode::NoCapacity,
-            format!("the hive answered HTTP {}", status.as_u16()),
-        ),
+        Some(b) => SpawnError::Refused {
+            code: b.error.code,
+            message: b.error.message,
+        },
+        None => SpawnError::HiveStatus(status.as_u16()),
     }
 }
 

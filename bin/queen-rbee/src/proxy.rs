@@ -10,6 +10,7 @@
 //! `DELETE /v1/inference/{job_id}`, drops the call to the worker, which
 //! stops generating at its next step.
 
+mod error;
 mod events;
 
 use std::collections::HashMap;
@@ -25,8 +26,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use parking_lot::Mutex;
 use rbee_api::sse::{self, Dialect, Endpoint};
-use rbee_api::{ApiError, ErrorCode, Outcome};
-use rbee_http::client::error_chain;
+use rbee_api::{ApiError, Coded, Outcome};
 use rbee_http::RequestContext;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -35,6 +35,7 @@ use crate::metrics::Stage;
 use crate::sched::{Lease, Ticket};
 use crate::upstream::{Exchange, Head, Outgoing};
 use crate::AppState;
+use error::{RelayError, WorkerFault};
 use events::{usage_of, SseState};
 
 /// The response header naming the queen's job id (for `DELETE`).
@@ -106,13 +107,12 @@ impl Jobs {
     }
 
     /// Register `job_id`; `CONFLICT` when it is already running.
-    pub fn insert(&self, job_id: &str) -> Result<JobGuard, ApiError> {
+    pub fn insert(&self, job_id: &str) -> Result<JobGuard, RelayError> {
         let mut map = self.lock();
         if map.contains_key(job_id) {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("job `{job_id}` is already running"),
-            ));
+            return Err(RelayError::JobRunning {
+                job_id: job_id.to_owned(),
+            });
         }
         let cancel = CancellationToken::new();
         map.insert(job_id.to_owned(), cancel.clone());
@@ -179,7 +179,7 @@ impl Drop for Finish {
 pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Response {
     let arrived = Instant::now();
     let request_id = ctx.request_id.as_str().to_owned();
-    let reject = |e: ApiError| {
+    let reject = |e: RelayError| {
         state
             .audit
             .emit_with(Some(&request_id), || AuditEvent::InferenceRejected {
@@ -189,23 +189,21 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
             });
         // A model no hive knows is counted under one label value: each
         // client-chosen name would otherwise add its series for good.
-        let label = if e.code() == ErrorCode::ModelNotFound || !state.sched.knows(&prep.model) {
-            crate::metrics::UNKNOWN_MODEL
-        } else {
-            prep.model.as_str()
-        };
+        let label =
+            if e.code() == rbee_api::ErrorCode::ModelNotFound || !state.sched.knows(&prep.model) {
+                crate::metrics::UNKNOWN_MODEL
+            } else {
+                prep.model.as_str()
+            };
         state.metrics.finished(
             label,
             Outcome::from(e.code()),
             arrived.elapsed().as_secs_f64(),
         );
-        e.into_response()
+        ApiError::from(e).into_response()
     };
     if state.core.is_draining() {
-        return reject(
-            ApiError::new(ErrorCode::ShuttingDown, "the queen is shutting down")
-                .with_retry_after(1),
-        );
+        return reject(RelayError::ShuttingDown);
     }
     let guard = match state.jobs.insert(&prep.job_id) {
         Ok(g) => g,
@@ -216,7 +214,7 @@ pub async fn run(state: AppState, ctx: RequestContext, prep: Prepared) -> Respon
         .admit_for(&prep.model, &request_id, prep.affinity)
     {
         Ok(t) => t,
-        Err(e) => return reject(e),
+        Err(e) => return reject(e.into()),
     };
     state
         .audit
@@ -288,7 +286,7 @@ enum Sent {
     /// The worker refused the request itself (4xx): pass it on.
     Refused(Answer),
     /// The worker failed or could not be reached.
-    Failed(String),
+    Failed(WorkerFault),
     /// The deadline ran out.
     Expired,
     /// The client or a `DELETE` cancelled it.
@@ -309,16 +307,16 @@ impl Call {
     }
 
     /// Wait in the queue for a lease.
-    async fn lease(&mut self, mut ticket: Ticket) -> Result<Lease, ApiError> {
+    async fn lease(&mut self, mut ticket: Ticket) -> Result<Lease, RelayError> {
         let cancel = self.guard.cancel.clone();
         let deadline = self.deadline;
         let result = tokio::select! {
-            grant = ticket.wait() => grant,
+            grant = ticket.wait() => grant.map_err(RelayError::from),
             () = Self::wait_deadline(deadline) => {
                 self.state.metrics.deadline_exceeded(Stage::Queued);
-                Err(ApiError::new(ErrorCode::DeadlineExceeded, "the deadline passed while the request waited for a worker"))
+                Err(RelayError::QueuedPastDeadline)
             }
-            () = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the request was cancelled while queued")),
+            () = cancel.cancelled() => Err(RelayError::QueuedCancelled),
         };
         self.state
             .metrics
@@ -326,9 +324,10 @@ impl Call {
         result
     }
 
-    fn fail(&mut self, e: ApiError) -> Response {
+    fn fail(&mut self, e: impl Into<RelayError>) -> Response {
+        let e = e.into();
         self.finish.record(Outcome::from(e.code()), 0, 0);
-        e.into_response()
+        ApiError::from(e).into_response()
     }
 
     async fn go(mut self, ticket: Ticket) -> Response {
@@ -367,31 +366,20 @@ impl Call {
                 }
                 Sent::Failed(why) => {
                     let key = lease.key().to_owned();
-                    tracing::warn!(worker = %key, error = %why, "worker failed before answering");
+                    tracing::warn!(worker = %key, error = %rbee_api::error::chain(&why), "worker failed before answering");
                     lease.failed();
                     match self.retry(&key, &mut retried) {
                         Some(next) => lease = next,
-                        None => {
-                            return self.fail(ApiError::new(
-                                ErrorCode::WorkerFailed,
-                                format!("the worker failed: {why}"),
-                            ))
-                        }
+                        None => return self.fail(RelayError::WorkerFailed(why)),
                     }
                 }
                 Sent::Expired => {
                     self.state.metrics.deadline_exceeded(Stage::Streaming);
-                    return self.fail(ApiError::new(
-                        ErrorCode::DeadlineExceeded,
-                        "the deadline passed while the worker generated",
-                    ));
+                    return self.fail(RelayError::PastDeadline);
                 }
                 Sent::Cancelled => {
                     cancel_on_worker(&self.state, &lease, &self.prep);
-                    return self.fail(ApiError::new(
-                        ErrorCode::Cancelled,
-                        "the request was cancelled",
-                    ));
+                    return self.fail(RelayError::Cancelled);
                 }
             }
         }
@@ -421,7 +409,7 @@ impl Call {
         // The client's token was good (the queen checked it); a worker that
         // refuses the queen's is a fault between daemons, not the client's.
         if refused_token(&sent) {
-            return Sent::Failed("the worker refused the queen's API token".to_owned());
+            return Sent::Failed(WorkerFault::RefusedToken);
         }
         sent
     }
@@ -447,9 +435,9 @@ impl Call {
                 Sent::Expired
             }
             Ok(r) if r.0.status.is_client_error() => Sent::Refused(r),
-            Ok(r) => Sent::Failed(format!("HTTP {}", r.0.status.as_u16())),
+            Ok(r) => Sent::Failed(WorkerFault::Status(r.0.status.as_u16())),
             Err(_) if self.expired_now() => Sent::Expired,
-            Err(e) => Sent::Failed(error_chain(&e)),
+            Err(e) => Sent::Failed(e.into()),
         }
     }
 
@@ -470,7 +458,7 @@ impl Call {
                 () = limit => Err(crate::upstream::UpstreamError::DeadlinePassed),
                 () = cancel.cancelled() => {
                     cancel_on_worker(&self.state, &lease, &self.prep);
-                    return self.fail(ApiError::new(ErrorCode::Cancelled, "the request was cancelled"));
+                    return self.fail(RelayError::Cancelled);
                 }
             };
             match body {
@@ -481,29 +469,18 @@ impl Call {
                 }
                 Err(_) if self.expired_now() => {
                     self.state.metrics.deadline_exceeded(Stage::Streaming);
-                    return self.fail(ApiError::new(
-                        ErrorCode::DeadlineExceeded,
-                        "the deadline passed while the worker generated",
-                    ));
+                    return self.fail(RelayError::PastDeadline);
                 }
                 Err(e) => {
                     let key = lease.key().to_owned();
                     lease.failed();
                     let Some(next) = self.retry(&key, retried) else {
-                        return self.fail(ApiError::new(
-                            ErrorCode::WorkerFailed,
-                            format!("the worker failed mid-answer: {}", error_chain(&e)),
-                        ));
+                        return self.fail(RelayError::MidAnswer(e));
                     };
                     lease = next;
                     match self.send(&lease).await {
                         Sent::Ok(r) => (head, exchange) = r,
-                        _ => {
-                            return self.fail(ApiError::new(
-                                ErrorCode::WorkerFailed,
-                                "the worker failed, and so did the retry",
-                            ))
-                        }
+                        _ => return self.fail(RelayError::RetryFailed),
                     }
                 }
             }
@@ -576,13 +553,15 @@ struct Relay {
 
 impl Relay {
     /// End the stream with an `error` event and `[DONE]`.
-    fn end_with(&mut self, code: ErrorCode, message: &str, outcome: Outcome) -> Option<Bytes> {
+    fn end_with(&mut self, e: RelayError) -> Option<Bytes> {
         self.finished = true;
+        let code = e.code();
         self.call
             .finish
-            .record(outcome, self.sse.tokens_in, self.sse.tokens_out);
+            .record(Outcome::from(code), self.sse.tokens_in, self.sse.tokens_out);
         let mut out = Vec::new();
-        sse::frame(&sse::error_data(self.dialect, code, message), &mut out);
+        let message = rbee_api::error::chain(&e);
+        sse::frame(&sse::error_data(self.dialect, code, &message), &mut out);
         sse::frame(sse::DONE, &mut out);
         Some(Bytes::from(out))
     }
@@ -605,10 +584,10 @@ impl Relay {
                 tokio::select! {
                     () = cancel => {
                         cancel_on_worker(&self.call.state, &self.lease, &self.call.prep);
-                        return self.end_with(ErrorCode::Cancelled, "the request was cancelled", Outcome::Cancelled);
+                        return self.end_with(RelayError::Cancelled);
                     }
-                    () = deadline => Err("deadline".to_owned()),
-                    c = self.upstream.chunk() => c.map_err(|e| error_chain(&e)),
+                    () = deadline => Err(WorkerFault::Deadline),
+                    c = self.upstream.chunk() => c.map_err(WorkerFault::from),
                 }
             };
             let failure = match chunk {
@@ -616,7 +595,7 @@ impl Relay {
                     if self.sse.buf.len() + bytes.len() > MAX_EVENT_BYTES
                         && self.sse.unfinished_after(&bytes) > MAX_EVENT_BYTES =>
                 {
-                    format!("an event from the worker is longer than {MAX_EVENT_BYTES} bytes")
+                    WorkerFault::EventTooLong(MAX_EVENT_BYTES)
                 }
                 Ok(Some(bytes)) => {
                     let mut out = Vec::with_capacity(bytes.len() + self.sse.held.len());
@@ -645,20 +624,16 @@ impl Relay {
                     }
                     continue;
                 }
-                Ok(None) => "the worker ended the stream early".to_owned(),
+                Ok(None) => WorkerFault::EndedEarly,
                 Err(e) => e,
             };
             // The worker failed, timed out, or went away.
             if self.call.expired_now() {
                 self.call.state.metrics.deadline_exceeded(Stage::Streaming);
-                return self.end_with(
-                    ErrorCode::DeadlineExceeded,
-                    "the deadline passed while the worker generated",
-                    Outcome::DeadlineExceeded,
-                );
+                return self.end_with(RelayError::PastDeadline);
             }
             let key = self.lease.key().to_owned();
-            tracing::warn!(worker = %key, error = %failure, tokens_relayed = self.sse.relayed_tokens, "worker failed mid-stream");
+            tracing::warn!(worker = %key, error = %rbee_api::error::chain(&failure), tokens_relayed = self.sse.relayed_tokens, "worker failed mid-stream");
             if !self.sse.started_relay {
                 if let Some(next) = self.call.retry(&key, &mut self.retried) {
                     let failed = std::mem::replace(&mut self.lease, next);
@@ -672,11 +647,7 @@ impl Relay {
             }
             // Pass the failed worker over; the placeholder lease holds nothing.
             self.lease.mark_failed();
-            return self.end_with(
-                ErrorCode::WorkerFailed,
-                "the worker failed while generating",
-                Outcome::WorkerFailed,
-            );
+            return self.end_with(RelayError::StreamFailed);
         }
     }
 }
@@ -739,13 +710,6 @@ async fn passthrough(
             }
             out
         }
-        Err(e) => ApiError::new(
-            ErrorCode::WorkerFailed,
-            format!(
-                "the worker's refusal could not be read: {}",
-                error_chain(&e)
-            ),
-        )
-        .into_response(),
+        Err(e) => ApiError::from(RelayError::RefusalUnread(e)).into_response(),
     }
 }

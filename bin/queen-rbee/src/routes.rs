@@ -14,7 +14,7 @@ use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::openai::{OpenAiRequest, Route};
 use rbee_api::sse::Endpoint;
 use rbee_api::worker::ScrapeTargetGroup;
-use rbee_api::{ApiError, ErrorCode, FieldError};
+use rbee_api::{ApiError, Coded, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes, DEFAULT_BODY_LIMIT};
 use serde_json::Value;
 
@@ -53,7 +53,31 @@ fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiE
             })?;
             Ok(m.to_owned())
         }
-        _ => state.sched.sole_model(),
+        _ => Ok(state.sched.sole_model()?),
+    }
+}
+
+/// The queen's refusals of its own routes' bodies.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    /// The body as forwarded is over the limit every daemon shares.
+    #[error("the request as forwarded to a worker (encoded again by the queen) is {bytes} bytes, over the {DEFAULT_BODY_LIMIT}-byte body limit")]
+    ForwardTooLarge { bytes: usize },
+    /// The forwarded body could not be encoded.
+    #[error("cannot encode the request")]
+    Encode(#[source] serde_json::Error),
+    /// `/v2/hives/remove` for a name no hive has.
+    #[error("no hive named `{node_name}` is registered")]
+    NoSuchHive { node_name: String },
+}
+
+impl Coded for RouteError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::ForwardTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::Encode(_) => ErrorCode::Internal,
+            Self::NoSuchHive { .. } => ErrorCode::NotFound,
+        }
     }
 }
 
@@ -63,16 +87,9 @@ fn resolve_model(state: &AppState, model: Option<String>) -> Result<String, ApiE
 /// though the client's body was within it: that is refused here, before
 /// queueing, rather than by the worker after a worker has been found.
 fn forwarded(body: &impl serde::Serialize) -> Result<bytes::Bytes, ApiError> {
-    let bytes = serde_json::to_vec(body)
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot encode the request"))?;
+    let bytes = serde_json::to_vec(body).map_err(RouteError::Encode)?;
     if bytes.len() > DEFAULT_BODY_LIMIT {
-        return Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "the request as forwarded to a worker (encoded again by the queen) is {} bytes, over the {DEFAULT_BODY_LIMIT}-byte body limit",
-                bytes.len()
-            ),
-        ));
+        return Err(RouteError::ForwardTooLarge { bytes: bytes.len() }.into());
     }
     Ok(bytes::Bytes::from(bytes))
 }
@@ -285,10 +302,10 @@ async fn remove(
             removed: true,
         }))
     } else {
-        Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!("no hive named `{}` is registered", body.node_name),
-        ))
+        Err(RouteError::NoSuchHive {
+            node_name: body.node_name,
+        }
+        .into())
     }
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rbee_api::fleet::FleetWorker;
 use rbee_api::worker::{WorkerInfo, WorkerState};
-use rbee_api::{ApiError, ErrorCode};
+use rbee_api::Coded;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -42,7 +42,7 @@ const BUSY_AVOID: Duration = Duration::from_millis(200);
 const FAILED_AVOID: Duration = Duration::from_secs(2);
 
 /// What a waiting request receives.
-pub type Grant = Result<Lease, ApiError>;
+pub type Grant = Result<Lease, AdmitError>;
 
 /// A hive's contribution to the routing view.
 #[derive(Debug, Clone, Default)]
@@ -240,13 +240,11 @@ impl Scheduler {
         for order in spawns {
             if let Err(e) = self.inner.spawns.try_send(order) {
                 let (order, why) = match e {
-                    mpsc::error::TrySendError::Full(o) => {
-                        (o, "too many models are starting at once")
-                    }
-                    mpsc::error::TrySendError::Closed(o) => (o, "the queen is shutting down"),
+                    mpsc::error::TrySendError::Full(o) => (o, SpawnError::Backlog),
+                    mpsc::error::TrySendError::Closed(o) => (o, SpawnError::Closed),
                 };
-                tracing::warn!(model = %order.model, hive = %order.hive, why, "spawn not started");
-                self.spawn_finished(&order.model, Err(ApiError::new(ErrorCode::NoCapacity, why)));
+                tracing::warn!(model = %order.model, hive = %order.hive, %why, "spawn not started");
+                self.spawn_finished(&order.model, Err(why));
             }
         }
     }
@@ -385,22 +383,14 @@ impl Scheduler {
     }
 
     /// The one model the queen knows of, for requests that name none.
-    pub fn sole_model(&self) -> Result<String, ApiError> {
+    pub fn sole_model(&self) -> Result<String, AdmitError> {
         let models = self.models();
         match models.as_slice() {
             [(only, _, _)] => Ok(only.clone()),
-            [] => Err(ApiError::new(
-                ErrorCode::NoCapacity,
-                "no hive serves or has provisioned any model yet",
-            )
-            .with_retry_after(1)),
-            many => Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "`model` is required: several models are available",
-            )
-            .with_details(serde_json::json!({
-                "models": many.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()
-            }))),
+            [] => Err(AdmitError::NoModels),
+            many => Err(AdmitError::ModelRequired {
+                models: many.iter().map(|m| m.0.clone()).collect(),
+            }),
         }
     }
 
@@ -414,7 +404,7 @@ impl Scheduler {
         model: &str,
         request_id: &str,
         affinity: Option<u64>,
-    ) -> Result<Ticket, ApiError> {
+    ) -> Result<Ticket, AdmitError> {
         self.enqueue(model, request_id, affinity, false)
     }
 
@@ -425,7 +415,7 @@ impl Scheduler {
         model: &str,
         request_id: &str,
         affinity: Option<u64>,
-    ) -> Result<Ticket, ApiError> {
+    ) -> Result<Ticket, AdmitError> {
         self.enqueue(model, request_id, affinity, true)
     }
 
@@ -435,45 +425,31 @@ impl Scheduler {
         request_id: &str,
         affinity: Option<u64>,
         front: bool,
-    ) -> Result<Ticket, ApiError> {
+    ) -> Result<Ticket, AdmitError> {
         let (ticket, spawns) = {
             let mut st = self.lock();
             let known = st.hives.values().any(|h| h.models.contains(model))
                 || st.slots.values().any(|s| s.info.model_ref == model);
             if !known {
-                return Err(ApiError::new(
-                    ErrorCode::ModelNotFound,
-                    format!("no hive serves or has provisioned the model `{model}`"),
-                )
-                .with_details(serde_json::json!({ "model": model })));
+                return Err(AdmitError::UnknownModel {
+                    model: model.to_owned(),
+                });
             }
             if !can_serve(&st, model) {
-                return Err(ApiError::new(
-                    ErrorCode::NoCapacity,
-                    format!("no reachable hive can serve the model `{model}` now"),
-                )
-                .with_retry_after(5));
+                return Err(AdmitError::Unreachable {
+                    model: model.to_owned(),
+                });
             }
             let max_queue = self.max_queue();
             let id = st.next_id;
             st.next_id += 1;
-            if !st.queues.contains_key(model) {
-                st.queues.insert(model.to_owned(), ModelQueue::default());
-            }
-            let Some(q) = st.queues.get_mut(model) else {
-                return Err(ApiError::new(
-                    ErrorCode::Internal,
-                    "the model's queue vanished",
-                ));
-            };
+            let q = st.queues.entry(model.to_owned()).or_default();
             q.waiting.retain(|w| !w.tx.is_closed());
             if !front && q.waiting.len() >= max_queue {
-                return Err(ApiError::new(
-                    ErrorCode::QueueFull,
-                    format!("{max_queue} requests already wait for the model `{model}`"),
-                )
-                .with_retry_after(1)
-                .with_details(serde_json::json!({ "max_queue": max_queue })));
+                return Err(AdmitError::QueueFull {
+                    model: model.to_owned(),
+                    max_queue,
+                });
             }
             let (tx, rx) = oneshot::channel();
             let waiter = Waiter {
@@ -617,11 +593,9 @@ impl Scheduler {
                 fail_all(
                     st,
                     model,
-                    &ApiError::new(
-                        ErrorCode::NoCapacity,
-                        format!("no reachable hive can serve the model `{model}` now"),
-                    )
-                    .with_retry_after(5),
+                    &AdmitError::Unreachable {
+                        model: model.to_owned(),
+                    },
                 );
                 None
             }
@@ -631,22 +605,18 @@ impl Scheduler {
     /// A spawn ended: its worker is in the view (`Ok`), or the hive refused
     /// or the worker never became ready (`Err`), which fails the model's
     /// waiters with `NO_CAPACITY` carrying the hive's reason.
-    pub fn spawn_finished(&self, model: &str, result: Result<(), ApiError>) {
+    pub fn spawn_finished(&self, model: &str, result: Result<(), SpawnError>) {
         let spawns = {
             let mut st = self.lock();
             if let Some(q) = st.queues.get_mut(model) {
                 q.spawning = false;
             }
             if let Err(e) = result {
-                let err = ApiError::new(
-                    ErrorCode::NoCapacity,
-                    format!(
-                        "no worker could be started for `{model}`: {}",
-                        e.body().error.message
-                    ),
-                )
-                .with_retry_after(5)
-                .with_details(serde_json::json!({ "cause": e.code().as_str() }));
+                let err = AdmitError::SpawnFailed {
+                    model: model.to_owned(),
+                    why: rbee_api::error::chain(&e),
+                    cause: e.code(),
+                };
                 fail_all(&mut st, model, &err);
                 Vec::new()
             } else {
@@ -736,7 +706,7 @@ fn pick(
     Some((best[rr % best.len()].0.clone(), true))
 }
 
-fn fail_all(st: &mut State, model: &str, err: &ApiError) {
+fn fail_all(st: &mut State, model: &str, err: &AdmitError) {
     if let Some(q) = st.queues.get_mut(model) {
         for waiter in q.waiting.drain(..) {
             let _ = waiter.tx.send(Err(err.clone()));
@@ -745,8 +715,10 @@ fn fail_all(st: &mut State, model: &str, err: &ApiError) {
 }
 
 mod affinity;
+mod error;
 mod lease;
 
+pub use error::{AdmitError, SpawnError};
 pub use lease::{Lease, Ticket};
 #[cfg(test)]
 mod tests;

@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use rbee_api::{ApiError, ErrorCode};
 use tokio::sync::oneshot;
 
-use super::{Grant, Scheduler, BUSY_AVOID, FAILED_AVOID};
+use super::{AdmitError, Grant, Scheduler, BUSY_AVOID, FAILED_AVOID};
 
 /// A worker reserved for one request; dropping it gives the place back.
 #[derive(Debug)]
@@ -86,10 +85,7 @@ impl Ticket {
     pub async fn wait(&mut self) -> Grant {
         match (&mut self.rx).await {
             Ok(grant) => grant,
-            Err(_) => Err(ApiError::new(
-                ErrorCode::Internal,
-                "the scheduler dropped a waiting request",
-            )),
+            Err(_) => Err(AdmitError::Dropped),
         }
     }
 }

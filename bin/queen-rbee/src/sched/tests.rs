@@ -1,4 +1,6 @@
 //! The scheduler on its own: no HTTP, no hives, a paused view.
+use rbee_api::ErrorCode;
+
 use super::*;
 
 fn worker(id: &str, model: &str, state: WorkerState, slots: u32) -> WorkerInfo {
@@ -168,11 +170,14 @@ async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
     let mut t = s.admit_for("m", "req", None).unwrap();
     s.spawn_finished(
         "m",
-        Err(ApiError::new(ErrorCode::InsufficientRam, "not enough RAM")),
+        Err(SpawnError::Refused {
+            code: ErrorCode::InsufficientRam,
+            message: "not enough RAM".to_owned(),
+        }),
     );
     let err = t.wait().await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::NoCapacity);
-    assert!(err.body().error.message.contains("not enough RAM"));
+    assert!(err.to_string().contains("not enough RAM"), "{err}");
 }
 
 #[tokio::test]
