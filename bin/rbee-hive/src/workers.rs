@@ -9,6 +9,7 @@
 //! restart policy and the circuit breaker of its (model, device) pair.
 
 mod breaker;
+pub(crate) mod error;
 mod metrics;
 pub(crate) mod preflight;
 pub(crate) mod process;
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::host::{self, GpuInfo};
 use crate::models::Models;
 use breaker::Breakers;
+use error::{MemoryShortfall, WorkerError};
 use process::Launcher;
 use registry::{WorkerRecord, WorkerRegistry};
 use supervisor::Spec;
@@ -376,10 +378,7 @@ impl Workers {
     ) -> Result<SpawnAccepted, ApiError> {
         let inner = &self.inner;
         if inner.draining.is_cancelled() {
-            return Err(ApiError::new(
-                ErrorCode::ShuttingDown,
-                "the hive is shutting down and spawns no workers",
-            ));
+            return Err(WorkerError::ShuttingDown.into());
         }
         let mut fields = Vec::new();
         let model_ref = match ModelRef::parse(&req.model_ref) {
@@ -416,16 +415,11 @@ impl Workers {
             None => Backend::Cpu,
             Some(Ok(backend)) => backend,
             Some(Err(_)) => {
-                let offered: Vec<&str> = inner.backends.iter().map(|b| b.as_str()).collect();
-                return Err(ApiError::new(
-                    ErrorCode::BackendUnavailable,
-                    format!(
-                        "backend {:?} is not one rbee runs on (cpu, cuda, metal); available on this hive: {}",
-                        req.backend.as_deref().unwrap_or_default(),
-                        offered.join(", ")
-                    ),
-                )
-                .with_details(serde_json::json!({ "available": offered })));
+                return Err(WorkerError::UnknownBackend {
+                    name: req.backend.clone().unwrap_or_default(),
+                    available: inner.backends.iter().map(|b| b.as_str()).collect(),
+                }
+                .into());
             }
         };
         if backend == Backend::Cpu && req.device.is_some_and(|d| d != 0) {
@@ -436,32 +430,20 @@ impl Workers {
             ));
         }
         let (Some(model_ref), true) = (model_ref, fields.is_empty()) else {
-            return Err(ApiError::invalid_fields(ErrorCode::InvalidRequest, fields));
+            return Err(WorkerError::Invalid(fields).into());
         };
         if !inner.backends.contains(&backend) {
-            let offered: Vec<&str> = inner.backends.iter().map(|b| b.as_str()).collect();
-            return Err(ApiError::new(
-                ErrorCode::BackendUnavailable,
-                format!(
-                    "backend {backend} is not available on this hive (available: {})",
-                    offered.join(", ")
-                ),
-            )
-            .with_details(serde_json::json!({ "available": offered })));
+            return Err(WorkerError::BackendAbsent {
+                backend,
+                available: inner.backends.iter().map(|b| b.as_str()).collect(),
+            }
+            .into());
         }
         if inner.registry.get(&worker_id).is_some() {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("a worker with id {worker_id} already exists"),
-            ));
+            return Err(WorkerError::Exists { worker_id }.into());
         }
         let Some(model) = inner.models.get(&model_ref).await? else {
-            return Err(ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!(
-                    "{model_ref} is not provisioned on this hive; POST /v1/models/provision first"
-                ),
-            ));
+            return Err(WorkerError::NotProvisioned { model_ref }.into());
         };
         let local_path = PathBuf::from(&model.local_path);
         let shape_path = local_path.clone();
@@ -490,21 +472,16 @@ impl Workers {
                     };
                     let gpu = match req.device {
                         Some(d) => gpus.iter().find(|g| g.index == d).ok_or_else(|| {
-                            ApiError::invalid_fields(
-                                ErrorCode::InvalidRequest,
-                                vec![FieldError::new(
-                                    "device",
-                                    "range",
-                                    format!("no GPU with index {d} on this hive"),
-                                )],
-                            )
+                            WorkerError::Invalid(vec![FieldError::new(
+                                "device",
+                                "range",
+                                format!("no GPU with index {d} on this hive"),
+                            )])
                         })?,
-                        None => gpus.iter().max_by_key(|g| pick(g)).ok_or_else(|| {
-                            ApiError::new(
-                                ErrorCode::BackendUnavailable,
-                                "no GPU is visible on this hive",
-                            )
-                        })?,
+                        None => gpus
+                            .iter()
+                            .max_by_key(|g| pick(g))
+                            .ok_or(WorkerError::NoGpu)?,
                     };
                     let reserved = inner.registry.reserved(Backend::Cuda, gpu.index);
                     (gpu.index, gpu.vram_free_bytes, reserved)
@@ -522,23 +499,17 @@ impl Workers {
             };
             let free = available.saturating_sub(reserved);
             if required > free {
-                let code = if backend == Backend::Cuda {
-                    ErrorCode::InsufficientVram
-                } else {
-                    ErrorCode::InsufficientRam
-                };
-                return Err(ApiError::new(
-                    code,
-                    format!(
-                        "{model_ref} needs {required} bytes on {backend} device {device}; {available} are free and {reserved} are reserved by loading workers"
-                    ),
-                )
-                .with_details(serde_json::json!({
-                    "required_bytes": required,
-                    "available_bytes": available,
-                    "reserved_bytes": reserved,
-                    "device": device,
-                })));
+                return Err(WorkerError::Memory {
+                    model_ref,
+                    backend,
+                    memory: MemoryShortfall {
+                        required_bytes: required,
+                        available_bytes: available,
+                        reserved_bytes: reserved,
+                        device,
+                    },
+                }
+                .into());
             }
             let probe = inner.breakers.acquire(
                 &model_ref,
@@ -600,12 +571,13 @@ impl Workers {
 
     /// A ready callback arrived.
     pub fn on_ready(&self, cb: &ReadyCallback, request_id: Option<&str>) -> Result<(), ApiError> {
-        let record = self.inner.registry.get(&cb.worker_id).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!("no worker with id {:?}", cb.worker_id),
-            )
-        })?;
+        let record =
+            self.inner
+                .registry
+                .get(&cb.worker_id)
+                .ok_or_else(|| WorkerError::Unknown {
+                    worker_id: cb.worker_id.clone(),
+                })?;
         let url = reachable_url(
             &cb.url,
             self.inner.tuning().settings.advertise_host.as_deref(),
@@ -656,10 +628,10 @@ impl Workers {
                     return Ok(());
                 }
             }
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("no worker with id {worker_id:?}"),
-            ));
+            return Err(WorkerError::Unknown {
+                worker_id: worker_id.to_owned(),
+            }
+            .into());
         };
         stop.cancel();
         let deadline =

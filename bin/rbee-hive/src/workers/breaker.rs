@@ -10,10 +10,11 @@ use audit_logging::{AuditEvent, AuditSink};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use rbee_api::{ApiError, ErrorCode};
 use restart_policy::{
     BreakerConfig, BreakerStatus, BreakerTransition, CircuitBreaker, Permit, ProbeId,
 };
+
+use super::error::WorkerError;
 
 /// The breakers of every (model, device) pair: each made from the
 /// settings' template on first use, reconfigured on reload, counted and
@@ -77,7 +78,7 @@ impl Breakers {
         device: u32,
         template: &CircuitBreaker,
         request_id: Option<&str>,
-    ) -> Result<Probe, ApiError> {
+    ) -> Result<Probe, WorkerError> {
         let permit = self.with(model_ref, device, template, |b| {
             b.try_acquire(Instant::now())
         });
@@ -93,14 +94,11 @@ impl Breakers {
                 },
                 request_id: request_id.map(str::to_owned),
             }),
-            Err(refused) => Err(ApiError::new(
-                ErrorCode::CircuitOpen,
-                format!(
-                    "the circuit breaker for {model_ref} on device {device} is open after repeated failures; retry in {}s",
-                    refused.retry_after.as_secs().max(1)
-                ),
-            )
-            .with_retry_after(refused.retry_after.as_secs().max(1))),
+            Err(refused) => Err(WorkerError::CircuitOpen {
+                model_ref: model_ref.to_owned(),
+                device,
+                retry_after_s: refused.retry_after.as_secs().max(1),
+            }),
         }
     }
 

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, MutexGuard};
 use rbee_api::worker::{Backend, ReadyCallback, WorkerInfo, WorkerState};
-use rbee_api::{ApiError, ErrorCode};
 use tokio::sync::Notify;
+
+use super::error::WorkerError;
 
 /// One worker.
 #[derive(Debug, Clone)]
@@ -104,13 +105,12 @@ impl WorkerRegistry {
     }
 
     /// Add a worker; 409 `CONFLICT` when the id is taken.
-    pub fn insert(&self, record: WorkerRecord) -> Result<(), ApiError> {
+    pub fn insert(&self, record: WorkerRecord) -> Result<(), WorkerError> {
         let mut map = self.lock();
         if map.contains_key(&record.id) {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("a worker with id {} already exists", record.id),
-            ));
+            return Err(WorkerError::Exists {
+                worker_id: record.id,
+            });
         }
         map.insert(record.id.clone(), record);
         drop(map);
@@ -221,16 +221,14 @@ impl WorkerRegistry {
 
     /// Apply a ready callback: the worker is idle at `url`; its reservation
     /// is released (its real use now shows in free memory).
-    pub fn on_ready(&self, cb: &ReadyCallback, now: Instant) -> Result<(), ApiError> {
+    pub fn on_ready(&self, cb: &ReadyCallback, now: Instant) -> Result<(), WorkerError> {
         self.update(&cb.worker_id, |r| {
             if r.model_ref != cb.model_ref {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    format!(
-                        "worker {} was spawned for {}, not {}",
-                        r.id, r.model_ref, cb.model_ref
-                    ),
-                ));
+                return Err(WorkerError::WrongModel {
+                    worker_id: r.id.clone(),
+                    spawned: r.model_ref.clone(),
+                    reported: cb.model_ref.clone(),
+                });
             }
             r.url = Some(cb.url.trim_end_matches('/').to_owned());
             r.state = WorkerState::Idle;
@@ -246,7 +244,12 @@ impl WorkerRegistry {
 
     /// Apply a heartbeat: the worker's reported state (never `failed`,
     /// which only the hive decides) and the time.
-    pub fn on_heartbeat(&self, id: &str, state: WorkerState, now: Instant) -> Result<(), ApiError> {
+    pub fn on_heartbeat(
+        &self,
+        id: &str,
+        state: WorkerState,
+        now: Instant,
+    ) -> Result<(), WorkerError> {
         self.update(id, |r| {
             r.last_seen = now;
             r.last_heartbeat = Some(SystemTime::now());
@@ -289,12 +292,16 @@ impl Stats {
     }
 }
 
-fn unknown(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no worker with id {id:?}"))
+fn unknown(id: &str) -> WorkerError {
+    WorkerError::Unknown {
+        worker_id: id.to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use rbee_api::{Coded, ErrorCode};
+
     use super::*;
 
     fn record(id: &str, backend: Backend, device: u32, reserved: u64) -> WorkerRecord {

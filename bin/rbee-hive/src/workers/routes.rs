@@ -18,6 +18,7 @@ use rbee_api::{ApiError, ErrorCode, FieldError};
 use rbee_http::{ApiJson, CoreState, RequestContext, Routes};
 use serde::Deserialize;
 
+use super::error::WorkerError;
 use super::Workers;
 use crate::host;
 use crate::models::Models;
@@ -131,12 +132,7 @@ async fn one(
         .wait_while_loading(&worker_id, Duration::from_millis(wait_ms))
         .await
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!("no worker with id {worker_id}"),
-            )
-        })
+        .ok_or_else(|| WorkerError::Unknown { worker_id }.into())
 }
 
 /// The workers' `/metrics` endpoints in Prometheus's HTTP service-discovery
