@@ -1,6 +1,7 @@
 //! The worker's routes: inference (SSE and JSON), cancellation, readiness,
 //! models, and the OpenAI-compatible routes ([`openai`]).
 
+mod error;
 pub(crate) mod openai;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Job, JobEvent};
 use crate::AppState;
+use error::{AdmitError, PromptBytes, PromptTokens};
 
 /// The worker's own routes.
 pub fn routes() -> Routes<AppState> {
@@ -115,13 +117,9 @@ fn stall(state: &AppState) -> Option<Duration> {
 async fn health_ready(State(state): State<AppState>) -> Response {
     let s = worker_state(&state);
     if let Some(stalled) = stall(&state) {
-        return ApiError::new(
-            ErrorCode::EngineStalled,
-            format!(
-                "the engine has produced no token for {} s",
-                stalled.as_secs()
-            ),
-        )
+        return ApiError::from(AdmitError::Stalled {
+            seconds: stalled.as_secs(),
+        })
         .into_response();
     }
     match s {
@@ -162,12 +160,10 @@ async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> St
 }
 
 /// 503 `ALL_SLOTS_BUSY`.
-pub(crate) fn all_slots_busy(model: &crate::Model) -> ApiError {
-    ApiError::new(
-        ErrorCode::AllSlotsBusy,
-        format!("all {} slots are busy", model.engine.slots()),
-    )
-    .with_retry_after(1)
+pub(crate) fn all_slots_busy(model: &crate::Model) -> AdmitError {
+    AdmitError::AllSlotsBusy {
+        slots: model.engine.slots(),
+    }
 }
 
 /// A validated, tokenized, admitted job and the receiving end of its events.
@@ -205,22 +201,14 @@ async fn admit_checked(
     request: InferenceRequest,
 ) -> Result<(Admitted, ValidInferenceRequest), ApiError> {
     if state.core.is_draining() {
-        return Err(
-            ApiError::new(ErrorCode::ShuttingDown, "the worker is shutting down")
-                .with_retry_after(1),
-        );
+        return Err(AdmitError::ShuttingDown.into());
     }
     let Some(model) = state.model.get().cloned() else {
-        return Err(
-            ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
-                .with_retry_after(1),
-        );
+        return Err(AdmitError::Loading.into());
     };
     // From here on the request is the validated one, read-only, down to
     // the job it becomes.
-    let request = request
-        .validate()
-        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?;
+    let request = request.validate().map_err(AdmitError::Invalid)?;
     let job_id = request
         .job_id
         .clone()
@@ -229,14 +217,11 @@ async fn admit_checked(
     // Everything that can refuse the request comes before the tokenizer:
     // a full worker, a job id in use, a prompt too long in bytes to fit.
     let Some(permit) = model.engine.try_reserve() else {
-        return Err(all_slots_busy(&model));
+        return Err(all_slots_busy(&model).into());
     };
     let cancel = CancellationToken::new();
     if !state.jobs.insert(&job_id, cancel.clone()) {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("job `{job_id}` is already running"),
-        ));
+        return Err(AdmitError::JobRunning { job_id }.into());
     }
     let guard = JobGuard {
         jobs: state.jobs.clone(),
@@ -244,20 +229,12 @@ async fn admit_checked(
         _cancel: cancel.clone().drop_guard(),
     };
     if request.prompt.len() > model.max_prompt_bytes {
-        return Err(ApiError::new(
-            ErrorCode::PromptTooLong,
-            format!(
-                "the prompt is {} bytes; no prompt over {} bytes fits this model's context of {} tokens",
-                request.prompt.len(),
-                model.max_prompt_bytes,
-                model.context_length
-            ),
-        )
-        .with_details(serde_json::json!({
-            "prompt_bytes": request.prompt.len(),
-            "max_prompt_bytes": model.max_prompt_bytes,
-            "context_length": model.context_length,
-        })));
+        return Err(AdmitError::PromptBytes(PromptBytes {
+            prompt_bytes: request.prompt.len(),
+            max_prompt_bytes: model.max_prompt_bytes,
+            context_length: model.context_length,
+        })
+        .into());
     }
     let prompt = request.prompt.clone();
     let tokenizer = Arc::clone(&model);
@@ -269,13 +246,8 @@ async fn admit_checked(
             .map(|e| e.get_ids().to_vec())
     })
     .await
-    .map_err(|_| ApiError::new(ErrorCode::Internal, "tokenization failed"))?
-    .map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("cannot tokenize the prompt: {e}"),
-        )
-    })?;
+    .map_err(|_| AdmitError::TokenizerLost)?
+    .map_err(|e| AdmitError::Tokenize(e.to_string()))?;
     tracing::debug!(
         bytes = request.prompt.len(),
         tokens = ids.len(),
@@ -283,18 +255,11 @@ async fn admit_checked(
         "prompt tokenized"
     );
     if ids.is_empty() || ids.len() >= model.context_length {
-        return Err(ApiError::new(
-            ErrorCode::PromptTooLong,
-            format!(
-                "the prompt is {} tokens; this model's context is {} tokens, prompt and output together",
-                ids.len(),
-                model.context_length
-            ),
-        )
-        .with_details(serde_json::json!({
-            "prompt_tokens": ids.len(),
-            "context_length": model.context_length,
-        })));
+        return Err(AdmitError::PromptTokens(PromptTokens {
+            prompt_tokens: ids.len(),
+            context_length: model.context_length,
+        })
+        .into());
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let tokens_in = ids.len();
@@ -320,7 +285,7 @@ async fn admit_checked(
     model
         .engine
         .submit(job, permit)
-        .map_err(|code| ApiError::new(code, "the engine is not running"))?;
+        .map_err(AdmitError::EngineDown)?;
     tracing::info!(%job_id, tokens_in, max_tokens = request.max_tokens, stream = request.stream, "inference admitted");
     Ok((
         Admitted {

@@ -47,6 +47,14 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+    /// The model's chat template does not compile.
+    #[error("cannot load model {path}: {}", rbee_api::error::chain(source))]
+    Template {
+        /// The model path.
+        path: String,
+        /// The cause.
+        source: chat::TemplateError,
+    },
 }
 
 /// How to load a model.
@@ -236,7 +244,11 @@ pub fn load_gguf(
         )));
     }
     let tokenizer = tokenizer::from_gguf(&content).map_err(format)?;
-    let chat_template = ChatTemplate::from_gguf(&content).map_err(format)?;
+    let chat_template =
+        ChatTemplate::from_gguf(&content).map_err(|source| LoadError::Template {
+            path: shown.clone(),
+            source,
+        })?;
     let eos_token_ids = tokenizer::eos_ids(&content, &tokenizer);
     let config = weights::config_from_gguf(&content).map_err(format)?;
     let mut source = Source::Gguf {

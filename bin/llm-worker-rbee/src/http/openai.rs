@@ -19,17 +19,17 @@ use rbee_api::openai::answer::{
 };
 use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
 use rbee_api::sse::{self, Dialect};
-use rbee_api::{ApiError, ErrorCode};
+use rbee_api::ApiError;
 use rbee_http::{ApiJson, RequestContext};
 use serde_json::Value;
 
+use super::error::AdmitError;
 use super::{admit, Admitted};
 use crate::engine::JobEvent;
 use crate::AppState;
 
 fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, ApiError> {
-    OpenAiRequest::parse(route, body)
-        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))
+    Ok(OpenAiRequest::parse(route, body).map_err(AdmitError::Invalid)?)
 }
 
 /// Render the chat's prompt, off the runtime's thread and within the
@@ -37,24 +37,18 @@ fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, ApiError> {
 /// (admission reserves the slot for good afterwards).
 async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<String, ApiError> {
     let Some(model) = state.model.get().cloned() else {
-        return Err(
-            ApiError::new(ErrorCode::ModelLoading, "the model is still loading")
-                .with_retry_after(1),
-        );
+        return Err(AdmitError::Loading.into());
     };
     if model.engine.active() >= model.engine.slots() {
         model.metrics.request_finished(rbee_api::Outcome::Busy, 0.0);
-        return Err(super::all_slots_busy(&model));
+        return Err(super::all_slots_busy(&model).into());
     }
     let rendered =
         rbee_http::task::spawn_blocking(move || model.chat_template.render(&messages)).await;
     match rendered {
         Ok(Ok(prompt)) => Ok(prompt),
-        Ok(Err(e)) => Err(ApiError::new(ErrorCode::InvalidRequest, e)),
-        Err(_) => Err(ApiError::new(
-            ErrorCode::Internal,
-            "rendering the chat template failed",
-        )),
+        Ok(Err(e)) => Err(AdmitError::from(e).into()),
+        Err(_) => Err(AdmitError::TemplateLost.into()),
     }
 }
 

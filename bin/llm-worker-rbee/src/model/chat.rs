@@ -13,6 +13,17 @@ pub const DEFAULT_CHATML: &str = "{% for message in messages %}<|im_start|>{{ me
 /// a client sent) is stopped with an error instead of holding a thread.
 pub const RENDER_FUEL: u64 = 2_000_000;
 
+/// Why a chat template cannot be used or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template does not compile.
+    #[error("invalid chat template")]
+    Invalid(#[source] minijinja::Error),
+    /// Rendering failed (the messages, the template's logic, or its fuel).
+    #[error("chat template")]
+    Render(#[source] minijinja::Error),
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -23,7 +34,7 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// The GGUF's template, or ChatML when it has none.
-    pub fn from_gguf(content: &Content) -> Result<Self, String> {
+    pub fn from_gguf(content: &Content) -> Result<Self, TemplateError> {
         match content
             .metadata
             .get("tokenizer.chat_template")
@@ -35,25 +46,25 @@ impl ChatTemplate {
     }
 
     /// The built-in ChatML template.
-    pub fn chatml() -> Result<Self, String> {
+    pub fn chatml() -> Result<Self, TemplateError> {
         Self::new(DEFAULT_CHATML.to_owned(), true)
     }
 
     /// Compile `source`; `is_default` marks the built-in ChatML.
-    pub fn new(source: String, is_default: bool) -> Result<Self, String> {
+    pub fn new(source: String, is_default: bool) -> Result<Self, TemplateError> {
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", source)
-            .map_err(|e| format!("invalid chat template: {e}"))?;
+            .map_err(TemplateError::Invalid)?;
         Ok(Self { env, is_default })
     }
 
     /// Render `messages`, ending with the assistant's turn opened.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template("chat")
-            .map_err(|e| format!("chat template: {e}"))?;
+            .map_err(TemplateError::Render)?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -61,7 +72,7 @@ impl ChatTemplate {
                 bos_token => "",
                 eos_token => "",
             })
-            .map_err(|e| format!("chat template: {e}"))
+            .map_err(TemplateError::Render)
     }
 }
 
@@ -110,7 +121,7 @@ mod tests {
         )
         .unwrap();
         let started = std::time::Instant::now();
-        let err = quadratic.render(&many).expect_err("out of fuel");
+        let err = rbee_api::error::chain(&quadratic.render(&many).expect_err("out of fuel"));
         assert!(err.contains("fuel"), "{err}");
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }

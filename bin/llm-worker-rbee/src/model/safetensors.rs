@@ -53,7 +53,10 @@ pub fn load_safetensors(
         Some(source) => ChatTemplate::new(source, false),
         None => ChatTemplate::chatml(),
     }
-    .map_err(format)?;
+    .map_err(|source| LoadError::Template {
+        path: shown.clone(),
+        source,
+    })?;
     let mut eos_token_ids: Vec<u32> = match json.get("eos_token_id") {
         Some(serde_json::Value::Array(ids)) => ids
             .iter()
