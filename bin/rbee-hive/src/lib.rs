@@ -346,7 +346,7 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
         boot.shutdown.clone(),
     )
     .await
-    .map_err(StartupError::Config)?;
+    .map_err(|e| StartupError::Config(rbee_api::error::chain(&e)))?;
     let shutdown = boot.shutdown.clone();
     let auth = boot.auth.clone();
     let ready_requires_worker = ReadyRequiresWorker::new(config.ready_requires_worker);
@@ -381,7 +381,9 @@ pub async fn build(config: Config) -> Result<Hive, StartupError> {
                         }
                         let tuning = worker_settings(new)
                             .map_err(|e| e.to_string())
-                            .and_then(workers::Tuning::try_new)
+                            .and_then(|s| {
+                                workers::Tuning::try_new(s).map_err(|e| rbee_api::error::chain(&e))
+                            })
                             .map_err(|e| errors.push(e))
                             .ok();
                         match tuning {

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::host::{self, GpuInfo};
 use crate::models::Models;
 use breaker::Breakers;
-use error::{MemoryShortfall, WorkerError};
+use error::{MemoryShortfall, SetupError, WorkerError};
 use process::Launcher;
 use registry::{WorkerRecord, WorkerRegistry};
 use supervisor::Spec;
@@ -110,11 +110,10 @@ impl WorkerSettings {
 
 impl Tuning {
     /// Check `settings` (restart policy, circuit breaker).
-    pub fn try_new(settings: WorkerSettings) -> Result<Self, String> {
-        let policy =
-            RestartPolicy::try_new(settings.restart).map_err(|e| format!("restart policy: {e}"))?;
-        let breaker_template = CircuitBreaker::try_new(settings.breaker)
-            .map_err(|e| format!("circuit breaker: {e}"))?;
+    pub fn try_new(settings: WorkerSettings) -> Result<Self, SetupError> {
+        let policy = RestartPolicy::try_new(settings.restart).map_err(SetupError::Policy)?;
+        let breaker_template =
+            CircuitBreaker::try_new(settings.breaker).map_err(SetupError::Breaker)?;
         Ok(Self {
             settings,
             policy,
@@ -238,20 +237,14 @@ impl Workers {
         auth: Authenticator,
         registry: &mut MetricsRegistry,
         draining: CancellationToken,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let tuning = Tuning::try_new(settings)?;
         let settings = &tuning.settings;
-        let launcher =
-            Launcher::start().map_err(|e| format!("cannot start the launcher thread: {e}"))?;
+        let launcher = Launcher::start().map_err(SetupError::Launcher)?;
         let version = launcher
             .probe(&settings.worker_binary, &["--version"])
             .await
-            .ok_or_else(|| {
-                format!(
-                    "the worker binary {} cannot be run (--worker-binary / RBEE_WORKER_BINARY)",
-                    settings.worker_binary.display()
-                )
-            })?;
+            .ok_or_else(|| SetupError::WorkerBinary(settings.worker_binary.clone()))?;
         let built: Vec<Backend> = version
             .split("backends=")
             .nth(1)

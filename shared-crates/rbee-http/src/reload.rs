@@ -52,25 +52,35 @@ pub enum TokenChange {
     Rotate(ApiToken),
 }
 
+/// Why a reload's token is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenChangeError {
+    /// The token file or variable does not give a usable token.
+    #[error(transparent)]
+    Token(#[from] auth_min::TokenError),
+    /// The reload would remove the token.
+    #[error(
+        "the API token cannot be removed by a reload; restart the daemon to serve without one"
+    )]
+    Removed,
+    /// The reload would give a token to a daemon started without one.
+    #[error("a daemon started without an API token cannot take one by a reload; restart it")]
+    Added,
+}
+
 impl TokenChange {
     /// Read the token again from `common`'s sources and check it as at
     /// startup. A reload may rotate the token, but neither remove it from a
     /// daemon that has one nor give one to a daemon started without (both
     /// would fail every request of one side at once; restart instead). With
     /// a token on both sides the bind policy holds for any address.
-    pub fn check(common: &CommonArgs, auth: &Authenticator) -> Result<Self, String> {
-        let token = crate::server::configured_token(common).map_err(|e| e.to_string())?;
+    pub fn check(common: &CommonArgs, auth: &Authenticator) -> Result<Self, TokenChangeError> {
+        let token = crate::server::configured_token(common)?;
         let current = auth.token();
         match (token, current) {
             (None, None) => Ok(Self::Same),
-            (None, Some(_)) => Err(
-                "the API token cannot be removed by a reload; restart the daemon to serve without one"
-                    .to_owned(),
-            ),
-            (Some(_), None) => Err(
-                "a daemon started without an API token cannot take one by a reload; restart it"
-                    .to_owned(),
-            ),
+            (None, Some(_)) => Err(TokenChangeError::Removed),
+            (Some(_), None) => Err(TokenChangeError::Added),
             (Some(new), Some(current)) => {
                 if new.fingerprint() == current.fingerprint() {
                     Ok(Self::Same)
@@ -191,7 +201,8 @@ impl<C: DaemonConfig + Clone> Reloader<C> {
         let (token, plan) = match (token, plan) {
             (Ok(token), Ok(plan)) => (token, plan),
             (token, plan) => {
-                let mut errors: Vec<String> = token.err().into_iter().collect();
+                let mut errors: Vec<String> =
+                    token.err().map(|e| e.to_string()).into_iter().collect();
                 errors.extend(plan.err().unwrap_or_default());
                 return Err(errors);
             }
@@ -395,11 +406,11 @@ mod tests {
 
         let removed = TokenChange::check(&common(None), &auth);
         assert!(
-            removed.is_err_and(|e| e.contains("cannot be removed")),
+            removed.is_err_and(|e| e.to_string().contains("cannot be removed")),
             "removing the token is refused"
         );
         write("new-token-0123456789");
         let added = TokenChange::check(&common(Some(path.clone())), &Authenticator::open());
-        assert!(added.is_err_and(|e| e.contains("started without")));
+        assert!(added.is_err_and(|e| e.to_string().contains("started without")));
     }
 }

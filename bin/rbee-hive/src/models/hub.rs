@@ -228,6 +228,12 @@ impl HubError {
     }
 }
 
+/// `details` of [`HubError::ManyGguf`]: the files to choose from.
+#[derive(serde::Serialize)]
+struct Files<'a> {
+    files: &'a [String],
+}
+
 impl Coded for HubError {
     fn code(&self) -> ErrorCode {
         match self {
@@ -265,7 +271,7 @@ impl Coded for HubError {
                 "format",
                 self.to_string(),
             )])),
-            Self::ManyGguf { files, .. } => Some(serde_json::json!({ "files": files })),
+            Self::ManyGguf { files, .. } => serde_json::to_value(Files { files }).ok(),
             _ => None,
         }
     }

@@ -61,6 +61,23 @@ pub enum WorkerError {
     },
 }
 
+/// Why the worker service cannot start, or a reload's settings are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The restart policy's settings are invalid.
+    #[error("restart policy")]
+    Policy(#[source] restart_policy::ConfigError),
+    /// The circuit breaker's settings are invalid.
+    #[error("circuit breaker")]
+    Breaker(#[source] restart_policy::ConfigError),
+    /// The thread that forks workers could not start.
+    #[error("cannot start the launcher thread")]
+    Launcher(#[source] std::io::Error),
+    /// `--worker-binary --version` did not run.
+    #[error("the worker binary {} cannot be run (--worker-binary / RBEE_WORKER_BINARY)", .0.display())]
+    WorkerBinary(std::path::PathBuf),
+}
+
 fn invalid_message(fields: &[FieldError]) -> String {
     match fields {
         [one] => one.message.clone(),
