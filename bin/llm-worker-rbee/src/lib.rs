@@ -257,7 +257,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     if let Some(parent) = config.parent_pid {
         exit_with_parent(parent)?;
     }
-    let device = model::device(config.backend, config.device).map_err(StartupError::Config)?;
+    let device = model::device(config.backend, config.device)
+        .map_err(|e| StartupError::Config(rbee_api::error::chain(&e)))?;
     let model_ref = model_ref(&config);
     let mut boot = Bootstrap::new(
         Identity {

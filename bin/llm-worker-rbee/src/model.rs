@@ -8,6 +8,7 @@
 //! a GPU device.
 
 pub mod chat;
+pub(crate) mod error;
 pub mod llama;
 pub(crate) mod safetensors;
 pub(crate) mod tokenizer;
@@ -19,6 +20,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
 use self::chat::ChatTemplate;
+use self::error::BuildError;
 use self::llama::cpu::{CpuModel, CpuShape, KvType};
 use self::llama::device::DeviceModel;
 use self::llama::load::{self as weights, Source};
@@ -39,13 +41,14 @@ pub enum LoadError {
         /// The cause.
         source: std::io::Error,
     },
-    /// Not a GGUF file candle can read, or not a llama-family model.
-    #[error("cannot load model {path}: {reason}")]
-    Format {
+    /// Not a model the worker can build: its format, shape or tensors, or
+    /// the host's limits.
+    #[error("cannot load model {path}: {}", rbee_api::error::chain(source))]
+    Build {
         /// The model path.
         path: String,
         /// What is wrong.
-        reason: String,
+        source: BuildError,
     },
     /// The model's chat template does not compile.
     #[error("cannot load model {path}: {}", rbee_api::error::chain(source))]
@@ -101,15 +104,14 @@ fn check_cache_fits(
     per_position: usize,
     positions: usize,
     host: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let needed = per_position as u64 * positions as u64;
     match host {
-        Some(host) if needed > host => Err(format!(
-            "the KV cache of {positions} positions needs {:.1} GiB, more than this host's {:.1} \
-             GiB of memory: lower --kv-memory or --ctx, or use --kv-cache f16",
-            needed as f64 / f64::from(1u32 << 30),
-            host as f64 / f64::from(1u32 << 30)
-        )),
+        Some(host) if needed > host => Err(BuildError::CacheTooLarge {
+            positions,
+            needed,
+            host,
+        }),
         _ => Ok(()),
     }
 }
@@ -173,27 +175,46 @@ pub(crate) fn first_line(error: &impl std::fmt::Display) -> String {
 }
 
 /// The candle device for `backend` and `ordinal`, when this build has the backend.
-pub fn device(backend: rbee_api::worker::Backend, ordinal: u32) -> Result<Device, String> {
+pub fn device(backend: rbee_api::worker::Backend, ordinal: u32) -> Result<Device, DeviceError> {
     use rbee_api::worker::Backend;
     let _ = ordinal;
     match backend {
         Backend::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => Device::new_cuda(ordinal as usize)
-            .map_err(|e| format!("cannot open CUDA device {ordinal}: {}", first_line(&e))),
+        Backend::Cuda => Device::new_cuda(ordinal as usize).map_err(|e| DeviceError::Open {
+            backend,
+            ordinal,
+            source: e.into(),
+        }),
         #[cfg(feature = "metal")]
-        Backend::Metal => Device::new_metal(ordinal as usize)
-            .map_err(|e| format!("cannot open Metal device {ordinal}: {}", first_line(&e))),
+        Backend::Metal => Device::new_metal(ordinal as usize).map_err(|e| DeviceError::Open {
+            backend,
+            ordinal,
+            source: e.into(),
+        }),
         #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => Err(not_built(backend)),
+        Backend::Cuda => Err(DeviceError::NotBuilt(backend)),
         #[cfg(not(feature = "metal"))]
-        Backend::Metal => Err(not_built(backend)),
+        Backend::Metal => Err(DeviceError::NotBuilt(backend)),
     }
 }
 
-#[cfg(not(all(feature = "cuda", feature = "metal")))]
-fn not_built(backend: rbee_api::worker::Backend) -> String {
-    format!("backend `{backend}` is not built into this binary (build with --features {backend})")
+/// Why the worker cannot use the device it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// This binary was built without the backend.
+    #[error("backend `{0}` is not built into this binary (build with --features {0})")]
+    NotBuilt(rbee_api::worker::Backend),
+    /// The device could not be opened.
+    #[error("cannot open {backend} device {ordinal}")]
+    Open {
+        /// The backend.
+        backend: rbee_api::worker::Backend,
+        /// The device index.
+        ordinal: u32,
+        /// candle's error.
+        source: error::CandleError,
+    },
 }
 
 /// The backends this build supports, for `rbee_build_info` and errors.
@@ -223,15 +244,16 @@ pub fn load_gguf(
 ) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let shown = path.display().to_string();
-    let format = |reason: String| LoadError::Format {
+    let format = |source: BuildError| LoadError::Build {
         path: shown.clone(),
-        reason,
+        source,
     };
     let mut file = std::fs::File::open(path).map_err(|source| LoadError::Io {
         path: shown.clone(),
         source,
     })?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| format(first_line(&e)))?;
+    let content =
+        gguf_file::Content::read(&mut file).map_err(|e| format(BuildError::Gguf(e.into())))?;
     let arch = content
         .metadata
         .get("general.architecture")
@@ -239,9 +261,7 @@ pub fn load_gguf(
         .cloned()
         .unwrap_or_default();
     if arch != "llama" {
-        return Err(format(format!(
-            "architecture `{arch}` is not supported (llama family only)"
-        )));
+        return Err(format(BuildError::Architecture(arch)));
     }
     let tokenizer = tokenizer::from_gguf(&content).map_err(format)?;
     let chat_template =
@@ -299,19 +319,11 @@ pub(crate) fn build(
     device: &Device,
     dtype: DType,
     options: LoadOptions,
-) -> Result<Built, String> {
+) -> Result<Built, BuildError> {
     if let Some(factors) = source.rope_factors()? {
         config.rope_scaling = RopeScaling::Factors(factors);
     }
     config.validate()?;
-    for (name, width) in [
-        ("hidden size", config.hidden),
-        ("feed-forward size", config.ffn),
-    ] {
-        if width % 32 != 0 {
-            return Err(format!("{name} {width} is not a multiple of 32"));
-        }
-    }
     let context = options.context.min(config.max_context).max(1);
     let blocks = options.cache_positions.max(context).div_ceil(KV_BLOCK);
     if device.is_cpu() && !options.candle_on_cpu {
@@ -331,8 +343,7 @@ pub(crate) fn build(
             threads: options.threads,
             kv: options.kv,
         };
-        let model = CpuModel::new(config, weights, shape)
-            .map_err(|e| format!("cannot start the compute threads: {e}"))?;
+        let model = CpuModel::new(config, weights, shape).map_err(BuildError::Threads)?;
         let summary = format!(
             "cpu kernels {}, {} threads, {:.1} MB of weights, {:?} KV cache of {} blocks of {} \
              positions ({:.1} MB)",
@@ -361,7 +372,7 @@ pub(crate) fn build(
             dtype,
             device,
         )
-        .map_err(|e| first_line(&e))?;
+        .map_err(|e| BuildError::Device(e.into()))?;
         Ok(Built {
             model: Box::new(model),
             summary: format!("candle {device:?}, {dtype:?} activations"),
@@ -379,7 +390,9 @@ mod tests {
     fn a_cache_larger_than_the_host_is_refused_with_the_knobs_to_turn() {
         // The default model: 23,040 bytes per position in f16.
         assert!(check_cache_fits(23_040, 4096 * 64, Some(24 << 30)).is_ok());
-        let err = check_cache_fits(23_040, 8192 * 64, Some(8 << 30)).expect_err("too big");
+        let err = check_cache_fits(23_040, 8192 * 64, Some(8 << 30))
+            .expect_err("too big")
+            .to_string();
         assert!(err.contains("524288 positions needs 11.2 GiB"), "{err}");
         assert!(err.contains("--kv-memory or --ctx"), "{err}");
         assert!(check_cache_fits(23_040, 8192 * 64, None).is_ok());

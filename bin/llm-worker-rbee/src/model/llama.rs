@@ -19,6 +19,8 @@ pub(crate) mod load;
 
 use std::fmt;
 
+use crate::model::error::ShapeError;
+
 /// How rotary position frequencies are scaled.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -83,7 +85,7 @@ impl LlamaConfig {
     }
 
     /// Check the shape is one the forward pass runs.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ShapeError> {
         let positive = [
             ("vocab", self.vocab),
             ("hidden", self.hidden),
@@ -94,33 +96,37 @@ impl LlamaConfig {
             ("head_dim", self.head_dim),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} is 0"));
+            return Err(ShapeError::Zero(name));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(format!(
-                "{} query heads are not a multiple of {} key/value heads",
-                self.heads, self.kv_heads
-            ));
+            return Err(ShapeError::Groups {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
         }
         if !self.head_dim.is_multiple_of(16) {
-            return Err(format!(
-                "head dimension {} is not a multiple of 16",
-                self.head_dim
-            ));
+            return Err(ShapeError::HeadDim(self.head_dim));
         }
         if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
-            return Err(format!(
-                "rotary dimension {} does not fit head dimension {}",
-                self.rope_dim, self.head_dim
-            ));
+            return Err(ShapeError::RopeDim {
+                rope_dim: self.rope_dim,
+                head_dim: self.head_dim,
+            });
         }
         if let RopeScaling::Factors(f) = &self.rope_scaling {
             if f.len() != self.rope_dim / 2 {
-                return Err(format!(
-                    "{} rope frequency factors for {} frequencies",
-                    f.len(),
-                    self.rope_dim / 2
-                ));
+                return Err(ShapeError::RopeFactors {
+                    got: f.len(),
+                    want: self.rope_dim / 2,
+                });
+            }
+        }
+        for (name, width) in [
+            ("hidden size", self.hidden),
+            ("feed-forward size", self.ffn),
+        ] {
+            if width % 32 != 0 {
+                return Err(ShapeError::Width { name, width });
             }
         }
         Ok(())
@@ -480,14 +486,18 @@ mod tests {
     fn bad_shapes_are_named() {
         let mut c = config(RopeScaling::None);
         c.kv_heads = 3;
-        assert!(c.validate().unwrap_err().contains("multiple"));
+        assert!(c.validate().unwrap_err().to_string().contains("multiple"));
         let mut c = config(RopeScaling::None);
         c.head_dim = 24;
-        assert!(c.validate().unwrap_err().contains("multiple of 16"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 16"));
         let mut c = config(RopeScaling::Factors(vec![1.0; 3]));
-        assert!(c.validate().unwrap_err().contains("factors"));
+        assert!(c.validate().unwrap_err().to_string().contains("factors"));
         c.rope_scaling = RopeScaling::None;
         c.layers = 0;
-        assert!(c.validate().unwrap_err().contains("layers"));
+        assert!(c.validate().unwrap_err().to_string().contains("layers"));
     }
 }

@@ -12,8 +12,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::chat::ChatTemplate;
+use super::error::BuildError;
 use super::llama::load::{config_from_json, Source};
-use super::{build, first_line, LoadError, LoadOptions, LoadedModel};
+use super::{build, LoadError, LoadOptions, LoadedModel};
 
 /// Load a safetensors llama directory onto `device`.
 pub fn load_safetensors(
@@ -23,9 +24,9 @@ pub fn load_safetensors(
 ) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
     let shown = dir.display().to_string();
-    let format = |reason: String| LoadError::Format {
+    let format = |source: BuildError| LoadError::Build {
         path: shown.clone(),
-        reason,
+        source,
     };
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|source| LoadError::Io {
@@ -34,17 +35,21 @@ pub fn load_safetensors(
         })
     };
     let json: serde_json::Value = serde_json::from_slice(&read("config.json")?)
-        .map_err(|e| format(format!("config.json is not JSON: {e}")))?;
+        .map_err(|e| format(BuildError::ConfigJson(e)))?;
     let config = config_from_json(&json).map_err(format)?;
-    let files = weight_files(dir).map_err(format)?;
+    let files = weight_files(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for file in &files {
-        let part = candle_core::safetensors::load(file, &Device::Cpu)
-            .map_err(|e| format(format!("{}: {}", file.display(), first_line(&e))))?;
+        let part = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
+            format(BuildError::Shard {
+                path: file.clone(),
+                source: e.into(),
+            })
+        })?;
         tensors.extend(part);
     }
     let tokenizer = tokenizers::Tokenizer::from_bytes(read("tokenizer.json")?)
-        .map_err(|e| format(format!("tokenizer.json: {e}")))?;
+        .map_err(|e| format(BuildError::TokenizerJson(e)))?;
     let template = std::fs::read(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
@@ -83,13 +88,16 @@ pub fn load_safetensors(
 }
 
 /// `model.safetensors`, else every `model-*-of-*.safetensors` shard in order.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
     let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| e.to_string())?
+        .map_err(|source| LoadError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
@@ -100,7 +108,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
         .collect();
     shards.sort();
     if shards.is_empty() {
-        return Err("no model.safetensors or model-*.safetensors shards".to_owned());
+        return Err(LoadError::Build {
+            path: dir.display().to_string(),
+            source: BuildError::NoShards,
+        });
     }
     Ok(shards)
 }

@@ -16,22 +16,24 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::error::BuildError;
+
 const CONTROL_TOKEN_TYPE: i32 = 3;
 
-fn strings<'a>(content: &'a Content, key: &str) -> Result<Vec<&'a str>, String> {
+fn strings<'a>(content: &'a Content, key: &str) -> Result<Vec<&'a str>, BuildError> {
+    let bad = |e: candle_core::Error| BuildError::BadMetadata {
+        key: key.to_owned(),
+        source: e.into(),
+    };
     let values = content
         .metadata
         .get(key)
-        .ok_or_else(|| format!("no `{key}` in the GGUF metadata"))?
+        .ok_or_else(|| BuildError::MissingMetadata(key.to_owned()))?
         .to_vec()
-        .map_err(|e| format!("`{key}`: {e}"))?;
+        .map_err(bad)?;
     values
         .iter()
-        .map(|v| {
-            v.to_string()
-                .map(String::as_str)
-                .map_err(|e| format!("`{key}`: {e}"))
-        })
+        .map(|v| v.to_string().map(String::as_str).map_err(bad))
         .collect()
 }
 
@@ -59,16 +61,14 @@ pub fn max_prompt_bytes(tokenizer: &Tokenizer, context_length: usize) -> usize {
 }
 
 /// Build the tokenizer. Only byte-level BPE (`tokenizer.ggml.model = gpt2`) is supported.
-pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
+pub fn from_gguf(content: &Content) -> Result<Tokenizer, BuildError> {
     let model = content
         .metadata
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
         .map_or("", String::as_str);
     if model != "gpt2" {
-        return Err(format!(
-            "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` only)"
-        ));
+        return Err(BuildError::TokenizerModel(model.to_owned()));
     }
     let tokens = strings(content, "tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = strings(content, "tokenizer.ggml.merges")?
@@ -84,7 +84,7 @@ pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| format!("cannot build the BPE: {e}"))?;
+        .map_err(BuildError::Bpe)?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
         Digits::new(true).into(),

@@ -13,7 +13,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::packed::{PackedMatrix, SourceType};
-use crate::model::first_line;
+use crate::model::error::BuildError;
 
 use super::cpu::{CpuLayer, CpuWeights};
 use super::device::{DeviceLayer, DeviceMatrix, DeviceWeights};
@@ -114,11 +114,11 @@ fn metadata_f32(content: &gguf_file::Content, key: &str) -> Option<f32> {
 }
 
 /// The model's shape from a GGUF header (architecture `llama`).
-pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig, String> {
+pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig, BuildError> {
     let need = |key: &str| {
         metadata_u64(content, &format!("llama.{key}"))
             .map(|v| v as usize)
-            .ok_or_else(|| format!("no `llama.{key}` in the GGUF metadata"))
+            .ok_or_else(|| BuildError::MissingMetadata(format!("llama.{key}")))
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
@@ -128,7 +128,7 @@ pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig, Str
         .tensor_infos
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
-        .ok_or("no `token_embd.weight` tensor")?;
+        .ok_or_else(|| BuildError::MissingTensor("token_embd.weight".to_owned()))?;
     let scaling = match content
         .metadata
         .get("llama.rope.scaling.type")
@@ -138,9 +138,9 @@ pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig, Str
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear(
             metadata_f32(content, "llama.rope.scaling.factor")
-                .ok_or("linear rope scaling without `llama.rope.scaling.factor`")?,
+                .ok_or(BuildError::LinearRopeFactor)?,
         ),
-        Some(other) => return Err(format!("rope scaling `{other}` is not supported")),
+        Some(other) => return Err(BuildError::RopeKind(other.to_owned())),
     };
     let mut config = LlamaConfig {
         vocab,
@@ -164,12 +164,12 @@ pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig, Str
 }
 
 /// The model's shape from a Hugging Face `config.json`.
-pub fn config_from_json(json: &serde_json::Value) -> Result<LlamaConfig, String> {
+pub fn config_from_json(json: &serde_json::Value) -> Result<LlamaConfig, BuildError> {
     let need = |key: &str| {
         json.get(key)
             .and_then(serde_json::Value::as_u64)
             .map(|v| v as usize)
-            .ok_or_else(|| format!("config.json has no `{key}`"))
+            .ok_or_else(|| BuildError::MissingConfig(key.to_owned()))
     };
     let float = |key: &str, default: f64| {
         json.get(key)
@@ -191,7 +191,10 @@ pub fn config_from_json(json: &serde_json::Value) -> Result<LlamaConfig, String>
                 s.get(key)
                     .and_then(serde_json::Value::as_f64)
                     .map(|v| v as f32)
-                    .ok_or_else(|| format!("rope_scaling `{kind}` has no `{key}`"))
+                    .ok_or_else(|| BuildError::RopeKey {
+                        kind: kind.to_owned(),
+                        key: key.to_owned(),
+                    })
             };
             match kind {
                 "default" => RopeScaling::None,
@@ -202,7 +205,7 @@ pub fn config_from_json(json: &serde_json::Value) -> Result<LlamaConfig, String>
                     high_freq_factor: f("high_freq_factor")?,
                     original_max_position: f("original_max_position_embeddings")? as usize,
                 },
-                other => return Err(format!("rope scaling `{other}` is not supported")),
+                other => return Err(BuildError::RopeKind(other.to_owned())),
             }
         }
     };
@@ -254,14 +257,14 @@ impl Source<'_> {
     }
 
     /// Read a GGUF tensor's stored bytes.
-    fn gguf_bytes(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>), String> {
+    fn gguf_bytes(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>), BuildError> {
         let Self::Gguf { content, file, .. } = self else {
             unreachable!("GGUF only")
         };
         let info = content
             .tensor_infos
             .get(name)
-            .ok_or_else(|| format!("no tensor `{name}`"))?;
+            .ok_or_else(|| BuildError::MissingTensor(name.to_owned()))?;
         let dims = info.shape.dims().to_vec();
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
@@ -269,28 +272,30 @@ impl Source<'_> {
         let mut bytes = vec![0u8; size];
         file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
             .and_then(|_| file.read_exact(&mut bytes))
-            .map_err(|e| format!("reading `{name}`: {e}"))?;
+            .map_err(|source| BuildError::Read {
+                name: name.to_owned(),
+                source,
+            })?;
         Ok((info.ggml_dtype, dims, bytes))
     }
 
     /// A safetensors weight as f32 on the CPU, query/key rows interleaved.
-    fn hf_tensor(&self, w: Weight, layer: usize, c: &LlamaConfig) -> Result<Tensor, String> {
+    fn hf_tensor(&self, w: Weight, layer: usize, c: &LlamaConfig) -> Result<Tensor, BuildError> {
         let Self::Safetensors(tensors) = self else {
             unreachable!("safetensors only")
         };
         let name = w.hf_name(layer);
         let t = tensors
             .get(&name)
-            .ok_or_else(|| format!("no tensor `{name}`"))?
+            .ok_or_else(|| BuildError::MissingTensor(name.clone()))?
             .to_dtype(DType::F32)
-            .map_err(|e| first_line(&e))?;
+            .map_err(BuildError::tensor(&name))?;
         let heads = match w {
             Weight::Q => c.heads,
             Weight::K => c.kv_heads,
             _ => return Ok(t),
         };
-        interleave_halves(&t, heads, c.head_dim)
-            .map_err(|e| format!("`{name}`: {}", first_line(&e)))
+        interleave_halves(&t, heads, c.head_dim).map_err(BuildError::tensor(&name))
     }
 
     /// A weight matrix packed for the CPU kernels.
@@ -299,7 +304,7 @@ impl Source<'_> {
         w: Weight,
         layer: usize,
         c: &LlamaConfig,
-    ) -> Result<PackedMatrix, String> {
+    ) -> Result<PackedMatrix, BuildError> {
         let (rows, k) = w.shape(c);
         let name = self.name(w, layer);
         let packed = match self {
@@ -316,15 +321,15 @@ impl Source<'_> {
                         let values = content
                             .tensor(*file, &name, &Device::Cpu)
                             .and_then(|t| t.dequantize(&Device::Cpu))
-                            .map_err(|e| format!("`{name}`: {}", first_line(&e)))?;
+                            .map_err(BuildError::tensor(&name))?;
                         if dequantize {
-                            let bytes = f32_bytes(&values).map_err(|e| first_line(&e))?;
+                            let bytes = f32_bytes(&values).map_err(BuildError::tensor(&name))?;
                             PackedMatrix::pack(SourceType::F32, &bytes, rows, k)
                         } else {
                             tracing::warn!(tensor = %name, dtype = ?dtype, "no CPU kernel for this type; repacked as Q8_0");
                             let q8 = QTensor::quantize(&values, GgmlDType::Q8_0)
                                 .and_then(|t| t.data().map(|d| d.into_owned()))
-                                .map_err(|e| format!("`{name}`: {}", first_line(&e)))?;
+                                .map_err(BuildError::tensor(&name))?;
                             PackedMatrix::pack(SourceType::Q8_0, &q8, rows, k)
                         }
                     }
@@ -333,32 +338,32 @@ impl Source<'_> {
             Self::Safetensors(_) => {
                 let t = self.hf_tensor(w, layer, c)?;
                 check_dims(&name, t.dims(), rows, k)?;
-                let bytes = f32_bytes(&t).map_err(|e| first_line(&e))?;
+                let bytes = f32_bytes(&t).map_err(BuildError::tensor(&name))?;
                 PackedMatrix::pack(SourceType::F32, &bytes, rows, k)
             }
         };
-        packed.map_err(|e| format!("`{name}`: {e}"))
+        packed.map_err(|source| BuildError::Pack { name, source })
     }
 
     /// A vector (norm weights, rope factors) as f32.
-    pub(crate) fn vector(&mut self, name_of: Weight, layer: usize) -> Result<Vec<f32>, String> {
+    pub(crate) fn vector(&mut self, name_of: Weight, layer: usize) -> Result<Vec<f32>, BuildError> {
         let name = self.name(name_of, layer);
         self.vector_named(&name)
     }
 
-    fn vector_named(&mut self, name: &str) -> Result<Vec<f32>, String> {
+    fn vector_named(&mut self, name: &str) -> Result<Vec<f32>, BuildError> {
         let t = match self {
             Self::Gguf { content, file, .. } => content
                 .tensor(*file, name, &Device::Cpu)
                 .and_then(|t| t.dequantize(&Device::Cpu)),
             Self::Safetensors(tensors) => tensors
                 .get(name)
-                .ok_or_else(|| format!("no tensor `{name}`"))?
+                .ok_or_else(|| BuildError::MissingTensor(name.to_owned()))?
                 .to_dtype(DType::F32),
         };
         t.and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("`{name}`: {}", first_line(&e)))
+            .map_err(BuildError::tensor(name))
     }
 
     /// A weight matrix for a candle device: quantized from GGUF, dense
@@ -370,10 +375,10 @@ impl Source<'_> {
         c: &LlamaConfig,
         device: &Device,
         dtype: DType,
-    ) -> Result<DeviceMatrix, String> {
+    ) -> Result<DeviceMatrix, BuildError> {
         let (rows, k) = w.shape(c);
         let name = self.name(w, layer);
-        let err = |e: candle_core::Error| format!("`{name}`: {}", first_line(&e));
+        let err = BuildError::tensor(&name);
         match self {
             Self::Gguf { content, file, .. } => {
                 let q = content.tensor(*file, &name, device).map_err(err)?;
@@ -400,9 +405,9 @@ impl Source<'_> {
         c: &LlamaConfig,
         device: &Device,
         dtype: DType,
-    ) -> Result<Tensor, String> {
+    ) -> Result<Tensor, BuildError> {
         let name = self.name(Weight::Embed, 0);
-        let err = |e: candle_core::Error| format!("`{name}`: {}", first_line(&e));
+        let err = BuildError::tensor(&name);
         let t = match self {
             Self::Gguf { content, file, .. } => content
                 .tensor(*file, &name, &Device::Cpu)
@@ -417,7 +422,7 @@ impl Source<'_> {
     }
 
     /// Llama 3.1 GGUF rope frequency divisors, when the file has them.
-    pub(crate) fn rope_factors(&mut self) -> Result<Option<Vec<f32>>, String> {
+    pub(crate) fn rope_factors(&mut self) -> Result<Option<Vec<f32>>, BuildError> {
         match self {
             Self::Gguf { content, .. }
                 if content.tensor_infos.contains_key("rope_freqs.weight") =>
@@ -435,7 +440,7 @@ fn f32_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
     Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-fn check_dims(name: &str, dims: &[usize], rows: usize, k: usize) -> Result<(), String> {
+fn check_dims(name: &str, dims: &[usize], rows: usize, k: usize) -> Result<(), BuildError> {
     let ok = match dims {
         [r, kk] => *r == rows && *kk == k,
         [n] => k == 1 && *n == rows,
@@ -444,9 +449,12 @@ fn check_dims(name: &str, dims: &[usize], rows: usize, k: usize) -> Result<(), S
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{name}` has shape {dims:?}, expected [{rows}, {k}]"
-        ))
+        Err(BuildError::TensorShape {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            rows,
+            k,
+        })
     }
 }
 
@@ -461,7 +469,10 @@ fn interleave_halves(t: &Tensor, heads: usize, head_dim: usize) -> candle_core::
 }
 
 /// The CPU model's weights.
-pub(crate) fn cpu_weights(source: &mut Source<'_>, c: &LlamaConfig) -> Result<CpuWeights, String> {
+pub(crate) fn cpu_weights(
+    source: &mut Source<'_>,
+    c: &LlamaConfig,
+) -> Result<CpuWeights, BuildError> {
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
         let mut m = |w| source.cpu_matrix(w, l, c);
@@ -498,12 +509,12 @@ pub(crate) fn device_weights(
     c: &LlamaConfig,
     device: &Device,
     dtype: DType,
-) -> Result<DeviceWeights, String> {
-    let vector = |source: &mut Source<'_>, w, l| -> Result<Tensor, String> {
+) -> Result<DeviceWeights, BuildError> {
+    let vector = |source: &mut Source<'_>, w: Weight, l| -> Result<Tensor, BuildError> {
         let v = source.vector(w, l)?;
         Tensor::new(v.as_slice(), device)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| first_line(&e))
+            .map_err(|e| BuildError::tensor(&source.name(w, l))(e))
     };
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
