@@ -133,14 +133,16 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
-fn parse_worker_id(value: &str) -> Result<String, String> {
+/// `--worker-id` is not an id the hive and the metrics can carry.
+#[derive(Debug, thiserror::Error)]
+#[error("expected 1 to 64 characters of A-Z a-z 0-9 . _ : -, not starting with a dot")]
+struct InvalidWorkerId;
+
+fn parse_worker_id(value: &str) -> Result<String, InvalidWorkerId> {
     if rbee_api::inference::is_valid_id(value, 64) && !value.starts_with('.') {
         Ok(value.to_owned())
     } else {
-        Err(
-            "expected 1 to 64 characters of A-Z a-z 0-9 . _ : -, not starting with a dot"
-                .to_owned(),
-        )
+        Err(InvalidWorkerId)
     }
 }
 

@@ -38,4 +38,4 @@ pub use event::{
 };
 pub use logger::{AuditLogger, AuditSink};
 pub use verify::{tail, trail_files, verify_dir, Problem, VerifyFailure, VerifyReport};
-pub use writer::AuditError;
+pub use writer::{AuditError, TailError};

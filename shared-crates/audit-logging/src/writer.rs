@@ -44,7 +44,7 @@ pub enum AuditError {
         /// 1-based line.
         line: u64,
         /// Why.
-        reason: String,
+        reason: TailError,
     },
     /// An event could not be serialized canonically.
     #[error("audit record: {0}")]
@@ -459,17 +459,31 @@ fn take_lock(dir: &Path) -> Result<File, AuditError> {
     Ok(lock)
 }
 
-fn parse_tail(line: &[u8]) -> Result<(u64, String), String> {
-    let value: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+/// Why the last record of a trail cannot continue the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// The line is not JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// No numeric `audit_id`.
+    #[error("no audit_id")]
+    NoId,
+    /// No 64-character `hash`.
+    #[error("no hash")]
+    NoHash,
+}
+
+fn parse_tail(line: &[u8]) -> Result<(u64, String), TailError> {
+    let value: Value = serde_json::from_slice(line)?;
     let id = value
         .get("audit_id")
         .and_then(Value::as_u64)
-        .ok_or("no audit_id")?;
+        .ok_or(TailError::NoId)?;
     let hash = value
         .get("hash")
         .and_then(Value::as_str)
         .filter(|h| h.len() == 64)
-        .ok_or("no hash")?;
+        .ok_or(TailError::NoHash)?;
     Ok((id, hash.to_owned()))
 }
 
