@@ -38,6 +38,7 @@ use downloads::{Download, Downloads, Phase};
 use error::ModelError;
 use hub::Hub;
 use leases::Leases;
+use provision::Provision;
 
 /// How often progress is published (the contract's "at most every 250 ms").
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -348,8 +349,14 @@ impl Models {
                 return;
             }
             Ok(None) => match &parsed {
-                ModelRef::HuggingFace(r) => self.run_hf(&download, r).await,
-                ModelRef::File(path) => self.run_file(&download, path).await,
+                ModelRef::HuggingFace(r) => {
+                    Provision { inner: &self.inner }.run_hf(&download, r).await
+                }
+                ModelRef::File(path) => {
+                    Provision { inner: &self.inner }
+                        .run_file(&download, path)
+                        .await
+                }
             },
             Err(e) => Err(Failure::Rejected(e)),
         };

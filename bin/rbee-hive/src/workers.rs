@@ -43,7 +43,7 @@ use breaker::Breakers;
 use error::{MemoryShortfall, SetupError, WorkerError};
 use process::Launcher;
 use registry::{WorkerRecord, WorkerRegistry};
-use supervisor::Spec;
+use supervisor::{Spec, Supervisor};
 
 /// Supervision settings.
 #[derive(Debug, Clone)]
@@ -549,10 +549,14 @@ impl Workers {
         };
         let stop = CancellationToken::new();
         inner.stops.lock().insert(worker_id.clone(), stop.clone());
-        let this = self.clone();
+        let supervisor = Supervisor {
+            inner: Arc::clone(&self.inner),
+        };
         let request_id = request_id.map(str::to_owned);
         inner.tasks.spawn(async move {
-            this.supervise(spec, stop, lease, probe, request_id).await;
+            supervisor
+                .supervise(spec, stop, lease, probe, request_id)
+                .await;
         });
         Ok(SpawnAccepted {
             worker_id,

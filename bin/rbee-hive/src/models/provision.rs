@@ -16,11 +16,18 @@ use super::downloads::{Download, Phase};
 use super::error::{DiskShortfall, ModelError};
 use super::hub::{FileProgress, Format, Plan, RepoFile};
 use super::{
-    available_bytes, internal, local, now_rfc3339, remove_with_blob, Failure, Models,
+    available_bytes, internal, local, now_rfc3339, remove_with_blob, Failure, Inner,
     PROGRESS_INTERVAL,
 };
 
-impl Models {
+/// One provisioning run over the model service's state: the transfers,
+/// checks and catalog rows of one reference. A type of its own so that
+/// `Models` keeps one `impl`, in `models.rs`.
+pub(super) struct Provision<'a> {
+    pub(super) inner: &'a Inner,
+}
+
+impl Provision<'_> {
     pub(super) async fn run_hf(
         &self,
         download: &Arc<Download>,

@@ -13,10 +13,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::process::{self, LaunchSpec};
 use super::registry::WorkerRecord;
-use super::{Ended, Workers};
+use super::{Ended, Inner};
 use crate::models::leases::Lease;
 
-impl Workers {
+/// Supervises one worker process for the worker service: holds the
+/// service's state, not the service, so supervision is one type with one
+/// `impl` here and the service's API another in `workers.rs`.
+pub(super) struct Supervisor {
+    pub(super) inner: std::sync::Arc<Inner>,
+}
+
+impl Supervisor {
     /// Run one worker until it is stopped or given up on.
     pub(super) async fn supervise(
         &self,
