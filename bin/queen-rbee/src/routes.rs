@@ -114,19 +114,14 @@ fn affinity(model: &str, start: &[u8]) -> u64 {
     h.finish()
 }
 
-/// The part of an OpenAI body that keys its conversation.
-fn openai_start(route: Route, body: &Value) -> Vec<u8> {
+/// The part of an OpenAI request that keys its conversation.
+fn openai_start(route: Route, request: &OpenAiRequest) -> Vec<u8> {
     match route {
-        Route::Chat => body
-            .get("messages")
-            .and_then(Value::as_array)
-            .map(|m| serde_json::to_vec(&m[..m.len().min(2)]).unwrap_or_default())
-            .unwrap_or_default(),
-        Route::Completions => match body.get("prompt") {
-            Some(Value::String(p)) => p.as_bytes().to_vec(),
-            Some(other) => other.to_string().into_bytes(),
-            None => Vec::new(),
-        },
+        Route::Chat => {
+            let first = &request.messages[..request.messages.len().min(2)];
+            serde_json::to_vec(first).unwrap_or_default()
+        }
+        Route::Completions => request.request.prompt.as_bytes().to_vec(),
     }
 }
 
@@ -175,23 +170,23 @@ async fn inference(
 }
 
 /// Check an OpenAI body whole (the worker's checks, from the same code) and
-/// route it. The body is forwarded as the client sent it, so fields the
-/// worker reads and the queen does not are kept.
+/// route it. The worker gets the checked request encoded again from its
+/// type ([`OpenAiRequest::body`], every setting explicit, the model
+/// resolved), so it reads what the queen checked and nothing else.
 fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiError> {
-    let request = OpenAiRequest::parse(route, &body)
-        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?
-        .request;
-    let model = resolve_model(state, request.model)?;
-    let conversation = affinity(&model, &openai_start(route, &body));
-    let body = forwarded(&body)?;
+    let mut request = OpenAiRequest::parse(route, &body)
+        .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?;
+    let model = resolve_model(state, request.request.model.take())?;
+    request.request.model = Some(model.clone());
+    let conversation = affinity(&model, &openai_start(route, &request));
     Ok(Prepared {
         endpoint: Endpoint::OpenAi(route),
-        model,
         job_id: mint_job_id(),
-        stream: request.stream,
-        body,
-        max_tokens: request.max_tokens,
+        stream: request.request.stream,
+        body: forwarded(&request.body(route))?,
+        max_tokens: request.request.max_tokens,
         affinity: Some(conversation),
+        model,
     })
 }
 

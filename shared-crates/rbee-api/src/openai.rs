@@ -123,6 +123,55 @@ impl OpenAiRequest {
     }
 }
 
+/// A checked request in the OpenAI shape again, every setting explicit:
+/// what the queen forwards to a worker's OpenAI route. Parsing it gives the
+/// same [`OpenAiRequest`] back, so the worker reads exactly what the queen
+/// checked, and the wire shape has one definition.
+#[derive(Debug, Serialize)]
+pub struct OpenAiBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<&'a [ChatMessage]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    top_k: u32,
+    min_p: f32,
+    repetition_penalty: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    stream: bool,
+    ignore_eos: bool,
+}
+
+impl OpenAiRequest {
+    /// This request as an OpenAI body for `route` (the route it was parsed
+    /// from).
+    pub fn body(&self, route: Route) -> OpenAiBody<'_> {
+        let r = &self.request;
+        OpenAiBody {
+            messages: (route == Route::Chat).then_some(self.messages.as_slice()),
+            prompt: (route == Route::Completions).then_some(r.prompt.as_str()),
+            model: r.model.as_deref(),
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            min_p: r.min_p,
+            repetition_penalty: r.repetition_penalty,
+            seed: r.seed,
+            stop: &r.stop,
+            stream: r.stream,
+            ignore_eos: r.ignore_eos,
+        }
+    }
+}
+
 /// Reads fields out of a body, collecting what is wrong with them.
 struct Reader<'a> {
     map: &'a Map<String, Value>,
@@ -341,7 +390,65 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    fn any_request() -> impl Strategy<Value = (Route, Value)> {
+        let text = "[ -~\\PC]{1,12}";
+        let message = (prop::sample::select(ROLES.to_vec()), text)
+            .prop_map(|(role, content)| json!({"role": role, "content": content}));
+        (
+            any::<bool>(),
+            prop::collection::vec(message, 1..4),
+            text,
+            prop::option::of("[a-z]{1,8}"),
+            prop::option::of(1u32..=MAX_TOKENS_LIMIT),
+            prop::option::of(0.0f32..2.0),
+            prop::option::of(0.01f32..=1.0),
+            prop::option::of(0u32..100),
+            prop::option::of(any::<u64>()),
+            prop::collection::vec(text, 0..3),
+            prop::option::of(any::<bool>()),
+        )
+            .prop_map(
+                |(chat, messages, prompt, model, max, temp, top_p, top_k, seed, stop, stream)| {
+                    let mut body = if chat {
+                        json!({ "messages": messages })
+                    } else {
+                        json!({ "prompt": prompt })
+                    };
+                    let set = |body: &mut Value, k: &str, v: Option<Value>| {
+                        if let Some(v) = v {
+                            body[k] = v;
+                        }
+                    };
+                    set(&mut body, "model", model.map(Value::from));
+                    set(&mut body, "max_tokens", max.map(Value::from));
+                    set(&mut body, "temperature", temp.map(Value::from));
+                    set(&mut body, "top_p", top_p.map(Value::from));
+                    set(&mut body, "top_k", top_k.map(Value::from));
+                    set(&mut body, "seed", seed.map(Value::from));
+                    set(&mut body, "stream", stream.map(Value::from));
+                    body["stop"] = json!(stop);
+                    let route = if chat {
+                        Route::Chat
+                    } else {
+                        Route::Completions
+                    };
+                    (route, body)
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn a_forwarded_body_parses_back_to_the_request_it_came_from((route, body) in any_request()) {
+            let first = OpenAiRequest::parse(route, &body).expect("the generated bodies are valid");
+            let forwarded = serde_json::to_value(first.body(route)).unwrap();
+            let again = OpenAiRequest::parse(route, &forwarded).expect("a forwarded body parses");
+            prop_assert_eq!(again, first);
+        }
+    }
 
     fn fields(route: Route, body: Value) -> Vec<String> {
         OpenAiRequest::parse(route, &body)
