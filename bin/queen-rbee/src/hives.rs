@@ -1,10 +1,12 @@
 //! The hive registry: which hives the queen routes to, persisted in the
-//! [`Store`], each polled by its own task for its workers and models.
+//! [`Store`], each polled by its own task for its workers and models, and
+//! the spawns the scheduler orders.
 //!
-//! A hive is `unknown` until its first answer, `reachable` while it
-//! answers, and `unreachable` only after `--hive-misses` polls in a row
-//! failed, so one slow answer never takes a whole hive out of routing;
-//! one answer brings it back.
+//! What the polls say goes to the scheduler, which owns the fleet view
+//! (`Scheduler::hives`): a hive is `unknown` until its first answer,
+//! `reachable` while it answers, and `unreachable` only after
+//! `--hive-misses` polls in a row failed. The registry itself keeps only
+//! which poller runs for which hive.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,14 +48,15 @@ pub struct PollSettings {
     pub spawn_timeout: Duration,
 }
 
+/// The poll task of one hive, and the URL it polls.
 #[derive(Debug)]
-struct Entry {
-    summary: HiveSummary,
+struct Poller {
+    url: String,
     stop: CancellationToken,
 }
 
 struct Inner {
-    entries: Mutex<HashMap<String, Entry>>,
+    pollers: Mutex<HashMap<String, Poller>>,
     store: Store,
     sched: Scheduler,
     client: reqwest::Client,
@@ -150,7 +153,7 @@ impl Hives {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                entries: Mutex::new(HashMap::new()),
+                pollers: Mutex::new(HashMap::new()),
                 store,
                 sched,
                 client: rbee_http::client::http_client(),
@@ -173,8 +176,8 @@ impl Hives {
         *self.inner.poll.lock() = poll;
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.inner.entries.lock()
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Poller>> {
+        self.inner.pollers.lock()
     }
 
     /// Start polling every stored hive, then add the `--hive` URLs (already
@@ -203,10 +206,7 @@ impl Hives {
         url: &str,
         source: &str,
     ) -> Result<bool, ApiError> {
-        let unchanged = self
-            .lock()
-            .get(node_name)
-            .is_some_and(|e| e.summary.url == url);
+        let unchanged = self.lock().get(node_name).is_some_and(|p| p.url == url);
         if unchanged {
             return Ok(false);
         }
@@ -262,22 +262,6 @@ impl Hives {
         Ok(existed)
     }
 
-    /// Every hive, by name.
-    pub fn list(&self) -> Vec<HiveSummary> {
-        let mut list: Vec<_> = self.lock().values().map(|e| e.summary.clone()).collect();
-        list.sort_by(|a, b| a.node_name.cmp(&b.node_name));
-        list
-    }
-
-    /// Base URLs of the hives answering now.
-    pub fn reachable_urls(&self) -> Vec<String> {
-        self.lock()
-            .values()
-            .filter(|e| e.summary.state == HiveState::Reachable)
-            .map(|e| e.summary.url.clone())
-            .collect()
-    }
-
     /// Put `hive` in the view and (re)start its poller (which waits one
     /// interval first when `polled_now`: the caller polls it at once);
     /// true when new, and the poller's stop token.
@@ -296,16 +280,15 @@ impl Hives {
         };
         let previous = self.lock().insert(
             hive.node_name.clone(),
-            Entry {
-                summary,
+            Poller {
+                url: hive.url.clone(),
                 stop: stop.clone(),
             },
         );
         if let Some(old) = &previous {
             old.stop.cancel();
-            self.inner.sched.hive_removed(&hive.node_name);
         }
-        self.inner.sched.hive_added(&hive.node_name, &hive.url);
+        self.inner.sched.hive_added(summary);
         let this = self.clone();
         let poller = stop.clone();
         rbee_http::task::spawn(async move {
@@ -351,7 +334,8 @@ impl Hives {
         Ok(Snapshot { workers, models })
     }
 
-    /// Record a poll's result, unless the hive was removed or replaced.
+    /// Hand a poll's result to the scheduler, unless its poller was
+    /// stopped (the scheduler also ignores a hive removed or moved since).
     fn apply(
         &self,
         node_name: &str,
@@ -359,47 +343,26 @@ impl Hives {
         stop: &CancellationToken,
         result: Result<Snapshot, HiveCallError>,
     ) {
-        let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(node_name) else {
-            return;
-        };
-        if stop.is_cancelled() || entry.summary.url != url {
+        if stop.is_cancelled() {
             return;
         }
-        let s = &mut entry.summary;
         match result {
             Ok(snap) => {
-                if s.state != HiveState::Reachable {
-                    tracing::info!(node_name, url, "hive reachable");
-                }
-                s.state = HiveState::Reachable;
-                s.consecutive_misses = 0;
-                s.last_seen = Some(now_rfc3339());
-                s.workers = snap.workers.workers.len();
-                s.models = snap
+                let models = snap
                     .models
                     .models
-                    .iter()
-                    .map(|m| m.model_ref.clone())
+                    .into_iter()
+                    .map(|m| m.model_ref)
                     .collect();
-                let models = s.models.clone();
-                drop(entries);
                 self.inner
                     .sched
                     .hive_seen(node_name, url, snap.workers.workers, models);
             }
             Err(why) => {
-                s.consecutive_misses = s.consecutive_misses.saturating_add(1);
-                let flips =
-                    s.consecutive_misses >= self.poll().misses && s.state != HiveState::Unreachable;
-                let why = error_chain(&why);
-                tracing::debug!(node_name, url, error = %why, misses = s.consecutive_misses, "hive poll failed");
-                if flips {
-                    s.state = HiveState::Unreachable;
-                    drop(entries);
-                    tracing::warn!(node_name, url, error = %why, "hive unreachable; its workers leave the routing set");
-                    self.inner.sched.hive_unreachable(node_name, url);
-                }
+                let misses = self.poll().misses;
+                self.inner
+                    .sched
+                    .hive_missed(node_name, url, misses, &error_chain(&why));
             }
         }
     }
@@ -511,7 +474,7 @@ impl Hives {
                     let live = self
                         .lock()
                         .get(&order.hive)
-                        .map(|e| (e.stop.clone(), e.summary.url.clone()));
+                        .map(|p| (p.stop.clone(), p.url.clone()));
                     if let (Ok(snap), Some((entry_stop, url))) = (snap, live) {
                         self.apply(&order.hive, &url, &entry_stop, Ok(snap));
                     }

@@ -295,7 +295,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let reload_hives = hives.clone();
     let reload_sched = sched.clone();
     let reload_cascade = std::sync::Arc::clone(&cascade_on);
-    let cascade_hives = hives.clone();
+    let cascade_sched = sched.clone();
     let cascade_auth = boot.auth.clone();
     let mut daemon = boot
         .bind(routes::router(), |core| {
@@ -314,7 +314,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .await?;
     daemon.on_drain(async move {
         if cascade_on.load(std::sync::atomic::Ordering::Relaxed) {
-            cascade(cascade_hives, cascade_auth).await;
+            cascade(cascade_sched, cascade_auth).await;
         }
     });
     daemon.on_reload(move || {
@@ -367,9 +367,9 @@ fn upstream_pool(timeouts: upstream::Timeouts) -> std::sync::Arc<upstream::Upstr
 }
 
 /// Ask every reachable hive to shut down (`--cascade-shutdown`).
-async fn cascade(hives: Hives, auth: Authenticator) {
+async fn cascade(sched: Scheduler, auth: Authenticator) {
     let client = rbee_http::client::http_client();
-    let calls = hives.reachable_urls().into_iter().map(|url| {
+    let calls = sched.reachable_urls().into_iter().map(|url| {
         let request = client
             .post(format!("{url}/v1/admin/shutdown"))
             .json(&rbee_api::health::AdminShutdown {})

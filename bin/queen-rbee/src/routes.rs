@@ -281,7 +281,7 @@ async fn register(
 
 async fn list_hives(State(state): State<AppState>) -> Json<HiveList> {
     Json(HiveList {
-        hives: state.hives.list(),
+        hives: state.sched.hives(),
     })
 }
 

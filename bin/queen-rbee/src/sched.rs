@@ -22,11 +22,10 @@ use parking_lot::{Mutex, MutexGuard};
 /// The scheduler's maps are looked up several times per request with model
 /// refs and worker keys as keys: a keyed hash faster than SipHash on them.
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
-type Set<K> = HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rbee_api::fleet::FleetWorker;
+use rbee_api::fleet::{FleetWorker, HiveState, HiveSummary};
 use rbee_api::worker::{WorkerInfo, WorkerState};
 use rbee_api::Coded;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -44,12 +43,22 @@ const FAILED_AVOID: Duration = Duration::from_secs(2);
 /// What a waiting request receives.
 pub type Grant = Result<Lease, AdmitError>;
 
-/// A hive's contribution to the routing view.
-#[derive(Debug, Clone, Default)]
-struct HiveView {
-    url: String,
-    reachable: bool,
-    models: Set<String>,
+/// What routing asks of a hive in the fleet view.
+trait Routable {
+    /// Answering polls: its workers may be routed to.
+    fn reachable(&self) -> bool;
+    /// Has `model` provisioned.
+    fn has(&self, model: &str) -> bool;
+}
+
+impl Routable for HiveSummary {
+    fn reachable(&self) -> bool {
+        self.state == HiveState::Reachable
+    }
+
+    fn has(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model)
+    }
 }
 
 /// One worker as the scheduler sees it.
@@ -93,7 +102,10 @@ struct ModelQueue {
 
 #[derive(Debug, Default)]
 struct State {
-    hives: Map<String, HiveView>,
+    /// The fleet view: every registered hive as `/v2/hives/list` shows it.
+    /// The registry (`hives.rs`) persists hives and polls them; what the
+    /// polls say is kept here only.
+    hives: Map<String, HiveSummary>,
     /// Keyed by `hive/worker_id`.
     slots: Map<String, Slot>,
     queues: Map<String, ModelQueue>,
@@ -249,17 +261,27 @@ impl Scheduler {
         }
     }
 
-    /// A hive answered: replace its workers and models, mark it reachable.
+    /// `hive` answered a poll at `url`: its workers and models replace the
+    /// old ones and it is reachable. A poll of a hive that was removed or
+    /// moved to another URL meanwhile is ignored.
     pub fn hive_seen(&self, hive: &str, url: &str, workers: Vec<WorkerInfo>, models: Vec<String>) {
-        for model in models.iter().chain(workers.iter().map(|w| &w.model_ref)) {
-            self.inner.metrics.model_known(model);
-        }
         let spawns = {
             let mut st = self.lock();
-            let view = st.hives.entry(hive.to_owned()).or_default();
-            view.url = url.to_owned();
-            view.reachable = true;
-            view.models = models.into_iter().collect();
+            let Some(view) = st.hives.get_mut(hive).filter(|h| h.url == url) else {
+                return;
+            };
+            for model in models.iter().chain(workers.iter().map(|w| &w.model_ref)) {
+                self.inner.metrics.model_known(model);
+            }
+            if view.state != HiveState::Reachable {
+                tracing::info!(hive, url, "hive reachable");
+            }
+            view.state = HiveState::Reachable;
+            view.consecutive_misses = 0;
+            view.last_seen =
+                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            view.workers = workers.len();
+            view.models = models;
             let mut fresh: HashMap<String, Slot> = HashMap::new();
             for info in workers {
                 let key = format!("{hive}/{}", info.worker_id);
@@ -285,26 +307,69 @@ impl Scheduler {
         self.start(spawns);
     }
 
-    /// A hive stopped answering (after the miss threshold): its workers
-    /// leave the routing set until it answers again.
-    pub fn hive_unreachable(&self, hive: &str, url: &str) {
+    /// A poll of `hive` at `url` failed (`why`). After `misses` failures in
+    /// a row the hive is unreachable and its workers leave the routing set
+    /// until it answers again; one slow answer never takes it out.
+    pub fn hive_missed(&self, hive: &str, url: &str, misses: u32, why: &str) {
         let spawns = {
             let mut st = self.lock();
-            let view = st.hives.entry(hive.to_owned()).or_default();
-            view.url = url.to_owned();
-            view.reachable = false;
+            let Some(view) = st.hives.get_mut(hive).filter(|h| h.url == url) else {
+                return;
+            };
+            view.consecutive_misses = view.consecutive_misses.saturating_add(1);
+            tracing::debug!(
+                hive,
+                url,
+                error = why,
+                misses = view.consecutive_misses,
+                "hive poll failed"
+            );
+            if view.consecutive_misses < misses || view.state == HiveState::Unreachable {
+                return;
+            }
+            view.state = HiveState::Unreachable;
+            tracing::warn!(
+                hive,
+                url,
+                error = why,
+                "hive unreachable; its workers leave the routing set"
+            );
             self.refresh_gauges(&st);
             self.pump_all(&mut st)
         };
         self.start(spawns);
     }
 
-    /// A hive is known but not yet polled.
-    pub fn hive_added(&self, hive: &str, url: &str) {
-        let mut st = self.lock();
-        let view = st.hives.entry(hive.to_owned()).or_default();
-        view.url = url.to_owned();
-        self.refresh_gauges(&st);
+    /// A hive joined the registry: `unknown` until its first answer. One
+    /// already in the view under that name is replaced, workers and all.
+    pub fn hive_added(&self, summary: HiveSummary) {
+        let spawns = {
+            let mut st = self.lock();
+            let name = summary.node_name.clone();
+            st.slots.retain(|_, s| s.hive != name);
+            st.hives.insert(name, summary);
+            self.refresh_gauges(&st);
+            self.pump_all(&mut st)
+        };
+        self.start(spawns);
+    }
+
+    /// Every hive, by name.
+    pub fn hives(&self) -> Vec<HiveSummary> {
+        let st = self.lock();
+        let mut list: Vec<_> = st.hives.values().cloned().collect();
+        list.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+        list
+    }
+
+    /// Base URLs of the hives answering now.
+    pub fn reachable_urls(&self) -> Vec<String> {
+        self.lock()
+            .hives
+            .values()
+            .filter(|h| h.reachable())
+            .map(|h| h.url.clone())
+            .collect()
     }
 
     /// A hive left the registry.
@@ -322,7 +387,7 @@ impl Scheduler {
     /// Reachable and unreachable hive counts.
     pub fn counts(&self) -> Counts {
         let st = self.lock();
-        let reachable = st.hives.values().filter(|h| h.reachable).count();
+        let reachable = st.hives.values().filter(|h| h.reachable()).count();
         Counts {
             hives_reachable: reachable,
             hives_unreachable: st.hives.len() - reachable,
@@ -367,7 +432,7 @@ impl Scheduler {
             .map(|s| FleetWorker {
                 info: s.info.clone(),
                 hive: s.hive.clone(),
-                hive_reachable: st.hives.get(&s.hive).is_some_and(|h| h.reachable),
+                hive_reachable: st.hives.get(&s.hive).is_some_and(|h| h.reachable()),
                 outstanding: s.outstanding,
             })
             .collect();
@@ -378,7 +443,7 @@ impl Scheduler {
     /// Whether a hive has `model` provisioned or a worker serves it.
     pub fn knows(&self, model: &str) -> bool {
         let st = self.lock();
-        st.hives.values().any(|h| h.models.contains(model))
+        st.hives.values().any(|h| h.has(model))
             || st.slots.values().any(|s| s.info.model_ref == model)
     }
 
@@ -428,7 +493,7 @@ impl Scheduler {
     ) -> Result<Ticket, AdmitError> {
         let (ticket, spawns) = {
             let mut st = self.lock();
-            let known = st.hives.values().any(|h| h.models.contains(model))
+            let known = st.hives.values().any(|h| h.has(model))
                 || st.slots.values().any(|s| s.info.model_ref == model);
             if !known {
                 return Err(AdmitError::UnknownModel {
@@ -555,7 +620,7 @@ impl Scheduler {
         let pending = st.slots.values().any(|s| {
             s.info.model_ref == model
                 && s.might_serve()
-                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable())
         });
         let spawning = st.queues.get(model).is_some_and(|q| q.spawning);
         if pending || spawning {
@@ -564,7 +629,7 @@ impl Scheduler {
         let target = st
             .hives
             .iter()
-            .filter(|(_, h)| h.reachable && h.models.contains(model))
+            .filter(|(_, h)| h.reachable() && h.has(model))
             .min_by_key(|(name, _)| {
                 (
                     st.slots.values().filter(|s| &&s.hive == name).count(),
@@ -627,13 +692,13 @@ impl Scheduler {
     }
 
     fn refresh_gauges(&self, st: &State) {
-        let reachable = st.hives.values().filter(|h| h.reachable).count();
+        let reachable = st.hives.values().filter(|h| h.reachable()).count();
         self.inner
             .metrics
             .set_hives(reachable, st.hives.len() - reachable);
         let mut by_state: HashMap<WorkerState, usize> = HashMap::new();
         for slot in st.slots.values() {
-            if st.hives.get(&slot.hive).is_some_and(|h| h.reachable) {
+            if st.hives.get(&slot.hive).is_some_and(|h| h.reachable()) {
                 *by_state.entry(slot.info.state).or_default() += 1;
             }
         }
@@ -642,13 +707,11 @@ impl Scheduler {
 }
 
 fn can_serve(st: &State, model: &str) -> bool {
-    st.hives
-        .values()
-        .any(|h| h.reachable && h.models.contains(model))
+    st.hives.values().any(|h| h.reachable() && h.has(model))
         || st.slots.values().any(|s| {
             s.info.model_ref == model
                 && s.might_serve()
-                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable())
         })
 }
 
@@ -690,7 +753,7 @@ fn pick(
                 && Some(key.as_str()) != exclude
                 && s.outstanding < s.info.slots_total.max(1)
                 && s.avoid_until.is_none_or(|t| t <= now)
-                && st.hives.get(&s.hive).is_some_and(|h| h.reachable)
+                && st.hives.get(&s.hive).is_some_and(|h| h.reachable())
         })
         .map(|(key, s)| (key, s.outstanding))
         .collect();

@@ -31,9 +31,33 @@ fn sched(max_queue: usize) -> (Scheduler, mpsc::Receiver<SpawnOrder>) {
     Scheduler::new(max_queue, QueenMetrics::register(&mut registry))
 }
 
+/// A hive as the registry adds it: registered, not yet polled.
+fn summary(hive: &str, url: &str) -> HiveSummary {
+    HiveSummary {
+        node_name: hive.to_owned(),
+        url: url.to_owned(),
+        source: "registered".to_owned(),
+        state: HiveState::Unknown,
+        registered_at: String::new(),
+        last_seen: None,
+        consecutive_misses: 0,
+        workers: 0,
+        models: Vec::new(),
+    }
+}
+
+/// A poll's answer from `hive`, which the registry adds first if new.
+fn seen(s: &Scheduler, hive: &str, url: &str, workers: Vec<WorkerInfo>, models: Vec<String>) {
+    if !s.hives().iter().any(|h| h.node_name == hive) {
+        s.hive_added(summary(hive, url));
+    }
+    s.hive_seen(hive, url, workers, models);
+}
+
 /// Hive `h` with model `m` and idle workers `a` and `b` of `slots` each.
 fn two_idle_workers(s: &Scheduler, slots: u32) {
-    s.hive_seen(
+    seen(
+        s,
         "h",
         "http://h",
         vec![
@@ -77,7 +101,8 @@ async fn least_outstanding_wins_and_ties_go_round_robin() {
 #[tokio::test]
 async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
     let (s, _orders) = sched(2);
-    s.hive_seen(
+    seen(
+        &s,
         "h",
         "http://h",
         vec![worker("a", "m", WorkerState::Busy, 1)],
@@ -99,7 +124,8 @@ async fn a_full_worker_queues_and_a_release_hands_over_in_order() {
 #[tokio::test]
 async fn a_reloaded_queue_bound_applies_to_the_next_request() {
     let (s, _orders) = sched(1);
-    s.hive_seen(
+    seen(
+        &s,
         "h",
         "http://h",
         vec![worker("a", "m", WorkerState::Busy, 1)],
@@ -128,12 +154,12 @@ async fn a_reloaded_queue_bound_applies_to_the_next_request() {
 #[tokio::test]
 async fn unknown_models_are_404_and_unreachable_hives_are_503() {
     let (s, _orders) = sched(2);
-    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    seen(&s, "h", "http://h", vec![], vec!["m".into()]);
     assert_eq!(
         s.admit_for("x", "req", None).unwrap_err().code(),
         ErrorCode::ModelNotFound
     );
-    s.hive_unreachable("h", "http://h");
+    s.hive_missed("h", "http://h", 1, "no answer");
     assert_eq!(
         s.admit_for("m", "req", None).unwrap_err().code(),
         ErrorCode::NoCapacity
@@ -144,13 +170,14 @@ async fn unknown_models_are_404_and_unreachable_hives_are_503() {
 #[tokio::test]
 async fn waiters_without_a_worker_cause_exactly_one_spawn() {
     let (s, mut orders) = sched(8);
-    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    seen(&s, "h", "http://h", vec![], vec!["m".into()]);
     let mut tickets: Vec<Ticket> = (0..3)
         .map(|_| s.admit_for("m", "req", None).unwrap())
         .collect();
     assert_eq!(orders.try_recv().map(|o| o.hive).as_deref(), Ok("h"));
     assert!(orders.try_recv().is_err(), "one spawn for three waiters");
-    s.hive_seen(
+    seen(
+        &s,
         "h",
         "http://h",
         vec![worker("a", "m", WorkerState::Idle, 3)],
@@ -166,7 +193,7 @@ async fn waiters_without_a_worker_cause_exactly_one_spawn() {
 #[tokio::test]
 async fn a_failed_spawn_fails_the_waiters_with_no_capacity() {
     let (s, _orders) = sched(8);
-    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    seen(&s, "h", "http://h", vec![], vec!["m".into()]);
     let mut t = s.admit_for("m", "req", None).unwrap();
     s.spawn_finished(
         "m",
@@ -238,7 +265,7 @@ async fn a_spawn_that_cannot_be_started_fails_its_waiters_at_once() {
     let (s, orders) = sched(8);
     // Nobody starts spawns any more (the queen is stopping).
     drop(orders);
-    s.hive_seen("h", "http://h", vec![], vec!["m".into()]);
+    seen(&s, "h", "http://h", vec![], vec!["m".into()]);
     let mut ticket = s.admit_for("m", "req", None).unwrap();
     let err = tokio::time::timeout(Duration::from_secs(1), ticket.wait())
         .await
@@ -312,7 +339,8 @@ mod routing {
                 )
             })
             .collect();
-        s.hive_seen(
+        seen(
+            s,
             HIVES[hive],
             &format!("http://{}", HIVES[hive]),
             workers,
@@ -341,7 +369,9 @@ mod routing {
             let now = Instant::now();
             let mut st = State::default();
             for (h, name) in HIVES.iter().enumerate() {
-                st.hives.insert((*name).to_owned(), HiveView { url: String::new(), reachable: !unreachable[h], models: Set::default() });
+                let mut hive = summary(name, "");
+                hive.state = if unreachable[h] { HiveState::Unreachable } else { HiveState::Reachable };
+                st.hives.insert((*name).to_owned(), hive);
             }
             for (i, (h, m, state, slots_total, outstanding, avoided, _)) in slots.iter().enumerate() {
                 let key = format!("{}/w{i}", HIVES[*h]);
@@ -410,7 +440,7 @@ mod routing {
                         drop(tickets.swap_remove(at));
                     }
                     Step::Poll(h, states) => poll(&s, &fleet, h, &states),
-                    Step::Unreachable(h) => s.hive_unreachable(HIVES[h], &format!("http://{}", HIVES[h])),
+                    Step::Unreachable(h) => s.hive_missed(HIVES[h], &format!("http://{}", HIVES[h]), 1, "no answer"),
                     Step::Finish(_) | Step::Leave(_) => {}
                 }
                 while orders.try_recv().is_ok() {}
@@ -452,7 +482,8 @@ mod routing {
 async fn a_passed_over_worker_is_used_again_when_its_time_is_up() {
     let (s, _orders) = sched(8);
     s.run_rechecks(CancellationToken::new());
-    s.hive_seen(
+    seen(
+        &s,
         "h",
         "http://h",
         vec![worker("a", "m", WorkerState::Idle, 1)],
