@@ -256,11 +256,7 @@ impl ApiError {
 
     /// A validation error listing every bad field in `details.fields`.
     pub fn invalid_fields(code: ErrorCode, fields: Vec<FieldError>) -> Self {
-        let message = match fields.as_slice() {
-            [one] => one.message.clone(),
-            many => format!("{} fields are invalid", many.len()),
-        };
-        Self::new(code, message).with_details(fields_details(&fields))
+        Self::new(code, fields_message(&fields)).with_details(fields_details(&fields))
     }
 
     /// Attach structured details.
@@ -295,6 +291,15 @@ impl ApiError {
     /// The envelope.
     pub fn body(&self) -> &ErrorBody {
         &self.body
+    }
+}
+
+/// The message of a validation error: the one field's message, or how
+/// many fields are invalid.
+pub fn fields_message(fields: &[FieldError]) -> String {
+    match fields {
+        [one] => one.message.clone(),
+        many => format!("{} fields are invalid", many.len()),
     }
 }
 

@@ -36,16 +36,7 @@ pub fn http_client() -> reqwest::Client {
 /// An error and its causes on one line, `: `-separated: reqwest's own
 /// message ("error sending request") hides the useful part (a refused
 /// connection, a certificate from an unknown issuer).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use rbee_api::error::chain as error_chain;
 
 /// Why [`read_limited`] gave up.
 #[derive(Debug, thiserror::Error)]

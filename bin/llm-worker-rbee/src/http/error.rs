@@ -20,7 +20,7 @@ pub(crate) enum AdmitError {
     #[error("all {slots} slots are busy")]
     AllSlotsBusy { slots: usize },
     /// Fields of the body are invalid.
-    #[error("{}", invalid_message(.0))]
+    #[error("{}", rbee_api::error::fields_message(.0))]
     Invalid(Vec<FieldError>),
     /// A job with the same id is running.
     #[error("job `{job_id}` is already running")]
@@ -46,13 +46,6 @@ pub(crate) enum AdmitError {
     /// The engine took no more jobs.
     #[error("the engine is not running")]
     EngineDown(ErrorCode),
-}
-
-fn invalid_message(fields: &[FieldError]) -> String {
-    match fields {
-        [one] => one.message.clone(),
-        many => format!("{} fields are invalid", many.len()),
-    }
 }
 
 /// `details` of [`AdmitError::PromptBytes`].

@@ -12,7 +12,7 @@ pub enum WorkerError {
     #[error("the hive is shutting down and spawns no workers")]
     ShuttingDown,
     /// Fields of the spawn request are invalid.
-    #[error("{}", invalid_message(.0))]
+    #[error("{}", rbee_api::error::fields_message(.0))]
     Invalid(Vec<FieldError>),
     /// `backend` is not a backend rbee knows.
     #[error("backend {name:?} is not one rbee runs on (cpu, cuda, metal); available on this hive: {}", available.join(", "))]
@@ -76,13 +76,6 @@ pub enum SetupError {
     /// `--worker-binary --version` did not run.
     #[error("the worker binary {} cannot be run (--worker-binary / RBEE_WORKER_BINARY)", .0.display())]
     WorkerBinary(std::path::PathBuf),
-}
-
-fn invalid_message(fields: &[FieldError]) -> String {
-    match fields {
-        [one] => one.message.clone(),
-        many => format!("{} fields are invalid", many.len()),
-    }
 }
 
 /// The numbers behind [`WorkerError::Memory`], sent as `details`.
