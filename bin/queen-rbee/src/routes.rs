@@ -94,10 +94,6 @@ fn forwarded(body: &impl serde::Serialize) -> Result<bytes::Bytes, ApiError> {
     Ok(bytes::Bytes::from(bytes))
 }
 
-fn mint_job_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// Bytes of a prompt's start that identify its conversation.
 const AFFINITY_BYTES: usize = 1024;
 
@@ -131,7 +127,7 @@ async fn inference(
     ApiJson(request): ApiJson<InferenceRequest>,
 ) -> Response {
     let request = match request.validate() {
-        Ok(r) => r.into_inner(),
+        Ok(r) => r,
         Err(fields) => {
             return ApiError::invalid_fields(ErrorCode::InvalidRequest, fields).into_response()
         }
@@ -140,16 +136,9 @@ async fn inference(
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let job_id = request.job_id.clone().unwrap_or_else(mint_job_id);
-    let stream = request.stream;
-    let max_tokens = request.max_tokens;
+    let (request, job_id) = request.routed(model.clone());
     let conversation = affinity(&model, request.prompt.as_bytes());
-    let body = InferenceRequest {
-        job_id: Some(job_id.clone()),
-        model: Some(model.clone()),
-        ..request
-    };
-    let body = match forwarded(&body) {
+    let body = match forwarded(request.get()) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -160,9 +149,9 @@ async fn inference(
             endpoint: Endpoint::Native,
             model,
             job_id,
-            stream,
+            stream: request.stream,
             body,
-            max_tokens,
+            max_tokens: request.max_tokens,
             affinity: Some(conversation),
         },
     )
@@ -181,7 +170,7 @@ fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiEr
     let conversation = affinity(&model, &openai_start(route, &request));
     Ok(Prepared {
         endpoint: Endpoint::OpenAi(route),
-        job_id: mint_job_id(),
+        job_id: rbee_api::inference::new_job_id(),
         stream: request.request.stream,
         body: forwarded(&request.body(route))?,
         max_tokens: request.request.max_tokens,

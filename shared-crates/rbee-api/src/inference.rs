@@ -108,6 +108,11 @@ fn is_true(v: &bool) -> bool {
     *v
 }
 
+/// A fresh job id: a random UUID, within the job id's format.
+pub fn new_job_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// An inference request whose every field is within the contract's limits.
 ///
 /// Only [`InferenceRequest::validate`] makes one, so code holding a
@@ -121,9 +126,15 @@ impl ValidInferenceRequest {
         &self.0
     }
 
-    /// Give back the validated fields.
-    pub fn into_inner(self) -> InferenceRequest {
-        self.0
+    /// The request as the queen forwards it: `model` named (routing has
+    /// checked it as a model reference; [`InferenceRequest::validate`] does
+    /// not look at it) and a job id, a fresh UUID when the client sent
+    /// none; returns that id too. It stays valid: the id is the one
+    /// validated or a UUID.
+    pub fn routed(mut self, model: String) -> (Self, String) {
+        let job_id = self.0.job_id.get_or_insert_with(new_job_id).clone();
+        self.0.model = Some(model);
+        (self, job_id)
     }
 }
 
@@ -318,6 +329,25 @@ mod tests {
 
     fn request(json: &str) -> InferenceRequest {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_routed_request_keeps_its_job_id_or_gets_a_valid_one_and_names_the_model() {
+        let named = request(r#"{"prompt":"hi","job_id":"job-1"}"#)
+            .validate()
+            .unwrap();
+        let (named, id) = named.routed("hf:o/r".to_owned());
+        assert_eq!(id, "job-1");
+        assert_eq!(named.job_id.as_deref(), Some("job-1"));
+        assert_eq!(named.model.as_deref(), Some("hf:o/r"));
+
+        let (minted, id) = request(r#"{"prompt":"hi"}"#)
+            .validate()
+            .unwrap()
+            .routed("hf:o/r".to_owned());
+        assert_eq!(minted.job_id.as_deref(), Some(id.as_str()));
+        // Still what validation accepts.
+        assert!(minted.get().clone().validate().is_ok());
     }
 
     #[test]
