@@ -227,6 +227,16 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
     assert_eq!(status, 400);
     let (status, _, _) = send(auth(c.post(queen.url("/v1/completions"))).json(&json!([1, 2])));
     assert_eq!(status, 400);
+    // What the server does not do is refused, not answered as free text.
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v1/chat/completions"))).json(&json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "json_object"},
+        })),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(field_names(&body), ["tools", "response_format"], "{body}");
 
     // Bodies within the limit that outgrow it as the queen forwards them
     // are refused by the queen before queueing, in the envelope.

@@ -220,6 +220,14 @@ fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
         json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
     );
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = post(
+        &w,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "tool_choice": "auto"}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(field_names(&body), ["tool_choice", "logprobs"], "{body}");
 }
 
 #[test]

@@ -4,10 +4,12 @@
 //! The queen and the worker read these bodies with the same code, so both
 //! refuse the same requests with the same fields named. Every bad field is
 //! reported at once, wrong types included, as the contract asks of every
-//! route. Fields that OpenAI clients commonly send but that have no effect
-//! here (`user`, `logit_bias`, `stream_options`, zero penalties) are
-//! accepted and ignored; `n` other than 1 and content other than text are
-//! refused. Their answers are in [`answer`].
+//! route. Fields that ask for what this server does not do (tool calls, JSON
+//! output, log probabilities, penalties other than `repetition_penalty`,
+//! `n` other than 1, content other than text, ...) are refused by name rather
+//! than answered as if absent; fields with no effect on the answer (`user`,
+//! `metadata`, `stream_options`, ...) are accepted and ignored. docs/openai.md
+//! lists every field. Their answers are in [`answer`].
 
 pub mod answer;
 
@@ -88,6 +90,7 @@ impl OpenAiRequest {
             r.bad
                 .push(FieldError::new("n", "range", "only n=1 is supported"));
         }
+        r.unsupported();
         let request = InferenceRequest {
             job_id: None,
             model,
@@ -182,6 +185,121 @@ impl<'a> Reader<'a> {
     /// The field's value; `null` counts as absent, as OpenAI's API has it.
     fn get(&self, name: &str) -> Option<&'a Value> {
         self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    /// Fields asking for what this server does not do (tool calls,
+    /// constrained output, log probabilities): refused, because answering
+    /// as if they were absent would hand back the wrong kind of answer.
+    /// Their neutral values (`tools: []`, `tool_choice: "none"`,
+    /// `response_format: {"type": "text"}`, `logprobs: false`,
+    /// `top_logprobs: 0`, `echo: false`, `suffix: ""`, `best_of: 1`,
+    /// `modalities: ["text"]`, zero penalties, an empty `logit_bias`) are
+    /// accepted.
+    fn unsupported(&mut self) {
+        let mut refuse = |field: &str, message: &str| {
+            self.bad
+                .push(FieldError::new(field, "unsupported", message.to_owned()));
+        };
+        for field in ["tools", "functions"] {
+            if self
+                .map
+                .get(field)
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                refuse(field, "tool calls are not supported by this server");
+            }
+        }
+        for field in ["tool_choice", "function_call"] {
+            if self
+                .map
+                .get(field)
+                .is_some_and(|v| !v.is_null() && v != "none")
+            {
+                refuse(field, "tool calls are not supported by this server");
+            }
+        }
+        if let Some(format) = self.map.get("response_format").filter(|v| !v.is_null()) {
+            if format.get("type").is_none_or(|t| t != "text") {
+                refuse(
+                    "response_format",
+                    "only {\"type\": \"text\"} is supported: this server does not constrain output to JSON",
+                );
+            }
+        }
+        if self
+            .map
+            .get("logprobs")
+            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+        {
+            refuse(
+                "logprobs",
+                "log probabilities are not supported by this server",
+            );
+        }
+        if self
+            .map
+            .get("top_logprobs")
+            .is_some_and(|v| !v.is_null() && v.as_u64() != Some(0))
+        {
+            refuse(
+                "top_logprobs",
+                "log probabilities are not supported by this server",
+            );
+        }
+        if self.map.get("echo") == Some(&Value::Bool(true)) {
+            refuse("echo", "echoing the prompt is not supported by this server");
+        }
+        if self
+            .map
+            .get("suffix")
+            .is_some_and(|v| !v.is_null() && v != "")
+        {
+            refuse(
+                "suffix",
+                "a suffix (fill-in-the-middle) is not supported by this server",
+            );
+        }
+        if self
+            .map
+            .get("best_of")
+            .is_some_and(|v| !v.is_null() && v.as_u64() != Some(1))
+        {
+            refuse("best_of", "only best_of=1 is supported");
+        }
+        let other_modality = self
+            .map
+            .get("modalities")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.iter().any(|v| v != "text"));
+        if other_modality || self.map.get("audio").is_some_and(|v| !v.is_null()) {
+            refuse("modalities", "only text output is supported by this server");
+        }
+        for field in ["presence_penalty", "frequency_penalty"] {
+            if self
+                .map
+                .get(field)
+                .is_some_and(|v| !v.is_null() && v.as_f64() != Some(0.0))
+            {
+                refuse(
+                    field,
+                    "only 0 is supported; repetition_penalty is this server's penalty",
+                );
+            }
+        }
+        if self
+            .map
+            .get("logit_bias")
+            .is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|m| !m.is_empty()))
+        {
+            refuse("logit_bias", "logit_bias is not supported by this server");
+        }
+        if self
+            .map
+            .get("web_search_options")
+            .is_some_and(|v| !v.is_null())
+        {
+            refuse("web_search_options", "this server does not search the web");
+        }
     }
 
     fn wrong_type(&mut self, field: impl Into<String>, expected: &str) {
@@ -400,7 +518,7 @@ mod tests {
         (
             any::<bool>(),
             prop::collection::vec(message, 1..4),
-            text,
+            "[a-z][ -~\\PC]{0,11}",
             prop::option::of("[a-z]{1,8}"),
             prop::option::of(1u32..=MAX_TOKENS_LIMIT),
             prop::option::of(0.0f32..2.0),
@@ -459,6 +577,88 @@ mod tests {
     }
 
     #[test]
+    fn asking_for_tools_schemas_or_logprobs_is_refused_and_their_neutral_values_are_not() {
+        let chat = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        let tool = json!({"type": "function", "function": {"name": "f", "parameters": {}}});
+        assert_eq!(
+            fields(
+                Route::Chat,
+                chat(json!({
+                    "tools": [tool],
+                    "tool_choice": "required",
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                    "logprobs": true,
+                    "top_logprobs": 5,
+                }))
+            ),
+            [
+                "tools",
+                "tool_choice",
+                "response_format",
+                "logprobs",
+                "top_logprobs"
+            ]
+        );
+        assert_eq!(
+            fields(
+                Route::Chat,
+                chat(json!({"response_format": {"type": "json_object"}}))
+            ),
+            ["response_format"]
+        );
+        assert_eq!(
+            fields(
+                Route::Completions,
+                json!({"prompt": "hi", "logprobs": 2, "echo": true, "suffix": "end", "best_of": 3})
+            ),
+            ["logprobs", "echo", "suffix", "best_of"]
+        );
+        assert_eq!(
+            fields(Route::Chat, chat(json!({"modalities": ["text", "audio"]}))),
+            ["modalities"]
+        );
+        let neutral = chat(json!({
+            "tools": [],
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+            "logprobs": false,
+            "top_logprobs": 0,
+            "functions": null,
+            "modalities": ["text"],
+            "echo": false,
+            "suffix": "",
+            "best_of": 1,
+            "presence_penalty": 0,
+            "frequency_penalty": 0.0,
+            "logit_bias": {},
+        }));
+        assert_eq!(
+            fields(
+                Route::Chat,
+                chat(json!({
+                    "presence_penalty": 0.5,
+                    "frequency_penalty": -1,
+                    "logit_bias": {"50256": -100},
+                    "web_search_options": {},
+                }))
+            ),
+            [
+                "presence_penalty",
+                "frequency_penalty",
+                "logit_bias",
+                "web_search_options"
+            ]
+        );
+        assert!(OpenAiRequest::parse(Route::Chat, &neutral).is_ok());
+    }
+
+    #[test]
     fn a_good_chat_becomes_messages_and_native_settings() {
         let body = json!({
             "model": "m",
@@ -473,7 +673,7 @@ mod tests {
             "stream": true,
             "n": 1,
             "user": "ignored",
-            "logit_bias": {"1": 2},
+            "logit_bias": {},
         });
         let parsed = OpenAiRequest::parse(Route::Chat, &body).unwrap();
         assert_eq!(parsed.messages.len(), 3);
