@@ -49,6 +49,64 @@ for chunk in client.chat.completions.create(
             finish = choice.finish_reason
 out["chat_stream"] = {"text": "".join(pieces), "chunks": len(pieces), "finish_reason": finish, "completion_tokens": usage}
 
+plain_usage_chunks = 0
+for chunk in client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Count to five."}], max_tokens=4, stream=True
+):
+    plain_usage_chunks += chunk.usage is not None or not chunk.choices
+out["chat_stream_without_usage"] = {"usage_chunks": plain_usage_chunks}
+
+
+def token_entries(entries):
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top": [[t.token, t.logprob] for t in e.top_logprobs],
+        }
+        for e in entries
+    ]
+
+
+chat_lp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=6,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=5,
+)
+out["chat_logprobs"] = {
+    "content": chat_lp.choices[0].message.content,
+    "completion_tokens": chat_lp.usage.completion_tokens,
+    "entries": token_entries(chat_lp.choices[0].logprobs.content),
+}
+streamed_entries = []
+for chunk in client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=6,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=5,
+    stream=True,
+):
+    for choice in chunk.choices:
+        if choice.logprobs is not None and choice.logprobs.content:
+            streamed_entries += token_entries(choice.logprobs.content)
+out["chat_logprobs_stream"] = {"entries": streamed_entries}
+
+text_lp = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0, logprobs=3)
+lp = text_lp.choices[0].logprobs
+out["completion_logprobs"] = {
+    "text": text_lp.choices[0].text,
+    "tokens": lp.tokens,
+    "token_logprobs": lp.token_logprobs,
+    "top_logprobs": lp.top_logprobs,
+    "text_offset": lp.text_offset,
+}
+
 completion = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0)
 out["completion"] = {
     "object": completion.object,

@@ -745,6 +745,66 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
         r["completion_stream"]["text"], r["completion"]["text"],
         "greedy streaming and non-streaming agree"
     );
+    assert_eq!(
+        r["chat_stream_without_usage"]["usage_chunks"], 0,
+        "no usage chunk unless stream_options.include_usage asks for it: {r}"
+    );
+    // Log-probabilities, greedy: each token is the most likely one at its
+    // position, so it heads its own top list with the same value; the
+    // values are log-probabilities, most likely first; the streamed
+    // entries are the whole answer's.
+    let lp = &r["chat_logprobs"];
+    let entries = lp["entries"].as_array().expect("entries");
+    assert_eq!(
+        Some(entries.len() as u64),
+        lp["completion_tokens"].as_u64(),
+        "{r}"
+    );
+    let mut text = String::new();
+    for e in entries {
+        let top = e["top"].as_array().expect("top");
+        assert_eq!(top.len(), 5, "{e}");
+        assert_eq!(top[0][0], e["token"], "{e}");
+        assert!((top[0][1].as_f64().unwrap() - e["logprob"].as_f64().unwrap()).abs() < 1e-6);
+        let values: Vec<f64> = top.iter().map(|t| t[1].as_f64().expect("number")).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{e}");
+        assert!(
+            values.iter().all(|&v| v <= 0.0)
+                && values.iter().map(|v| v.exp()).sum::<f64>() <= 1.0 + 1e-4
+        );
+        let bytes: Vec<u8> = serde_json::from_value(e["bytes"].clone()).expect("bytes");
+        assert_eq!(bytes, e["token"].as_str().unwrap().as_bytes());
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    assert_eq!(Some(text.as_str()), lp["content"].as_str(), "{r}");
+    assert_eq!(r["chat_logprobs_stream"]["entries"], lp["entries"], "{r}");
+    let c = &r["completion_logprobs"];
+    let tokens = c["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 5, "{r}");
+    assert_eq!(c["token_logprobs"].as_array().map(Vec::len), Some(5));
+    assert_eq!(c["text_offset"][0], 0);
+    for (i, top) in c["top_logprobs"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .enumerate()
+    {
+        let top = top.as_object().expect("a map");
+        assert!(top.len() <= 3 && !top.is_empty(), "{r}");
+        let best = top
+            .values()
+            .filter_map(Value::as_f64)
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - c["token_logprobs"][i].as_f64().unwrap()).abs() < 1e-6,
+            "{r}"
+        );
+    }
+    assert_eq!(
+        tokens.iter().filter_map(Value::as_str).collect::<String>(),
+        c["text"].as_str().unwrap_or_default(),
+        "{r}"
+    );
     assert_eq!(r["unknown_model"]["status"], 404, "{r}");
     assert_eq!(r["unknown_model"]["code"], "MODEL_NOT_FOUND", "{r}");
     assert_eq!(
@@ -763,14 +823,14 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     let trail = rbee_system_tests::read_trail(&audit.path().join("queen-rbee"));
     assert_eq!(
         trail.matches("\"inference_admitted\"").count(),
-        4,
+        8,
         "{trail}"
     );
-    assert_eq!(trail.matches("\"inference_finished\"").count(), 4);
+    assert_eq!(trail.matches("\"inference_finished\"").count(), 8);
     assert_eq!(trail.matches("\"inference_rejected\"").count(), 1);
     assert!(
         !trail.contains("Say hello"),
         "no prompt text in the audit trail"
     );
-    assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 4);
+    assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 8);
 }

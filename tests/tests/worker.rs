@@ -41,6 +41,18 @@ fn openai_streaming_sends_chunks_then_usage_then_done() {
     let w = worker(&[]);
     let mut chat = paris_chat();
     chat["stream"] = json!(true);
+    // Without stream_options.include_usage there is no usage chunk, as
+    // with OpenAI (clients that read choices[0] of every chunk rely on it).
+    let mut sse = Sse::new(post(&w, "/v1/chat/completions", chat.clone()));
+    while let Some(chunk) = sse.next_event() {
+        assert!(chunk["usage"].is_null(), "{chunk}");
+        assert_eq!(
+            chunk["choices"].as_array().map(Vec::len),
+            Some(1),
+            "{chunk}"
+        );
+    }
+    chat["stream_options"] = json!({"include_usage": true});
     let mut sse = Sse::new(post(&w, "/v1/chat/completions", chat));
     let mut text = String::new();
     let mut saw_role = false;
@@ -223,11 +235,15 @@ fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
     let response = post(
         &w,
         "/v1/chat/completions",
-        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "tool_choice": "auto"}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21, "tool_choice": "auto"}),
     );
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().expect("JSON");
-    assert_eq!(field_names(&body), ["tool_choice", "logprobs"], "{body}");
+    assert_eq!(
+        field_names(&body),
+        ["tool_choice", "top_logprobs"],
+        "{body}"
+    );
 }
 
 #[test]

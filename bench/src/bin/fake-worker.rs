@@ -119,6 +119,7 @@ async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<InferenceRequ
             tokens_cached: 0,
             stop_reason: StopReason::MaxTokens,
             decode_time_ms: 0,
+            logprobs: Vec::new(),
         })
         .into_response();
     }
@@ -141,6 +142,7 @@ async fn inference(State(fake): State<Arc<Fake>>, Json(body): Json<InferenceRequ
                 event(&StreamEvent::Token {
                     t: "tok".to_owned(),
                     i: i - 1,
+                    lp: None,
                 })
             } else if i == max_tokens + 1 {
                 event(&StreamEvent::End {

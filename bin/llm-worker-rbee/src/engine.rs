@@ -24,7 +24,7 @@ pub(crate) mod blocks;
 pub(crate) mod detokenizer;
 #[cfg(feature = "fault-injection")]
 pub(crate) mod fault;
-pub(crate) mod metrics;
+pub mod metrics;
 pub mod sampler;
 pub(crate) mod stop;
 
@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rbee_api::health::Capacity;
-use rbee_api::inference::{StopReason, StreamEvent};
+use rbee_api::inference::{StopReason, StreamEvent, TokenLogprob, TopLogprob};
 use rbee_api::{ErrorCode, Outcome};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +67,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Generate past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<u32>,
     /// The request that started the job, for the engine's log lines.
     pub request_id: String,
     /// When to give up.
@@ -143,6 +145,8 @@ impl Engine {
             tables: BlockTables::new(),
             batch: Vec::with_capacity(slots),
             logits: Vec::with_capacity(limits.vocab),
+            raw: Vec::new(),
+            top: Vec::new(),
             max_rows: limits.max_rows.min(PREFILL_CHUNK),
             ctx: Context {
                 tokenizer,
@@ -261,6 +265,11 @@ struct Batcher {
     batch: Vec<(usize, usize, bool)>,
     /// The logits being sampled, reused.
     logits: Vec<f32>,
+    /// The logits as the model gave them, kept for log-probabilities
+    /// (sampling changes `logits`), reused.
+    raw: Vec<f32>,
+    /// The most likely tokens of a position, reused.
+    top: Vec<(u32, f32)>,
     /// Rows per step.
     max_rows: usize,
     ctx: Context,
@@ -467,6 +476,8 @@ impl Batcher {
             tables,
             batch,
             logits,
+            raw,
+            top,
             max_rows,
             ctx,
         } = self;
@@ -546,8 +557,14 @@ impl Batcher {
             logits.clear();
             logits.extend_from_slice(out.row(k));
             k += 1;
+            let want_logprobs = seq.job.logprobs;
+            if want_logprobs.is_some() {
+                raw.clear();
+                raw.extend_from_slice(logits);
+            }
             let next = seq.sampler.sample(logits, &seq.tokens);
-            if let Step::Done(outcome, event) = ctx.accept(seq, next) {
+            let lp = want_logprobs.map(|k| ctx.logprob(raw, next, k as usize, top));
+            if let Step::Done(outcome, event) = ctx.accept(seq, next, lp) {
                 done.push((i, outcome, event));
             }
         }
@@ -600,8 +617,33 @@ impl Context {
         self.shared.last_progress_ms.store(ms, Ordering::Release);
     }
 
-    /// Take the sampled token `next` of `seq`: send it, or end the sequence.
-    fn accept(&self, seq: &mut Sequence, next: u32) -> Step {
+    /// The log-probability of `next` under `raw`, the model's logits, with
+    /// the `k` most likely tokens; `top` is scratch.
+    fn logprob(&self, raw: &[f32], next: u32, k: usize, top: &mut Vec<(u32, f32)>) -> TokenLogprob {
+        let logprob = sampler::log_softmax_top(raw, next, k, top);
+        TokenLogprob {
+            id: next,
+            token: self.piece(next),
+            logprob,
+            top: top
+                .iter()
+                .map(|&(id, logprob)| TopLogprob {
+                    id,
+                    token: self.piece(id),
+                    logprob,
+                })
+                .collect(),
+        }
+    }
+
+    /// Token `id` decoded alone.
+    fn piece(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// Take the sampled token `next` of `seq`, with its log-probability
+    /// when asked for: send it, or end the sequence.
+    fn accept(&self, seq: &mut Sequence, next: u32, lp: Option<TokenLogprob>) -> Step {
         let now = Instant::now();
         if !seq.job.ignore_eos && self.eos.contains(&next) {
             return self.end(seq, StopReason::Eos);
@@ -626,11 +668,16 @@ impl Context {
                 let _ = seq.job.events.send(JobEvent::Token {
                     t: before,
                     i: index,
+                    lp,
                 });
                 self.end(seq, StopReason::StopSequence)
             }
             StopCheck::Continue(text) => {
-                let _ = seq.job.events.send(JobEvent::Token { t: text, i: index });
+                let _ = seq.job.events.send(JobEvent::Token {
+                    t: text,
+                    i: index,
+                    lp,
+                });
                 if seq.generated >= seq.job.max_tokens || seq.tokens.len() >= self.context_length {
                     self.end(seq, StopReason::MaxTokens)
                 } else {
@@ -652,6 +699,7 @@ impl Context {
                 let _ = seq.job.events.send(JobEvent::Token {
                     t: tail,
                     i: seq.generated.saturating_sub(1),
+                    lp: None,
                 });
             }
         }

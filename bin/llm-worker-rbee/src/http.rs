@@ -18,7 +18,7 @@ use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use rbee_api::health::{ReadyStatus, WorkerReady};
 use rbee_api::inference::{
-    InferenceRequest, InferenceResponse, StreamEvent, ValidInferenceRequest,
+    InferenceRequest, InferenceResponse, StreamEvent, TokenLogprob, ValidInferenceRequest,
 };
 use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
@@ -277,6 +277,7 @@ async fn admit_checked(
         },
         stop: request.stop.clone(),
         ignore_eos: request.ignore_eos,
+        logprobs: request.logprobs,
         request_id: ctx.request_id.to_string(),
         deadline: ctx.deadline.map(|d| Instant::now() + d.remaining()),
         cancel,
@@ -392,6 +393,9 @@ fn json_event(event: &StreamEvent) -> Event {
 /// How a job ended, for the non-streaming answers.
 pub(crate) struct Collected {
     pub(crate) text: String,
+    /// Per generated token, when asked for: its log-probability and where
+    /// its text starts in `text` (bytes).
+    pub(crate) logprobs: Vec<(TokenLogprob, usize)>,
     pub(crate) tokens_in: u32,
     pub(crate) tokens_out: u32,
     pub(crate) tokens_cached: u32,
@@ -402,9 +406,15 @@ pub(crate) struct Collected {
 /// Wait for the job to end, gathering its text.
 pub(crate) async fn collect_text(admitted: &mut Admitted) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match admitted.events.recv().await.unwrap_or_else(engine_stopped) {
-            StreamEvent::Token { t, .. } => text.push_str(&t),
+            StreamEvent::Token { t, lp, .. } => {
+                if let Some(lp) = lp {
+                    logprobs.push((lp, text.len()));
+                }
+                text.push_str(&t);
+            }
             StreamEvent::End {
                 tokens_in,
                 tokens_out,
@@ -414,6 +424,7 @@ pub(crate) async fn collect_text(admitted: &mut Admitted) -> Result<Collected, A
             } => {
                 return Ok(Collected {
                     text,
+                    logprobs,
                     tokens_in,
                     tokens_out,
                     tokens_cached,
@@ -446,5 +457,6 @@ async fn collect(mut admitted: Admitted) -> Result<Json<InferenceResponse>, ApiE
         tokens_cached: done.tokens_cached,
         stop_reason: done.stop_reason,
         decode_time_ms: done.decode_time_ms,
+        logprobs: done.logprobs.into_iter().map(|(lp, _)| lp).collect(),
     }))
 }

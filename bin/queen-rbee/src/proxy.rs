@@ -76,6 +76,11 @@ pub struct Prepared {
     /// of its prompt), for routing it to the worker that holds its earlier
     /// turns in its KV cache.
     pub affinity: Option<u64>,
+    /// An OpenAI stream: the client asked for the chunk that carries
+    /// `usage` (`stream_options.include_usage`). The queen always asks the
+    /// worker for it, for its token counts, and drops it when the client
+    /// did not ask.
+    pub usage_chunk: bool,
 }
 
 /// Running and queued jobs by id, for `DELETE /v1/inference/{job_id}`.
@@ -499,13 +504,14 @@ impl Call {
         let deadline = self
             .deadline
             .map(|d| Box::pin(tokio::time::sleep_until(d + DEADLINE_GRACE)));
+        let sse = SseState::new(!self.prep.usage_chunk);
         let mut relay = Relay {
             dialect: self.prep.endpoint.dialect(),
             call: self,
             lease,
             upstream,
             retried,
-            sse: SseState::default(),
+            sse,
             deadline,
             finished: false,
             span: tracing::Span::current(),
@@ -640,7 +646,7 @@ impl Relay {
                     failed.failed();
                     if let Sent::Ok(r) = self.call.send(&self.lease).await {
                         self.upstream = r.1;
-                        self.sse = SseState::default();
+                        self.sse = SseState::new(!self.call.prep.usage_chunk);
                         continue;
                     }
                 }

@@ -153,6 +153,7 @@ async fn inference(
             body,
             max_tokens: request.max_tokens,
             affinity: Some(conversation),
+            usage_chunk: true,
         },
     )
     .await
@@ -167,6 +168,8 @@ fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiEr
         .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?;
     let model = resolve_model(state, request.request.model.take())?;
     request.request.model = Some(model.clone());
+    let usage_chunk = request.include_usage;
+    request.include_usage = true;
     let conversation = affinity(&model, &openai_start(route, &request));
     Ok(Prepared {
         endpoint: Endpoint::OpenAi(route),
@@ -175,6 +178,7 @@ fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiEr
         body: forwarded(&request.body(route))?,
         max_tokens: request.request.max_tokens,
         affinity: Some(conversation),
+        usage_chunk,
         model,
     })
 }

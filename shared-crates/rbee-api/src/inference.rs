@@ -16,6 +16,8 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
 /// Longest client-chosen job id, in bytes.
 pub const MAX_JOB_ID_BYTES: usize = 128;
+/// Most alternatives a request may ask to see per generated token (`logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// The body of `POST /v1/inference`, with the contract's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +68,11 @@ pub struct InferenceRequest {
     /// (benchmarks and load tests that need a fixed output length).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many of the
+    /// most likely tokens at its position (0 to [`MAX_TOP_LOGPROBS`]);
+    /// absent reports none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
 }
 
 fn default_max_tokens() -> u32 {
@@ -220,6 +227,13 @@ impl InferenceRequest {
                 ));
             }
         }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            bad.push(FieldError::new(
+                "logprobs",
+                "range",
+                format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            ));
+        }
     }
 }
 
@@ -277,6 +291,10 @@ pub enum StreamEvent {
         t: String,
         /// 0-based index of the generated token.
         i: u32,
+        /// Its log-probability, when the request asked for `logprobs`
+        /// (absent on the event that only releases held-back text).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lp: Option<TokenLogprob>,
     },
     /// Last event of a successful generation.
     End {
@@ -302,8 +320,36 @@ pub enum StreamEvent {
     },
 }
 
+/// A generated token's log-probability under the model's distribution at
+/// its position (the log-softmax of the raw logits, before temperature,
+/// penalties and truncation), and the most likely tokens there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's id.
+    pub id: u32,
+    /// The token decoded alone (a piece of a multi-byte character decodes
+    /// to U+FFFD).
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The `logprobs` most likely tokens, most likely first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token's id.
+    pub id: u32,
+    /// The token decoded alone.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+}
+
 /// `stream=false` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceResponse {
     /// The job id.
     pub job_id: String,
@@ -321,6 +367,10 @@ pub struct InferenceResponse {
     pub stop_reason: StopReason,
     /// Time spent decoding, in milliseconds.
     pub decode_time_ms: u64,
+    /// Each generated token's log-probability, when the request asked for
+    /// `logprobs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 #[cfg(test)]
@@ -398,6 +448,7 @@ mod tests {
         let token = serde_json::to_value(StreamEvent::Token {
             t: "Par".into(),
             i: 0,
+            lp: None,
         })
         .unwrap();
         assert_eq!(token, serde_json::json!({"type":"token","t":"Par","i":0}));

@@ -5,10 +5,10 @@
 //! refuse the same requests with the same fields named. Every bad field is
 //! reported at once, wrong types included, as the contract asks of every
 //! route. Fields that ask for what this server does not do (tool calls, JSON
-//! output, log probabilities, penalties other than `repetition_penalty`,
-//! `n` other than 1, content other than text, ...) are refused by name rather
-//! than answered as if absent; fields with no effect on the answer (`user`,
-//! `metadata`, `stream_options`, ...) are accepted and ignored. docs/openai.md
+//! output, penalties other than `repetition_penalty`, `n` other than 1,
+//! content other than text, ...) are refused by name rather than answered
+//! as if absent; fields with no effect on the answer (`user`, `metadata`,
+//! ...) are accepted and ignored. docs/openai.md
 //! lists every field. Their answers are in [`answer`].
 
 pub mod answer;
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::FieldError;
-use crate::inference::{InferenceRequest, MAX_TOKENS_LIMIT};
+use crate::inference::{InferenceRequest, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS};
 
 /// Generated tokens when an OpenAI request names no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
@@ -52,6 +52,9 @@ pub struct OpenAiRequest {
     /// prompt, or empty for a chat until the worker renders the messages
     /// through the model's chat template.
     pub request: InferenceRequest,
+    /// `stream_options.include_usage`: a streamed answer ends with a chunk
+    /// that has no choices and carries `usage`.
+    pub include_usage: bool,
 }
 
 impl OpenAiRequest {
@@ -85,7 +88,12 @@ impl OpenAiRequest {
         let seed = r.uint("seed", "a non-negative integer");
         let stop = r.stop();
         let stream = r.boolean("stream");
+        let include_usage = r.stream_options(stream.unwrap_or(false));
         let ignore_eos = r.boolean("ignore_eos");
+        let logprobs = match route {
+            Route::Chat => r.chat_logprobs(),
+            Route::Completions => r.token_count("logprobs"),
+        };
         if r.uint("n", "1").is_some_and(|n| n != 1) {
             r.bad
                 .push(FieldError::new("n", "range", "only n=1 is supported"));
@@ -107,6 +115,7 @@ impl OpenAiRequest {
             stop,
             stream: stream.unwrap_or(false),
             ignore_eos: ignore_eos.unwrap_or(false),
+            logprobs: logprobs.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         };
         let mut ranges = Vec::new();
         request.check_generation(&mut ranges);
@@ -116,10 +125,18 @@ impl OpenAiRequest {
                 e.message =
                     format!("max_completion_tokens must be between 1 and {MAX_TOKENS_LIMIT}");
             }
+            if e.field == "logprobs" && route == Route::Chat {
+                "top_logprobs".clone_into(&mut e.field);
+                e.message = format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}");
+            }
             r.bad.push(e);
         }
         if r.bad.is_empty() {
-            Ok(Self { messages, request })
+            Ok(Self {
+                messages,
+                request,
+                include_usage,
+            })
         } else {
             Err(r.bad)
         }
@@ -149,7 +166,28 @@ pub struct OpenAiBody<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
     ignore_eos: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<LogprobsField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u32>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// `logprobs`: a flag on the chat route (the count is `top_logprobs`), a
+/// count on the completions route.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum LogprobsField {
+    Flag(bool),
+    Count(u32),
 }
 
 impl OpenAiRequest {
@@ -170,7 +208,15 @@ impl OpenAiRequest {
             seed: r.seed,
             stop: &r.stop,
             stream: r.stream,
+            stream_options: r.stream.then_some(StreamOptions {
+                include_usage: self.include_usage,
+            }),
             ignore_eos: r.ignore_eos,
+            logprobs: r.logprobs.map(|n| match route {
+                Route::Chat => LogprobsField::Flag(true),
+                Route::Completions => LogprobsField::Count(n),
+            }),
+            top_logprobs: r.logprobs.filter(|_| route == Route::Chat),
         }
     }
 }
@@ -188,11 +234,10 @@ impl<'a> Reader<'a> {
     }
 
     /// Fields asking for what this server does not do (tool calls,
-    /// constrained output, log probabilities): refused, because answering
-    /// as if they were absent would hand back the wrong kind of answer.
-    /// Their neutral values (`tools: []`, `tool_choice: "none"`,
-    /// `response_format: {"type": "text"}`, `logprobs: false`,
-    /// `top_logprobs: 0`, `echo: false`, `suffix: ""`, `best_of: 1`,
+    /// constrained output): refused, because answering as if they were
+    /// absent would hand back the wrong kind of answer. Their neutral
+    /// values (`tools: []`, `tool_choice: "none"`,
+    /// `response_format: {"type": "text"}`, `echo: false`, `suffix: ""`, `best_of: 1`,
     /// `modalities: ["text"]`, zero penalties, an empty `logit_bias`) are
     /// accepted.
     fn unsupported(&mut self) {
@@ -225,26 +270,6 @@ impl<'a> Reader<'a> {
                     "only {\"type\": \"text\"} is supported: this server does not constrain output to JSON",
                 );
             }
-        }
-        if self
-            .map
-            .get("logprobs")
-            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
-        {
-            refuse(
-                "logprobs",
-                "log probabilities are not supported by this server",
-            );
-        }
-        if self
-            .map
-            .get("top_logprobs")
-            .is_some_and(|v| !v.is_null() && v.as_u64() != Some(0))
-        {
-            refuse(
-                "top_logprobs",
-                "log probabilities are not supported by this server",
-            );
         }
         if self.map.get("echo") == Some(&Value::Bool(true)) {
             refuse("echo", "echoing the prompt is not supported by this server");
@@ -299,6 +324,52 @@ impl<'a> Reader<'a> {
             .is_some_and(|v| !v.is_null())
         {
             refuse("web_search_options", "this server does not search the web");
+        }
+    }
+
+    /// The chat route's `logprobs` (a flag) and `top_logprobs` (a count,
+    /// which needs the flag) as one count: `None` when not asked for.
+    fn chat_logprobs(&mut self) -> Option<u64> {
+        let wanted = self.boolean("logprobs");
+        let top = self.token_count("top_logprobs");
+        match (wanted, top) {
+            (Some(true), top) => Some(top.unwrap_or(0)),
+            (_, Some(n)) if n > 0 => {
+                self.bad.push(FieldError::new(
+                    "top_logprobs",
+                    "requires",
+                    "top_logprobs needs logprobs: true",
+                ));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// `stream_options.include_usage`, which only a streamed request may set.
+    fn stream_options(&mut self, stream: bool) -> bool {
+        let Some(options) = self.get("stream_options") else {
+            return false;
+        };
+        let Value::Object(options) = options else {
+            self.wrong_type("stream_options", "an object");
+            return false;
+        };
+        if !stream {
+            self.bad.push(FieldError::new(
+                "stream_options",
+                "requires",
+                "stream_options is only allowed when stream is true",
+            ));
+            return false;
+        }
+        match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                self.wrong_type("stream_options.include_usage", "a boolean");
+                false
+            }
         }
     }
 
@@ -526,10 +597,26 @@ mod tests {
             prop::option::of(0u32..100),
             prop::option::of(any::<u64>()),
             prop::collection::vec(text, 0..3),
-            prop::option::of(any::<bool>()),
+            (
+                prop::option::of(any::<bool>()),
+                prop::option::of(any::<bool>()),
+                prop::option::of(0u32..=MAX_TOP_LOGPROBS),
+            ),
         )
             .prop_map(
-                |(chat, messages, prompt, model, max, temp, top_p, top_k, seed, stop, stream)| {
+                |(
+                    chat,
+                    messages,
+                    prompt,
+                    model,
+                    max,
+                    temp,
+                    top_p,
+                    top_k,
+                    seed,
+                    stop,
+                    (stream, include_usage, logprobs),
+                )| {
                     let mut body = if chat {
                         json!({ "messages": messages })
                     } else {
@@ -547,6 +634,19 @@ mod tests {
                     set(&mut body, "top_k", top_k.map(Value::from));
                     set(&mut body, "seed", seed.map(Value::from));
                     set(&mut body, "stream", stream.map(Value::from));
+                    if stream == Some(true) {
+                        set(
+                            &mut body,
+                            "stream_options",
+                            include_usage.map(|u| json!({"include_usage": u})),
+                        );
+                    }
+                    if chat {
+                        set(&mut body, "logprobs", logprobs.map(|_| Value::from(true)));
+                        set(&mut body, "top_logprobs", logprobs.map(Value::from));
+                    } else {
+                        set(&mut body, "logprobs", logprobs.map(Value::from));
+                    }
                     body["stop"] = json!(stop);
                     let route = if chat {
                         Route::Chat
@@ -568,6 +668,77 @@ mod tests {
         }
     }
 
+    #[test]
+    fn logprobs_are_a_flag_and_a_count_on_chat_and_a_count_on_completions() {
+        let user = json!([{"role": "user", "content": "hi"}]);
+        let chat = |extra: Value| {
+            let mut body = json!({ "messages": user });
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            OpenAiRequest::parse(Route::Chat, &body).map(|r| r.request.logprobs)
+        };
+        assert_eq!(chat(json!({})), Ok(None));
+        assert_eq!(chat(json!({"logprobs": false})), Ok(None));
+        assert_eq!(chat(json!({"logprobs": true})), Ok(Some(0)));
+        assert_eq!(
+            chat(json!({"logprobs": true, "top_logprobs": 20})),
+            Ok(Some(20))
+        );
+        let refused = |r: Result<Option<u32>, Vec<FieldError>>| {
+            r.expect_err("refused")
+                .into_iter()
+                .map(|e| (e.field, e.constraint))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            refused(chat(json!({"logprobs": true, "top_logprobs": 21}))),
+            [("top_logprobs".to_owned(), "range".to_owned())]
+        );
+        assert_eq!(
+            refused(chat(json!({"top_logprobs": 3}))),
+            [("top_logprobs".to_owned(), "requires".to_owned())]
+        );
+        assert_eq!(
+            refused(chat(json!({"logprobs": 2}))),
+            [("logprobs".to_owned(), "type".to_owned())]
+        );
+        let completion = |logprobs: Value| {
+            OpenAiRequest::parse(
+                Route::Completions,
+                &json!({"prompt": "hi", "logprobs": logprobs}),
+            )
+            .map(|r| r.request.logprobs)
+        };
+        assert_eq!(completion(json!(3)), Ok(Some(3)));
+        assert_eq!(completion(json!(0)), Ok(Some(0)));
+        assert_eq!(completion(Value::Null), Ok(None));
+        assert_eq!(
+            refused(completion(json!(21))),
+            [("logprobs".to_owned(), "range".to_owned())]
+        );
+    }
+
+    #[test]
+    fn include_usage_needs_a_stream() {
+        let body = |stream: bool, options: Value| json!({"prompt": "hi", "stream": stream, "stream_options": options});
+        let parse = |b: Value| OpenAiRequest::parse(Route::Completions, &b);
+        assert!(
+            parse(body(true, json!({"include_usage": true})))
+                .expect("valid")
+                .include_usage
+        );
+        assert!(!parse(body(true, json!({}))).expect("valid").include_usage);
+        assert_eq!(
+            parse(body(false, json!({"include_usage": true}))).expect_err("refused")[0].constraint,
+            "requires"
+        );
+        assert_eq!(
+            parse(body(true, json!({"include_usage": "yes"}))).expect_err("refused")[0].field,
+            "stream_options.include_usage"
+        );
+    }
+
     fn fields(route: Route, body: Value) -> Vec<String> {
         OpenAiRequest::parse(route, &body)
             .expect_err("refused")
@@ -577,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn asking_for_tools_schemas_or_logprobs_is_refused_and_their_neutral_values_are_not() {
+    fn asking_for_tools_or_schemas_is_refused_and_their_neutral_values_are_not() {
         let chat = |extra: Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -593,17 +764,9 @@ mod tests {
                     "tools": [tool],
                     "tool_choice": "required",
                     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
-                    "logprobs": true,
-                    "top_logprobs": 5,
                 }))
             ),
-            [
-                "tools",
-                "tool_choice",
-                "response_format",
-                "logprobs",
-                "top_logprobs"
-            ]
+            ["tools", "tool_choice", "response_format"]
         );
         assert_eq!(
             fields(
@@ -617,7 +780,7 @@ mod tests {
                 Route::Completions,
                 json!({"prompt": "hi", "logprobs": 2, "echo": true, "suffix": "end", "best_of": 3})
             ),
-            ["logprobs", "echo", "suffix", "best_of"]
+            ["echo", "suffix", "best_of"]
         );
         assert_eq!(
             fields(Route::Chat, chat(json!({"modalities": ["text", "audio"]}))),

@@ -224,6 +224,7 @@ mod tests {
         let token = StreamEvent::Token {
             t: "Hi".into(),
             i: 0,
+            lp: None,
         };
         assert_eq!(classify(Dialect::Native, &native(&token)), Said::Token);
         let end = StreamEvent::End {

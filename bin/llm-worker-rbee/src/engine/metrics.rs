@@ -72,6 +72,12 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Metrics that no registry exposes, for an engine run outside the
+    /// daemon (tests, tools).
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
     /// Register every metric in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {

@@ -125,6 +125,35 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `chosen` under the distribution `logits` give
+/// (log-softmax, the normalizer summed in f64), and the `k` most likely
+/// tokens with theirs in `top`, most likely first (the lowest id wins ties).
+pub fn log_softmax_top(logits: &[f32], chosen: u32, k: usize, top: &mut Vec<(u32, f32)>) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - log_z) as f32;
+    top.clear();
+    if k > 0 {
+        // The k largest in one pass: `top` stays sorted, a logit enters
+        // only when it beats the smallest kept.
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() == k && top.last().is_some_and(|&(_, least)| l <= least) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, kept)| kept >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(k);
+        }
+        for entry in top.iter_mut() {
+            entry.1 = lp(entry.1);
+        }
+    }
+    logits
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |&l| lp(l))
+}
+
 /// Index of the largest logit; the lowest index wins ties.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -228,6 +257,31 @@ mod tests {
         assert_eq!(s.sample(&mut [3.0, 2.0, 0.0], &[0]), 1);
         // Negative logits get more negative.
         assert_eq!(s.sample(&mut [-1.0, -1.5, -3.0], &[0]), 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn log_softmax_top_matches_the_direct_formula(
+            logits in proptest::collection::vec(-30.0f32..30.0, 1..300),
+            k in 0usize..25,
+            pick in 0usize..300,
+        ) {
+            let chosen = (pick % logits.len()) as u32;
+            let mut top = Vec::new();
+            let got = log_softmax_top(&logits, chosen, k, &mut top);
+            // Direct: log(exp(l_i) / sum_j exp(l_j)), in f64.
+            let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+            let direct = |l: f32| (f64::from(l).exp() / z).ln();
+            proptest::prop_assert!((f64::from(got) - direct(logits[chosen as usize])).abs() < 1e-4);
+            // The k largest, by a full sort (stable: ties keep the lower id first).
+            let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            order.truncate(k);
+            proptest::prop_assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), order);
+            for &(id, lp) in &top {
+                proptest::prop_assert!((f64::from(lp) - direct(logits[id as usize])).abs() < 1e-4);
+            }
+        }
     }
 
     #[test]

@@ -14,8 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
 use rbee_api::inference::InferenceRequest;
+use rbee_api::inference::TokenLogprob;
 use rbee_api::openai::answer::{
-    AnswerMessage, Choice, ChoiceBody, Completion, Delta, FinishReason, Object, Usage,
+    AnswerMessage, ChatLogprobs, ChatTokenLogprob, Choice, ChoiceBody, ChoiceLogprobs, Completion,
+    Delta, FinishReason, Object, TextLogprobs, Usage,
 };
 use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
 use rbee_api::sse::{self, Dialect};
@@ -67,9 +69,10 @@ pub async fn chat_completions(
     let OpenAiRequest {
         messages,
         mut request,
+        include_usage,
     } = parse(Route::Chat, &body)?;
     request.prompt = chat_prompt(&state, messages).await?;
-    respond(state, ctx, request, Route::Chat).await
+    respond(state, ctx, request, Route::Chat, include_usage).await
 }
 
 /// `POST /v1/completions`.
@@ -78,8 +81,12 @@ pub async fn completions(
     ctx: RequestContext,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let request = parse(Route::Completions, &body)?.request;
-    respond(state, ctx, request, Route::Completions).await
+    let OpenAiRequest {
+        request,
+        include_usage,
+        ..
+    } = parse(Route::Completions, &body)?;
+    respond(state, ctx, request, Route::Completions, include_usage).await
 }
 
 async fn respond(
@@ -87,6 +94,7 @@ async fn respond(
     ctx: RequestContext,
     request: InferenceRequest,
     route: Route,
+    include_usage: bool,
 ) -> Result<Response, ApiError> {
     let (admitted, request) = admit(&state, &ctx, request).await?;
     let meta = Meta {
@@ -97,6 +105,8 @@ async fn respond(
         created: now_secs(),
         model: state.model_ref.clone(),
         route,
+        logprobs: request.logprobs.is_some(),
+        include_usage,
     };
     if request.stream {
         Ok(Sse::new(super::keep_alive(&state, chunks(meta, admitted))).into_response())
@@ -110,6 +120,10 @@ struct Meta {
     created: u64,
     model: String,
     route: Route,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
+    /// A stream ends with a chunk that carries `usage`.
+    include_usage: bool,
 }
 
 impl Meta {
@@ -121,14 +135,39 @@ impl Meta {
         }
     }
 
+    /// The log-probabilities of `tokens` (each with where its text starts)
+    /// in the route's shape, when the request asked for them.
+    fn logprobs(&self, tokens: &[(TokenLogprob, usize)]) -> Option<ChoiceLogprobs> {
+        if !self.logprobs {
+            return None;
+        }
+        Some(match self.route {
+            Route::Chat => ChoiceLogprobs::Chat(ChatLogprobs {
+                content: tokens
+                    .iter()
+                    .map(|(lp, _)| ChatTokenLogprob::from(lp))
+                    .collect(),
+            }),
+            Route::Completions => {
+                let mut text = TextLogprobs::default();
+                for (lp, offset) in tokens {
+                    text.push(lp, *offset);
+                }
+                ChoiceLogprobs::Text(text)
+            }
+        })
+    }
+
     /// The one choice: `text` as a chat message, a chat chunk's delta (the
-    /// role in the `first` one) or completion text.
+    /// role in the `first` one) or completion text, with the
+    /// log-probabilities of its tokens.
     fn choice(
         &self,
         text: Option<String>,
         first: bool,
         finish: Option<FinishReason>,
         chunk: bool,
+        logprobs: Option<ChoiceLogprobs>,
     ) -> Choice {
         let body = match self.route {
             Route::Chat if chunk => ChoiceBody::Delta {
@@ -145,12 +184,12 @@ impl Meta {
             },
             Route::Completions => ChoiceBody::Text {
                 text: text.unwrap_or_default(),
-                logprobs: None,
             },
         };
         Choice {
             index: 0,
             body,
+            logprobs,
             finish_reason: finish,
         }
     }
@@ -169,7 +208,14 @@ impl Meta {
 
 async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<Completion>, ApiError> {
     let done = super::collect_text(&mut admitted).await?;
-    let choice = meta.choice(Some(done.text), true, Some(done.stop_reason.into()), false);
+    let logprobs = meta.logprobs(&done.logprobs);
+    let choice = meta.choice(
+        Some(done.text),
+        true,
+        Some(done.stop_reason.into()),
+        false,
+        logprobs,
+    );
     Ok(Json(meta.body(
         vec![choice],
         Some(Usage::new(
@@ -186,6 +232,8 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
         meta: Meta,
         admitted: Admitted,
         first: bool,
+        /// Bytes of text sent so far.
+        offset: usize,
         queue: std::collections::VecDeque<Event>,
         finished: bool,
     }
@@ -197,6 +245,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
         meta,
         admitted,
         first: true,
+        offset: 0,
         queue: std::collections::VecDeque::new(),
         finished: false,
     };
@@ -210,9 +259,12 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
             }
             let meta = &s.meta;
             match s.admitted.events.recv().await {
-                Some(JobEvent::Token { t: text, .. }) => {
+                Some(JobEvent::Token { t: text, lp, .. }) => {
+                    let tokens: Vec<_> = lp.into_iter().map(|lp| (lp, s.offset)).collect();
+                    let logprobs = meta.logprobs(&tokens);
+                    s.offset += text.len();
                     let chunk = meta.body(
-                        vec![meta.choice(Some(text), s.first, None, true)],
+                        vec![meta.choice(Some(text), s.first, None, true, logprobs)],
                         None,
                         true,
                     );
@@ -227,16 +279,18 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     ..
                 }) => {
                     let last = meta.body(
-                        vec![meta.choice(None, s.first, Some(stop_reason.into()), true)],
+                        vec![meta.choice(None, s.first, Some(stop_reason.into()), true, None)],
                         None,
                         true,
                     );
                     s.queue.push_back(data(last));
-                    s.queue.push_back(data(meta.body(
-                        Vec::new(),
-                        Some(Usage::new(tokens_in, tokens_out, tokens_cached)),
-                        true,
-                    )));
+                    if meta.include_usage {
+                        s.queue.push_back(data(meta.body(
+                            Vec::new(),
+                            Some(Usage::new(tokens_in, tokens_out, tokens_cached)),
+                            true,
+                        )));
+                    }
                     s.queue.push_back(Event::default().data(sse::DONE));
                     s.finished = true;
                 }

@@ -36,10 +36,19 @@ pub(super) struct SseState {
     pub(super) outcome: Outcome,
     pub(super) tokens_in: u32,
     pub(super) tokens_out: u32,
+    /// Read the OpenAI chunk that carries `usage`, but do not send it on.
+    drop_usage: bool,
 }
 
 impl Default for SseState {
     fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl SseState {
+    /// A stream's state before its first byte; `drop_usage`: see the field.
+    pub(super) fn new(drop_usage: bool) -> Self {
         Self {
             buf: Vec::new(),
             held: Vec::new(),
@@ -49,11 +58,10 @@ impl Default for SseState {
             outcome: Outcome::Error,
             tokens_in: 0,
             tokens_out: 0,
+            drop_usage,
         }
     }
-}
 
-impl SseState {
     /// Take the complete events out of `bytes` (after what an earlier call
     /// left incomplete), append what they send to `out`, and keep the rest
     /// for the next call. True when the stream's first token was among them.
@@ -124,6 +132,9 @@ impl SseState {
                 self.tokens_in = tokens_in;
                 self.tokens_out = tokens_out;
                 self.outcome = Outcome::Ok;
+                if self.drop_usage && dialect == Dialect::OpenAi {
+                    return false;
+                }
             }
             Said::Error(code) => self.outcome = code.map_or(Outcome::Error, Outcome::from),
             Said::Started | Said::Other => {}
@@ -241,6 +252,19 @@ mod tests {
             Dialect::OpenAi,
         );
         assert_eq!(s.outcome, Outcome::Cancelled);
+    }
+
+    #[test]
+    fn the_usage_chunk_is_read_and_dropped_unless_the_client_asked_for_it() {
+        let stream = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+        for asked in [true, false] {
+            let mut s = SseState::new(!asked);
+            let (out, first) = feed(&mut s, stream, Dialect::OpenAi);
+            assert!(first);
+            assert_eq!(out.contains("usage"), asked, "{out}");
+            assert!(out.ends_with("data: [DONE]\n\n"));
+            assert_eq!((s.outcome, s.tokens_in, s.tokens_out), (Outcome::Ok, 4, 1));
+        }
     }
 
     #[test]

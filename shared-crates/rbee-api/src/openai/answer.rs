@@ -1,9 +1,11 @@
 //! The answers of the OpenAI-compatible routes: a whole completion, the
 //! chunks of a streamed one, their `usage`, and the model list.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::inference::StopReason;
+use crate::inference::{StopReason, TokenLogprob};
 
 /// What an answer or chunk is (`object`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,21 +78,113 @@ pub enum ChoiceBody {
     Text {
         /// The text.
         text: String,
-        /// Always `null`: no log-probabilities are computed.
-        logprobs: Option<()>,
     },
 }
 
 /// One choice (there is only ever one, index 0).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     /// Always 0.
     pub index: u32,
     /// Message, delta or text.
     #[serde(flatten)]
     pub body: ChoiceBody,
+    /// The log-probabilities of the tokens this choice (or chunk) carries,
+    /// when the request asked for them; `null` otherwise.
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
     /// `null` until the choice ends.
     pub finish_reason: Option<FinishReason>,
+}
+
+/// A choice's `logprobs`, in the shape of its route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ChoiceLogprobs {
+    /// `/v1/chat/completions`.
+    Chat(ChatLogprobs),
+    /// `/v1/completions` (the legacy shape: parallel lists).
+    Text(TextLogprobs),
+}
+
+/// A chat choice's `logprobs`: one entry per generated token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    /// The tokens, in order.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token of a chat answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTokenLogprob {
+    /// The token, decoded alone.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, most likely first
+    /// (`top_logprobs` of them).
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// One of the most likely tokens at a position of a chat answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTopLogprob {
+    /// The token, decoded alone.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+}
+
+impl From<&TokenLogprob> for ChatTokenLogprob {
+    fn from(lp: &TokenLogprob) -> Self {
+        Self {
+            token: lp.token.clone(),
+            logprob: lp.logprob,
+            bytes: lp.token.as_bytes().to_vec(),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|t| ChatTopLogprob {
+                    token: t.token.clone(),
+                    logprob: t.logprob,
+                    bytes: t.token.as_bytes().to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A completion's `logprobs`: parallel lists, one entry per generated token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TextLogprobs {
+    /// The tokens, decoded alone.
+    pub tokens: Vec<String>,
+    /// Their log-probabilities.
+    pub token_logprobs: Vec<f32>,
+    /// Per token: the most likely tokens at its position and their
+    /// log-probabilities.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Per token: where its text starts in the choice's text, in bytes.
+    pub text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// Append one token whose text starts at byte `offset` of the answer.
+    pub fn push(&mut self, lp: &TokenLogprob, offset: usize) {
+        self.tokens.push(lp.token.clone());
+        self.token_logprobs.push(lp.logprob);
+        self.top_logprobs.push(
+            lp.top
+                .iter()
+                .map(|t| (t.token.clone(), t.logprob))
+                .collect(),
+        );
+        self.text_offset.push(offset);
+    }
 }
 
 /// Cached prompt tokens, as OpenAI reports them.
@@ -129,7 +223,7 @@ impl Usage {
 }
 
 /// A whole answer, or one chunk of a streamed one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     /// `chatcmpl-...` or `cmpl-...`, the same in every chunk.
     pub id: String,
@@ -222,6 +316,7 @@ mod tests {
                         content: Some("Hi".into()),
                     },
                 },
+                logprobs: None,
                 finish_reason: None,
             }],
             usage: None,
@@ -229,14 +324,12 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&chunk).expect("json"),
             json!({"id": "chatcmpl-j", "object": "chat.completion.chunk", "created": 7, "model": "m",
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": null}]})
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "logprobs": null, "finish_reason": null}]})
         );
         let text = Choice {
             index: 0,
-            body: ChoiceBody::Text {
-                text: "x".into(),
-                logprobs: None,
-            },
+            body: ChoiceBody::Text { text: "x".into() },
+            logprobs: None,
             finish_reason: Some(StopReason::MaxTokens.into()),
         };
         assert_eq!(
@@ -253,7 +346,7 @@ mod tests {
     #[test]
     fn a_whole_chat_answer_reads_back() {
         let body = json!({"id": "chatcmpl-j", "object": "chat.completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "logprobs": null, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}});
         let answer: Completion = serde_json::from_value(body.clone()).expect("reads");
         assert_eq!(
@@ -266,5 +359,51 @@ mod tests {
             }
         );
         assert_eq!(serde_json::to_value(&answer).expect("json"), body);
+    }
+
+    #[test]
+    fn logprobs_take_each_routes_shape() {
+        use crate::inference::TopLogprob;
+        let lp = TokenLogprob {
+            id: 9,
+            token: " Paris".into(),
+            logprob: -0.5,
+            top: vec![
+                TopLogprob {
+                    id: 9,
+                    token: " Paris".into(),
+                    logprob: -0.5,
+                },
+                TopLogprob {
+                    id: 4,
+                    token: " Lyon".into(),
+                    logprob: -2.0,
+                },
+            ],
+        };
+        let chat = ChoiceLogprobs::Chat(ChatLogprobs {
+            content: vec![ChatTokenLogprob::from(&lp)],
+        });
+        let bytes = json!([32, 80, 97, 114, 105, 115]);
+        assert_eq!(
+            serde_json::to_value(&chat).expect("json"),
+            json!({"content": [{"token": " Paris", "logprob": -0.5, "bytes": bytes,
+                "top_logprobs": [{"token": " Paris", "logprob": -0.5, "bytes": bytes},
+                                 {"token": " Lyon", "logprob": -2.0, "bytes": [32, 76, 121, 111, 110]}]}]})
+        );
+        let mut text = TextLogprobs::default();
+        text.push(&lp, 3);
+        let text = ChoiceLogprobs::Text(text);
+        let value = serde_json::to_value(&text).expect("json");
+        assert_eq!(
+            value,
+            json!({"tokens": [" Paris"], "token_logprobs": [-0.5],
+                   "top_logprobs": [{" Paris": -0.5, " Lyon": -2.0}], "text_offset": [3]})
+        );
+        for shape in [chat, text] {
+            let back: ChoiceLogprobs =
+                serde_json::from_value(serde_json::to_value(&shape).expect("json")).expect("reads");
+            assert_eq!(back, shape);
+        }
     }
 }
