@@ -6,6 +6,10 @@ decoding, 128 generated tokens (end-of-sequence ignored) and the same number
 of threads. The worker is measured over real HTTP/SSE as a client sees it;
 llama.cpp in-process. Each figure is the median of --runs runs.
 
+Then the cost of constrained output: the worker's generation tokens/s on the
+same prompt with a JSON Schema (a list of people, at least 40) against
+without, runs alternating, median of each.
+
 With --membw, the machine's read bandwidth on the same threads is measured
 too, and generation is reported as a fraction of the limit it sets: the
 bytes one generated token reads (the worker's packed weights, as its log
@@ -32,8 +36,10 @@ SEED_TEXT = (
 )
 
 
-def build_prompt(llm):
-    text = SEED_TEXT * 64
+def build_prompt(llm, run):
+    # Each run's prompt starts differently, so no run finds an earlier one's
+    # prompt in the worker's prefix cache.
+    text = f"Edition {run + 1}. " + SEED_TEXT * 64
     tokens = llm.tokenize(text.encode(), add_bos=False)[:PROMPT_TOKENS]
     return llm.detokenize(tokens).decode(), tokens
 
@@ -42,14 +48,14 @@ def bench_llamacpp(model, threads, runs):
     from llama_cpp import Llama
 
     loads, prompt_tps, gen_tps, ttfts = [], [], [], []
-    prompt_text = prompt_tokens = None
-    for _ in range(runs):
+    prompt_texts = []
+    for run in range(runs):
         t0 = time.perf_counter()
         llm = Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
                     n_batch=PROMPT_TOKENS, verbose=False)
         loads.append(time.perf_counter() - t0)
-        if prompt_text is None:
-            prompt_text, prompt_tokens = build_prompt(llm)
+        prompt_text, prompt_tokens = build_prompt(llm, run)
+        prompt_texts.append(prompt_text)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt_tokens)
@@ -65,7 +71,7 @@ def bench_llamacpp(model, threads, runs):
         del llm
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return prompt_text, {
+    return prompt_texts, {
         "load_s": statistics.median(loads),
         "prompt_tps": statistics.median(prompt_tps),
         "gen_tps": statistics.median(gen_tps),
@@ -124,7 +130,7 @@ def sse_events(base, body):
                 yield time.perf_counter(), json.loads(data)
 
 
-def bench_worker(binary, model, threads, runs, prompt_text, extra):
+def bench_worker(binary, model, threads, prompt_texts, extra):
     proc, base = start_worker(binary, model, threads, extra)
     try:
         with urllib.request.urlopen(base + "/metrics") as r:
@@ -133,7 +139,7 @@ def bench_worker(binary, model, threads, runs, prompt_text, extra):
         # Warm-up run (page faults, allocator), not counted.
         list(sse_events(base, {"prompt": "Hello", "max_tokens": 8, "temperature": 0}))
         prompt_tps, gen_tps, ttfts, tokens_in = [], [], [], None
-        for _ in range(runs):
+        for prompt_text in prompt_texts:
             body = {"prompt": prompt_text, "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True}
             t0 = time.perf_counter()
             stamps = []
@@ -165,6 +171,60 @@ def bench_worker(binary, model, threads, runs, prompt_text, extra):
         proc.wait(timeout=30)
 
 
+# A typical extraction schema, long enough that 128 tokens never complete it.
+PEOPLE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 40,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 40},
+                    "born": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                    "role": {"enum": ["printer", "scribe", "author", "merchant", "reader"]},
+                },
+                "required": ["name", "born", "role"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
+
+
+def generation_tps(base, body):
+    stamps = []
+    text = []
+    for t, event in sse_events(base, body):
+        if event["type"] == "token":
+            stamps.append(t)
+            text.append(event["t"])
+        elif event["type"] == "error":
+            sys.exit(f"worker error: {event}")
+    assert len(stamps) == GEN_TOKENS, len(stamps)
+    return (GEN_TOKENS - 1) / (stamps[-1] - stamps[0]), "".join(text)
+
+
+def bench_constrained(binary, model, threads, prompt_texts, extra):
+    proc, base = start_worker(binary, model, threads, extra)
+    try:
+        list(sse_events(base, {"prompt": "Hello", "max_tokens": 8, "temperature": 0}))
+        free, constrained, sample = [], [], ""
+        for prompt_text in prompt_texts:
+            body = {"prompt": prompt_text, "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True}
+            schema = dict(body, response_format={"type": "json_schema", "schema": PEOPLE_SCHEMA})
+            free.append(generation_tps(base, body)[0])
+            tps, sample = generation_tps(base, schema)
+            constrained.append(tps)
+        return statistics.median(free), statistics.median(constrained), sample
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", required=True)
@@ -174,8 +234,8 @@ def main():
     ap.add_argument("--membw", help="the membw binary (bench crate): measure the bandwidth limit")
     ap.add_argument("worker_args", nargs="*", help="extra worker flags, after --")
     a = ap.parse_args()
-    prompt_text, base = bench_llamacpp(a.model, a.threads, a.runs)
-    ours = bench_worker(a.worker, a.model, a.threads, a.runs, prompt_text, a.worker_args)
+    prompt_texts, base = bench_llamacpp(a.model, a.threads, a.runs)
+    ours = bench_worker(a.worker, a.model, a.threads, prompt_texts, a.worker_args)
     print(f"model: {os.path.basename(a.model)}; threads: {a.threads}; runs: {a.runs} (medians); worker flags: {' '.join(a.worker_args) or '-'}")
     print(f"prompt: {PROMPT_TOKENS} tokens (llama.cpp), {ours['tokens_in']} tokens (rbee); generated: {GEN_TOKENS}")
     rows = [
@@ -191,6 +251,10 @@ def main():
         if key == "peak_rss":
             r, l = r / 2**20, l / 2**20
         print(f"{name:28} {fmt.format(r):>10} {fmt.format(l):>10} {r / l:>15.2f}")
+    free, constrained, sample = bench_constrained(a.worker, a.model, a.threads, prompt_texts,
+                                                  a.worker_args)
+    print(f"constrained output (JSON Schema, {GEN_TOKENS} tokens): {constrained:.1f} tokens/s against "
+          f"{free:.1f} without, {constrained / free:.2f}x; it began: {sample[:60]!r}")
     if a.membw and ours.get("weight_bytes"):
         context = ours["tokens_in"] + GEN_TOKENS / 2
         per_token = ours["weight_bytes"] + ours["kv_bytes_per_position"] * context

@@ -107,6 +107,61 @@ out["completion_logprobs"] = {
     "text_offset": lp.text_offset,
 }
 
+city_schema = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+        "population_millions": {"type": "number", "minimum": 0, "maximum": 100},
+    },
+    "required": ["city", "country", "population_millions"],
+    "additionalProperties": False,
+}
+structured = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name a large city, as JSON."}],
+    max_tokens=120,
+    temperature=1.0,
+    seed=4,
+    response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": city_schema, "strict": True}},
+)
+out["json_schema"] = {
+    "content": structured.choices[0].message.content,
+    "finish_reason": structured.choices[0].finish_reason,
+}
+streamed_json = "".join(
+    c.choices[0].delta.content or ""
+    for c in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name a large city, as JSON."}],
+        max_tokens=120,
+        temperature=1.0,
+        seed=4,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": city_schema}},
+    )
+    if c.choices
+)
+out["json_schema_stream"] = {"content": streamed_json}
+any_object = client.completions.create(
+    model=model, prompt="A JSON object:", max_tokens=60, temperature=0.8, seed=1,
+    extra_body={"response_format": {"type": "json_object"}},
+)
+out["json_object"] = {"text": any_object.choices[0].text, "finish_reason": any_object.choices[0].finish_reason}
+try:
+    client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+    )
+    out["unsupported_schema"] = "no error"
+except openai.BadRequestError as e:
+    body = e.body if isinstance(e.body, dict) else {}
+    out["unsupported_schema"] = {
+        "status": e.status_code,
+        "fields": [[f.get("field"), f.get("constraint"), f.get("message")] for f in body.get("details", {}).get("fields", [])],
+    }
+
 completion = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0)
 out["completion"] = {
     "object": completion.object,

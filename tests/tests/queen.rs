@@ -805,6 +805,47 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
         c["text"].as_str().unwrap_or_default(),
         "{r}"
     );
+    // Structured output: JSON that parses and matches the schema, sampled
+    // at temperature 1, streamed or not; a schema feature that cannot be
+    // enforced is refused by name.
+    for key in ["json_schema", "json_schema_stream"] {
+        let content = r[key]["content"].as_str().unwrap_or_default();
+        let city: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {r}"));
+        let mut keys: Vec<&String> = city.as_object().expect("an object").keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["city", "country", "population_millions"], "{r}");
+        assert!(
+            city["city"].is_string() && city["country"].is_string(),
+            "{r}"
+        );
+        assert!(
+            city["population_millions"]
+                .as_f64()
+                .is_some_and(|p| (0.0..=100.0).contains(&p)),
+            "{r}"
+        );
+    }
+    assert_eq!(r["json_schema"]["finish_reason"], "stop", "{r}");
+    assert_eq!(
+        r["json_schema"]["content"], r["json_schema_stream"]["content"],
+        "the same seed gives the same answer, streamed or not"
+    );
+    let object = &r["json_object"];
+    if object["finish_reason"] == "stop" {
+        let v: Value = serde_json::from_str(object["text"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {r}"));
+        assert!(v.is_object(), "{r}");
+    }
+    let refused = &r["unsupported_schema"];
+    assert_eq!(refused["status"], 400, "{r}");
+    assert_eq!(refused["fields"][0][0], "response_format", "{r}");
+    assert_eq!(refused["fields"][0][1], "unsupported", "{r}");
+    assert!(
+        refused["fields"][0][2]
+            .as_str()
+            .is_some_and(|m| m.contains("uniqueItems")),
+        "{r}"
+    );
     assert_eq!(r["unknown_model"]["status"], 404, "{r}");
     assert_eq!(r["unknown_model"]["code"], "MODEL_NOT_FOUND", "{r}");
     assert_eq!(
@@ -823,14 +864,14 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     let trail = rbee_system_tests::read_trail(&audit.path().join("queen-rbee"));
     assert_eq!(
         trail.matches("\"inference_admitted\"").count(),
-        8,
+        12,
         "{trail}"
     );
-    assert_eq!(trail.matches("\"inference_finished\"").count(), 8);
+    assert_eq!(trail.matches("\"inference_finished\"").count(), 12);
     assert_eq!(trail.matches("\"inference_rejected\"").count(), 1);
     assert!(
         !trail.contains("Say hello"),
         "no prompt text in the audit trail"
     );
-    assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 8);
+    assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 11);
 }

@@ -487,3 +487,55 @@ fn a_full_worker_refuses_before_tokenizing_and_an_overlong_prompt_never_reaches_
     assert!(!tokenized("busy-1") && !tokenized("busy-2"));
     drop(sse);
 }
+
+#[test]
+fn response_format_constrains_native_and_openai_answers_and_names_what_it_cannot_enforce() {
+    let w = worker(&[]);
+    // A Lark grammar on the native route, sampled at temperature 1: the
+    // answer is a phone number every time, and ends there.
+    for seed in 0..3 {
+        let body = complete(
+            &w,
+            json!({"prompt": "Call me at", "stream": false, "temperature": 1.0, "seed": seed,
+                   "max_tokens": 30, "ignore_eos": true,
+                   "response_format": {"type": "lark", "grammar": "start: /[0-9]{3}-[0-9]{4}/"}}),
+        );
+        let text = body["text"].as_str().expect("text");
+        let digits: Vec<bool> = text.bytes().map(|b| b.is_ascii_digit()).collect();
+        assert_eq!(text.len(), 8, "{body}");
+        assert_eq!(text.as_bytes()[3], b'-', "{body}");
+        assert_eq!(digits.iter().filter(|d| **d).count(), 7, "{body}");
+        assert_eq!(body["stop_reason"], "eos", "{body}");
+    }
+    // json_object on the worker's own OpenAI route.
+    let response = post(
+        &w,
+        "/v1/completions",
+        json!({"prompt": "{", "max_tokens": 80, "temperature": 0.7, "seed": 3,
+               "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().expect("JSON");
+    let text = body["choices"][0]["text"].as_str().expect("text");
+    if body["choices"][0]["finish_reason"] == "stop" {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert!(v.is_object(), "{body}");
+    } else {
+        assert!(text.starts_with('{'), "{body}");
+    }
+    // What cannot be enforced is refused by name, in the contract's shape.
+    let response = post(
+        &w,
+        "/v1/inference",
+        json!({"prompt": "x", "response_format": {"type": "json_schema",
+               "schema": {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}}}),
+    );
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(body["error"]["code"], "INVALID_REQUEST", "{body}");
+    assert_eq!(field_names(&body), ["response_format"], "{body}");
+    let message = body["error"]["details"]["fields"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("if") && message.contains("then"), "{body}");
+}

@@ -45,6 +45,7 @@ use self::detokenizer::Detokenizer;
 use self::metrics::WorkerMetrics;
 use self::sampler::{Sampler, SamplingParams};
 use self::stop::{StopCheck, StopMatcher};
+use crate::model::grammar::{self, Grammar};
 use crate::model::llama::{BlockTables, Forward, ForwardError, Row, KV_BLOCK};
 use crate::model::PREFILL_CHUNK;
 
@@ -69,6 +70,8 @@ pub struct Job {
     pub ignore_eos: bool,
     /// Report each token's log-probability and this many alternatives.
     pub logprobs: Option<u32>,
+    /// What the answer must match: only the tokens it allows are sampled.
+    pub grammar: Option<Grammar>,
     /// The request that started the job, for the engine's log lines.
     pub request_id: String,
     /// When to give up.
@@ -296,6 +299,8 @@ struct Sequence {
     /// Its KV cache blocks.
     blocks: SeqBlocks,
     sampler: Sampler,
+    /// The job's constraint, if any.
+    grammar: Option<Grammar>,
     detokenizer: Detokenizer,
     stop: StopMatcher,
     tokens: Vec<u32>,
@@ -362,6 +367,14 @@ fn step_failed(error: &ForwardError, jobs: &[&Job]) -> JobEvent {
     JobEvent::Error {
         code: ErrorCode::Internal,
         message: "the decode step failed; see the worker's log".to_owned(),
+    }
+}
+
+fn grammar_failed(job: &Job, why: &str) -> JobEvent {
+    tracing::error!(job_id = %job.job_id, request_id = %job.request_id, error = why, "constrained decoding failed");
+    JobEvent::Error {
+        code: ErrorCode::Internal,
+        message: "constrained decoding failed; see the worker's log".to_owned(),
     }
 }
 
@@ -447,12 +460,14 @@ impl Batcher {
                 m.prompt_tokens_cached.inc_by(cached as u64);
             }
             let tokens = w.job.prompt.clone();
+            let mut job = w.job;
             active.push(Sequence {
-                sampler: Sampler::new(w.job.sampling),
-                stop: StopMatcher::new(&w.job.stop),
+                grammar: job.grammar.take(),
+                sampler: Sampler::new(job.sampling),
+                stop: StopMatcher::new(&job.stop),
                 prompt_len: tokens.len(),
                 tokens,
-                job: w.job,
+                job,
                 _permit: w.permit,
                 blocks,
                 cached,
@@ -528,7 +543,41 @@ impl Batcher {
         if rows.is_empty() {
             return;
         }
-        let out = match model.forward(rows, tables) {
+        // The constrained sequences' masks for this step depend only on the
+        // tokens they have taken so far: computed on a thread of their own
+        // while the forward pass runs, so a slow grammar does not add its
+        // time to everyone's step.
+        let needs_mask = |seq: &Sequence, wants: bool| wants && seq.grammar.is_some();
+        let constrained = batch
+            .iter()
+            .any(|&(i, _, wants)| needs_mask(&active[i], wants));
+        let (out, masks) = if constrained {
+            let wanted: Vec<usize> = batch
+                .iter()
+                .filter(|&&(i, _, wants)| needs_mask(&active[i], wants))
+                .map(|&(i, _, _)| i)
+                .collect();
+            let mut grammars: Vec<(usize, &mut Grammar)> = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| wanted.contains(i))
+                .filter_map(|(i, seq)| seq.grammar.as_mut().map(|g| (i, g)))
+                .collect();
+            std::thread::scope(|scope| {
+                let masking = scope.spawn(move || {
+                    grammars
+                        .iter_mut()
+                        .map(|(i, g)| (*i, g.mask()))
+                        .collect::<Vec<_>>()
+                });
+                let out = model.forward(rows, tables);
+                let masks = masking.join().unwrap_or_else(|_| Vec::new());
+                (out, masks)
+            })
+        } else {
+            (model.forward(rows, tables), Vec::new())
+        };
+        let out = match out {
             Ok(out) => out,
             Err(e) => {
                 let jobs: Vec<&Job> = batch.iter().map(|&(i, _, _)| &active[i].job).collect();
@@ -562,9 +611,35 @@ impl Batcher {
                 raw.clear();
                 raw.extend_from_slice(logits);
             }
+            if seq.grammar.is_some() {
+                match masks.iter().find(|(j, _)| *j == i).map(|(_, m)| m) {
+                    Some(Ok(mask)) => grammar::apply(mask, logits),
+                    failed => {
+                        let why = failed.map_or("the mask was not computed", |m| {
+                            m.as_ref().err().map_or("", String::as_str)
+                        });
+                        done.push((i, Outcome::Error, grammar_failed(&seq.job, why)));
+                        continue;
+                    }
+                }
+            }
             let next = seq.sampler.sample(logits, &seq.tokens);
+            if let Some(g) = seq.grammar.as_mut() {
+                if let Err(why) = g.consume(next) {
+                    done.push((i, Outcome::Error, grammar_failed(&seq.job, &why)));
+                    continue;
+                }
+            }
             let lp = want_logprobs.map(|k| ctx.logprob(raw, next, k as usize, top));
-            if let Step::Done(outcome, event) = ctx.accept(seq, next, lp) {
+            let step = match ctx.accept(seq, next, lp) {
+                // A complete answer ends here, whatever `ignore_eos` says:
+                // nothing but the end may follow it.
+                Step::Running if seq.grammar.as_ref().is_some_and(Grammar::is_finished) => {
+                    ctx.end(seq, StopReason::Eos)
+                }
+                step => step,
+            };
+            if let Step::Done(outcome, event) = step {
                 done.push((i, outcome, event));
             }
         }

@@ -22,7 +22,7 @@ use rbee_api::inference::{
 };
 use rbee_api::openai::answer::{Model, ModelList};
 use rbee_api::worker::{WorkerReadiness, WorkerState};
-use rbee_api::{ApiError, ErrorCode, Outcome};
+use rbee_api::{ApiError, ErrorCode, FieldError, Outcome};
 use rbee_http::{ApiJson, RequestContext, Routes};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -237,17 +237,32 @@ async fn admit_checked(
         .into());
     }
     let prompt = request.prompt.clone();
+    let constraint = request.constraint.clone();
     let tokenizer = Arc::clone(&model);
     let tokenizing = Instant::now();
-    let ids = rbee_http::task::spawn_blocking(move || {
-        tokenizer
+    // The prompt's ids and the constraint's grammar, both CPU work, off
+    // the runtime's threads.
+    let (ids, grammar) = rbee_http::task::spawn_blocking(move || {
+        let ids = tokenizer
             .tokenizer
             .encode(prompt.as_str(), false)
-            .map(|e| e.get_ids().to_vec())
+            .map(|e| e.get_ids().to_vec());
+        let grammar = constraint.map(|c| match tokenizer.grammars() {
+            Ok(grammars) => grammars.compile(&c).map_err(|e| e.to_string()),
+            Err(why) => Err(why.to_owned()),
+        });
+        (ids, grammar.transpose())
     })
     .await
-    .map_err(|_| AdmitError::TokenizerLost)?
-    .map_err(|e| AdmitError::Tokenize(e.to_string()))?;
+    .map_err(|_| AdmitError::TokenizerLost)?;
+    let ids = ids.map_err(|e| AdmitError::Tokenize(e.to_string()))?;
+    let grammar = grammar.map_err(|e| {
+        AdmitError::Invalid(vec![FieldError::new(
+            "response_format",
+            "unsupported",
+            format!("the output cannot be constrained as asked: {e}"),
+        )])
+    })?;
     tracing::debug!(
         bytes = request.prompt.len(),
         tokens = ids.len(),
@@ -278,6 +293,7 @@ async fn admit_checked(
         stop: request.stop.clone(),
         ignore_eos: request.ignore_eos,
         logprobs: request.logprobs,
+        grammar,
         request_id: ctx.request_id.to_string(),
         deadline: ctx.deadline.map(|d| Instant::now() + d.remaining()),
         cancel,

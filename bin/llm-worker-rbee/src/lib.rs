@@ -173,6 +173,15 @@ pub struct Model {
     pub tokenizer: tokenizers::Tokenizer,
     /// For chat requests.
     pub chat_template: model::chat::ChatTemplate,
+    /// For constrained output: built by the first request that asks for
+    /// it (150 ms and 10+ MB for the default model's 49,152 tokens, which a
+    /// worker that never sees such a request need not pay); why not, for a
+    /// tokenizer llguidance cannot read.
+    grammars: OnceLock<Result<model::grammar::Grammars, String>>,
+    /// The model's end tokens, for the grammars.
+    eos_token_ids: Vec<u32>,
+    /// The model's logits per position, for the grammars.
+    vocab_size: usize,
     /// Longest prompt plus output.
     pub context_length: usize,
     /// Longest prompt, in bytes, that can fit the context: longer ones are
@@ -180,6 +189,31 @@ pub struct Model {
     pub max_prompt_bytes: usize,
     /// The worker's metrics.
     pub metrics: WorkerMetrics,
+}
+
+impl Model {
+    /// The compiler of constraints, built on first use (blocking: call off
+    /// the runtime's threads).
+    pub fn grammars(&self) -> Result<&model::grammar::Grammars, &str> {
+        let grammars = self.grammars.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let built = model::grammar::Grammars::new(
+                &self.tokenizer,
+                &self.eos_token_ids,
+                self.vocab_size,
+            )
+            .map_err(|e| e.to_string());
+            match &built {
+                Ok(_) => tracing::info!(
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "constrained output ready"
+                ),
+                Err(why) => tracing::warn!(error = %why, "constrained output is not available"),
+            }
+            built
+        });
+        grammars.as_ref().map_err(String::as_str)
+    }
 }
 
 /// State shared by the worker's handlers.
@@ -373,7 +407,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         let engine = match Engine::start(
             forward,
             tokenizer.clone(),
-            eos_token_ids,
+            eos_token_ids.clone(),
             metrics.clone(),
             usize::from(slots),
             move |why| on_death.fail(why),
@@ -401,6 +435,9 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             engine,
             tokenizer,
             chat_template,
+            grammars: OnceLock::new(),
+            eos_token_ids,
+            vocab_size,
             context_length,
             max_prompt_bytes,
             metrics,

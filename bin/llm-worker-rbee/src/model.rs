@@ -9,6 +9,7 @@
 
 pub mod chat;
 pub(crate) mod error;
+pub mod grammar;
 pub mod llama;
 pub(crate) mod safetensors;
 pub(crate) mod tokenizer;

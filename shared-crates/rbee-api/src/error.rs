@@ -234,7 +234,9 @@ pub struct ErrorBody {
 /// `WWW-Authenticate`).
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    body: ErrorBody,
+    /// Boxed: an error is the cold path, and a `Result` that carries one
+    /// stays small.
+    body: Box<ErrorBody>,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
@@ -242,14 +244,14 @@ impl ApiError {
     /// An error with the code's status and retriable flag.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 error: ErrorDetail {
                     code,
                     message: message.into(),
                     retriable: code.retriable(),
                     details: None,
                 },
-            },
+            }),
             headers: Vec::new(),
         }
     }
@@ -368,7 +370,7 @@ impl std::error::Error for ApiError {}
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut response = (status, axum::Json(self.body)).into_response();
+        let mut response = (status, axum::Json(*self.body)).into_response();
         let headers = response.headers_mut();
         for (name, value) in self.headers {
             headers.append(name, value);

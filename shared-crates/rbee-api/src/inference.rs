@@ -73,6 +73,35 @@ pub struct InferenceRequest {
     /// absent reports none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
+    /// What the answer must match, enforced token by token
+    /// (`response_format` on the wire, as on the OpenAI routes).
+    #[serde(
+        default,
+        rename = "response_format",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub constraint: Option<Constraint>,
+}
+
+/// What an answer must match. The worker compiles it for its tokenizer and
+/// masks, at every step, the tokens that would break it, so the answer
+/// matches by construction (unless `max_tokens` cuts it short).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Constraint {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a JSON Schema.
+    JsonSchema {
+        /// The schema.
+        schema: serde_json::Value,
+    },
+    /// A grammar in llguidance's Lark dialect (tool calls use one; see
+    /// docs/worker.md).
+    Lark {
+        /// The grammar's text.
+        grammar: String,
+    },
 }
 
 fn default_max_tokens() -> u32 {
@@ -441,6 +470,26 @@ mod tests {
         assert!(
             serde_json::from_str::<InferenceRequest>(r#"{"prompt":"x","max_token":5}"#).is_err()
         );
+    }
+
+    #[test]
+    fn a_constraint_is_the_response_format() {
+        let r = request(
+            r#"{"prompt":"x","response_format":{"type":"json_schema","schema":{"type":"object"}}}"#,
+        );
+        assert_eq!(
+            r.constraint,
+            Some(Constraint::JsonSchema {
+                schema: serde_json::json!({"type": "object"})
+            })
+        );
+        let r =
+            request(r#"{"prompt":"x","response_format":{"type":"lark","grammar":"start: /a+/"}}"#);
+        assert!(matches!(r.constraint, Some(Constraint::Lark { .. })));
+        assert!(serde_json::from_str::<InferenceRequest>(
+            r#"{"prompt":"x","response_format":{"type":"xml"}}"#
+        )
+        .is_err());
     }
 
     #[test]

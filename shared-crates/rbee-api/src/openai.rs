@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::FieldError;
-use crate::inference::{InferenceRequest, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS};
+use crate::inference::{Constraint, InferenceRequest, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS};
 
 /// Generated tokens when an OpenAI request names no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
@@ -94,6 +94,7 @@ impl OpenAiRequest {
             Route::Chat => r.chat_logprobs(),
             Route::Completions => r.token_count("logprobs"),
         };
+        let constraint = r.response_format();
         if r.uint("n", "1").is_some_and(|n| n != 1) {
             r.bad
                 .push(FieldError::new("n", "range", "only n=1 is supported"));
@@ -116,6 +117,7 @@ impl OpenAiRequest {
             stream: stream.unwrap_or(false),
             ignore_eos: ignore_eos.unwrap_or(false),
             logprobs: logprobs.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            constraint,
         };
         let mut ranges = Vec::new();
         request.check_generation(&mut ranges);
@@ -173,6 +175,8 @@ pub struct OpenAiBody<'a> {
     logprobs: Option<LogprobsField>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
 }
 
 /// `stream_options`.
@@ -217,7 +221,21 @@ impl OpenAiRequest {
                 Route::Completions => LogprobsField::Count(n),
             }),
             top_logprobs: r.logprobs.filter(|_| route == Route::Chat),
+            response_format: r.constraint.as_ref().and_then(response_format),
         }
+    }
+}
+
+/// A constraint as OpenAI's `response_format`; `None` for one that has no
+/// such form (a grammar).
+fn response_format(constraint: &Constraint) -> Option<Value> {
+    match constraint {
+        Constraint::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+        Constraint::JsonSchema { schema } => Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": "schema", "schema": schema, "strict": true},
+        })),
+        Constraint::Lark { .. } => None,
     }
 }
 
@@ -233,11 +251,10 @@ impl<'a> Reader<'a> {
         self.map.get(name).filter(|v| !v.is_null())
     }
 
-    /// Fields asking for what this server does not do (tool calls,
-    /// constrained output): refused, because answering as if they were
-    /// absent would hand back the wrong kind of answer. Their neutral
-    /// values (`tools: []`, `tool_choice: "none"`,
-    /// `response_format: {"type": "text"}`, `echo: false`, `suffix: ""`, `best_of: 1`,
+    /// Fields asking for what this server does not do (tool calls, ...):
+    /// refused, because answering as if they were absent would hand back
+    /// the wrong kind of answer. Their neutral values (`tools: []`,
+    /// `tool_choice: "none"`, `echo: false`, `suffix: ""`, `best_of: 1`,
     /// `modalities: ["text"]`, zero penalties, an empty `logit_bias`) are
     /// accepted.
     fn unsupported(&mut self) {
@@ -261,14 +278,6 @@ impl<'a> Reader<'a> {
                 .is_some_and(|v| !v.is_null() && v != "none")
             {
                 refuse(field, "tool calls are not supported by this server");
-            }
-        }
-        if let Some(format) = self.map.get("response_format").filter(|v| !v.is_null()) {
-            if format.get("type").is_none_or(|t| t != "text") {
-                refuse(
-                    "response_format",
-                    "only {\"type\": \"text\"} is supported: this server does not constrain output to JSON",
-                );
             }
         }
         if self.map.get("echo") == Some(&Value::Bool(true)) {
@@ -343,6 +352,56 @@ impl<'a> Reader<'a> {
                 None
             }
             _ => None,
+        }
+    }
+
+    /// `response_format`: text (no constraint), any JSON object, or JSON
+    /// matching a schema. The schema's features are checked by the worker,
+    /// which compiles it.
+    fn response_format(&mut self) -> Option<Constraint> {
+        let format = self.get("response_format")?;
+        let Some(kind) = format.get("type") else {
+            self.wrong_type("response_format", "an object with a `type`");
+            return None;
+        };
+        match kind.as_str() {
+            Some("text") => None,
+            Some("json_object") => Some(Constraint::JsonObject),
+            Some("json_schema") => {
+                let schema = format
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| !s.is_null());
+                match schema {
+                    Some(schema) if schema.is_object() || schema.is_boolean() => {
+                        Some(Constraint::JsonSchema {
+                            schema: schema.clone(),
+                        })
+                    }
+                    Some(_) => {
+                        self.wrong_type(
+                            "response_format.json_schema.schema",
+                            "a JSON Schema object",
+                        );
+                        None
+                    }
+                    None => {
+                        self.missing(
+                            "response_format.json_schema.schema",
+                            "a json_schema response format needs json_schema.schema",
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.bad.push(FieldError::new(
+                    "response_format.type",
+                    "enum",
+                    "response_format.type must be text, json_object or json_schema",
+                ));
+                None
+            }
         }
     }
 
@@ -601,6 +660,11 @@ mod tests {
                 prop::option::of(any::<bool>()),
                 prop::option::of(any::<bool>()),
                 prop::option::of(0u32..=MAX_TOP_LOGPROBS),
+                prop::option::of(prop::sample::select(vec![
+                    json!({"type": "text"}),
+                    json!({"type": "json_object"}),
+                    json!({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "properties": {"k": {"type": "string"}}}}}),
+                ])),
             ),
         )
             .prop_map(
@@ -615,7 +679,7 @@ mod tests {
                     top_k,
                     seed,
                     stop,
-                    (stream, include_usage, logprobs),
+                    (stream, include_usage, logprobs, format),
                 )| {
                     let mut body = if chat {
                         json!({ "messages": messages })
@@ -647,6 +711,7 @@ mod tests {
                     } else {
                         set(&mut body, "logprobs", logprobs.map(Value::from));
                     }
+                    set(&mut body, "response_format", format);
                     body["stop"] = json!(stop);
                     let route = if chat {
                         Route::Chat
@@ -720,6 +785,46 @@ mod tests {
     }
 
     #[test]
+    fn response_format_is_text_any_object_or_a_schema() {
+        let parse = |format: Value| {
+            OpenAiRequest::parse(
+                Route::Chat,
+                &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": format}),
+            )
+            .map(|r| r.request.constraint)
+        };
+        assert_eq!(parse(json!({"type": "text"})), Ok(None));
+        assert_eq!(
+            parse(json!({"type": "json_object"})),
+            Ok(Some(Constraint::JsonObject))
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            parse(
+                json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}})
+            ),
+            Ok(Some(Constraint::JsonSchema { schema }))
+        );
+        let bad = |format: Value| {
+            parse(format)
+                .expect_err("refused")
+                .into_iter()
+                .map(|e| e.field)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            bad(json!({"type": "json_schema", "json_schema": {"name": "x"}})),
+            ["response_format.json_schema.schema"]
+        );
+        assert_eq!(
+            bad(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": "no"}})),
+            ["response_format.json_schema.schema"]
+        );
+        assert_eq!(bad(json!({"type": "yaml"})), ["response_format.type"]);
+        assert_eq!(bad(json!("json")), ["response_format"]);
+    }
+
+    #[test]
     fn include_usage_needs_a_stream() {
         let body = |stream: bool, options: Value| json!({"prompt": "hi", "stream": stream, "stream_options": options});
         let parse = |b: Value| OpenAiRequest::parse(Route::Completions, &b);
@@ -748,7 +853,7 @@ mod tests {
     }
 
     #[test]
-    fn asking_for_tools_or_schemas_is_refused_and_their_neutral_values_are_not() {
+    fn asking_for_tools_is_refused_and_neutral_values_are_not() {
         let chat = |extra: Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -763,17 +868,9 @@ mod tests {
                 chat(json!({
                     "tools": [tool],
                     "tool_choice": "required",
-                    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
                 }))
             ),
-            ["tools", "tool_choice", "response_format"]
-        );
-        assert_eq!(
-            fields(
-                Route::Chat,
-                chat(json!({"response_format": {"type": "json_object"}}))
-            ),
-            ["response_format"]
+            ["tools", "tool_choice"]
         );
         assert_eq!(
             fields(

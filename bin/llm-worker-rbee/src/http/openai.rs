@@ -30,8 +30,8 @@ use super::{admit, Admitted};
 use crate::engine::JobEvent;
 use crate::AppState;
 
-fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, ApiError> {
-    Ok(OpenAiRequest::parse(route, body).map_err(AdmitError::Invalid)?)
+fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, AdmitError> {
+    OpenAiRequest::parse(route, body).map_err(AdmitError::Invalid)
 }
 
 /// Render the chat's prompt, off the runtime's thread and within the
