@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 use parking_lot::Mutex;
 
 pub mod fake_hub;
+pub mod gguf;
 pub mod hive;
 pub mod http;
 pub mod ops;

@@ -13,8 +13,19 @@ use crate::{DaemonSpec, RunningDaemon};
 
 /// Start `spec` (a hive) and provision the default model on it.
 pub fn hive_with_model(spec: DaemonSpec, token: Option<&str>) -> RunningDaemon {
+    hive_with_models(spec, token, &[default_ref()])
+}
+
+/// Start `spec` (a hive) and provision `models` on it.
+pub fn hive_with_models(spec: DaemonSpec, token: Option<&str>, models: &[String]) -> RunningDaemon {
     let hive = spec.spawn();
-    let model = default_ref();
+    for model in models {
+        provision(&hive, token, model);
+    }
+    hive
+}
+
+fn provision(hive: &RunningDaemon, token: Option<&str>, model: &str) {
     let (status, body, _) = send(
         client()
             .post(hive.url("/v1/models/provision"))
@@ -36,7 +47,6 @@ pub fn hive_with_model(spec: DaemonSpec, token: Option<&str>) -> RunningDaemon {
                 .is_some_and(|m| m.iter().any(|m| m["model_ref"] == model))
         },
     );
-    hive
 }
 
 /// Start `spec` (a hive), provision the default model and spawn one

@@ -875,3 +875,137 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
     );
     assert_eq!(trail.matches("\"outcome\":\"ok\"").count(), 11);
 }
+
+/// A tool call's arguments, checked against the test's two tools.
+fn check_call(call: &Value, r: &Value) {
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {r}"));
+    let mut keys: Vec<&String> = args.as_object().expect("an object").keys().collect();
+    keys.sort();
+    match call["name"].as_str() {
+        Some("get_weather") => {
+            assert_eq!(keys, ["city", "unit"], "{r}");
+            assert!(
+                args["city"]
+                    .as_str()
+                    .is_some_and(|c| c.chars().count() <= 40),
+                "{r}"
+            );
+            assert!(
+                ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap_or("")),
+                "{r}"
+            );
+        }
+        Some("get_time") => {
+            assert_eq!(keys, ["timezone"], "{r}");
+            assert!(args["timezone"].is_string(), "{r}");
+        }
+        other => panic!("a call of {other:?}: {r}"),
+    }
+}
+
+#[test]
+fn tools_are_called_through_the_queen_with_a_template_that_shows_them() {
+    let python = rbee_system_tests::queen::openai_python();
+    let dir = tempfile::tempdir().expect("model dir");
+    let template = std::fs::read_to_string(
+        rbee_system_tests::workspace_root()
+            .join("bin/llm-worker-rbee/tests/data/hermes-tools.jinja"),
+    )
+    .expect("the template");
+    let path = rbee_system_tests::gguf::default_model_with_chat_template(
+        dir.path(),
+        "smollm2-hermes-tools.gguf",
+        &template,
+    );
+    let tools_model = format!("file:{}", path.display());
+    let plain_model = default_ref();
+    let hive = rbee_system_tests::queen::hive_with_models(
+        DaemonSpec::new("rbee-hive").with_token(),
+        Some(TEST_TOKEN),
+        &[tools_model.clone(), plain_model.clone()],
+    );
+    let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
+    let out = std::process::Command::new(python)
+        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_tools_check.py"))
+        .arg(queen.url("/v1"))
+        .arg(TEST_TOKEN)
+        .arg(&tools_model)
+        .arg(&plain_model)
+        .output()
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    eprintln!("{r}");
+    // `required`, sampled at temperature 1: a parseable call of a tool,
+    // and nothing else.
+    let required = &r["required"];
+    assert_eq!(required["finish_reason"], "tool_calls", "{r}");
+    assert!(required["content"].is_null(), "{r}");
+    let calls = required["calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 1, "parallel_tool_calls is false: {r}");
+    for call in calls {
+        assert_eq!(call["type"], "function", "{r}");
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_")),
+            "{r}"
+        );
+        check_call(call, &r);
+    }
+    // In parallel, one call or more, each parseable (a small model may go
+    // on calling until the token limit).
+    let parallel = r["parallel"]["calls"].as_array().expect("calls");
+    assert!(!parallel.is_empty(), "{r}");
+    for call in parallel {
+        check_call(call, &r);
+    }
+    assert!(
+        ["tool_calls", "length"].contains(&r["parallel"]["finish_reason"].as_str().unwrap_or("")),
+        "{r}"
+    );
+    // A named function, one call.
+    let named = r["named"]["calls"].as_array().expect("calls");
+    assert_eq!(named.len(), 1, "{r}");
+    assert_eq!(named[0]["name"], "get_time", "{r}");
+    check_call(&named[0], &r);
+    // Streamed: the same calls (same seed), id and name first, arguments after.
+    let streamed = &r["required_stream"];
+    assert_eq!(streamed["finish_reason"], "tool_calls", "{r}");
+    let streamed_calls = streamed["calls"].as_array().expect("calls");
+    assert_eq!(streamed_calls.len(), calls.len(), "{r}");
+    for (s, c) in streamed_calls.iter().zip(calls) {
+        assert_eq!(s["name"], c["name"], "{r}");
+        assert_eq!(s["arguments"], c["arguments"], "{r}");
+        assert!(
+            s["id"].as_str().is_some_and(|id| id.starts_with("call_")),
+            "{r}"
+        );
+    }
+    // The follow-up turn renders the calls and their results: it is
+    // answered, and its prompt holds the first one's and more.
+    let follow = &r["follow_up"];
+    assert!(
+        follow["prompt_tokens"].as_u64() > follow["first_prompt_tokens"].as_u64().map(|n| n + 20),
+        "{r}"
+    );
+    assert!(
+        ["stop", "length", "tool_calls"].contains(&follow["finish_reason"].as_str().unwrap_or("")),
+        "{r}"
+    );
+    // `auto`: the model decides; whatever it says, calls it makes parse.
+    for call in r["auto"]["calls"].as_array().expect("calls") {
+        check_call(call, &r);
+    }
+    // The default model's own template shows no tools: a clear 400.
+    assert_eq!(
+        r["plain_template"],
+        json!({"status": 400, "fields": [["tools", "unsupported"]]}),
+        "{r}"
+    );
+}

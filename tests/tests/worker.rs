@@ -235,7 +235,7 @@ fn invalid_requests_list_every_bad_field_and_long_prompts_name_the_limit() {
     let response = post(
         &w,
         "/v1/chat/completions",
-        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21, "tool_choice": "auto"}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21, "tool_choice": "required"}),
     );
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().expect("JSON");

@@ -13,6 +13,7 @@ pub mod grammar;
 pub mod llama;
 pub(crate) mod safetensors;
 pub(crate) mod tokenizer;
+pub mod tools;
 
 use std::path::Path;
 use std::time::Instant;

@@ -363,16 +363,16 @@ fn a_model_in_q4_0_q8_0_q5_0_q4_k_and_q6_k_runs_and_agrees_with_the_reference() 
     // And it still answers.
     let prompt = ours
         .chat_template
-        .render(&[
-            ChatMessage {
-                role: "system".to_owned(),
-                content: "You are a helpful assistant. Answer in one short sentence.".to_owned(),
-            },
-            ChatMessage {
-                role: "user".to_owned(),
-                content: "What is the capital of France?".to_owned(),
-            },
-        ])
+        .render(
+            &[
+                ChatMessage::new(
+                    "system",
+                    "You are a helpful assistant. Answer in one short sentence.",
+                ),
+                ChatMessage::new("user", "What is the capital of France?"),
+            ],
+            &[],
+        )
         .expect("render");
     let mut tokens = ours
         .tokenizer

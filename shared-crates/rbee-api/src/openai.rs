@@ -4,9 +4,9 @@
 //! The queen and the worker read these bodies with the same code, so both
 //! refuse the same requests with the same fields named. Every bad field is
 //! reported at once, wrong types included, as the contract asks of every
-//! route. Fields that ask for what this server does not do (tool calls, JSON
-//! output, penalties other than `repetition_penalty`, `n` other than 1,
-//! content other than text, ...) are refused by name rather than answered
+//! route. Fields that ask for what this server does not do (penalties
+//! other than `repetition_penalty`, `n` other than 1, content other than
+//! text, the deprecated `functions`, ...) are refused by name rather than answered
 //! as if absent; fields with no effect on the answer (`user`, `metadata`,
 //! ...) are accepted and ignored. docs/openai.md
 //! lists every field. Their answers are in [`answer`].
@@ -41,6 +41,111 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant turn's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool turn: the tool's name, when the client gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain turn: `role` says `content`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+/// A call of a function tool, in an assistant turn or an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id (`call_...`), which the tool turn answering it names.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What is called, with what.
+    pub function: FunctionCall,
+}
+
+/// The function of a [`ToolCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments: a JSON object, as text.
+    pub arguments: String,
+}
+
+/// A function the model may call (`tools[]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: FunctionTool,
+}
+
+/// The function of a [`Tool`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionTool {
+    /// 1 to 64 of `a-z A-Z 0-9 _ -`.
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Its arguments, as a JSON Schema object; absent takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+}
+
+/// Whether and which tool the model must call (`tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// No call: the tools are not shown to the model.
+    None,
+    /// The model decides (the default when there are tools).
+    #[default]
+    Auto,
+    /// At least one call, of any of the tools.
+    Required,
+    /// A call of this function.
+    Function(String),
+}
+
+impl ToolChoice {
+    /// OpenAI's form.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Self::None => Value::from("none"),
+            Self::Auto => Value::from("auto"),
+            Self::Required => Value::from("required"),
+            Self::Function(name) => {
+                serde_json::json!({"type": "function", "function": {"name": name}})
+            }
+        }
+    }
+}
+
+/// The tools of a chat request and what the model may do with them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tools {
+    /// The functions.
+    pub tools: Vec<Tool>,
+    /// Whether and which to call.
+    pub choice: ToolChoice,
+    /// More than one call in an answer (`parallel_tool_calls`, default true).
+    pub parallel: bool,
 }
 
 /// A checked OpenAI body.
@@ -55,6 +160,8 @@ pub struct OpenAiRequest {
     /// `stream_options.include_usage`: a streamed answer ends with a chunk
     /// that has no choices and carries `usage`.
     pub include_usage: bool,
+    /// The chat's tools; none for a completion.
+    pub tools: Tools,
 }
 
 impl OpenAiRequest {
@@ -73,9 +180,24 @@ impl OpenAiRequest {
         };
         let mut messages = Vec::new();
         let mut prompt = String::new();
+        let mut tools = Tools::default();
         match route {
-            Route::Chat => messages = r.messages(),
-            Route::Completions => prompt = r.prompt(),
+            Route::Chat => {
+                messages = r.messages();
+                tools = r.tools();
+            }
+            Route::Completions => {
+                prompt = r.prompt();
+                if r.get("tools")
+                    .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
+                {
+                    r.bad.push(FieldError::new(
+                        "tools",
+                        "unsupported",
+                        "tools are for /v1/chat/completions",
+                    ));
+                }
+            }
         }
         let model = r.string("model").map(str::to_owned);
         let max_tokens = r.token_count("max_tokens");
@@ -138,6 +260,7 @@ impl OpenAiRequest {
                 messages,
                 request,
                 include_usage,
+                tools,
             })
         } else {
             Err(r.bad)
@@ -177,6 +300,12 @@ pub struct OpenAiBody<'a> {
     top_logprobs: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<Value>,
+    #[serde(skip_serializing_if = "<[Tool]>::is_empty")]
+    tools: &'a [Tool],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
 }
 
 /// `stream_options`.
@@ -222,8 +351,18 @@ impl OpenAiRequest {
             }),
             top_logprobs: r.logprobs.filter(|_| route == Route::Chat),
             response_format: r.constraint.as_ref().and_then(response_format),
+            tools: &self.tools.tools,
+            tool_choice: (route == Route::Chat).then(|| self.tools.choice.to_value()),
+            parallel_tool_calls: (route == Route::Chat).then_some(self.tools.parallel),
         }
     }
+}
+
+fn is_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A constraint as OpenAI's `response_format`; `None` for one that has no
@@ -251,10 +390,11 @@ impl<'a> Reader<'a> {
         self.map.get(name).filter(|v| !v.is_null())
     }
 
-    /// Fields asking for what this server does not do (tool calls, ...):
-    /// refused, because answering as if they were absent would hand back
-    /// the wrong kind of answer. Their neutral values (`tools: []`,
-    /// `tool_choice: "none"`, `echo: false`, `suffix: ""`, `best_of: 1`,
+    /// Fields asking for what this server does not do (the deprecated
+    /// `functions`, echoing, ...): refused, because answering as if they
+    /// were absent would hand back the wrong kind of answer. Their neutral
+    /// values (`functions: []`, `function_call: "none"`, `echo: false`,
+    /// `suffix: ""`, `best_of: 1`,
     /// `modalities: ["text"]`, zero penalties, an empty `logit_bias`) are
     /// accepted.
     fn unsupported(&mut self) {
@@ -262,23 +402,25 @@ impl<'a> Reader<'a> {
             self.bad
                 .push(FieldError::new(field, "unsupported", message.to_owned()));
         };
-        for field in ["tools", "functions"] {
-            if self
-                .map
-                .get(field)
-                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-            {
-                refuse(field, "tool calls are not supported by this server");
-            }
+        if self
+            .map
+            .get("functions")
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            refuse(
+                "functions",
+                "functions is deprecated and not supported: use tools",
+            );
         }
-        for field in ["tool_choice", "function_call"] {
-            if self
-                .map
-                .get(field)
-                .is_some_and(|v| !v.is_null() && v != "none")
-            {
-                refuse(field, "tool calls are not supported by this server");
-            }
+        if self
+            .map
+            .get("function_call")
+            .is_some_and(|v| !v.is_null() && v != "none")
+        {
+            refuse(
+                "function_call",
+                "function_call is deprecated and not supported: use tool_choice",
+            );
         }
         if self.map.get("echo") == Some(&Value::Bool(true)) {
             refuse("echo", "echoing the prompt is not supported by this server");
@@ -564,9 +706,142 @@ impl<'a> Reader<'a> {
             };
             let role = self.role(i, message.get("role"));
             let content = self.content(i, &role, message.get("content"));
-            messages.push(ChatMessage { role, content });
+            let mut turn = ChatMessage::new(role, content);
+            if turn.role == "assistant" {
+                turn.tool_calls = self.tool_calls(i, message.get("tool_calls"));
+            }
+            if turn.role == "tool" {
+                turn.tool_call_id = self.optional_string(
+                    &format!("messages[{i}].tool_call_id"),
+                    message.get("tool_call_id"),
+                );
+                turn.name =
+                    self.optional_string(&format!("messages[{i}].name"), message.get("name"));
+            }
+            messages.push(turn);
         }
         messages
+    }
+
+    fn optional_string(&mut self, field: &str, value: Option<&Value>) -> Option<String> {
+        match value {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.wrong_type(field, "a string");
+                None
+            }
+        }
+    }
+
+    /// An assistant turn's earlier tool calls.
+    fn tool_calls(&mut self, i: usize, value: Option<&Value>) -> Vec<ToolCall> {
+        let field = format!("messages[{i}].tool_calls");
+        let items = match value {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.wrong_type(field, "an array of tool calls");
+                return Vec::new();
+            }
+        };
+        let mut calls = Vec::with_capacity(items.len());
+        for (j, item) in items.iter().enumerate() {
+            match ToolCall::deserialize(item) {
+                Ok(call) if call.kind == "function" => calls.push(call),
+                _ => self.wrong_type(
+                    format!("{field}[{j}]"),
+                    "{\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+                ),
+            }
+        }
+        calls
+    }
+
+    /// `tools`, `tool_choice` and `parallel_tool_calls`.
+    fn tools(&mut self) -> Tools {
+        let mut tools = Vec::new();
+        match self.get("tools") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    match Tool::deserialize(item) {
+                        Ok(tool) if tool.kind != "function" => self.bad.push(FieldError::new(
+                            format!("tools[{i}].type"),
+                            "enum",
+                            "only function tools are supported",
+                        )),
+                        Ok(tool) if !is_function_name(&tool.function.name) => {
+                            self.bad.push(FieldError::new(
+                                format!("tools[{i}].function.name"),
+                                "format",
+                                "a function name is 1 to 64 of a-z A-Z 0-9 _ -",
+                            ))
+                        }
+                        Ok(tool)
+                            if tool
+                                .function
+                                .parameters
+                                .as_ref()
+                                .is_some_and(|p| !p.is_object()) =>
+                        {
+                            self.wrong_type(
+                                format!("tools[{i}].function.parameters"),
+                                "a JSON Schema object",
+                            )
+                        }
+                        Ok(tool) => tools.push(tool),
+                        Err(_) => self.wrong_type(
+                            format!("tools[{i}]"),
+                            "{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}",
+                        ),
+                    }
+                }
+            }
+            Some(_) => self.wrong_type("tools", "an array of tools"),
+        }
+        let choice = match self.get("tool_choice") {
+            None => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "none" => ToolChoice::None,
+            Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+            Some(v) => match v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            {
+                Some(name) if v.get("type").is_some_and(|t| t == "function") => {
+                    if !tools.iter().any(|t| t.function.name == name) {
+                        self.bad.push(FieldError::new(
+                            "tool_choice",
+                            "enum",
+                            format!("tool_choice names `{name}`, which is not one of tools"),
+                        ));
+                    }
+                    ToolChoice::Function(name.to_owned())
+                }
+                _ => {
+                    self.wrong_type(
+                        "tool_choice",
+                        "none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}",
+                    );
+                    ToolChoice::Auto
+                }
+            },
+        };
+        if tools.is_empty() && choice == ToolChoice::Required {
+            self.bad.push(FieldError::new(
+                "tool_choice",
+                "requires",
+                "tool_choice required needs tools",
+            ));
+        }
+        let parallel = self.boolean("parallel_tool_calls").unwrap_or(true);
+        Tools {
+            tools,
+            choice,
+            parallel,
+        }
     }
 
     fn role(&mut self, i: usize, role: Option<&Value>) -> String {
@@ -825,6 +1100,62 @@ mod tests {
     }
 
     #[test]
+    fn tools_and_tool_choice_are_read_and_checked() {
+        let body = |extra: Value| {
+            let mut body = json!({"messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+            ]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            OpenAiRequest::parse(Route::Chat, &body)
+        };
+        let weather = json!({"type": "function", "function": {"name": "weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+        let r = body(json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "weather"}},
+                            "parallel_tool_calls": false}))
+        .expect("valid");
+        assert_eq!(r.tools.tools.len(), 1);
+        assert_eq!(r.tools.choice, ToolChoice::Function("weather".into()));
+        assert!(!r.tools.parallel);
+        assert_eq!(r.messages[1].tool_calls[0].function.name, "weather");
+        assert_eq!(r.messages[1].content, "");
+        assert_eq!(r.messages[2].tool_call_id.as_deref(), Some("call_1"));
+        let again = OpenAiRequest::parse(
+            Route::Chat,
+            &serde_json::to_value(r.body(Route::Chat)).unwrap(),
+        )
+        .expect("the forwarded body parses");
+        assert_eq!(again, r);
+        let refused = |extra: Value| {
+            body(extra)
+                .expect_err("refused")
+                .into_iter()
+                .map(|e| e.field)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(refused(json!({"tool_choice": "required"})), ["tool_choice"]);
+        assert_eq!(
+            refused(
+                json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "other"}}})
+            ),
+            ["tool_choice"]
+        );
+        assert_eq!(
+            refused(json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]})),
+            ["tools[0].function.name"]
+        );
+        assert_eq!(
+            refused(json!({"tools": [{"type": "code_interpreter"}]})),
+            ["tools[0]"]
+        );
+        assert_eq!(refused(json!({"tool_choice": "always"})), ["tool_choice"]);
+    }
+
+    #[test]
     fn include_usage_needs_a_stream() {
         let body = |stream: bool, options: Value| json!({"prompt": "hi", "stream": stream, "stream_options": options});
         let parse = |b: Value| OpenAiRequest::parse(Route::Completions, &b);
@@ -853,7 +1184,7 @@ mod tests {
     }
 
     #[test]
-    fn asking_for_tools_is_refused_and_neutral_values_are_not() {
+    fn asking_for_what_is_not_served_is_refused_and_neutral_values_are_not() {
         let chat = |extra: Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -866,11 +1197,15 @@ mod tests {
             fields(
                 Route::Chat,
                 chat(json!({
-                    "tools": [tool],
-                    "tool_choice": "required",
+                    "functions": [tool["function"]],
+                    "function_call": "auto",
                 }))
             ),
-            ["tools", "tool_choice"]
+            ["functions", "function_call"]
+        );
+        assert_eq!(
+            fields(Route::Completions, json!({"prompt": "hi", "tools": [tool]})),
+            ["tools"]
         );
         assert_eq!(
             fields(

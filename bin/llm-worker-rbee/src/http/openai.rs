@@ -13,21 +13,25 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::Stream;
+use rbee_api::inference::Constraint;
 use rbee_api::inference::InferenceRequest;
 use rbee_api::inference::TokenLogprob;
 use rbee_api::openai::answer::{
     AnswerMessage, ChatLogprobs, ChatTokenLogprob, Choice, ChoiceBody, ChoiceLogprobs, Completion,
     Delta, FinishReason, Object, TextLogprobs, Usage,
 };
-use rbee_api::openai::{ChatMessage, OpenAiRequest, Route};
+use rbee_api::openai::answer::{FunctionDelta, ToolCallDelta};
+use rbee_api::openai::{ChatMessage, OpenAiRequest, Route, Tool, ToolChoice, Tools};
 use rbee_api::sse::{self, Dialect};
 use rbee_api::ApiError;
+use rbee_api::FieldError;
 use rbee_http::{ApiJson, RequestContext};
 use serde_json::Value;
 
 use super::error::AdmitError;
 use super::{admit, Admitted};
 use crate::engine::JobEvent;
+use crate::model::tools::{ParsedCall, ToolFormat, ToolStream};
 use crate::AppState;
 
 fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, AdmitError> {
@@ -37,7 +41,11 @@ fn parse(route: Route, body: &Value) -> Result<OpenAiRequest, AdmitError> {
 /// Render the chat's prompt, off the runtime's thread and within the
 /// template's fuel; a worker with no free slot refuses before rendering
 /// (admission reserves the slot for good afterwards).
-async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<String, ApiError> {
+async fn chat_prompt(
+    state: &AppState,
+    messages: Vec<ChatMessage>,
+    tools: Vec<Tool>,
+) -> Result<String, ApiError> {
     let Some(model) = state.model.get().cloned() else {
         return Err(AdmitError::Loading.into());
     };
@@ -46,7 +54,8 @@ async fn chat_prompt(state: &AppState, messages: Vec<ChatMessage>) -> Result<Str
         return Err(super::all_slots_busy(&model).into());
     }
     let rendered =
-        rbee_http::task::spawn_blocking(move || model.chat_template.render(&messages)).await;
+        rbee_http::task::spawn_blocking(move || model.chat_template.render(&messages, &tools))
+            .await;
     match rendered {
         Ok(Ok(prompt)) => Ok(prompt),
         Ok(Err(e)) => Err(AdmitError::from(e).into()),
@@ -70,9 +79,63 @@ pub async fn chat_completions(
         messages,
         mut request,
         include_usage,
+        tools,
     } = parse(Route::Chat, &body)?;
-    request.prompt = chat_prompt(&state, messages).await?;
-    respond(state, ctx, request, Route::Chat, include_usage).await
+    let format = tool_plan(&state, &tools, &mut request)?;
+    let shown = if format.is_some() {
+        tools.tools
+    } else {
+        Vec::new()
+    };
+    request.prompt = chat_prompt(&state, messages, shown).await?;
+    respond(state, ctx, request, Route::Chat, include_usage, format).await
+}
+
+/// What the answer does with `tools`: the format its calls are parsed in
+/// (none when there are no tools or `tool_choice` is `none`), and, for
+/// `required` or a named function, the grammar that forces the call, set
+/// as the request's constraint.
+fn tool_plan(
+    state: &AppState,
+    tools: &Tools,
+    request: &mut InferenceRequest,
+) -> Result<Option<ToolFormat>, AdmitError> {
+    if tools.tools.is_empty() || tools.choice == ToolChoice::None {
+        return Ok(None);
+    }
+    let Some(model) = state.model.get() else {
+        return Err(AdmitError::Loading);
+    };
+    let Some(format) = model.chat_template.tools else {
+        return Err(AdmitError::Invalid(vec![FieldError::new(
+            "tools",
+            "unsupported",
+            "this model's chat template does not show tools to the model (or writes calls in a format rbee does not read), so it cannot call them",
+        )]));
+    };
+    let forced: Vec<&Tool> = match &tools.choice {
+        ToolChoice::Required => tools.tools.iter().collect(),
+        ToolChoice::Function(name) => tools
+            .tools
+            .iter()
+            .filter(|t| &t.function.name == name)
+            .collect(),
+        ToolChoice::Auto | ToolChoice::None => Vec::new(),
+    };
+    if !forced.is_empty() {
+        if request.constraint.is_some() {
+            return Err(AdmitError::Invalid(vec![FieldError::new(
+                "response_format",
+                "conflict",
+                "a response_format cannot be combined with a tool_choice that forces a call",
+            )]));
+        }
+        let grammar = format.grammar(&forced, tools.parallel, |text| {
+            model.tokenizer.token_to_id(text)
+        });
+        request.constraint = Some(Constraint::Lark { grammar });
+    }
+    Ok(Some(format))
 }
 
 /// `POST /v1/completions`.
@@ -86,7 +149,7 @@ pub async fn completions(
         include_usage,
         ..
     } = parse(Route::Completions, &body)?;
-    respond(state, ctx, request, Route::Completions, include_usage).await
+    respond(state, ctx, request, Route::Completions, include_usage, None).await
 }
 
 async fn respond(
@@ -95,6 +158,7 @@ async fn respond(
     request: InferenceRequest,
     route: Route,
     include_usage: bool,
+    tools: Option<ToolFormat>,
 ) -> Result<Response, ApiError> {
     let (admitted, request) = admit(&state, &ctx, request).await?;
     let meta = Meta {
@@ -107,6 +171,7 @@ async fn respond(
         route,
         logprobs: request.logprobs.is_some(),
         include_usage,
+        tools,
     };
     if request.stream {
         Ok(Sse::new(super::keep_alive(&state, chunks(meta, admitted))).into_response())
@@ -124,6 +189,8 @@ struct Meta {
     logprobs: bool,
     /// A stream ends with a chunk that carries `usage`.
     include_usage: bool,
+    /// The format of the tool calls the answer may make.
+    tools: Option<ToolFormat>,
 }
 
 impl Meta {
@@ -174,12 +241,14 @@ impl Meta {
                 delta: Delta {
                     role: first.then(|| "assistant".to_owned()),
                     content: text,
+                    tool_calls: None,
                 },
             },
             Route::Chat => ChoiceBody::Message {
                 message: AnswerMessage {
                     role: "assistant".to_owned(),
-                    content: text.unwrap_or_default(),
+                    content: Some(text.unwrap_or_default()),
+                    tool_calls: Vec::new(),
                 },
             },
             Route::Completions => ChoiceBody::Text {
@@ -209,13 +278,23 @@ impl Meta {
 async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<Completion>, ApiError> {
     let done = super::collect_text(&mut admitted).await?;
     let logprobs = meta.logprobs(&done.logprobs);
-    let choice = meta.choice(
-        Some(done.text),
-        true,
-        Some(done.stop_reason.into()),
-        false,
-        logprobs,
-    );
+    let mut finish: FinishReason = done.stop_reason.into();
+    let parsed = meta.tools.map(|format| format.parse(&done.text));
+    let mut choice = meta.choice(Some(done.text), true, None, false, logprobs);
+    if let (Some(parsed), ChoiceBody::Message { message }) = (parsed, &mut choice.body) {
+        if !parsed.calls.is_empty() {
+            message.content = (!parsed.content.is_empty()).then_some(parsed.content);
+            message.tool_calls = parsed
+                .calls
+                .into_iter()
+                .map(ParsedCall::into_tool_call)
+                .collect();
+            if finish == FinishReason::Stop {
+                finish = FinishReason::ToolCalls;
+            }
+        }
+    }
+    choice.finish_reason = Some(finish);
     Ok(Json(meta.body(
         vec![choice],
         Some(Usage::new(
@@ -227,6 +306,35 @@ async fn whole(meta: Meta, mut admitted: Admitted) -> Result<Json<Completion>, A
     )))
 }
 
+/// The chunks that stream `calls`: per call, its id, type and name, then
+/// its arguments.
+fn call_chunks(calls: Vec<ParsedCall>) -> Vec<Vec<ToolCallDelta>> {
+    let mut out = Vec::with_capacity(calls.len() * 2);
+    for (index, call) in calls.into_iter().enumerate() {
+        let call = call.into_tool_call();
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        out.push(vec![ToolCallDelta {
+            index,
+            id: Some(call.id),
+            kind: Some(call.kind),
+            function: FunctionDelta {
+                name: Some(call.function.name),
+                arguments: String::new(),
+            },
+        }]);
+        out.push(vec![ToolCallDelta {
+            index,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: call.function.arguments,
+            },
+        }]);
+    }
+    out
+}
+
 fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, Infallible>> {
     struct Chunks {
         meta: Meta,
@@ -234,6 +342,8 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
         first: bool,
         /// Bytes of text sent so far.
         offset: usize,
+        /// Tool calls being read out of the text.
+        tools: Option<ToolStream>,
         queue: std::collections::VecDeque<Event>,
         finished: bool,
     }
@@ -242,6 +352,7 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
         Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     };
     let start = Chunks {
+        tools: meta.tools.map(ToolStream::new),
         meta,
         admitted,
         first: true,
@@ -263,6 +374,13 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     let tokens: Vec<_> = lp.into_iter().map(|lp| (lp, s.offset)).collect();
                     let logprobs = meta.logprobs(&tokens);
                     s.offset += text.len();
+                    let text = match s.tools.as_mut() {
+                        Some(calls) => calls.push(&text),
+                        None => text,
+                    };
+                    if text.is_empty() && logprobs.is_none() && s.tools.is_some() {
+                        continue;
+                    }
                     let chunk = meta.body(
                         vec![meta.choice(Some(text), s.first, None, true, logprobs)],
                         None,
@@ -278,8 +396,29 @@ fn chunks(meta: Meta, admitted: Admitted) -> impl Stream<Item = Result<Event, In
                     stop_reason,
                     ..
                 }) => {
+                    let mut finish: FinishReason = stop_reason.into();
+                    if let Some(calls) = s.tools.take() {
+                        let parsed = calls.finish();
+                        if !parsed.content.is_empty() {
+                            let chunk =
+                                meta.choice(Some(parsed.content), s.first, None, true, None);
+                            s.first = false;
+                            s.queue.push_back(data(meta.body(vec![chunk], None, true)));
+                        }
+                        if !parsed.calls.is_empty() && finish == FinishReason::Stop {
+                            finish = FinishReason::ToolCalls;
+                        }
+                        for deltas in call_chunks(parsed.calls) {
+                            let mut choice = meta.choice(None, s.first, None, true, None);
+                            s.first = false;
+                            if let ChoiceBody::Delta { delta } = &mut choice.body {
+                                delta.tool_calls = Some(deltas);
+                            }
+                            s.queue.push_back(data(meta.body(vec![choice], None, true)));
+                        }
+                    }
                     let last = meta.body(
-                        vec![meta.choice(None, s.first, Some(stop_reason.into()), true, None)],
+                        vec![meta.choice(None, s.first, Some(finish), true, None)],
                         None,
                         true,
                     );

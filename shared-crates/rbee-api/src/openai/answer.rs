@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::inference::{StopReason, TokenLogprob};
+use crate::openai::ToolCall;
 
 /// What an answer or chunk is (`object`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were generated.
     Length,
+    /// The answer is tool calls.
+    ToolCalls,
 }
 
 impl From<StopReason> for FinishReason {
@@ -45,8 +48,37 @@ impl From<StopReason> for FinishReason {
 pub struct AnswerMessage {
     /// Always `assistant`.
     pub role: String,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    /// The tool calls the answer makes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// One tool call in a streamed chunk: the first chunk of a call carries
+/// its id, type and name; its arguments follow, in pieces, to be joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which call of the answer (0, 1, ...).
+    pub index: u32,
+    /// In the call's first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`, in the call's first chunk.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The name (first chunk) and a piece of the arguments.
+    pub function: FunctionDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionDelta {
+    /// In the call's first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the arguments' text.
+    pub arguments: String,
 }
 
 /// What one chunk of a streamed chat answer adds.
@@ -58,6 +90,9 @@ pub struct Delta {
     /// Text generated since the last chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls, or pieces of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// The body of a choice, by route and by whole answer or chunk.
@@ -314,6 +349,7 @@ mod tests {
                     delta: Delta {
                         role: Some("assistant".into()),
                         content: Some("Hi".into()),
+                        tool_calls: None,
                     },
                 },
                 logprobs: None,
@@ -354,7 +390,8 @@ mod tests {
             ChoiceBody::Message {
                 message: AnswerMessage {
                     role: "assistant".into(),
-                    content: "Paris".into()
+                    content: Some("Paris".into()),
+                    tool_calls: Vec::new(),
                 }
             }
         );
