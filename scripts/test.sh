@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The real default model, fetched once into the cache (tests use it).
+# The real default models, fetched once into the cache (tests use them).
 scripts/fetch-model.sh >/dev/null
+scripts/fetch-embedding-model.sh >/dev/null
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

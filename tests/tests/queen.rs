@@ -227,16 +227,26 @@ fn bad_input_unknown_models_and_missing_tokens_get_the_contract_errors() {
     assert_eq!(status, 400);
     let (status, _, _) = send(auth(c.post(queen.url("/v1/completions"))).json(&json!([1, 2])));
     assert_eq!(status, 400);
-    // What the server does not do is refused, not answered as free text.
+    // What the server does not do is refused, not answered as free text:
+    // by the queen's own checks, and by the worker, whose model's template
+    // shows no tools.
+    let (status, body, _) = send(
+        auth(c.post(queen.url("/v1/chat/completions"))).json(&json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "functions": [{"name": "f"}],
+            "modalities": ["audio"],
+        })),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(field_names(&body), ["functions", "modalities"], "{body}");
     let (status, body, _) = send(
         auth(c.post(queen.url("/v1/chat/completions"))).json(&json!({
             "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f"}}],
-            "response_format": {"type": "json_object"},
         })),
     );
-    assert_eq!(status, 400);
-    assert_eq!(field_names(&body), ["tools", "response_format"], "{body}");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(field_names(&body), ["tools"], "{body}");
 
     // Bodies within the limit that outgrow it as the queen forwards them
     // are refused by the queen before queueing, in the envelope.
@@ -1008,4 +1018,75 @@ fn tools_are_called_through_the_queen_with_a_template_that_shows_them() {
         json!({"status": 400, "fields": [["tools", "unsupported"]]}),
         "{r}"
     );
+}
+
+#[test]
+fn embeddings_are_routed_by_the_queen_and_match_sentence_transformers() {
+    let python = rbee_system_tests::queen::openai_python();
+    let out = std::process::Command::new("bash")
+        .arg(rbee_system_tests::workspace_root().join("scripts/fetch-embedding-model.sh"))
+        .output()
+        .expect("fetch the embedding model");
+    assert!(out.status.success());
+    let embedding_model = format!("file:{}", String::from_utf8_lossy(&out.stdout).trim());
+    let text_model = default_ref();
+    let hive = rbee_system_tests::queen::hive_with_models(
+        DaemonSpec::new("rbee-hive").with_token(),
+        Some(TEST_TOKEN),
+        &[embedding_model.clone(), text_model.clone()],
+    );
+    let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
+    let reference_path = rbee_system_tests::workspace_root()
+        .join("bin/llm-worker-rbee/tests/data/minilm-reference.json");
+    let out = std::process::Command::new(python)
+        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_embeddings_check.py"))
+        .arg(queen.url("/v1"))
+        .arg(TEST_TOKEN)
+        .arg(&embedding_model)
+        .arg(&text_model)
+        .arg(&reference_path)
+        .output()
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(&reference_path).expect("reference"))
+            .expect("reference JSON");
+    let want = reference["embeddings"].as_array().expect("vectors");
+    let got = r["default"]["vectors"].as_array().expect("vectors");
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        let (g, w) = (g.as_array().expect("vector"), w.as_array().expect("vector"));
+        assert_eq!(g.len(), 384);
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst < 1e-3, "largest difference {worst}");
+    assert_eq!(r["default"]["indices"], json!([0, 1, 2, 3, 4, 5]));
+    let tokens: u64 = reference["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(r["default"]["prompt_tokens"], tokens);
+    assert_eq!(r["default"]["model"], embedding_model);
+    // As floats, the same first vector.
+    let first = r["float"]["vectors"][0].as_array().expect("floats");
+    for (a, b) in first.iter().zip(got[0].as_array().expect("vector")) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-6);
+    }
+    assert_eq!(
+        r["dimensions"],
+        json!({"status": 400, "code": "INVALID_REQUEST", "fields": ["dimensions"]}),
+        "{r}"
+    );
+    assert_eq!(r["chat_on_embedding_model"]["status"], 400, "{r}");
+    assert_eq!(r["embeddings_on_text_model"]["status"], 400, "{r}");
 }

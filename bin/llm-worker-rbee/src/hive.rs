@@ -3,14 +3,11 @@
 //! retried with backoff and logged; the worker keeps serving meanwhile (the
 //! hive also finds workers by heartbeat and health check).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use auth_min::{send_authenticated, Authenticator};
 use rbee_api::worker::{Heartbeat, ReadyCallback, WorkerState};
 use tokio_util::sync::CancellationToken;
-
-use crate::Model;
 
 /// First retry delay of the ready callback; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -34,8 +31,8 @@ pub struct HiveReporter {
 
 impl HiveReporter {
     /// Send the ready callback until the hive takes it, then heartbeat until
-    /// `shutdown`.
-    pub async fn run(self, model: Arc<Model>, shutdown: CancellationToken) {
+    /// `shutdown`; `busy` says whether the model has work now.
+    pub async fn run(self, busy: impl Fn() -> bool, shutdown: CancellationToken) {
         let client = match rbee_http::client::http_client_builder()
             .timeout(CALL_TIMEOUT)
             .build()
@@ -87,7 +84,7 @@ impl HiveReporter {
             }
             let state = if shutdown.is_cancelled() {
                 WorkerState::Draining
-            } else if model.engine.active() > 0 {
+            } else if busy() {
                 WorkerState::Busy
             } else {
                 WorkerState::Idle

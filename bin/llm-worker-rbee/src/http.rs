@@ -1,6 +1,7 @@
 //! The worker's routes: inference (SSE and JSON), cancellation, readiness,
 //! models, and the OpenAI-compatible routes ([`openai`]).
 
+mod embeddings;
 mod error;
 pub(crate) mod openai;
 
@@ -42,6 +43,7 @@ pub fn routes() -> Routes<AppState> {
         .get("/v1/models", models)
         .post("/v1/chat/completions", openai::chat_completions)
         .post("/v1/completions", openai::completions)
+        .post("/v1/embeddings", embeddings::embeddings)
 }
 
 /// Running jobs by id, for `DELETE`.
@@ -88,10 +90,11 @@ fn worker_state(state: &AppState) -> WorkerState {
     if state.core.is_draining() {
         WorkerState::Draining
     } else {
-        match state.model.get() {
-            None => WorkerState::Loading,
-            Some(m) if m.engine.active() > 0 => WorkerState::Busy,
-            Some(_) => WorkerState::Idle,
+        match (state.model.get(), state.embedder.get()) {
+            (Some(m), _) if m.engine.active() > 0 => WorkerState::Busy,
+            (_, Some(e)) if e.active() > 0 => WorkerState::Busy,
+            (Some(_), _) | (_, Some(_)) => WorkerState::Idle,
+            (None, None) => WorkerState::Loading,
         }
     }
 }
@@ -101,7 +104,7 @@ async fn ready(State(state): State<AppState>) -> Json<WorkerReadiness> {
     Json(WorkerReadiness {
         ready: matches!(s, WorkerState::Idle | WorkerState::Busy) && stall(&state).is_none(),
         state: s,
-        model_loaded: state.model.get().is_some(),
+        model_loaded: state.loaded(),
     })
 }
 
@@ -127,7 +130,11 @@ async fn health_ready(State(state): State<AppState>) -> Response {
             let body = WorkerReady {
                 status: ReadyStatus::Ready,
                 state: s,
-                capacity: state.model.get().map(|m| m.engine.capacity()),
+                capacity: state
+                    .model
+                    .get()
+                    .map(|m| m.engine.capacity())
+                    .or_else(|| state.embedder.get().map(|e| e.capacity())),
             };
             (StatusCode::OK, Json(body)).into_response()
         }
@@ -149,7 +156,7 @@ async fn health_ready(State(state): State<AppState>) -> Response {
 
 async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList::new(vec![Model {
-        ready: Some(state.model.get().is_some()),
+        ready: Some(state.loaded()),
         ..Model::new(state.model_ref.clone())
     }]))
 }
@@ -160,6 +167,16 @@ async fn cancel(State(state): State<AppState>, Path(job_id): Path<String>) -> St
 }
 
 /// 503 `ALL_SLOTS_BUSY`.
+/// The text-generating model, or why there is none: still loading, or
+/// this worker's model makes embeddings.
+pub(crate) fn generation_model(state: &AppState) -> Result<Arc<crate::Model>, AdmitError> {
+    match (state.model.get(), state.embedder.get()) {
+        (Some(model), _) => Ok(Arc::clone(model)),
+        (None, Some(_)) => Err(AdmitError::NotGenerative),
+        (None, None) => Err(AdmitError::Loading),
+    }
+}
+
 pub(crate) fn all_slots_busy(model: &crate::Model) -> AdmitError {
     AdmitError::AllSlotsBusy {
         slots: model.engine.slots(),
@@ -203,9 +220,7 @@ async fn admit_checked(
     if state.core.is_draining() {
         return Err(AdmitError::ShuttingDown.into());
     }
-    let Some(model) = state.model.get().cloned() else {
-        return Err(AdmitError::Loading.into());
-    };
+    let model = generation_model(state)?;
     // From here on the request is the validated one, read-only, down to
     // the job it becomes.
     let request = request.validate().map_err(AdmitError::Invalid)?;

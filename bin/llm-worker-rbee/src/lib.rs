@@ -216,17 +216,59 @@ impl Model {
     }
 }
 
+/// A loaded embedding model as the HTTP side sees it.
+#[derive(Debug)]
+pub struct EmbeddingModel {
+    /// The encoder.
+    pub embedder: model::embed::Embedder,
+    /// One permit per slot: a request holds one while its batch runs.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Slots in all.
+    slots_total: usize,
+    /// The worker's metrics.
+    pub metrics: WorkerMetrics,
+}
+
+impl EmbeddingModel {
+    /// Requests running now.
+    pub fn active(&self) -> usize {
+        self.slots_total - self.slots.available_permits()
+    }
+
+    /// Slots in use, for the readiness probe (no KV cache here).
+    pub fn capacity(&self) -> rbee_api::health::Capacity {
+        rbee_api::health::Capacity {
+            slots_total: self.slots_total,
+            slots_running: self.active(),
+            requests_waiting: 0,
+            kv_blocks_total: 0,
+            kv_blocks_used: 0,
+            kv_blocks_free: 0,
+            kv_blocks_cached: 0,
+        }
+    }
+}
+
 /// State shared by the worker's handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
     core: CoreState,
     model: Arc<OnceLock<Arc<Model>>>,
+    /// Set instead of `model` when the model is a sentence encoder.
+    embedder: Arc<OnceLock<Arc<EmbeddingModel>>>,
     model_ref: String,
     jobs: http::Jobs,
     stalled: Arc<AtomicBool>,
     /// A quiet stream gets a keep-alive comment this often while the
     /// engine progresses: half the stall timeout, within [0.5 s, 15 s].
     keep_alive: Duration,
+}
+
+impl AppState {
+    /// A model, of either kind, is loaded.
+    fn loaded(&self) -> bool {
+        self.model.get().is_some() || self.embedder.get().is_some()
+    }
 }
 
 impl FromRef<AppState> for CoreState {
@@ -321,6 +363,8 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     metrics.slots_total.set(i64::from(slots(&config)));
     let model = Arc::new(OnceLock::new());
     let state_model = Arc::clone(&model);
+    let embedder: Arc<OnceLock<Arc<EmbeddingModel>>> = Arc::new(OnceLock::new());
+    let state_embedder = Arc::clone(&embedder);
     let stall_timeout = Duration::from_secs(config.stall_timeout_s);
     let stalled: Arc<AtomicBool> = Arc::default();
     let state_stalled = Arc::clone(&stalled);
@@ -328,6 +372,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
         .bind(router(), |core| AppState {
             core,
             model: state_model,
+            embedder: state_embedder,
             model_ref,
             jobs: http::Jobs::default(),
             stalled: state_stalled,
@@ -378,6 +423,36 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
     let drain = Duration::from_secs(config.common.shutdown_timeout_s);
     let slots = slots(&config);
     rbee_http::task::spawn(async move {
+        if model::embed::is_embedding_model(&path) {
+            let loaded = rbee_http::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                model::embed::Embedder::load(&path, &device).map(|e| (e, started.elapsed()))
+            })
+            .await;
+            let (encoder, took) = match loaded {
+                Ok(Ok(loaded)) => loaded,
+                Ok(Err(e)) => return fatal.fail(e.to_string()),
+                Err(e) => return fatal.fail(format!("model loader failed: {e}")),
+            };
+            metrics.model_load_seconds.set(took.as_secs_f64());
+            tracing::info!(
+                load_s = took.as_secs_f64(),
+                dimensions = encoder.dimensions,
+                max_tokens = encoder.max_tokens,
+                "embedding model loaded; ready"
+            );
+            let ready = Arc::new(EmbeddingModel {
+                embedder: encoder,
+                slots: Arc::new(tokio::sync::Semaphore::new(usize::from(slots))),
+                slots_total: usize::from(slots),
+                metrics,
+            });
+            let _ = embedder.set(Arc::clone(&ready));
+            if let Some(reporter) = reporter {
+                rbee_http::task::spawn(reporter.run(move || ready.active() > 0, shutdown));
+            }
+            return;
+        }
         let loaded = rbee_http::task::spawn_blocking(move || {
             #[cfg(feature = "fault-injection")]
             engine::fault::before_load();
@@ -455,7 +530,7 @@ pub async fn build(config: Config) -> Result<Daemon, StartupError> {
             drain,
         ));
         if let Some(reporter) = reporter {
-            rbee_http::task::spawn(reporter.run(ready, shutdown));
+            rbee_http::task::spawn(reporter.run(move || ready.engine.active() > 0, shutdown));
         }
     });
     Ok(daemon)

@@ -8,6 +8,7 @@
 //! a GPU device.
 
 pub mod chat;
+pub mod embed;
 pub(crate) mod error;
 pub mod grammar;
 pub mod llama;

@@ -1,6 +1,6 @@
 //! The worker's forward pass against the reference implementation
-//! (candle-transformers' `quantized_llama`, a dev-dependency for this test
-//! only) on the real default model, teacher-forced over a fixed text.
+//! (candle-transformers' `quantized_llama`, which the worker itself uses
+//! only for BERT sentence encoders) on the real default model, teacher-forced over a fixed text.
 //!
 //! Both implementations quantize activations to 8 bits before every
 //! quantized product, so a difference in the last bit of a value can round

@@ -11,6 +11,7 @@ use rbee_api::fleet::{
 use rbee_api::health::{QueenReady, ReadyStatus};
 use rbee_api::inference::{is_valid_id, InferenceRequest, MAX_JOB_ID_BYTES};
 use rbee_api::openai::answer::{Model, ModelList};
+use rbee_api::openai::embeddings::EmbeddingsRequest;
 use rbee_api::openai::{OpenAiRequest, Route};
 use rbee_api::sse::Endpoint;
 use rbee_api::worker::ScrapeTargetGroup;
@@ -29,6 +30,7 @@ pub fn router() -> Routes<AppState> {
         .delete("/v1/inference/{job_id}", cancel)
         .post("/v1/chat/completions", chat)
         .post("/v1/completions", completions)
+        .post("/v1/embeddings", embeddings)
         .get("/v1/models", models)
         .post("/v2/hives/register", register)
         .get("/v2/hives/list", list_hives)
@@ -181,6 +183,35 @@ fn openai(state: &AppState, route: Route, body: Value) -> Result<Prepared, ApiEr
         usage_chunk,
         model,
     })
+}
+
+/// `POST /v1/embeddings`: checked here with the worker's code, routed by
+/// model like a generation, answered whole.
+async fn embeddings(
+    State(state): State<AppState>,
+    ctx: RequestContext,
+    ApiJson(body): ApiJson<Value>,
+) -> Response {
+    let prepared = (|| {
+        let mut request = EmbeddingsRequest::parse(&body)
+            .map_err(|fields| ApiError::invalid_fields(ErrorCode::InvalidRequest, fields))?;
+        let model = resolve_model(&state, request.model.take())?;
+        request.model = Some(model.clone());
+        Ok::<_, ApiError>(Prepared {
+            endpoint: Endpoint::Embeddings,
+            job_id: rbee_api::inference::new_job_id(),
+            stream: false,
+            body: forwarded(&request)?,
+            max_tokens: 0,
+            affinity: None,
+            usage_chunk: false,
+            model,
+        })
+    })();
+    match prepared {
+        Ok(prep) => proxy::run(state, ctx, prep).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn chat(

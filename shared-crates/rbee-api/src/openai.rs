@@ -12,6 +12,7 @@
 //! lists every field. Their answers are in [`answer`].
 
 pub mod answer;
+pub mod embeddings;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -34,6 +34,8 @@ pub enum Endpoint {
     Native,
     /// One of the OpenAI routes.
     OpenAi(Route),
+    /// `POST /v1/embeddings` (never streamed).
+    Embeddings,
 }
 
 impl Endpoint {
@@ -43,6 +45,7 @@ impl Endpoint {
             Self::Native => "/v1/inference",
             Self::OpenAi(Route::Chat) => "/v1/chat/completions",
             Self::OpenAi(Route::Completions) => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
         }
     }
 
@@ -50,7 +53,7 @@ impl Endpoint {
     pub fn dialect(self) -> Dialect {
         match self {
             Self::Native => Dialect::Native,
-            Self::OpenAi(_) => Dialect::OpenAi,
+            Self::OpenAi(_) | Self::Embeddings => Dialect::OpenAi,
         }
     }
 }

@@ -46,6 +46,18 @@ pub(crate) enum AdmitError {
     /// The engine took no more jobs.
     #[error("the engine is not running")]
     EngineDown(ErrorCode),
+    /// A text route on a worker whose model makes embeddings.
+    #[error("this worker serves an embedding model: use /v1/embeddings")]
+    NotGenerative,
+    /// `/v1/embeddings` on a worker whose model generates text.
+    #[error("this worker's model generates text and does not make embeddings")]
+    NotEmbedding,
+    /// The embedding pass failed.
+    #[error("{0}")]
+    Embed(String),
+    /// The embedding thread ended without an answer.
+    #[error("the embedding pass failed")]
+    EmbedderLost,
 }
 
 /// `details` of [`AdmitError::PromptBytes`].
@@ -70,10 +82,16 @@ impl Coded for AdmitError {
             Self::Loading => ErrorCode::ModelLoading,
             Self::Stalled { .. } => ErrorCode::EngineStalled,
             Self::AllSlotsBusy { .. } => ErrorCode::AllSlotsBusy,
-            Self::Invalid(_) | Self::Tokenize(_) | Self::Template(_) => ErrorCode::InvalidRequest,
+            Self::Invalid(_)
+            | Self::Tokenize(_)
+            | Self::Template(_)
+            | Self::NotGenerative
+            | Self::NotEmbedding => ErrorCode::InvalidRequest,
             Self::JobRunning { .. } => ErrorCode::Conflict,
             Self::PromptBytes(_) | Self::PromptTokens(_) => ErrorCode::PromptTooLong,
-            Self::TokenizerLost | Self::TemplateLost => ErrorCode::Internal,
+            Self::TokenizerLost | Self::TemplateLost | Self::Embed(_) | Self::EmbedderLost => {
+                ErrorCode::Internal
+            }
             Self::EngineDown(code) => *code,
         }
     }

@@ -46,9 +46,7 @@ async fn chat_prompt(
     messages: Vec<ChatMessage>,
     tools: Vec<Tool>,
 ) -> Result<String, ApiError> {
-    let Some(model) = state.model.get().cloned() else {
-        return Err(AdmitError::Loading.into());
-    };
+    let model = super::generation_model(state)?;
     if model.engine.active() >= model.engine.slots() {
         model.metrics.request_finished(rbee_api::Outcome::Busy, 0.0);
         return Err(super::all_slots_busy(&model).into());
@@ -103,9 +101,7 @@ fn tool_plan(
     if tools.tools.is_empty() || tools.choice == ToolChoice::None {
         return Ok(None);
     }
-    let Some(model) = state.model.get() else {
-        return Err(AdmitError::Loading);
-    };
+    let model = super::generation_model(state)?;
     let Some(format) = model.chat_template.tools else {
         return Err(AdmitError::Invalid(vec![FieldError::new(
             "tools",

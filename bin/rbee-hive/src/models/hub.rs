@@ -27,7 +27,8 @@ pub use error::HubError;
 /// How long resolving a reference (the repository listing) may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Files a safetensors model may need besides its weights.
+/// Files a safetensors model may need besides its weights (the last two:
+/// sentence-transformers' normalization and window, for embedding models).
 const SAFETENSORS_COMPANIONS: &[&str] = &[
     "config.json",
     "tokenizer.json",
@@ -35,6 +36,8 @@ const SAFETENSORS_COMPANIONS: &[&str] = &[
     "generation_config.json",
     "special_tokens_map.json",
     "model.safetensors.index.json",
+    "modules.json",
+    "sentence_bert_config.json",
 ];
 
 /// The model format, as the catalog records it.

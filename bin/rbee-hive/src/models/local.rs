@@ -197,6 +197,8 @@ pub fn inspect(named: &Path, display: &str) -> Result<LocalModel, LocalError> {
                     | "generation_config.json"
                     | "special_tokens_map.json"
                     | "model.safetensors.index.json"
+                    | "modules.json"
+                    | "sentence_bert_config.json"
             );
         if !wanted {
             continue;
