@@ -381,11 +381,13 @@ mod tests {
         }
     }
 
-    // Recorded answers of real models, in each format.
+    // Answers in each model family's format, as its model cards and
+    // function-calling guides show them.
 
     #[test]
     fn hermes_calls_as_qwen_writes_them() {
-        // Qwen2.5-7B-Instruct, two calls in one answer.
+        // Qwen2.5-7B-Instruct, two calls in one answer (Qwen's
+        // function-calling guide).
         let text = "<tool_call>\n{\"name\": \"get_current_temperature\", \"arguments\": {\"location\": \"San Francisco, CA, USA\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_temperature_date\", \"arguments\": {\"location\": \"San Francisco, CA, USA\", \"date\": \"2024-10-01\"}}\n</tool_call>";
         let p = ToolFormat::Hermes.parse(text);
         assert_eq!(p.content, "");
