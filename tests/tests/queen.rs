@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use rbee_system_tests::http::field_names;
 use rbee_system_tests::queen::{
-    client, default_ref, error_code, hive_with_model, infer, long_request, metric_at, queen_metric,
-    queen_spec, ready_queen, running, send, stream, wait_for, wait_ready_workers, worker_total,
-    EventStream,
+    client, default_ref, error_code, hive_with_model, hive_with_models, infer, long_request,
+    metric_at, openai_check, queen_metric, queen_spec, ready_queen, running, send, stream,
+    wait_for, wait_ready_workers, worker_total, EventStream,
 };
 use rbee_system_tests::{DaemonSpec, RunningDaemon, TEST_TOKEN};
 use serde_json::{json, Value};
@@ -714,7 +714,6 @@ fn a_stack_allowed_one_cpu_streams_answers_and_stops() {
 
 #[test]
 fn the_official_openai_python_client_parses_the_queens_answers() {
-    let python = rbee_system_tests::queen::openai_python();
     let hive = hive_with_model(DaemonSpec::new("rbee-hive").with_token(), Some(TEST_TOKEN));
     let audit = tempfile::tempdir().expect("audit dir");
     let queen = ready_queen(
@@ -725,19 +724,7 @@ fn the_official_openai_python_client_parses_the_queens_answers() {
         Some(TEST_TOKEN),
     );
     let model = default_ref();
-    let out = std::process::Command::new(python)
-        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_client_check.py"))
-        .arg(queen.url("/v1"))
-        .arg(TEST_TOKEN)
-        .arg(&model)
-        .output()
-        .expect("run the openai client");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    let r = openai_check("openai_client_check.py", &queen, &[&model]);
     assert_eq!(r["models"], json!([model]));
     assert_eq!(r["chat"]["object"], "chat.completion");
     assert_eq!(r["chat"]["role"], "assistant");
@@ -916,7 +903,6 @@ fn check_call(call: &Value, r: &Value) {
 
 #[test]
 fn tools_are_called_through_the_queen_with_a_template_that_shows_them() {
-    let python = rbee_system_tests::queen::openai_python();
     let dir = tempfile::tempdir().expect("model dir");
     let template = std::fs::read_to_string(
         rbee_system_tests::workspace_root()
@@ -930,26 +916,17 @@ fn tools_are_called_through_the_queen_with_a_template_that_shows_them() {
     );
     let tools_model = format!("file:{}", path.display());
     let plain_model = default_ref();
-    let hive = rbee_system_tests::queen::hive_with_models(
+    let hive = hive_with_models(
         DaemonSpec::new("rbee-hive").with_token(),
         Some(TEST_TOKEN),
         &[tools_model.clone(), plain_model.clone()],
     );
     let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
-    let out = std::process::Command::new(python)
-        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_tools_check.py"))
-        .arg(queen.url("/v1"))
-        .arg(TEST_TOKEN)
-        .arg(&tools_model)
-        .arg(&plain_model)
-        .output()
-        .expect("run the openai client");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = openai_check(
+        "openai_tools_check.py",
+        &queen,
+        &[&tools_model, &plain_model],
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
     eprintln!("{r}");
     // `required`, sampled at temperature 1: a parseable call of a tool,
     // and nothing else.
@@ -1022,7 +999,6 @@ fn tools_are_called_through_the_queen_with_a_template_that_shows_them() {
 
 #[test]
 fn embeddings_are_routed_by_the_queen_and_match_sentence_transformers() {
-    let python = rbee_system_tests::queen::openai_python();
     let out = std::process::Command::new("bash")
         .arg(rbee_system_tests::workspace_root().join("scripts/fetch-embedding-model.sh"))
         .output()
@@ -1030,7 +1006,7 @@ fn embeddings_are_routed_by_the_queen_and_match_sentence_transformers() {
     assert!(out.status.success());
     let embedding_model = format!("file:{}", String::from_utf8_lossy(&out.stdout).trim());
     let text_model = default_ref();
-    let hive = rbee_system_tests::queen::hive_with_models(
+    let hive = hive_with_models(
         DaemonSpec::new("rbee-hive").with_token(),
         Some(TEST_TOKEN),
         &[embedding_model.clone(), text_model.clone()],
@@ -1038,21 +1014,15 @@ fn embeddings_are_routed_by_the_queen_and_match_sentence_transformers() {
     let queen = ready_queen(&queen_spec(&[&hive]).with_token(), Some(TEST_TOKEN));
     let reference_path = rbee_system_tests::workspace_root()
         .join("bin/llm-worker-rbee/tests/data/minilm-reference.json");
-    let out = std::process::Command::new(python)
-        .arg(rbee_system_tests::workspace_root().join("tests/python/openai_embeddings_check.py"))
-        .arg(queen.url("/v1"))
-        .arg(TEST_TOKEN)
-        .arg(&embedding_model)
-        .arg(&text_model)
-        .arg(&reference_path)
-        .output()
-        .expect("run the openai client");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = openai_check(
+        "openai_embeddings_check.py",
+        &queen,
+        &[
+            &embedding_model,
+            &text_model,
+            &reference_path.display().to_string(),
+        ],
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(&reference_path).expect("reference"))
             .expect("reference JSON");
