@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::Device;
-use llm_worker_rbee::model::embed::{is_embedding_model, Embedder};
+use llm_worker_rbee::model::embed::{is_embedding_model, Embedder, BATCH};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -63,6 +63,25 @@ fn embeddings_match_sentence_transformers_to_1e_3() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(diff < 1e-5, "{diff}");
+    }
+    // More inputs than a batch: each still gets its own vector, in order.
+    let many: Vec<String> = reference
+        .sentences
+        .iter()
+        .take(2)
+        .cycle()
+        .take(BATCH + 3)
+        .cloned()
+        .collect();
+    let (all, _) = embedder.embed(&many).expect("embed");
+    assert_eq!(all.len(), BATCH + 3);
+    for (i, v) in all.iter().enumerate() {
+        let diff = v
+            .iter()
+            .zip(&vectors[i % 2])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "input {i}: {diff}");
     }
     // And the default generation model is not one.
     assert!(!is_embedding_model(Path::new(env!("CARGO_MANIFEST_DIR"))));

@@ -21,6 +21,9 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use super::error::{BuildError, CandleError};
 use super::LoadError;
 
+/// Inputs per forward pass.
+pub const BATCH: usize = 32;
+
 /// How token vectors become the sentence's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pooling {
@@ -178,9 +181,23 @@ impl Embedder {
         })
     }
 
-    /// Embed `inputs` as one batch: one vector per input, in order, and the
-    /// tokens they counted (after truncation).
+    /// Embed `inputs`: one vector per input, in order, and the tokens they
+    /// counted (after truncation). They run in batches of [`BATCH`], each
+    /// padded to its longest: the attention scores of a batch take
+    /// `BATCH x heads x window²` floats (100 MB for all-MiniLM-L6-v2 at its
+    /// 256-token window), which bounds what one request holds at once.
     pub fn embed(&self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut tokens = 0;
+        for batch in inputs.chunks(BATCH) {
+            let (v, t) = self.embed_batch(batch)?;
+            vectors.extend(v);
+            tokens += t;
+        }
+        Ok((vectors, tokens))
+    }
+
+    fn embed_batch(&self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
         let encodings = self
             .tokenizer
             .encode_batch(inputs.to_vec(), true)
