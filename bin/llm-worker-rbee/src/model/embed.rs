@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::error::{BuildError, CandleError};
+use super::safetensors::HfDir;
 use super::LoadError;
 
 /// Inputs per forward pass.
@@ -57,9 +58,8 @@ struct Kind {
 
 /// Whether `dir` holds an embedding model this module loads.
 pub fn is_embedding_model(dir: &Path) -> bool {
-    std::fs::read(dir.join("config.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Kind>(&bytes).ok())
+    HfDir::new(dir)
+        .optional_json::<Kind>("config.json")
         .and_then(|k| k.model_type)
         .is_some_and(|t| t == "bert")
 }
@@ -108,40 +108,20 @@ impl From<candle_core::Error> for EmbedError {
 impl Embedder {
     /// Load the model in `dir` onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, LoadError> {
-        let shown = dir.display().to_string();
-        let build = |source: BuildError| LoadError::Build {
-            path: shown.clone(),
-            source,
-        };
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|source| LoadError::Io {
-                path: dir.join(name).display().to_string(),
-                source,
-            })
-        };
-        let config: Config = serde_json::from_slice(&read("config.json")?)
-            .map_err(|e| build(BuildError::ConfigJson(e)))?;
+        let hf = HfDir::new(dir);
+        let config: Config = hf.config()?;
         let dimensions = config.hidden_size;
-        let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")?)
-            .map_err(|e| build(BuildError::TokenizerJson(e)))?;
+        let mut tokenizer = hf.tokenizer()?;
         // sentence-transformers' own files, when present.
-        let pooling = std::fs::read(dir.join("1_Pooling/config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<PoolingConfig>(&b).ok())
-            .map_or(Pooling::Mean, |p| {
-                if p.pooling_mode_cls_token {
-                    Pooling::Cls
-                } else {
-                    Pooling::Mean
-                }
-            });
-        let normalize = std::fs::read(dir.join("modules.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Vec<Module>>(&b).ok())
+        let pooling = match hf.optional_json::<PoolingConfig>("1_Pooling/config.json") {
+            Some(p) if p.pooling_mode_cls_token => Pooling::Cls,
+            _ => Pooling::Mean,
+        };
+        let normalize = hf
+            .optional_json::<Vec<Module>>("modules.json")
             .is_some_and(|m| m.iter().any(|m| m.kind.ends_with("Normalize")));
-        let max_tokens = std::fs::read(dir.join("sentence_bert_config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<SentenceConfig>(&b).ok())
+        let max_tokens = hf
+            .optional_json::<SentenceConfig>("sentence_bert_config.json")
             .and_then(|c| c.max_seq_length)
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings);
@@ -150,22 +130,22 @@ impl Embedder {
                 max_length: max_tokens,
                 ..TruncationParams::default()
             }))
-            .map_err(|e| build(BuildError::TokenizerJson(e)))?;
+            .map_err(|e| hf.error(BuildError::TokenizerJson(e)))?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
             ..PaddingParams::default()
         }));
         let weights = dir.join("model.safetensors");
         // Read into memory rather than mapped: no unsafe code here.
-        let bytes = read("model.safetensors")?;
+        let bytes = hf.read("model.safetensors")?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device).map_err(|e| {
-            build(BuildError::Shard {
+            hf.error(BuildError::Shard {
                 path: weights.clone(),
                 source: e.into(),
             })
         })?;
         let model = BertModel::load(vb, &config).map_err(|e| {
-            build(BuildError::Shard {
+            hf.error(BuildError::Shard {
                 path: weights,
                 source: e.into(),
             })

@@ -16,6 +16,57 @@ use super::error::BuildError;
 use super::llama::load::{config_from_json, Source};
 use super::{build, LoadError, LoadOptions, LoadedModel};
 
+/// A Hugging Face model directory: its files, read with the model's path in
+/// every error. Shared by the llama and the sentence-encoder loaders.
+pub(super) struct HfDir<'a> {
+    dir: &'a Path,
+    shown: String,
+}
+
+impl<'a> HfDir<'a> {
+    pub(super) fn new(dir: &'a Path) -> Self {
+        Self {
+            dir,
+            shown: dir.display().to_string(),
+        }
+    }
+
+    /// `source` as the load error of this directory.
+    pub(super) fn error(&self, source: BuildError) -> LoadError {
+        LoadError::Build {
+            path: self.shown.clone(),
+            source,
+        }
+    }
+
+    /// The bytes of `name`, which must be there.
+    pub(super) fn read(&self, name: &str) -> Result<Vec<u8>, LoadError> {
+        let path = self.dir.join(name);
+        std::fs::read(&path).map_err(|source| LoadError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// `name` read as JSON, when it is there and is the JSON expected.
+    pub(super) fn optional_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Option<T> {
+        let bytes = std::fs::read(self.dir.join(name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// `config.json`, which must be there.
+    pub(super) fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, LoadError> {
+        serde_json::from_slice(&self.read("config.json")?)
+            .map_err(|e| self.error(BuildError::ConfigJson(e)))
+    }
+
+    /// `tokenizer.json`.
+    pub(super) fn tokenizer(&self) -> Result<tokenizers::Tokenizer, LoadError> {
+        tokenizers::Tokenizer::from_bytes(self.read("tokenizer.json")?)
+            .map_err(|e| self.error(BuildError::TokenizerJson(e)))
+    }
+}
+
 /// Load a safetensors llama directory onto `device`.
 pub fn load_safetensors(
     dir: &Path,
@@ -23,19 +74,9 @@ pub fn load_safetensors(
     options: LoadOptions,
 ) -> Result<LoadedModel, LoadError> {
     let started = Instant::now();
-    let shown = dir.display().to_string();
-    let format = |source: BuildError| LoadError::Build {
-        path: shown.clone(),
-        source,
-    };
-    let read = |name: &str| {
-        std::fs::read(dir.join(name)).map_err(|source| LoadError::Io {
-            path: dir.join(name).display().to_string(),
-            source,
-        })
-    };
-    let json: serde_json::Value = serde_json::from_slice(&read("config.json")?)
-        .map_err(|e| format(BuildError::ConfigJson(e)))?;
+    let hf = HfDir::new(dir);
+    let format = |source: BuildError| hf.error(source);
+    let json: serde_json::Value = hf.config()?;
     let config = config_from_json(&json).map_err(format)?;
     let files = weight_files(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -48,18 +89,16 @@ pub fn load_safetensors(
         })?;
         tensors.extend(part);
     }
-    let tokenizer = tokenizers::Tokenizer::from_bytes(read("tokenizer.json")?)
-        .map_err(|e| format(BuildError::TokenizerJson(e)))?;
-    let template = std::fs::read(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+    let tokenizer = hf.tokenizer()?;
+    let template = hf
+        .optional_json::<serde_json::Value>("tokenizer_config.json")
         .and_then(|v| v.get("chat_template")?.as_str().map(str::to_owned));
     let chat_template = match template {
         Some(source) => ChatTemplate::new(source, false),
         None => ChatTemplate::chatml(),
     }
     .map_err(|source| LoadError::Template {
-        path: shown.clone(),
+        path: hf.shown.clone(),
         source,
     })?;
     let mut eos_token_ids: Vec<u32> = match json.get("eos_token_id") {
