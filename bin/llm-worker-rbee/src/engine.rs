@@ -547,22 +547,13 @@ impl Batcher {
         // tokens they have taken so far: computed on a thread of their own
         // while the forward pass runs, so a slow grammar does not add its
         // time to everyone's step.
-        let needs_mask = |seq: &Sequence, wants: bool| wants && seq.grammar.is_some();
-        let constrained = batch
-            .iter()
-            .any(|&(i, _, wants)| needs_mask(&active[i], wants));
-        let (out, masks) = if constrained {
-            let wanted: Vec<usize> = batch
-                .iter()
-                .filter(|&&(i, _, wants)| needs_mask(&active[i], wants))
-                .map(|&(i, _, _)| i)
-                .collect();
-            let mut grammars: Vec<(usize, &mut Grammar)> = active
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| wanted.contains(i))
-                .filter_map(|(i, seq)| seq.grammar.as_mut().map(|g| (i, g)))
-                .collect();
+        let mut grammars: Vec<(usize, &mut Grammar)> = active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| batch.iter().any(|&(j, _, wants)| j == *i && wants))
+            .filter_map(|(i, seq)| seq.grammar.as_mut().map(|g| (i, g)))
+            .collect();
+        let (out, masks) = if !grammars.is_empty() {
             std::thread::scope(|scope| {
                 let masking = scope.spawn(move || {
                     grammars
